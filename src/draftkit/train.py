@@ -1,0 +1,44 @@
+"""`python -m draftkit.train +recipe=<name> [overrides]`: compose the config, then run the recipe's `run(cfg)`.
+
+Recipes are found by convention: conf/recipe/<name>.yaml pairs with draftkit.recipes.<name>.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from draftkit.config import CONFIG_MODULE, PRIMARY_CONFIG, ConfigError, prepare_overrides
+
+
+@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name=PRIMARY_CONFIG)
+def _run(cfg: DictConfig) -> None:
+    runtime = HydraConfig.get().runtime
+    name = runtime.choices["recipe"]
+    with open_dict(cfg):
+        cfg.run_dir = runtime.output_dir  # pin the timestamp once; it would re-resolve on every access
+    recipe = importlib.import_module(f"draftkit.recipes.{name}")
+    recipe.run(cfg, Path(cfg.run_dir))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    hydra_flags = [a for a in args if a.startswith("-")]  # --help, --cfg job, -m ...
+    overrides = [a for a in args if not a.startswith("-")]
+    if not any(f in ("--help", "-h", "--hydra-help") for f in hydra_flags):
+        try:
+            overrides = prepare_overrides(overrides)
+        except ConfigError as err:
+            print(f"draftkit.train: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+    sys.argv = [sys.argv[0], *hydra_flags, *overrides]
+    _run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+import os
+
+# Offline and quiet by construction: no Hub, no W&B account, DeepSpeed on the CPU accelerator.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+# Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine two threads made them ~50x slower.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+    yield

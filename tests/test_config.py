@@ -1,0 +1,116 @@
+"""Every config composes, every `_target_` binds its arguments, overlays work in either order."""
+
+import importlib
+import inspect
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from hydra.utils import get_method
+from omegaconf import DictConfig, OmegaConf
+
+from draftkit.config import ConfigError, available_recipes, compose, prepare_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE_FILES = sorted((ROOT / "conf" / "recipe").glob("*.yaml"))
+GROUP_FILES = sorted(p for p in (ROOT / "conf").glob("*/*.yaml") if p.parent.name not in ("recipe", "debug"))
+
+
+def test_recipes_are_discovered_from_the_conf_tree():
+    assert available_recipes() == [p.stem for p in RECIPE_FILES]
+    assert len(RECIPE_FILES) >= 1
+
+
+@pytest.mark.parametrize("recipe", [p.stem for p in RECIPE_FILES])
+@pytest.mark.parametrize("debug_first", [False, True])
+def test_debug_overlay_wins_in_either_order(recipe, debug_first):
+    overrides = ["+debug=tiny", f"+recipe={recipe}"] if debug_first else [f"+recipe={recipe}", "+debug=tiny"]
+    cfg = compose(overrides)
+    assert cfg.target._target_.endswith("tiny_target")
+    assert cfg.engine.max_steps_per_stage == 3
+    assert cfg.logger._target_.endswith("NullSink")
+
+
+def _targets(node, path=""):
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            yield path, node
+        for key in node:
+            if not OmegaConf.is_missing(node, key):
+                yield from _targets(node[key], f"{path}.{key}" if path else key)
+
+
+# What the recipes pass at instantiate time, on top of the config's own keys.
+CALL_SITE_ARGS = {
+    "draft": {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"},
+    "logger": {"run_dir", "run_config", "run_name"},
+}
+
+
+def _check_binds(cfg):
+    for path, node in _targets(cfg):
+        fn = get_method(node._target_)
+        kwargs = {k: None for k in node if not k.startswith("_")}
+        kwargs.update({k: None for k in CALL_SITE_ARGS.get(path, ())})
+        inspect.signature(fn).bind(**kwargs)
+
+
+@pytest.mark.parametrize("recipe", [p.stem for p in RECIPE_FILES])
+def test_every_target_of_every_recipe_binds(recipe):
+    for overlay in ([], ["+debug=tiny"]):
+        cfg = compose([f"+recipe={recipe}", *overlay])
+        _check_binds(cfg)
+
+
+@pytest.mark.parametrize("group_file", GROUP_FILES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_group_option_composes(group_file):
+    group, option = group_file.parent.name, group_file.stem
+    cfg = compose([f"+recipe={RECIPE_FILES[0].stem}", f"{group}={option}"])
+    node = cfg
+    if "_target_" in node[group]:
+        fn = get_method(node[group]._target_)
+        kwargs = {k: None for k in node[group] if not k.startswith("_")}
+        kwargs.update({k: None for k in CALL_SITE_ARGS.get(group, ())})
+        inspect.signature(fn).bind(**kwargs)
+
+
+def test_a_typo_in_a_target_argument_is_caught():
+    cfg = compose(["+recipe=fastdraft", "+draft.hidden_sise=3"])
+    with pytest.raises(TypeError, match="hidden_sise"):
+        _check_binds(OmegaConf.masked_copy(cfg, ["draft"]))
+
+
+def test_each_recipe_has_its_module_card_and_test():
+    for path in RECIPE_FILES:
+        module = importlib.import_module(f"draftkit.recipes.{path.stem}")
+        assert callable(module.run)
+        assert (ROOT / "recipes" / f"{path.stem}.md").is_file()
+        assert (ROOT / "tests" / f"test_recipe_{path.stem}.py").is_file()
+
+
+def test_recipe_errors_name_the_fix():
+    with pytest.raises(ConfigError, match="available recipes: .*fastdraft"):
+        prepare_overrides(["+recipe=nope"])
+    with pytest.raises(ConfigError, match=r"Add \+recipe=<name>"):
+        prepare_overrides(["engine.lr=1"])
+    with pytest.raises(ConfigError, match=r"\+recipe=<name>"):
+        prepare_overrides(["recipe=fastdraft"])
+
+
+def test_unknown_recipe_on_the_command_line_is_one_clear_error():
+    proc = subprocess.run([sys.executable, "-m", "draftkit.train", "+recipe=medusa_typo"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown recipe 'medusa_typo'; available recipes: fastdraft" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_the_wheel_ships_the_conf_tree(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
+    wheel = next(tmp_path.glob("draftkit-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for path in RECIPE_FILES + GROUP_FILES + [ROOT / "conf" / "train.yaml", ROOT / "conf" / "debug" / "tiny.yaml"]:
+        assert "draftkit/conf/" + str(path.relative_to(ROOT / "conf")) in names

@@ -1,0 +1,149 @@
+"""The one training loop: pinned losses, normalisation invariances, resume equality, failure handling."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from draftkit.data.collate import collate
+from draftkit.engine.checkpoint import list_checkpoints
+from draftkit.engine.loop import LoopSettings, NonFiniteLossError, stage_settings, train
+from draftkit.objectives.ce import next_token_ce
+from draftkit.objectives.types import LossOutput
+
+VOCAB = 64
+
+
+def tiny_lm(seed=0):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64))
+
+
+def examples(n=16, seed=0):
+    """Variable lengths and partial loss masks, so token counts differ between micro-batches."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = 4 + i % 7
+        ids = torch.randint(3, VOCAB, (length,), generator=g).tolist()
+        labels = [-100 if j < i % 3 else t for j, t in enumerate(ids)]
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def lm_step(model, batch):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return next_token_ce(logits, batch["labels"])
+
+
+def collate0(batch):
+    return collate(batch, pad_token_id=0)
+
+
+def run(tmp_path, model=None, step_fn=lm_step, data=None, resume=True, **overrides):
+    settings = LoopSettings(**{"steps": 6, "micro_batch_size": 4, "lr": 1e-2, "warmup_steps": 2, "log_every": 2,
+                               "save_every": 3, **overrides})
+    model = model or tiny_lm()
+    result = train(model=model, step_fn=step_fn, dataset=data or examples(), collate=collate0, settings=settings,
+                   stage_dir=tmp_path, resume=resume, desc="test")
+    return model, [h["loss"] for h in result.history]
+
+
+def test_pinned_losses_and_loss_goes_down(tmp_path):
+    model, losses = run(tmp_path, steps=12)
+    assert losses[:3] == pytest.approx([4.1572, 4.1210, 4.1650], abs=1e-4)
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.3
+
+
+def test_trainable_parameters_change_and_frozen_ones_do_not(tmp_path):
+    model = tiny_lm()
+    model.model.embed_tokens.weight.requires_grad_(False)  # tied with lm_head: both frozen
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    run(tmp_path, model=model, steps=2)
+    for name, p in model.named_parameters():
+        changed = not torch.equal(before[name], p)
+        assert changed == p.requires_grad, name
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    """4x1 and 2x2 see the same tokens per step; with per-token normalisation the trajectories coincide."""
+    big, big_losses = run(tmp_path / "a", micro_batch_size=4, grad_accum=1)
+    acc, acc_losses = run(tmp_path / "b", micro_batch_size=2, grad_accum=2)
+    assert acc_losses == pytest.approx(big_losses, abs=1e-5)
+    for (n, p), q in zip(big.named_parameters(), acc.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_gradient_is_mean_over_tokens_of_the_whole_step(tmp_path):
+    """One step by hand: grad = d/dw (sum of token losses) / (tokens in the step), clipped norm reported."""
+    data = examples(4)
+    reference = tiny_lm()
+    batch = collate0(data)
+    out = lm_step(reference, batch)
+    (out.loss_sum / out.count).backward()
+    expected_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()]))
+    settings = LoopSettings(steps=1, micro_batch_size=2, grad_accum=2, lr=0.0, warmup_steps=0, max_grad_norm=1e9,
+                            log_every=1, save_every=1)
+    result = train(model=tiny_lm(), step_fn=lm_step, dataset=data, collate=collate0, settings=settings,
+                   stage_dir=tmp_path, desc="t")
+    assert result.history[0]["grad_norm"] == pytest.approx(expected_norm.item(), rel=1e-5)
+    assert result.history[0]["loss"] == pytest.approx((out.loss_sum / out.count).item(), rel=1e-6)
+    assert result.history[0]["tokens"] == out.count.item()
+
+
+def test_resume_after_a_crash_reproduces_the_uninterrupted_curve(tmp_path):
+    _, uninterrupted = run(tmp_path / "full", steps=8, save_every=3)
+
+    calls = {"n": 0}
+
+    def crashing_step(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:  # in step 5, after the step-3 checkpoint
+            raise KeyboardInterrupt
+        return lm_step(model, batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", step_fn=crashing_step, steps=8, save_every=3)
+    assert [p.name for p in list_checkpoints(tmp_path / "cut" / "checkpoints")] == ["step_000003"]
+    _, resumed = run(tmp_path / "cut", steps=8, save_every=3)
+    assert resumed == pytest.approx(uninterrupted, abs=1e-6)
+
+
+def test_finished_stage_is_not_retrained_on_resume(tmp_path):
+    model, losses = run(tmp_path, steps=4, save_every=2)
+    again, losses_again = run(tmp_path, model=tiny_lm(seed=5), steps=4, save_every=2)
+    assert losses_again == losses
+    for p, q in zip(model.parameters(), again.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    calls = {"n": 0}
+
+    def exploding_step(model, batch):
+        calls["n"] += 1
+        out = lm_step(model, batch)
+        if calls["n"] >= 5:
+            return LossOutput(out.loss_sum * math.inf, out.count, out.metrics)
+        return out
+
+    with pytest.raises(NonFiniteLossError, match="step 5.*last good checkpoint"):
+        run(tmp_path, step_fn=exploding_step, steps=8, save_every=2, log_every=4)
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_000002", "step_000004"]
+    state = json.loads((tmp_path / "checkpoints" / "step_000004" / "state.json").read_text())
+    assert all(math.isfinite(h["loss"]) for h in state["history"])
+
+
+def test_stage_settings_caps_steps_and_rejects_unknown_keys():
+    s = stage_settings({"steps": 100, "max_steps_per_stage": 3, "warmup_steps": 10}, lr=0.5)
+    assert (s.steps, s.warmup_steps, s.lr) == (3, 3, 0.5)
+    with pytest.raises(ValueError, match="unknown engine settings.*stepz"):
+        stage_settings({"stepz": 1})
+
+
+def test_dataset_smaller_than_a_batch_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="fewer than one global micro-batch"):
+        run(tmp_path, data=examples(3), micro_batch_size=4)
