@@ -68,6 +68,7 @@ def test_every_target_of_every_recipe_binds(recipe):
 def test_every_group_option_composes(group_file):
     group, option = group_file.parent.name, group_file.stem
     cfg = compose([f"+recipe={RECIPE_FILES[0].stem}", f"{group}={option}"])
+    OmegaConf.to_container(cfg[group], resolve=True)  # interpolations resolve (a `${.x}` inside a list would not)
     node = cfg
     if "_target_" in node[group]:
         fn = get_method(node[group]._target_)

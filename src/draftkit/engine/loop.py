@@ -205,6 +205,8 @@ def train(
         tokens_per_s = tokens_since_log / max(elapsed, 1e-9)
         logged = {**{k: v for k, v in last.items() if k != "step"}, "lr": scheduler.get_last_lr()[0],
                   "tokens_per_s": tokens_per_s}
+        if torch.cuda.is_available():
+            logged["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         sink.log({f"{desc}/{k}": v for k, v in logged.items()}, step=step)
         bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
         pending.clear()

@@ -56,7 +56,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     draft.to(target.device)
     batch_collate = partial(collate, pad_token_id=tokenizer.pad_token_id)
 
-    before = measure_acceptance(target, draft, cfg.eval, run_dir / "eval_before.json")
+    before = measure_acceptance(target, draft, cfg.eval, run_dir / "eval_before.json") if cfg.eval.get("before") else None
 
     if "pretrain" in stages:
         texts = _records(cfg.data.pretrain, cfg.data.pretrain_limit)

@@ -1,0 +1,29 @@
+import json
+
+from draftkit.engine.log import JsonlSink, NullSink, WandbSink
+
+
+def test_jsonl_sink_appends_one_line_per_log(tmp_path):
+    sink = JsonlSink(run_dir=str(tmp_path), run_config={"a": 1}, run_name="r")
+    sink.log({"train/loss": 2.5}, step=1)
+    sink.log({"train/loss": 2.0}, step=2)
+    sink.summary({"tau": 1.7})
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"step": 1, "train/loss": 2.5}, {"step": 2, "train/loss": 2.0}, {"summary": {"tau": 1.7}}]
+
+
+def test_wandb_sink_runs_offline_without_an_api_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    sink = WandbSink(run_dir=str(tmp_path), run_config={"engine": {"lr": 0.1}}, run_name="unit")
+    assert sink.run.settings.mode == "offline"
+    sink.log({"train/loss": 1.0}, step=1)
+    sink.summary({"tau": 1.5})
+    sink.finish()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+
+
+def test_null_sink_accepts_the_run_arguments():
+    NullSink(run_dir="x", run_config={}, run_name="y").log({"a": 1}, step=0)
