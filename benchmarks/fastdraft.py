@@ -86,6 +86,8 @@ def main() -> None:
     args = parser.parse_args()
     stage1, stage2 = args.work / "stage1_pretrain", args.work / "stage2_finetune"
     budget1, budget2 = (CPU_SMOKE, CPU_SMOKE) if args.cpu_smoke else (GPU_STAGE1, GPU_STAGE2)
+    sampling_budget = ["--max-new-tokens", "32" if args.cpu_smoke else "128",
+                       "--limit-per-category", "1" if args.cpu_smoke else "5"]
     log_path = args.work / "benchmark_log.json"
     log = json.loads(log_path.read_text()) if log_path.is_file() else {}
 
@@ -100,8 +102,7 @@ def main() -> None:
         command = [sys.executable, "-m", "draftkit.eval", "--draft", str(stage2 / "export"),
                    *(["--target", args.target_path] if args.target_path else []), "--prompts",
                    json.loads((stage2 / "eval_after.json").read_text())["eval_settings"]["prompts"],
-                   "--temperature", "0.7", "--gamma", "5", "--max-new-tokens", "128", "--limit-per-category", "5",
-                   "--out", str(sampling_out), "--no-progress"]
+                   "--temperature", "0.7", "--gamma", "5", *sampling_budget, "--out", str(sampling_out), "--no-progress"]
         print("+", shlex.join(command), flush=True)
         start = time.perf_counter()
         subprocess.run(command, check=True)

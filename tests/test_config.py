@@ -44,7 +44,7 @@ def _targets(node, path=""):
 
 # What the recipes pass at instantiate time, on top of the config's own keys.
 CALL_SITE_ARGS = {
-    "draft": {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"},
+    "draft": {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "target_embedding"},
     "logger": {"run_dir", "run_config", "run_name"},
 }
 

@@ -20,9 +20,18 @@ def llama_draft(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     seed: int = 0,
+    embedding_init: str = "random",
+    target_embedding: torch.Tensor | None = None,
 ) -> PreTrainedModel:
     """A freshly initialised Llama. vocab_size must be the target's config.vocab_size (padded), so that
-    runtimes (vLLM draft_model, HF assisted generation) treat the pair as one tokenizer."""
+    runtimes (vLLM draft_model, HF assisted generation) treat the pair as one tokenizer.
+
+    embedding_init="target_pca" starts the (tied) embedding from the target's embedding [V, D] projected onto
+    its top `hidden_size` principal directions, so the draft begins with the target's token geometry instead
+    of learning it from scratch; "random" is the usual initialisation.
+    """
+    if embedding_init not in ("random", "target_pca"):
+        raise ValueError(f"embedding_init={embedding_init!r}: use random or target_pca")
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise ValueError(
             f"draft shape: hidden_size={hidden_size} must divide by num_heads={num_heads}, "
@@ -45,10 +54,28 @@ def llama_draft(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
+        if embedding_init == "target_pca":
+            if target_embedding is None:
+                raise ValueError("embedding_init=target_pca needs the target's embedding matrix")
+            model.get_input_embeddings().weight.data.copy_(pca_embedding(target_embedding, hidden_size))
     return model
 
 
-def pretrained_draft(path: str, vocab_size: int, **_special_token_ids) -> PreTrainedModel:
+def pca_embedding(embedding: torch.Tensor, dim: int) -> torch.Tensor:
+    """[V, D] -> [V, dim]: coordinates on the top-`dim` principal directions, rescaled to the usual init scale.
+
+    Centering is harmless for a tied LM head: it shifts every logit at a position by the same amount.
+    """
+    weight = embedding.detach().float().cpu()
+    if dim > weight.shape[1]:
+        raise ValueError(f"cannot project a {weight.shape[1]}-dim target embedding up to {dim} dims")
+    centered = weight - weight.mean(0, keepdim=True)
+    _, _, basis = torch.pca_lowrank(centered, q=dim, center=False, niter=4)
+    projected = centered @ basis
+    return projected * (0.02 / projected.std())
+
+
+def pretrained_draft(path: str, vocab_size: int, **_builder_args) -> PreTrainedModel:
     """Continue from an existing draft (e.g. a FastDraft stage-1 export). Its vocabulary must match the target's."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     draft_vocab = model.config.get_text_config().vocab_size

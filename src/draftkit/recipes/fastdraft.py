@@ -52,7 +52,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     target = instantiate(cfg.target)
     tokenizer = target.tokenizer
     draft = instantiate(cfg.draft, vocab_size=target.vocab_size, bos_token_id=tokenizer.bos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                        target_embedding=target.embed_tokens.weight)
     draft.to(target.device)
     batch_collate = partial(collate, pad_token_id=tokenizer.pad_token_id)
 
