@@ -27,7 +27,7 @@ GPU_STAGE1 = ["engine.precision=bf16", "engine.micro_batch_size=32", "engine.log
               "fastdraft.pretrain.engine.lr=3e-3", "fastdraft.pretrain.engine.warmup_steps=100"]
 GPU_STAGE2 = ["engine.precision=bf16", "engine.micro_batch_size=32", "engine.log_every=50", "engine.save_every=200",
               "data.selfdistill.num_prompts=2048", "data.selfdistill.max_new_tokens=256",
-              "data.selfdistill.batch_size=256", "data.max_length=1024",
+              "data.selfdistill.batch_size=128", "data.max_length=1024",
               "fastdraft.finetune.engine.steps=600", "fastdraft.finetune.engine.lr=1e-3"]
 CPU_SMOKE = ["fastdraft.pretrain.engine.steps=20", "fastdraft.finetune.engine.steps=10", "data.selfdistill.num_prompts=16",
              "data.selfdistill.max_new_tokens=32", "eval.limit_per_category=1", "eval.max_new_tokens=32",

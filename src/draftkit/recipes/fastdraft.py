@@ -7,6 +7,7 @@ run alone (`fastdraft.stages=[...]`). The draft's acceptance is measured before 
 
 from __future__ import annotations
 
+import random
 from functools import partial
 from pathlib import Path
 
@@ -68,7 +69,10 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
 
     if "finetune" in stages:
         gen = cfg.data.selfdistill
-        prompts = prompts_from_records(_records(cfg.data.prompts, cfg.data.prompts_limit))[: gen.num_prompts]
+        prompts = prompts_from_records(_records(cfg.data.prompts, cfg.data.prompts_limit),
+                                       max_prompt_tokens=gen.max_prompt_tokens, tokenizer=tokenizer)
+        random.Random(engine["seed"]).shuffle(prompts)  # mix the sources before taking num_prompts
+        prompts = prompts[: gen.num_prompts]
         conversations = regenerate_responses(
             target.model, tokenizer, prompts, cache_file=run_dir / "selfdistill.jsonl",
             max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
