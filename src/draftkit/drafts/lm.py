@@ -70,7 +70,9 @@ def pca_embedding(embedding: torch.Tensor, dim: int) -> torch.Tensor:
     if dim > weight.shape[1]:
         raise ValueError(f"cannot project a {weight.shape[1]}-dim target embedding up to {dim} dims")
     centered = weight - weight.mean(0, keepdim=True)
-    _, _, basis = torch.pca_lowrank(centered, q=dim, center=False, niter=4)
+    # Eigenvectors of the D x D covariance: exact and deterministic (a randomized PCA would make runs differ).
+    _, eigenvectors = torch.linalg.eigh(centered.double().T @ centered.double())
+    basis = eigenvectors[:, -dim:].flip(-1).float()
     projected = centered @ basis
     return projected * (0.02 / projected.std())
 
