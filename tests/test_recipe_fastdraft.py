@@ -84,3 +84,16 @@ def test_command_line_with_the_debug_overlay_first(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "export" / "model.safetensors").is_file()
     assert "Draft exported to" in proc.stdout
+
+
+def test_more_steps_on_a_finished_run_continue_training_and_remeasure(tmp_path, finished_run):
+    import shutil
+
+    run_dir, _ = finished_run
+    shutil.copytree(run_dir, tmp_path / "run")
+    report = tmp_path / "run" / "eval_after.json"
+    report.write_text(report.read_text().replace('"prompts"', '"stale_marker": 1, "prompts"', 1))
+    run_recipe(tmp_path / "run", "engine.max_steps_per_stage=5")
+    assert len(losses(tmp_path / "run", "finetune")) == 5
+    assert losses(tmp_path / "run", "finetune")[:3] == losses(run_dir, "finetune")
+    assert "stale_marker" not in report.read_text()

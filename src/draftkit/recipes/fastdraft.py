@@ -11,7 +11,7 @@ import random
 from functools import partial
 from pathlib import Path
 
-from datasets import concatenate_datasets
+from datasets import Dataset, concatenate_datasets
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -60,12 +60,13 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
 
     before = measure_acceptance(target, draft, cfg.eval, run_dir / "eval_before.json") if cfg.eval.get("before") else None
 
+    results = []
     if "pretrain" in stages:
         texts = _records(cfg.data.pretrain, cfg.data.pretrain_limit)
         blocks = pack_texts(texts, tokenizer, seq_len=cfg.fastdraft.pretrain.seq_len)
-        train(model=draft, step_fn=lm_step, dataset=blocks, collate=batch_collate,
+        results.append(train(model=draft, step_fn=lm_step, dataset=blocks, collate=batch_collate,
               settings=stage_settings(engine, **cfg.fastdraft.pretrain.engine),
-              stage_dir=run_dir / "pretrain", sink=sink, resume=cfg.resume, desc="pretrain")
+              stage_dir=run_dir / "pretrain", sink=sink, resume=cfg.resume, desc="pretrain"))
 
     if "finetune" in stages:
         gen = cfg.data.selfdistill
@@ -77,14 +78,14 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
             target.model, tokenizer, prompts, cache_file=run_dir / "selfdistill.jsonl",
             max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
             batch_size=gen.batch_size, seed=engine["seed"])
-        from datasets import Dataset
-
         chats = tokenize_chat(Dataset.from_list([{"messages": c} for c in conversations]), tokenizer,
                               max_length=cfg.data.max_length, too_long=cfg.data.too_long)
-        train(model=draft, step_fn=lm_step, dataset=chats, collate=batch_collate,
+        results.append(train(model=draft, step_fn=lm_step, dataset=chats, collate=batch_collate,
               settings=stage_settings(engine, **cfg.fastdraft.finetune.engine),
-              stage_dir=run_dir / "finetune", sink=sink, resume=cfg.resume, desc="finetune")
+              stage_dir=run_dir / "finetune", sink=sink, resume=cfg.resume, desc="finetune"))
 
+    if any(r.resumed_from != r.steps for r in results):  # the draft changed: an earlier report is stale
+        (run_dir / "eval_after.json").unlink(missing_ok=True)
     after = measure_acceptance(target, draft, cfg.eval, run_dir / "eval_after.json")
     table = compare_markdown({"before training": before, "after training": after})
     write_text_atomic(run_dir / "summary.md", table + "\n")
