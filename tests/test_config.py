@@ -115,3 +115,11 @@ def test_the_wheel_ships_the_conf_tree(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for path in RECIPE_FILES + GROUP_FILES + [ROOT / "conf" / "train.yaml", ROOT / "conf" / "debug" / "tiny.yaml"]:
         assert "draftkit/conf/" + str(path.relative_to(ROOT / "conf")) in names
+
+
+def test_cfg_job_prints_the_composed_config_with_overlays_in_any_order():
+    proc = subprocess.run([sys.executable, "-m", "draftkit.train", "--cfg", "job", "+debug=tiny", "+recipe=fastdraft"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert "_target_: draftkit.targets.tiny.tiny_target" in proc.stdout
+    assert "max_steps_per_stage: 3" in proc.stdout

@@ -28,8 +28,8 @@ def _run(cfg: DictConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    hydra_flags = [a for a in args if a.startswith("-")]  # --help, --cfg job, -m ...
-    overrides = [a for a in args if not a.startswith("-")]
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    hydra_flags = [a for a in args if a not in overrides]  # --help, --cfg job, -m ... (kept in order)
     if not any(f in ("--help", "-h", "--hydra-help") for f in hydra_flags):
         try:
             overrides = prepare_overrides(overrides)
