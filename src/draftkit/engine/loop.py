@@ -190,16 +190,17 @@ def train(
         nonlocal tokens_since_log, t_log
         if not pending:
             return
-        values = torch.stack([torch.stack([loss, gnorm]) for _, loss, gnorm, _ in pending]).tolist()
+        names = sorted(pending[0][3])
+        values = torch.stack([torch.stack([loss, gnorm, *(extra[k].float() for k in names)])
+                              for _, loss, gnorm, extra in pending]).tolist()
         elapsed = time.perf_counter() - t_log
-        for (s, _, _, extra), (loss, gnorm) in zip(pending, values):
+        for (s, _, _, _), (loss, gnorm, *extras) in zip(pending, values):
             if not math.isfinite(loss):
                 raise NonFiniteLossError(
                     f"loss is {loss} at step {s}; stopping. The last good checkpoint is kept in {ckpt_dir}. "
                     "Fix: lower engine.lr, use engine.precision=fp32, or check the data for empty/degenerate batches"
                 )
-            record = {"step": s, "loss": loss, "grad_norm": gnorm,
-                      **{k: v.item() for k, v in extra.items()}}
+            record = {"step": s, "loss": loss, "grad_norm": gnorm, **dict(zip(names, extras))}
             history.append(record)
         last = history[-1]
         tokens_per_s = tokens_since_log / max(elapsed, 1e-9)
