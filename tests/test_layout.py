@@ -15,7 +15,7 @@ ALLOWED = {
     "engine": {"objectives"},
     "data": {"targets", "objectives"},  # IGNORE_INDEX is the one masking constant
     "export": {"drafts", "engine"},
-    "runtime": {"targets", "data", "engine"},
+    "runtime": {"targets", "data", "engine", "drafts"},  # drafters wrap the draft modules they run
     "recipes": {"drafts", "objectives", "data", "targets", "engine", "export", "runtime", "recipes"},
 }
 

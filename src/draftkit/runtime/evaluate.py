@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from draftkit.runtime.speculative import (
+    Drafter,
     GenerationStats,
     LMDrafter,
     autoregressive_generate,
@@ -143,9 +144,21 @@ def _stats_row(stats: GenerationStats) -> dict:
     }
 
 
+def draft_name(draft) -> str:
+    config = getattr(draft, "config", None)
+    return getattr(config, "_name_or_path", "") or getattr(draft, "name", "") or type(draft).__name__
+
+
+def draft_dtype(draft) -> str | None:
+    module = draft if isinstance(draft, nn.Module) else getattr(draft, "model", None)
+    if not isinstance(module, nn.Module):
+        return None
+    return str(next(module.parameters()).dtype).removeprefix("torch.")
+
+
 def evaluate_draft(
     target: Target,
-    draft_model: nn.Module,
+    draft: nn.Module | Drafter,
     prompts: list[dict],
     *,
     gamma: int = 5,
@@ -155,7 +168,7 @@ def evaluate_draft(
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
-    """Speculative decoding of `target` with `draft_model` on the first turn of each Spec-Bench record.
+    """Speculative decoding of `target` with `draft` (a draft LM, or any Drafter) on the first turn of each Spec-Bench record.
 
     Returns {"config", "overall", "categories": {name: summary}, "prompts": [per-prompt rows]}; a summary holds tau,
     alpha per draft position, draft-token acceptance, token and call counts, tokens/s and, with measure_speedup, the
@@ -164,7 +177,8 @@ def evaluate_draft(
     if not prompts:
         raise ValueError("evaluate_draft needs at least one prompt")
     device = target.device
-    drafter = LMDrafter(draft_model)
+    # A bare model is a standalone draft LM; any other family passes its own Drafter.
+    drafter = LMDrafter(draft) if isinstance(draft, nn.Module) else draft
     eos = eos_token_ids(target)
     greedy = temperature == 0.0
     encoded = [encode_prompt(target.tokenizer, record["turns"][0], device) for record in prompts]
@@ -208,7 +222,7 @@ def evaluate_draft(
     return {
         "config": {
             "target": target.name,
-            "draft": getattr(draft_model.config, "_name_or_path", "") or type(draft_model).__name__,
+            "draft": draft_name(draft),
             "gamma": gamma,
             "temperature": temperature,
             "max_new_tokens": max_new_tokens,
@@ -216,7 +230,7 @@ def evaluate_draft(
             "measure_speedup": measure_speedup,
             "device": str(device),
             "target_dtype": str(next(target.model.parameters()).dtype).removeprefix("torch."),
-            "draft_dtype": str(next(draft_model.parameters()).dtype).removeprefix("torch."),
+            "draft_dtype": draft_dtype(draft),
         },
         "overall": _summarize(rows, gamma, measure_speedup, greedy),
         "categories": {
