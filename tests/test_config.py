@@ -44,7 +44,7 @@ def _targets(node, path=""):
 
 # What the recipes pass at instantiate time, on top of the config's own keys.
 CALL_SITE_ARGS = {
-    "draft": {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "target_embedding"},
+    "draft": {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "target_embedding", "target_model"},
     "logger": {"run_dir", "run_config", "run_name"},
 }
 
@@ -101,10 +101,11 @@ def test_recipe_errors_name_the_fix():
 
 
 def test_unknown_recipe_on_the_command_line_is_one_clear_error():
-    proc = subprocess.run([sys.executable, "-m", "draftkit.train", "+recipe=medusa_typo"],
+    proc = subprocess.run([sys.executable, "-m", "draftkit.train", "+recipe=no_such_recipe"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "unknown recipe 'medusa_typo'; available recipes: fastdraft" in proc.stderr
+    listed = ", ".join(p.stem for p in RECIPE_FILES)
+    assert f"unknown recipe 'no_such_recipe'; available recipes: {listed}" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -41,6 +41,16 @@ def prompt_ids(messages: list[dict], tokenizer) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def first_prompt(messages: list[dict]) -> tuple[list[dict], int] | None:
+    """The conversation cut after its first user turn (system turns before it kept, earlier replies dropped) and
+    that turn's index; None without a user turn. ShareGPT segments of long chats can open with an assistant turn
+    that answers an unseen question, hence the drop."""
+    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+    if first_user is None:
+        return None
+    return [m for m in messages[:first_user] if m["role"] == "system"] + [messages[first_user]], first_user
+
+
 def require_chat_template(tokenizer) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(

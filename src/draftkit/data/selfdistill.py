@@ -17,7 +17,7 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
-from draftkit.data.chat import prompt_ids, render_chat
+from draftkit.data.chat import first_prompt, prompt_ids, render_chat
 from draftkit.data.sources import DataError
 
 
@@ -35,12 +35,10 @@ def prompts_from_records(
         raise DataError(f"prompts come from chat records (a `messages` column), got columns {records.column_names}")
     prompts = []
     for record in records:
-        messages = record["messages"]
-        first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
-        if first_user is None:
+        found = first_prompt(record["messages"])
+        if found is None:
             continue
-        # ShareGPT segments of long chats can open with an assistant turn that answers an unseen question.
-        prompt = [m for m in messages[:first_user] if m["role"] == "system"] + [messages[first_user]]
+        prompt = found[0]
         if max_prompt_tokens is None or len(prompt_ids(prompt, tokenizer)) <= max_prompt_tokens:
             prompts.append(prompt)
     return prompts

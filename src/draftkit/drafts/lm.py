@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
@@ -22,8 +24,10 @@ def llama_draft(
     seed: int = 0,
     embedding_init: str = "random",
     target_embedding: torch.Tensor | None = None,
+    target_model: torch.nn.Module | None = None,
 ) -> PreTrainedModel:
-    """A freshly initialised Llama. vocab_size must be the target's config.vocab_size (padded), so that
+    """A freshly initialised Llama (`target_model` is accepted and unused: every draft builder takes the same
+    call-site arguments). vocab_size must be the target's config.vocab_size (padded), so that
     runtimes (vLLM draft_model, HF assisted generation) treat the pair as one tokenizer.
 
     embedding_init="target_pca" starts the (tied) embedding from the target's embedding [V, D] projected onto
@@ -87,6 +91,38 @@ def pretrained_draft(path: str, vocab_size: int, **_builder_args) -> PreTrainedM
             "target's (padded) vocabulary. Fix: train a draft for this target, or pick the matching target"
         )
     return model
+
+
+def draft_from_target(target_model: torch.nn.Module, num_layers: int = 2, vocab_size: int | None = None,
+                      **_builder_args) -> PreTrainedModel:
+    """The target's embeddings, its first `num_layers` decoder layers, its final norm and LM head, as an independent
+    fp32 model of the same architecture.
+
+    A draft that needs nothing but the target: it shares the vocabulary and tokenizer by construction, starts with
+    the target's own token geometry, and is loadable by every runtime that loads the target's architecture.
+    """
+    config = copy.deepcopy(target_model.config)
+    text_config = config.get_text_config()
+    depth = text_config.num_hidden_layers
+    if not 1 <= num_layers < depth:
+        raise ValueError(f"draft.num_layers={num_layers}: a draft from the target keeps between 1 and {depth - 1} of "
+                         f"its {depth} layers")
+    text_config.num_hidden_layers = num_layers
+    if getattr(text_config, "layer_types", None):
+        text_config.layer_types = list(text_config.layer_types)[:num_layers]
+    config.architectures = list(getattr(target_model.config, "architectures", None) or [type(target_model).__name__])
+    with torch.device("cpu"):
+        draft = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    wanted = draft.state_dict()
+    source = {k: v for k, v in target_model.state_dict().items() if k in wanted}
+    missing = sorted(set(wanted) - set(source))
+    if missing:
+        raise ValueError(f"cannot build a draft from {type(target_model).__name__}: no target weights for {missing[:5]}")
+    draft.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in source.items()}, strict=True)
+    if vocab_size is not None and draft.get_output_embeddings().weight.shape[0] != vocab_size:
+        raise ValueError(f"draft from target has {draft.get_output_embeddings().weight.shape[0]} output rows, "
+                         f"expected vocab_size={vocab_size}")
+    return draft
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -5,11 +5,30 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from draftkit.data.sources import builtin_path
 from draftkit.engine.checkpoint import write_json_atomic
+from draftkit.engine.run import record_run
 from draftkit.runtime.evaluate import evaluate_draft, load_prompts
+
+
+def start_run(cfg: DictConfig, run_dir: Path):
+    """Record how the run was made; return (metric sink, engine settings as a dict, loaded target)."""
+    record_run(run_dir, cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    sink = instantiate(cfg.logger, _recursive_=False, run_dir=str(run_dir), run_config=config, run_name=run_dir.name)
+    engine = OmegaConf.to_container(cfg.engine, resolve=True)
+    return sink, engine, instantiate(cfg.target)
+
+
+def build_draft(draft_cfg: DictConfig, target):
+    """The `draft` group instantiated for `target`: every builder receives the same call-site arguments."""
+    tokenizer = target.tokenizer
+    return instantiate(draft_cfg, vocab_size=target.vocab_size, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       target_embedding=target.embed_tokens.weight, target_model=target.model)
 
 
 def prompt_file(source: str) -> Path:

@@ -12,7 +12,6 @@ from functools import partial
 from pathlib import Path
 
 from datasets import Dataset, concatenate_datasets
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from draftkit.data.chat import tokenize_chat
@@ -22,10 +21,9 @@ from draftkit.data.selfdistill import prompts_from_records, regenerate_responses
 from draftkit.data.sources import load_records
 from draftkit.engine.checkpoint import write_json_atomic, write_text_atomic
 from draftkit.engine.loop import stage_settings, train
-from draftkit.engine.run import record_run
 from draftkit.export.hf_dir import export_hf_draft
 from draftkit.objectives.ce import next_token_ce
-from draftkit.recipes.common import compare_markdown, measure_acceptance
+from draftkit.recipes.common import build_draft, compare_markdown, measure_acceptance, start_run
 
 STAGES = ("pretrain", "finetune")
 
@@ -45,16 +43,9 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:
         raise ValueError(f"fastdraft.stages={stages}: choose from {list(STAGES)}")
-    record_run(run_dir, cfg)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    sink = instantiate(cfg.logger, _recursive_=False, run_dir=str(run_dir), run_config=config, run_name=run_dir.name)
-    engine = OmegaConf.to_container(cfg.engine, resolve=True)
-
-    target = instantiate(cfg.target)
+    sink, engine, target = start_run(cfg, run_dir)
     tokenizer = target.tokenizer
-    draft = instantiate(cfg.draft, vocab_size=target.vocab_size, bos_token_id=tokenizer.bos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                        target_embedding=target.embed_tokens.weight)
+    draft = build_draft(cfg.draft, target)
     draft.to(target.device)
     batch_collate = partial(collate, pad_token_id=tokenizer.pad_token_id)
 

@@ -1,0 +1,143 @@
+"""Sequences for distillation: prompts continued by the draft (on-policy), by the target, or by a dataset reply.
+
+Layout of a batch (`Rollout`): prompts are left-padded to a common width P, so every continuation starts at column P
+and the positions that predict continuation tokens are the same columns P-1 .. P+N-2 for every row. Scoring a batch
+therefore needs logits for only the last N+1 positions (`logits_to_keep`), never for the prompt. Continuations are
+right-padded after their stop token. Left padding makes position ids differ from column indices; `position_ids` holds
+the right ones, and every forward over a rollout must pass them (HF models count positions from the cache otherwise).
+
+Only continuation tokens count: not the prompt, not padding, nothing after the first stop token (which itself counts:
+predicting the end of the answer is part of what the draft must agree on).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+from draftkit.data.chat import first_prompt, prompt_ids, render_chat
+
+
+@dataclass
+class Rollout:
+    """input_ids, attention_mask, position_ids: [B, P+N]; continuation_mask [B, N]: which continuation tokens count."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    continuation_mask: torch.Tensor
+    prompt_width: int
+
+    @property
+    def num_new(self) -> int:
+        return self.continuation_mask.shape[1]
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids [B, W], mask [B, W]) padded on the left."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_token_id: int, width: int | None = None) -> torch.Tensor:
+    """Token lists -> ids [B, W] padded (or cut) on the right to `width` (default: the longest)."""
+    width = max((len(s) for s in sequences), default=0) if width is None else width
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        seq = list(seq)[:width]
+        ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+    return ids
+
+
+def continuation_mask(continuations: torch.Tensor, lengths: torch.Tensor, stop_ids: Iterable[int]) -> torch.Tensor:
+    """[B, N] bool: tokens before each row's `lengths` bound, up to and including its first stop token."""
+    columns = torch.arange(continuations.shape[1], device=continuations.device)
+    within = columns[None, :] < lengths.to(continuations.device)[:, None]
+    stops = torch.isin(continuations, torch.as_tensor(sorted(set(stop_ids)), device=continuations.device)) & within
+    # Stops strictly before a column: the column is past the end of the answer.
+    stops_before = torch.cumsum(stops.long(), dim=1) - stops.long()
+    return within & (stops_before == 0)
+
+
+def assemble(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, continuations: torch.Tensor,
+             counted: torch.Tensor, pad_token_id: int) -> Rollout:
+    """Left-padded prompts [B, P] + continuations [B, N] with their counted mask [B, N] -> Rollout."""
+    continuations = continuations.masked_fill(~counted, pad_token_id)
+    input_ids = torch.cat([prompt_ids, continuations.to(prompt_ids.device)], dim=1)
+    attention_mask = torch.cat([prompt_mask, counted.to(prompt_mask.device).long()], dim=1)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)
+    return Rollout(input_ids, attention_mask, position_ids, counted.to(prompt_ids.device), prompt_ids.shape[1])
+
+
+@torch.no_grad()
+def sample_continuations(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
+                         temperature: float, stop_ids: Iterable[int], pad_token_id: int, seed: int) -> torch.Tensor:
+    """[B, max_new_tokens] continuations of left-padded prompts by `model` (KV cache, the whole batch at once).
+
+    temperature 0 is greedy; above 0 it is pure sampling at that temperature: every other knob (top-k, top-p,
+    repetition penalty) is pinned off so the shipped generation_config cannot change the distribution the
+    divergence is estimated under. Sampling is seeded by `seed` without touching the caller's RNG streams.
+    """
+    stop_ids = sorted(set(stop_ids))
+    sampling = temperature > 0
+    was_training = model.training
+    model.eval()
+    devices = [prompt_ids.device] if prompt_ids.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        output = model.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens, min_new_tokens=0,
+            do_sample=sampling, temperature=temperature if sampling else 1.0, top_k=0 if sampling else None,
+            top_p=1.0, repetition_penalty=1.0, eos_token_id=stop_ids, pad_token_id=pad_token_id, use_cache=True,
+        )
+    model.train(was_training)
+    new = output[:, prompt_ids.shape[1]:]
+    if new.shape[1] < max_new_tokens:  # generation stops once every row has ended
+        new = torch.cat([new, new.new_full((new.shape[0], max_new_tokens - new.shape[1]), pad_token_id)], dim=1)
+    return new
+
+
+def prompt_reply_examples(records, tokenizer, *, max_prompt_tokens: int | None = None) -> list[dict]:
+    """Chat records -> [{"prompt_ids", "reply_ids"}]: the conversation up to its first user turn (system turns kept),
+    and the tokens of the assistant reply that follows it in the record ([] when there is none).
+
+    The reply's tokens are what the chat template renders after the generation prompt, end-of-turn token included,
+    so a dataset reply and a generated one are scored on the same footing. Prompts longer than `max_prompt_tokens`
+    are skipped.
+    """
+    examples = []
+    for record in records:
+        messages = record["messages"]
+        found = first_prompt(messages)
+        if found is None:
+            continue
+        prompt, first_user = found
+        ids = prompt_ids(prompt, tokenizer)
+        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+            continue
+        reply: list[int] = []
+        following = messages[first_user + 1] if first_user + 1 < len(messages) else None
+        if following is not None and following["role"] == "assistant":
+            full = tokenizer(render_chat(prompt + [following], tokenizer), add_special_tokens=False)["input_ids"]
+            if full[: len(ids)] == ids:  # templates that re-render the prompt differently give no usable reply
+                reply = full[len(ids):]
+        examples.append({"prompt_ids": ids, "reply_ids": reply})
+    return examples
+
+
+def collate_prompts(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Prompt examples -> {"prompt_ids", "attention_mask"} (left-padded) and {"reply_ids", "reply_lengths"}."""
+    prompt_ids_, attention_mask = left_pad([e["prompt_ids"] for e in examples], pad_token_id)
+    replies = [e["reply_ids"] for e in examples]
+    return {"prompt_ids": prompt_ids_, "attention_mask": attention_mask,
+            "reply_ids": right_pad(replies, pad_token_id, width=max(1, max(len(r) for r in replies))),
+            "reply_lengths": torch.tensor([len(r) for r in replies], dtype=torch.long)}

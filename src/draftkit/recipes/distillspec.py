@@ -1,0 +1,228 @@
+"""DistillSpec: distil a draft LM toward the frozen target on sequences the draft itself writes (on-policy).
+
+Each micro-batch of prompts is continued either by the draft (probability λ = distillspec.lambda_on_policy) or by
+the off-policy source (the target: sequence-level KD; or the dataset's own replies), per batch or per sequence. Both
+models then score the continuation, and the divergence between their next-token distributions is minimised on the
+continuation tokens only (methods.md §2.2, pitfalls §4(b).4, .6, .7, .14).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from datasets import concatenate_datasets
+from omegaconf import DictConfig, OmegaConf
+
+from draftkit.data.rollout import assemble, collate_prompts, continuation_mask, prompt_reply_examples, sample_continuations
+from draftkit.data.sources import load_records
+from draftkit.engine.checkpoint import list_checkpoints, write_json_atomic, write_text_atomic
+from draftkit.engine.loop import stage_settings, train
+from draftkit.export.hf_dir import export_hf_draft
+from draftkit.objectives.kl import DIVERGENCES, divergence
+from draftkit.objectives.types import LossOutput
+from draftkit.recipes.common import build_draft, compare_markdown, measure_acceptance, start_run
+from draftkit.runtime.evaluate import eos_token_ids
+
+MIX_MODES = ("batch", "sequence")
+OFF_POLICY_SOURCES = ("teacher", "dataset")
+
+
+class DistillStep:
+    """step_fn for the loop: roll out, score with both models, return the summed divergence.
+
+    Randomness (which rows are on-policy, and the sampling itself) is drawn from generators seeded by (seed, micro
+    step), so the coin of a per-batch mix is the same on every data-parallel rank (pitfall §4(b).14) and a resumed run
+    draws what the uninterrupted one would have. `last` keeps the newest rollout for inspection.
+    """
+
+    def __init__(self, target_model, *, stop_ids, pad_token_id, lambda_on_policy, mix, off_policy, kind, beta,
+                 distill_temperature, generation_temperature, max_new_tokens, seed=0, micro_step=0):
+        self.target_model = target_model
+        self.stop_ids = list(stop_ids)
+        self.pad_token_id = pad_token_id
+        self.lambda_on_policy = lambda_on_policy
+        self.mix = mix
+        self.off_policy = off_policy
+        self.kind, self.beta, self.distill_temperature = kind, beta, distill_temperature
+        self.generation_temperature = generation_temperature
+        self.max_new_tokens = max_new_tokens
+        self.seed = seed
+        self.micro_step = micro_step
+        self.generation_seconds = 0.0
+        self.last: dict | None = None
+        self._previous: tuple[float, float] | None = None  # (entry time, generation seconds) of the previous call
+
+    def _sample(self, model, prompt_ids, prompt_mask, rows, seed):
+        return sample_continuations(
+            model, prompt_ids[rows], prompt_mask[rows], max_new_tokens=self.max_new_tokens,
+            temperature=self.generation_temperature, stop_ids=self.stop_ids, pad_token_id=self.pad_token_id, seed=seed)
+
+    def __call__(self, draft, batch: dict) -> LossOutput:
+        entered = time.perf_counter()
+        step_seed = self.seed * 1_000_003 + self.micro_step
+        self.micro_step += 1
+        prompt_ids, prompt_mask = batch["prompt_ids"], batch["attention_mask"]
+        rows, new = prompt_ids.shape[0], self.max_new_tokens
+        coins = torch.rand(1 if self.mix == "batch" else rows, generator=torch.Generator().manual_seed(step_seed))
+        on_policy = (coins < self.lambda_on_policy).expand(rows).to(prompt_ids.device)
+
+        continuations = prompt_ids.new_full((rows, new), self.pad_token_id)
+        lengths = torch.full((rows,), new, dtype=torch.long, device=prompt_ids.device)
+        if on_policy.any():
+            continuations[on_policy] = self._sample(draft, prompt_ids, prompt_mask, on_policy, step_seed)
+        off = ~on_policy
+        if off.any():
+            if self.off_policy == "teacher":
+                continuations[off] = self._sample(self.target_model, prompt_ids, prompt_mask, off, step_seed + 1)
+            else:
+                replies = batch["reply_ids"][off][:, :new]
+                continuations[off, : replies.shape[1]] = replies
+                lengths[off] = batch["reply_lengths"][off].clamp(max=new)
+        generated = time.perf_counter() - entered
+        self.generation_seconds += generated
+
+        counted = continuation_mask(continuations, lengths, self.stop_ids)
+        rollout = assemble(prompt_ids, prompt_mask, continuations, counted, self.pad_token_id)
+        inputs = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask,
+                  "position_ids": rollout.position_ids, "logits_to_keep": new + 1}
+        # Column P-1+i predicts continuation token i; the final column predicts past the end and is dropped.
+        with torch.no_grad():
+            teacher_logits = self.target_model(**inputs).logits[:, :-1]
+        student_logits = draft(**inputs).logits[:, :-1]
+        out = divergence(student_logits, teacher_logits, counted, kind=self.kind, beta=self.beta,
+                         temperature=self.distill_temperature)
+
+        # Share of wall time spent generating, over the previous micro-step from its entry to this one (so it includes
+        # that step's backward and optimizer work); the loop divides metrics by the token count, hence the product.
+        if self._previous is None:
+            share = generated / max(time.perf_counter() - entered, 1e-9)
+        else:
+            previous_entry, previous_generated = self._previous
+            share = previous_generated / max(entered - previous_entry, 1e-9)
+        self._previous = (entered, generated)
+        count = out.count.float()
+        self.last = {"rollout": rollout, "on_policy": on_policy, "continuations": continuations}
+        metrics = dict(out.metrics)
+        metrics["on_policy_share"] = (counted.sum(1).float() * on_policy.float()).sum()
+        metrics["generation_share"] = count * share
+        return LossOutput(loss_sum=out.loss_sum, count=out.count, metrics=metrics)
+
+
+def resolve_distill_temperature(configured, decoding_temperature: float) -> float:
+    """None means: distil at the temperature the draft will be decoded at (α = 1 − TVD holds there), 1 for greedy."""
+    if configured is not None:
+        return float(configured)
+    return float(decoding_temperature) if decoding_temperature > 0 else 1.0
+
+
+def _validate(settings: DictConfig) -> None:
+    problems = []
+    if not 0.0 <= settings.lambda_on_policy <= 1.0:
+        problems.append(f"distillspec.lambda_on_policy={settings.lambda_on_policy} must lie in [0, 1]")
+    if settings.mix not in MIX_MODES:
+        problems.append(f"distillspec.mix={settings.mix!r}: choose {' or '.join(MIX_MODES)}")
+    if settings.off_policy not in OFF_POLICY_SOURCES:
+        problems.append(f"distillspec.off_policy={settings.off_policy!r}: choose {' or '.join(OFF_POLICY_SOURCES)}")
+    if settings.divergence not in DIVERGENCES:
+        problems.append(f"distillspec.divergence={settings.divergence!r}: choose one of {', '.join(DIVERGENCES)}")
+    if settings.generation.temperature < 0:
+        problems.append(f"distillspec.generation.temperature={settings.generation.temperature} must be >= 0")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def require_shared_vocabulary(draft, target) -> None:
+    rows = draft.get_output_embeddings().weight.shape[0]
+    if rows != target.vocab_size:
+        raise ValueError(
+            f"the draft predicts {rows} token ids but the target {target.name} has vocab_size={target.vocab_size}; "
+            "distillation compares the two distributions id by id, so the draft must use the target's (padded) "
+            "vocabulary. Fix: start from draft=from_target, a FastDraft export for this target, or a draft whose "
+            "config.vocab_size equals the target's")
+
+
+def _prompt_examples(cfg: DictConfig, tokenizer, seed: int) -> list[dict]:
+    parts = [load_records(src, limit=cfg.data.prompts_limit) for src in cfg.data.prompts]
+    records = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    examples = prompt_reply_examples(records, tokenizer, max_prompt_tokens=cfg.data.selfdistill.max_prompt_tokens)
+    random.Random(seed).shuffle(examples)
+    examples = examples[: cfg.distillspec.num_prompts]
+    if not examples:
+        raise ValueError(f"no usable prompts in {list(cfg.data.prompts)} (chat records with a user turn of at most "
+                         f"data.selfdistill.max_prompt_tokens={cfg.data.selfdistill.max_prompt_tokens} tokens)")
+    settings = cfg.distillspec
+    if settings.off_policy == "dataset" and settings.lambda_on_policy < 1.0:
+        missing = sum(1 for e in examples if not e["reply_ids"])
+        if missing:
+            raise ValueError(
+                f"distillspec.off_policy=dataset needs an assistant reply after each prompt, but {missing} of "
+                f"{len(examples)} prompts from {list(cfg.data.prompts)} have none. Fix: distillspec.off_policy=teacher "
+                "(the target writes the replies), or prompts with replies (e.g. data=shared)")
+    return examples
+
+
+def _apply_lora(draft, lora: DictConfig | None):
+    if not lora:
+        return draft
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(draft, LoraConfig(**OmegaConf.to_container(lora, resolve=True)))
+
+
+def run(cfg: DictConfig, run_dir: Path) -> Path:
+    settings = cfg.distillspec
+    _validate(settings)
+    sink, engine, target = start_run(cfg, run_dir)
+    tokenizer = target.tokenizer
+    draft = build_draft(cfg.draft, target)
+    require_shared_vocabulary(draft, target)
+    examples = _prompt_examples(cfg, tokenizer, engine["seed"])
+    draft = _apply_lora(draft, settings.lora)
+    draft.to(target.device)
+
+    before = measure_acceptance(target, draft, cfg.eval, run_dir / "eval_before.json") if cfg.eval.get("before") else None
+
+    loop_settings = stage_settings(engine)
+    stage_dir = run_dir / "distill"
+    checkpoints = list_checkpoints(stage_dir / "checkpoints") if cfg.resume else []
+    resumed_step = int(checkpoints[-1].name.split("_")[-1]) if checkpoints else 0
+    temperature = resolve_distill_temperature(settings.distill_temperature, cfg.eval.get("temperature", 0.0))
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_ids(target)[0]
+    step = DistillStep(
+        target.model, stop_ids=eos_token_ids(target), pad_token_id=pad_token_id,
+        lambda_on_policy=settings.lambda_on_policy, mix=settings.mix, off_policy=settings.off_policy,
+        kind=settings.divergence, beta=settings.jsd_beta, distill_temperature=temperature,
+        generation_temperature=settings.generation.temperature, max_new_tokens=settings.generation.max_new_tokens,
+        seed=engine["seed"], micro_step=resumed_step * loop_settings.grad_accum)
+    started = time.perf_counter()
+    result = train(model=draft, step_fn=step, dataset=examples, collate=partial(collate_prompts, pad_token_id=pad_token_id),
+                   settings=loop_settings, stage_dir=stage_dir, sink=sink, resume=cfg.resume, desc="distill")
+    train_seconds = time.perf_counter() - started
+
+    if result.resumed_from != result.steps:  # the draft changed: an earlier report is stale
+        (run_dir / "eval_after.json").unlink(missing_ok=True)
+    after = measure_acceptance(target, draft, cfg.eval, run_dir / "eval_after.json")
+    table = compare_markdown({"before distillation": before, "after distillation": after})
+    write_text_atomic(run_dir / "summary.md", table + "\n")
+    merged = draft.merge_and_unload() if settings.lora else draft
+    export_dir = export_hf_draft(
+        merged, tokenizer, run_dir / "export", target_name=target.name, target_vocab_size=target.vocab_size,
+        recipe="distillspec", num_assistant_tokens=settings.export.num_assistant_tokens,
+        resolved_config_yaml=OmegaConf.to_yaml(cfg, resolve=True), eval_table_md=table)
+    trained_here = result.steps - (result.resumed_from or 0)
+    timing = {"train_seconds": train_seconds, "generation_seconds": step.generation_seconds,
+              "generation_share": step.generation_seconds / train_seconds if trained_here else None,
+              "distill_temperature": temperature}
+    if after is not None:
+        sink.summary({"tau_before": before["overall"]["tau"] if before else None, "tau_after": after["overall"]["tau"],
+                      **{k: v for k, v in timing.items() if v is not None}})
+    sink.finish()
+    write_json_atomic(run_dir / "result.json", {"export": str(export_dir), "before": before, "after": after,
+                                                "timing": timing})
+    share = f", {100 * timing['generation_share']:.0f}% of it generating" if timing["generation_share"] else ""
+    print(f"\n{table}\n\nTrained for {train_seconds:.0f} s{share}. Draft exported to {export_dir}")
+    return export_dir

@@ -1,0 +1,253 @@
+"""DistillSpec on the tiny target: rollouts, masking, mixing, the end-to-end run, resume, LoRA, export and bad input."""
+
+import json
+import shutil
+
+import pytest
+from hydra.errors import InstantiationException
+import torch
+from transformers import AutoModelForCausalLM
+
+from draftkit.config import compose
+from draftkit.data.rollout import assemble, collate_prompts, continuation_mask, left_pad
+from draftkit.drafts.lm import draft_from_target, llama_draft
+from draftkit.recipes import distillspec
+from draftkit.recipes.distillspec import DistillStep, resolve_distill_temperature
+from draftkit.runtime.speculative import LMDrafter, autoregressive_generate, speculative_generate
+from draftkit.targets.tiny import tiny_target
+
+EOS = 2
+
+
+def run_recipe(run_dir, *overrides):
+    cfg = compose(["+recipe=distillspec", "+debug=tiny", f"hydra.run.dir={run_dir}", *overrides])
+    cfg.run_dir = str(run_dir)
+    return distillspec.run(cfg, run_dir)
+
+
+def history(run_dir):
+    return json.loads((run_dir / "distill" / "history.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def models():
+    target = tiny_target()
+    # Untied, so it does not just repeat the last token as a tied random model (and the tiny target) does.
+    draft = llama_draft(vocab_size=target.vocab_size, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                        intermediate_size=64, eos_token_id=EOS, pad_token_id=EOS, tie_word_embeddings=False, seed=1)
+    return target, draft
+
+
+def _step(target, **overrides):
+    settings = dict(stop_ids=[EOS], pad_token_id=EOS, lambda_on_policy=1.0, mix="batch", off_policy="teacher",
+                    kind="fkl", beta=0.5, distill_temperature=1.0, generation_temperature=0.0, max_new_tokens=6)
+    settings.update(overrides)
+    return DistillStep(target.model, **settings)
+
+
+def _batch(prompts, replies=None):
+    replies = replies or [[] for _ in prompts]
+    return collate_prompts([{"prompt_ids": p, "reply_ids": r} for p, r in zip(prompts, replies)], pad_token_id=EOS)
+
+
+PROMPTS = [[1, 40, 41, 42, 43], [1, 50, 51, 52, 53], [1, 60, 61, 62, 63]]
+
+
+def _greedy(model, prompt, new_tokens):
+    out = autoregressive_generate(model, torch.tensor([prompt]), max_new_tokens=new_tokens, eos_token_id=EOS)
+    return out.tokens
+
+
+def test_continuation_mask_counts_up_to_and_including_the_first_stop():
+    continuations = torch.tensor([[5, 6, EOS, 7, EOS], [5, 6, 7, 8, 9], [EOS, 5, 5, 5, 5], [5, 6, 7, 8, 9]])
+    lengths = torch.tensor([5, 5, 5, 3])
+    mask = continuation_mask(continuations, lengths, [EOS])
+    assert mask.int().tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0]]
+
+
+def test_assembled_rollout_masks_prompt_padding_and_post_eos():
+    prompt_ids, prompt_mask = left_pad([[1, 9], [1, 8, 7]], EOS)
+    continuations = torch.tensor([[5, EOS, 6], [4, 4, 4]])
+    counted = continuation_mask(continuations, torch.tensor([3, 3]), [EOS])
+    rollout = assemble(prompt_ids, prompt_mask, continuations, counted, EOS)
+    assert rollout.input_ids.tolist() == [[EOS, 1, 9, 5, EOS, EOS], [1, 8, 7, 4, 4, 4]]
+    assert rollout.attention_mask.tolist() == [[0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
+    assert rollout.position_ids.tolist()[0][1:5] == [0, 1, 2, 3]
+    assert rollout.continuation_mask.int().tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+def test_left_padding_does_not_change_what_the_models_score(models):
+    # Position ids follow the mask, so a padded row gets the logits it gets alone.
+    target, _ = models
+    prompt_ids, prompt_mask = left_pad([[1, 9, 10], [1, 8, 7, 6, 5]], EOS)
+    continuations = torch.tensor([[5, 6], [4, 3]])
+    rollout = assemble(prompt_ids, prompt_mask, continuations, torch.ones(2, 2, dtype=torch.bool), EOS)
+    with torch.no_grad():
+        batched = target.model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                               position_ids=rollout.position_ids, logits_to_keep=3).logits
+        alone = target.model(input_ids=torch.tensor([[1, 9, 10, 5, 6]])).logits[:, -3:]
+    torch.testing.assert_close(batched[0], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_on_policy_batches_hold_the_drafts_own_samples(models):
+    target, draft = models
+    step = _step(target)
+    out = step(draft, _batch(PROMPTS))
+    assert step.last["on_policy"].all()
+    for row, prompt in enumerate(PROMPTS):
+        expected = _greedy(draft, prompt, 6)
+        counted = step.last["rollout"].continuation_mask[row]
+        assert step.last["continuations"][row][counted].tolist() == expected
+    assert out.count.item() == step.last["rollout"].continuation_mask.sum().item()
+    # The target writes something else, so this checks the source, not a coincidence.
+    assert _greedy(target.model, PROMPTS[0], 6) != _greedy(draft, PROMPTS[0], 6)
+
+
+def test_teacher_batches_hold_the_targets_samples(models):
+    target, draft = models
+    step = _step(target, lambda_on_policy=0.0)
+    step(draft, _batch(PROMPTS))
+    assert not step.last["on_policy"].any()
+    for row, prompt in enumerate(PROMPTS):
+        counted = step.last["rollout"].continuation_mask[row]
+        assert step.last["continuations"][row][counted].tolist() == _greedy(target.model, prompt, 6)
+
+
+def test_dataset_replies_are_cut_at_their_stop_and_padding_is_not_counted(models):
+    target, draft = models
+    step = _step(target, lambda_on_policy=0.0, off_policy="dataset")
+    out = step(draft, _batch(PROMPTS, replies=[[70, 71, EOS, 99], [72], [73, 74, 75, 76, 77, 78, 79, 80]]))
+    # 3 tokens (through the stop), 1 token, then the 6-token cap.
+    assert step.last["rollout"].continuation_mask.sum(1).tolist() == [3, 1, 6]
+    assert out.count.item() == 10
+    assert step.last["continuations"][0, :3].tolist() == [70, 71, EOS]
+
+
+def test_mixing_per_batch_and_per_sequence(models):
+    target, draft = models
+    per_batch = _step(target, lambda_on_policy=0.5, max_new_tokens=2)
+    per_sequence = _step(target, lambda_on_policy=0.5, mix="sequence", max_new_tokens=2)
+    batch = _batch(PROMPTS * 2)
+    seen_batch, seen_sequence = set(), set()
+    for _ in range(8):
+        per_batch(draft, batch)
+        flags = per_batch.last["on_policy"]
+        assert flags.all() or not flags.any()
+        seen_batch.add(bool(flags[0]))
+        per_sequence(draft, batch)
+        seen_sequence.add(tuple(per_sequence.last["on_policy"].tolist()))
+    assert seen_batch == {True, False}
+    assert any(len(set(flags)) == 2 for flags in seen_sequence)
+
+
+def test_coins_replay_from_the_micro_step(models):
+    target, draft = models
+    first = _step(target, lambda_on_policy=0.5, mix="sequence", max_new_tokens=2, generation_temperature=1.0)
+    batch = _batch(PROMPTS * 2)
+    draws = []
+    for _ in range(3):
+        first(draft, batch)
+        draws.append((first.last["on_policy"].tolist(), first.last["continuations"].tolist()))
+    resumed = _step(target, lambda_on_policy=0.5, mix="sequence", max_new_tokens=2, generation_temperature=1.0,
+                    micro_step=2)
+    resumed(draft, batch)
+    assert (resumed.last["on_policy"].tolist(), resumed.last["continuations"].tolist()) == draws[2]
+
+
+def test_distill_temperature_follows_decoding_unless_set():
+    assert resolve_distill_temperature(None, 0.0) == 1.0
+    assert resolve_distill_temperature(None, 0.7) == 0.7
+    assert resolve_distill_temperature(0.5, 0.7) == 0.5
+
+
+def test_draft_from_target_keeps_the_targets_first_layers():
+    target = tiny_target(num_layers=3)
+    draft = draft_from_target(target.model, num_layers=1, vocab_size=target.vocab_size)
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        features = target.features(ids, torch.ones_like(ids), layers=[1])
+        hidden = draft.model(input_ids=ids).last_hidden_state
+    # The draft's final norm over its one layer equals the target's final norm over its first layer's residual.
+    torch.testing.assert_close(hidden, target.model.model.norm(features.hidden[1]))
+    draft.model.embed_tokens.weight.data.add_(1.0)  # an independent copy: training it leaves the target alone
+    assert not torch.equal(draft.model.embed_tokens.weight, target.model.model.embed_tokens.weight)
+    with pytest.raises(ValueError, match="between 1 and 2"):
+        draft_from_target(target.model, num_layers=3)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("distillspec")
+    export = run_recipe(run_dir, "distillspec.num_prompts=8", "distillspec.generation.max_new_tokens=12")
+    return run_dir, export
+
+
+def test_end_to_end_losses_are_pinned(finished_run):
+    run_dir, _ = finished_run
+    records = history(run_dir)
+    assert [r["loss"] for r in records] == pytest.approx([0.0125, 0.0120, 0.0120], abs=1e-4)
+    assert all(0.0 < r["alpha_hat"] <= 1.0 and r["on_policy_share"] == 1.0 for r in records)
+    assert all(0.0 <= r["generation_share"] <= 1.0 for r in records)
+    summary = (run_dir / "summary.md").read_text()
+    assert "| before distillation |" in summary and "| after distillation |" in summary
+    timing = json.loads((run_dir / "result.json").read_text())["timing"]
+    assert 0.0 < timing["generation_share"] < 1.0
+
+
+def test_exported_draft_is_lossless_in_the_runtime(finished_run):
+    _, export = finished_run
+    target = tiny_target()
+    draft = AutoModelForCausalLM.from_pretrained(export)
+    assert draft.config.vocab_size == target.vocab_size
+    for prompt in PROMPTS:
+        ids = torch.tensor([prompt])
+        reference = autoregressive_generate(target.model, ids, max_new_tokens=20, eos_token_id=EOS).tokens
+        spec = speculative_generate(target.model, LMDrafter(draft), ids, gamma=3, max_new_tokens=20, eos_token_id=EOS)
+        assert spec.tokens == reference
+
+
+def test_resume_replays_the_interrupted_step(finished_run):
+    run_dir, _ = finished_run
+    full = history(run_dir)
+
+    shutil.rmtree(run_dir / "distill" / "checkpoints" / "step_000003")
+    (run_dir / "distill" / "history.json").unlink()
+    run_recipe(run_dir, "distillspec.num_prompts=8", "distillspec.generation.max_new_tokens=12")
+
+    def without_timing(records):
+        return [{k: v for k, v in r.items() if k != "generation_share"} for r in records]
+
+    assert without_timing(history(run_dir)) == without_timing(full)
+
+
+def test_lora_trains_adapters_and_exports_a_merged_draft(tmp_path):
+    export = run_recipe(tmp_path, "distillspec.num_prompts=8", "distillspec.generation.max_new_tokens=8", "eval=none",
+                        "distillspec.lora={r: 4, lora_alpha: 8, target_modules: [q_proj, v_proj]}")
+    draft = AutoModelForCausalLM.from_pretrained(export)
+    assert not any("lora" in name for name, _ in draft.named_parameters())
+    assert len(history(tmp_path)) == 3
+
+
+def test_a_draft_with_another_vocabulary_is_refused_before_training(tmp_path):
+    other = llama_draft(vocab_size=300, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                        intermediate_size=64)
+    other.save_pretrained(tmp_path / "other")
+    # Hydra wraps the builder's ValueError; the message is what the user reads.
+    with pytest.raises((ValueError, InstantiationException), match="vocab_size=300 but the target has 320"):
+        run_recipe(tmp_path / "run", "draft=pretrained", f"draft.path={tmp_path / 'other'}")
+    assert not (tmp_path / "run" / "distill").exists()
+
+
+def test_dataset_source_without_replies_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="distillspec.off_policy=dataset needs an assistant reply"):
+        run_recipe(tmp_path, "distillspec.lambda_on_policy=0.5", "distillspec.off_policy=dataset")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("distillspec.divergence=kl", "choose one of fkl, rkl, jsd, tvd"),
+    ("distillspec.mix=token", "choose batch or sequence"),
+    ("distillspec.lambda_on_policy=1.5", "must lie in"),
+])
+def test_bad_settings_are_refused(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        run_recipe(tmp_path, override)
