@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench_common import machine, summary, throughput
 
 EVAL = ["eval.limit_per_category=5", "eval.max_new_tokens=128", "eval.gamma=5", "eval.measure_speedup=true"]
 GPU_STAGE1 = ["engine.precision=bf16", "engine.micro_batch_size=32", "engine.log_every=50", "engine.save_every=500",
@@ -42,38 +43,6 @@ def train(run_dir: Path, overrides: list[str], target_path: str | None) -> tuple
     start = time.perf_counter()
     subprocess.run(command, check=True)
     return command, time.perf_counter() - start
-
-
-def throughput(run_dir: Path, stage: str) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if f"{stage}/tokens_per_s" in r]
-    steady = rows[1:] or rows  # the first interval includes warm-up
-    rates = [r[f"{stage}/tokens_per_s"] for r in steady]
-    peaks = [r.get(f"{stage}/peak_memory_gb") for r in rows if r.get(f"{stage}/peak_memory_gb") is not None]
-    return {"train_tokens_per_s_mean": sum(rates) / len(rates) if rates else None,
-            "peak_memory_gb": max(peaks) if peaks else None,
-            "final_loss": rows[-1][f"{stage}/loss"] if rows else None}
-
-
-def summary(report: dict | None) -> dict | None:
-    if report is None:
-        return None
-    o = report["overall"]
-    keep = ("prompts", "new_tokens", "tau", "alpha", "draft_acceptance", "tokens_per_s", "ar_tokens_per_s", "speedup",
-            "outputs_differing_from_ar")
-    return {"overall": {k: o.get(k) for k in keep},
-            "categories": {c: {"tau": s["tau"], "alpha": s["alpha"], "speedup": s.get("speedup")}
-                           for c, s in report["categories"].items()},
-            "config": report["config"]}
-
-
-def machine() -> dict:
-    import torch
-
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def main() -> None:

@@ -1,0 +1,42 @@
+"""Pieces every benchmark driver shares: the machine description and the trimmed evaluation summaries.
+
+Drivers run as scripts (`python benchmarks/<name>.py`), so this folder is on sys.path and `import bench_common` works.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+
+def throughput(run_dir: Path, stage: str) -> dict:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if f"{stage}/tokens_per_s" in r]
+    steady = rows[1:] or rows  # the first interval includes warm-up
+    rates = [r[f"{stage}/tokens_per_s"] for r in steady]
+    peaks = [r.get(f"{stage}/peak_memory_gb") for r in rows if r.get(f"{stage}/peak_memory_gb") is not None]
+    return {"train_tokens_per_s_mean": sum(rates) / len(rates) if rates else None,
+            "peak_memory_gb": max(peaks) if peaks else None,
+            "final_loss": rows[-1][f"{stage}/loss"] if rows else None}
+
+
+def summary(report: dict | None) -> dict | None:
+    if report is None:
+        return None
+    o = report["overall"]
+    keep = ("prompts", "new_tokens", "tau", "alpha", "draft_acceptance", "tokens_per_s", "ar_tokens_per_s", "speedup",
+            "outputs_differing_from_ar")
+    return {"overall": {k: o.get(k) for k in keep},
+            "categories": {c: {"tau": s["tau"], "alpha": s["alpha"], "speedup": s.get("speedup")}
+                           for c, s in report["categories"].items()},
+            "config": report["config"]}
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
