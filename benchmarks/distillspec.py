@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bench_common import machine, summary
 
-COMMON = ["data=shared", "eval=none", "logger=jsonl", "draft=from_target", "engine.precision=bf16",
+COMMON = ["data=shared", "eval=none", "logger=jsonl", "draft=from_target", "engine.precision=fp32",
           "engine.micro_batch_size=32", "engine.steps=80", "engine.warmup_steps=8", "engine.log_every=10",
           "engine.save_every=1000", "distillspec.num_prompts=4096", "distillspec.generation.max_new_tokens=64"]
 VARIANTS = {
@@ -31,6 +31,10 @@ VARIANTS = {
     "onpolicy_fkl": ["distillspec.lambda_on_policy=1.0", "distillspec.divergence=fkl"],
     "onpolicy_tvd": ["distillspec.lambda_on_policy=1.0", "distillspec.divergence=tvd"],
     "onpolicy_jsd": ["distillspec.lambda_on_policy=1.0", "distillspec.divergence=jsd", "distillspec.jsd_beta=0.5"],
+    # The draft's greedy continuations: what it proposes under greedy speculative decoding.
+    "onpolicy_fkl_greedygen": ["distillspec.lambda_on_policy=1.0", "distillspec.divergence=fkl",
+                               "distillspec.generation.temperature=0"],
+    "mixed_fkl": ["distillspec.lambda_on_policy=0.5", "distillspec.off_policy=teacher", "distillspec.divergence=fkl"],
 }
 MAIN_JOB = ["logger=jsonl"]  # the recipe's own defaults: built-in data, its steps, its quick before/after eval
 CPU_SMOKE = ["+debug=tiny", "draft.num_layers=1", "engine.precision=fp32", "engine.micro_batch_size=2", "engine.steps=2",
