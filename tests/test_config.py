@@ -46,6 +46,7 @@ def _targets(node, path=""):
 CALL_SITE_ARGS = {
     "draft": {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "target_embedding"},
     "logger": {"run_dir", "run_config", "run_name"},
+    "medusa.heads": {"hidden_size", "vocab_size", "lm_head_weight"},
 }
 
 

@@ -1,0 +1,51 @@
+"""Steps the draft-head recipes (medusa, hydra_heads, clover) share: their training chats and their acceptance
+measured twice, with a chain (top-1 per head) and with a tree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from draftkit.recipes.common import compare_markdown, dataset_chats, measure_acceptance, self_distilled_chats
+from draftkit.runtime.tree import TreeDrafter, TreeShape, tree_shape
+
+LABEL_SOURCES = ("selfdistill", "data")
+
+
+def training_chats(cfg: DictConfig, target, run_dir: Path, labels: str, seed: int):
+    """Self-distilled replies (the target answers data.prompts) or the replies the data carries."""
+    if labels not in LABEL_SOURCES:
+        raise ValueError(f"labels={labels!r}: choose 'selfdistill' (the target answers the prompts) or 'data'")
+    if labels == "selfdistill":
+        return self_distilled_chats(cfg.data, target, run_dir, seed)
+    return dataset_chats(cfg.data, target.tokenizer)
+
+
+def eval_shapes(tree_cfg: DictConfig, num_heads: int) -> dict[str, TreeShape]:
+    """The chain of every head's top-1 and the configured tree, both as deep as there are heads (or tree_cfg.depth)."""
+    depth = min(num_heads, tree_cfg.depth or num_heads)
+    shape = tree_shape(tree_cfg.kind, depth, top_k=tree_cfg.top_k, width=tree_cfg.width, budget=tree_cfg.budget,
+                       paths=tree_cfg.get("paths"))
+    return {"chain": tree_shape("chain", depth), "tree": shape}
+
+
+def measure_heads(target, make_drafter: Callable[[TreeShape], TreeDrafter], module, cfg: DictConfig,
+                  tree_cfg: DictConfig, num_heads: int, run_dir: Path, tag: str) -> dict[str, dict | None]:
+    """Chain and tree acceptance of the heads in `module` (put in eval mode while measuring); reports are cached in
+    run_dir/eval_{tag}_{chain|tree}.json for the same settings."""
+    was_training = module.training
+    module.eval()
+    reports = {}
+    for name, shape in eval_shapes(tree_cfg, num_heads).items():
+        settings = {"tree": OmegaConf.to_container(tree_cfg, resolve=True), "decoding": name, "shape": repr(shape)}
+        reports[name] = measure_acceptance(target, make_drafter(shape), cfg.eval, run_dir / f"eval_{tag}_{name}.json",
+                                           extra_settings=settings)
+    module.train(was_training)
+    return reports
+
+
+def heads_table(before: dict[str, dict | None], after: dict[str, dict | None]) -> str:
+    return compare_markdown({f"{when}, {name}": report for when, reports in (("before", before), ("after", after))
+                             for name, report in reports.items()})
