@@ -47,6 +47,7 @@ CALL_SITE_ARGS = {
     "draft": {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "target_embedding"},
     "logger": {"run_dir", "run_config", "run_name"},
     "medusa.heads": {"hidden_size", "vocab_size", "lm_head_weight"},
+    "hydra_heads.heads": {"hidden_size", "vocab_size", "target_config", "lm_head_weight"},
 }
 
 

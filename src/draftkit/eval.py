@@ -123,6 +123,27 @@ def _heads_shape(args: argparse.Namespace, num_heads: int):
     return tree_shape(args.tree, num_heads, top_k=args.tree_top_k, width=args.tree_width, budget=args.tree_budget)
 
 
+def hydra_drafter(args: argparse.Namespace, target):
+    from draftkit.drafts.hydra import hydra_heads
+    from draftkit.export.artifact import ArtifactError, check_matches_target, read_json
+    from draftkit.export.heads_dir import load_heads_dir
+    from draftkit.runtime.heads import HydraDrafter
+
+    try:
+        info = read_json(Path(args.draft) / "draftkit.json")
+        check_matches_target(info, hidden_size=info["hidden_size"], vocab_size=info["vocab_size"],
+                             target_name=args.target, target_hidden_size=target.hidden_size,
+                             target_vocab_size=target.vocab_size, where=args.draft)
+        heads, _ = load_heads_dir(args.draft, hydra_heads, family="hydra_heads", hidden_size=info["hidden_size"],
+                                  vocab_size=info["vocab_size"], target_config=target.config,
+                                  lm_head_weight=target.lm_head.weight)
+    except ArtifactError as error:
+        raise SystemExit(f"draftkit-eval: {error}") from None
+    heads = heads.to(device=target.device, dtype=getattr(torch, args.dtype))
+    shared = target.lm_head.weight if heads.lm_heads is None else None
+    return HydraDrafter(heads, target.embed_tokens, _heads_shape(args, heads.num_heads), shared_lm_head=shared)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     prompts_path = args.prompts or builtin_prompts()
@@ -135,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     family = artifact_family(args.draft)
     if family == "medusa":  # draft heads: tree or chain decoding (draftkit.export.medusa)
         draft = medusa_drafter(args, target)
+    elif family == "hydra_heads":  # draftkit's heads format (draftkit.export.heads_dir)
+        draft = hydra_drafter(args, target)
     else:
         draft = hf_draft(args, target)
 

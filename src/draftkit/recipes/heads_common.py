@@ -8,6 +8,7 @@ from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from draftkit.engine.checkpoint import write_text_atomic
 from draftkit.recipes.common import compare_markdown, dataset_chats, measure_acceptance, self_distilled_chats
 from draftkit.runtime.tree import TreeDrafter, TreeShape, tree_shape
 
@@ -21,6 +22,11 @@ def training_chats(cfg: DictConfig, target, run_dir: Path, labels: str, seed: in
     if labels == "selfdistill":
         return self_distilled_chats(cfg.data, target, run_dir, seed)
     return dataset_chats(cfg.data, target.tokenizer)
+
+
+def architecture(module_cfg: DictConfig) -> dict:
+    """The builder's arguments an export records (the config node without `_target_`; target pieces come at load)."""
+    return {k: v for k, v in OmegaConf.to_container(module_cfg, resolve=True).items() if not k.startswith("_")}
 
 
 def eval_shapes(tree_cfg: DictConfig, num_heads: int) -> dict[str, TreeShape]:
@@ -44,6 +50,17 @@ def measure_heads(target, make_drafter: Callable[[TreeShape], TreeDrafter], modu
                                            extra_settings=settings)
     module.train(was_training)
     return reports
+
+
+def measure_after_training(result, measure: Callable[[str], dict], before: dict, run_dir: Path) -> tuple[dict, str]:
+    """Measure the trained heads (a report from before a resumed run trained further is stale) and write summary.md."""
+    if result.resumed_from != result.steps:
+        for stale in Path(run_dir).glob("eval_after_*.json"):
+            stale.unlink()
+    after = measure("after")
+    table = heads_table(before, after)
+    write_text_atomic(Path(run_dir) / "summary.md", table + "\n")
+    return after, table
 
 
 def heads_table(before: dict[str, dict | None], after: dict[str, dict | None]) -> str:

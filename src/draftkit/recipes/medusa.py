@@ -21,14 +21,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from draftkit.data.collate import collate
 from draftkit.drafts.medusa import MedusaWithTarget
-from draftkit.engine.checkpoint import write_json_atomic, write_text_atomic
+from draftkit.engine.checkpoint import write_json_atomic
 from draftkit.engine.loop import stage_settings, train
 from draftkit.engine.run import record_run
 from draftkit.export.medusa import export_medusa_fasterdecoding, export_medusa_vllm
 from draftkit.objectives.ce import IGNORE_INDEX, next_token_ce
 from draftkit.objectives.kl import forward_kl
 from draftkit.objectives.medusa import medusa2_loss, medusa_loss
-from draftkit.recipes.heads_common import LABEL_SOURCES, heads_table, measure_heads, training_chats
+from draftkit.recipes.heads_common import LABEL_SOURCES, measure_after_training, measure_heads, training_chats
 from draftkit.runtime.heads import MedusaDrafter
 
 TARGET_LOSSES = ("lm", "kl")
@@ -120,12 +120,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
         target.model.save_pretrained(export_root / "target_lora")
         target.model = target.model.merge_and_unload()
         extra["target_lora"] = "../target_lora"
-    if result.resumed_from != result.steps:
-        for stale in run_dir.glob("eval_after_*.json"):
-            stale.unlink()
-    after = measure("after")
-    table = heads_table(before, after)
-    write_text_atomic(run_dir / "summary.md", table + "\n")
+    after, table = measure_after_training(result, measure, before, run_dir)
     exports = {}
     if "vllm" in m.export.formats:
         exports["vllm"] = export_medusa_vllm(heads, export_root / "vllm", target_name=target.name,
