@@ -123,25 +123,39 @@ def _heads_shape(args: argparse.Namespace, num_heads: int):
     return tree_shape(args.tree, num_heads, top_k=args.tree_top_k, width=args.tree_width, budget=args.tree_budget)
 
 
-def hydra_drafter(args: argparse.Namespace, target):
-    from draftkit.drafts.hydra import hydra_heads
+def _load_heads_artifact(args: argparse.Namespace, target, family: str, build, **call_site):
     from draftkit.export.artifact import ArtifactError, check_matches_target, read_json
     from draftkit.export.heads_dir import load_heads_dir
-    from draftkit.runtime.heads import HydraDrafter
 
     try:
         info = read_json(Path(args.draft) / "draftkit.json")
         check_matches_target(info, hidden_size=info["hidden_size"], vocab_size=info["vocab_size"],
                              target_name=args.target, target_hidden_size=target.hidden_size,
                              target_vocab_size=target.vocab_size, where=args.draft)
-        heads, _ = load_heads_dir(args.draft, hydra_heads, family="hydra_heads", hidden_size=info["hidden_size"],
-                                  vocab_size=info["vocab_size"], target_config=target.config,
-                                  lm_head_weight=target.lm_head.weight)
+        module, _ = load_heads_dir(args.draft, build, family=family, hidden_size=info["hidden_size"],
+                                   target_config=target.config, **call_site)
     except ArtifactError as error:
         raise SystemExit(f"draftkit-eval: {error}") from None
-    heads = heads.to(device=target.device, dtype=getattr(torch, args.dtype))
+    return module.to(device=target.device, dtype=getattr(torch, args.dtype))
+
+
+def hydra_drafter(args: argparse.Namespace, target):
+    from draftkit.drafts.hydra import hydra_heads
+    from draftkit.runtime.heads import HydraDrafter
+
+    heads = _load_heads_artifact(args, target, "hydra_heads", hydra_heads, vocab_size=target.vocab_size,
+                                 lm_head_weight=target.lm_head.weight)
     shared = target.lm_head.weight if heads.lm_heads is None else None
     return HydraDrafter(heads, target.embed_tokens, _heads_shape(args, heads.num_heads), shared_lm_head=shared)
+
+
+def clover_drafter(args: argparse.Namespace, target):
+    from draftkit.drafts.clover import clover2
+    from draftkit.runtime.heads import CloverDrafter
+
+    model = _load_heads_artifact(args, target, "clover", clover2)
+    lm_head = target.lm_head.weight
+    return CloverDrafter(model, lm_head, lm_head, _heads_shape(args, model.num_heads))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         draft = medusa_drafter(args, target)
     elif family == "hydra_heads":  # draftkit's heads format (draftkit.export.heads_dir)
         draft = hydra_drafter(args, target)
+    elif family == "clover":  # draftkit's heads format (draftkit.export.heads_dir)
+        draft = clover_drafter(args, target)
     else:
         draft = hf_draft(args, target)
 

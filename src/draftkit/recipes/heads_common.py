@@ -3,12 +3,18 @@ measured twice, with a chain (top-1 per head) and with a tree."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from draftkit.engine.checkpoint import write_text_atomic
+from draftkit.data.collate import collate
+from draftkit.engine.checkpoint import write_json_atomic, write_text_atomic
+from draftkit.engine.loop import stage_settings, train
+from draftkit.engine.run import record_run
+from draftkit.export.heads_dir import export_heads_dir
 from draftkit.recipes.common import compare_markdown, dataset_chats, measure_acceptance, self_distilled_chats
 from draftkit.runtime.tree import TreeDrafter, TreeShape, tree_shape
 
@@ -66,3 +72,33 @@ def measure_after_training(result, measure: Callable[[str], dict], before: dict,
 def heads_table(before: dict[str, dict | None], after: dict[str, dict | None]) -> str:
     return compare_markdown({f"{when}, {name}": report for when, reports in (("before", before), ("after", after))
                              for name, report in reports.items()})
+
+
+def start_run(cfg: DictConfig, run_dir: Path):
+    """Record the run, open the metric sink, load the target. Returns (sink, engine settings dict, target)."""
+    record_run(run_dir, cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    sink = instantiate(cfg.logger, _recursive_=False, run_dir=str(run_dir), run_config=config, run_name=run_dir.name)
+    return sink, OmegaConf.to_container(cfg.engine, resolve=True), instantiate(cfg.target)
+
+
+def train_measure_export(cfg: DictConfig, run_dir: Path, *, family: str, module, module_cfg: DictConfig, step,
+                         chats, make_drafter: Callable[[TreeShape], TreeDrafter], tree_cfg: DictConfig, target, sink,
+                         engine: dict, export_dtype: str) -> Path:
+    """The rest of a frozen-target heads recipe: measure (before), train, measure (after), export in draftkit's heads
+    format, record result.json."""
+    measure = partial(measure_heads, target, make_drafter, module, cfg, tree_cfg, module.num_heads, run_dir)
+    before = measure("before") if cfg.eval.get("before") else {}
+    result = train(model=module, step_fn=step, dataset=chats,
+                   collate=partial(collate, pad_token_id=target.tokenizer.pad_token_id),
+                   settings=stage_settings(engine), stage_dir=run_dir / "train", sink=sink, resume=cfg.resume,
+                   desc=family)
+    after, table = measure_after_training(result, measure, before, run_dir)
+    export = export_heads_dir(module, run_dir / "export", family=family, architecture=architecture(module_cfg),
+                              target_name=target.name, hidden_size=target.hidden_size, vocab_size=target.vocab_size,
+                              dtype=export_dtype, extra_info={"recipe": family})
+    sink.summary({f"tau_after_{name}": r["overall"]["tau"] for name, r in after.items() if r})
+    sink.finish()
+    write_json_atomic(run_dir / "result.json", {"export": str(export), "before": before, "after": after})
+    print(f"\n{table}\n\n{family} exported to {export}")
+    return export

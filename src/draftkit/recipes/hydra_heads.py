@@ -9,19 +9,13 @@ from the training text), so a drafted tree conditions each depth on its own path
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from draftkit.data.collate import collate
-from draftkit.engine.checkpoint import write_json_atomic
-from draftkit.engine.loop import stage_settings, train
-from draftkit.engine.run import record_run
-from draftkit.export.heads_dir import export_heads_dir
 from draftkit.objectives.hydra import hydra_loss
-from draftkit.recipes.heads_common import LABEL_SOURCES, architecture, measure_after_training, measure_heads, training_chats
+from draftkit.recipes.heads_common import LABEL_SOURCES, start_run, train_measure_export, training_chats
 from draftkit.runtime.heads import HydraDrafter
 
 FAMILY = "hydra_heads"
@@ -42,12 +36,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
         raise ValueError(f"hydra_heads.labels={h.labels!r}: choose 'selfdistill' or 'data'")
     if h.lm_weight < 0 or h.teacher_weight < 0 or h.lm_weight + h.teacher_weight == 0:
         raise ValueError(f"hydra_heads.lm_weight={h.lm_weight}, teacher_weight={h.teacher_weight}: both >= 0, not both 0")
-    record_run(run_dir, cfg)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    sink = instantiate(cfg.logger, _recursive_=False, run_dir=str(run_dir), run_config=config, run_name=run_dir.name)
-    engine = OmegaConf.to_container(cfg.engine, resolve=True)
-
-    target = instantiate(cfg.target)
+    sink, engine, target = start_run(cfg, run_dir)
     # A partial keeps the target's HF config out of OmegaConf, which would try to convert it.
     build = instantiate(h.heads, _partial_=True)
     heads = build(hidden_size=target.hidden_size, vocab_size=target.vocab_size, target_config=target.config,
@@ -58,18 +47,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     def drafter(shape):
         return HydraDrafter(heads, target.embed_tokens, shape, shared_lm_head=shared)
 
-    measure = partial(measure_heads, target, drafter, heads, cfg, h.tree, heads.num_heads, run_dir)
-    before = measure("before") if cfg.eval.get("before") else {}
-    result = train(model=heads, step_fn=hydra_step(target, shared, h.lm_weight, h.teacher_weight, h.decay),
-                   dataset=chats, collate=partial(collate, pad_token_id=target.tokenizer.pad_token_id),
-                   settings=stage_settings(engine), stage_dir=run_dir / "train", sink=sink, resume=cfg.resume,
-                   desc=FAMILY)
-    after, table = measure_after_training(result, measure, before, run_dir)
-    export = export_heads_dir(heads, run_dir / "export", family=FAMILY, architecture=architecture(h.heads),
-                              target_name=target.name, hidden_size=target.hidden_size, vocab_size=target.vocab_size,
-                              dtype=h.export_dtype, extra_info={"recipe": FAMILY})
-    sink.summary({f"tau_after_{name}": r["overall"]["tau"] for name, r in after.items() if r})
-    sink.finish()
-    write_json_atomic(run_dir / "result.json", {"export": str(export), "before": before, "after": after})
-    print(f"\n{table}\n\nHydra heads exported to {export}")
-    return export
+    return train_measure_export(
+        cfg, run_dir, family=FAMILY, module=heads, module_cfg=h.heads, chats=chats, make_drafter=drafter,
+        step=hydra_step(target, shared, h.lm_weight, h.teacher_weight, h.decay), tree_cfg=h.tree, target=target,
+        sink=sink, engine=engine, export_dtype=h.export_dtype)

@@ -17,18 +17,23 @@ from functools import partial
 from pathlib import Path
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from draftkit.data.collate import collate
 from draftkit.drafts.medusa import MedusaWithTarget
 from draftkit.engine.checkpoint import write_json_atomic
 from draftkit.engine.loop import stage_settings, train
-from draftkit.engine.run import record_run
 from draftkit.export.medusa import export_medusa_fasterdecoding, export_medusa_vllm
 from draftkit.objectives.ce import IGNORE_INDEX, next_token_ce
 from draftkit.objectives.kl import forward_kl
 from draftkit.objectives.medusa import medusa2_loss, medusa_loss
-from draftkit.recipes.heads_common import LABEL_SOURCES, measure_after_training, measure_heads, training_chats
+from draftkit.recipes.heads_common import (
+    LABEL_SOURCES,
+    measure_after_training,
+    measure_heads,
+    start_run,
+    training_chats,
+)
 from draftkit.runtime.heads import MedusaDrafter
 
 TARGET_LOSSES = ("lm", "kl")
@@ -83,12 +88,7 @@ def _check(m: DictConfig) -> None:
 def run(cfg: DictConfig, run_dir: Path) -> Path:
     m = cfg.medusa
     _check(m)
-    record_run(run_dir, cfg)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    sink = instantiate(cfg.logger, _recursive_=False, run_dir=str(run_dir), run_config=config, run_name=run_dir.name)
-    engine = OmegaConf.to_container(cfg.engine, resolve=True)
-
-    target = instantiate(cfg.target)
+    sink, engine, target = start_run(cfg, run_dir)
     heads = instantiate(m.heads, hidden_size=target.hidden_size, vocab_size=target.vocab_size,
                         lm_head_weight=target.lm_head.weight).to(target.device)
     chats = training_chats(cfg, target, run_dir, m.labels, engine["seed"])
