@@ -252,7 +252,8 @@ def _grow_topk(shape: TopKTree, expander: TreeExpander, device) -> DraftTree:
         frontier = sorted((first + child_scores.topk(keep).indices).tolist())
     # A child never outscores its parent (log-probabilities are <= 0) and parents precede children, so a stable sort by
     # score puts every parent before its children and any prefix of the order is a tree.
-    order = sorted(range(len(parents)), key=lambda i: (-float(scores[i]), i))[: shape.budget]
+    host_scores = scores.tolist()  # one sync, not one per node
+    order = sorted(range(len(parents)), key=lambda i: (-host_scores[i], i))[: shape.budget]
     kept = sorted(order)
     new_index = {old: new for new, old in enumerate(kept)}
     return DraftTree(tokens[kept], [new_index[parents[i]] if parents[i] >= 0 else -1 for i in kept], forwards)
@@ -290,10 +291,11 @@ def keep_cache_path(cache: DynamicCache, committed: int, path_slots: list[int]) 
     """Move the KV entries at `path_slots` (absolute positions, ascending) to positions committed, committed + 1, ...
     and drop everything after them."""
     if path_slots:
-        source = torch.tensor(path_slots, dtype=torch.long)
+        length = len(path_slots)
+        index = torch.tensor(path_slots, dtype=torch.long, device=cache.layers[0].keys.device)
         for layer in cache.layers:
-            index = source.to(layer.keys.device)
-            length = len(path_slots)
+            if layer.keys.device != index.device:  # a model split over devices
+                index = index.to(layer.keys.device)
             layer.keys[:, :, committed : committed + length] = layer.keys.index_select(2, index)
             layer.values[:, :, committed : committed + length] = layer.values.index_select(2, index)
     excess = cache.get_seq_length() - committed - len(path_slots)
