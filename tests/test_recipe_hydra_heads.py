@@ -11,7 +11,7 @@ from draftkit.drafts.hydra import hydra_heads
 from draftkit.eval import main as eval_main
 from draftkit.export.artifact import ArtifactError
 from draftkit.export.heads_dir import export_heads_dir, load_heads_dir
-from draftkit.objectives.hydra import hydra_loss, teacher_logits_for_heads
+from draftkit.objectives.hydra import hydra_loss, rows_ahead_for_heads
 from draftkit.recipes import hydra_heads as recipe
 from draftkit.runtime.heads import HydraDrafter
 from draftkit.runtime.speculative import autoregressive_generate
@@ -37,7 +37,7 @@ def randomized(heads, seed=0, std=0.2):
 
 def test_teacher_for_head_i_at_t_is_the_target_distribution_at_t_plus_1_plus_i():
     logits = torch.arange(5.0).view(1, 5, 1).expand(1, 5, 3)  # row t holds the value t
-    teachers = teacher_logits_for_heads(logits, num_heads=2)
+    teachers = rows_ahead_for_heads(logits, num_heads=2)
     assert teachers[0, 0, :, 0].tolist() == [1, 2, 3, 4, 0]
     assert teachers[1, 0, :, 0].tolist() == [2, 3, 4, 0, 0]
 

@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--prompts", type=Path, default=None,
         help="Spec-Bench style jsonl (question_id, category, turns); defaults to the prompts bundled with draftkit",
     )
-    parser.add_argument("--gamma", type=int, default=5, help="draft tokens per target forward")
+    parser.add_argument("--gamma", type=int, default=5,
+                        help="draft tokens per target forward (draft LMs; heads draft one tree level per head)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 = lossless speculative sampling")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--limit-per-category", type=int, default=None)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from draftkit.objectives.ce import IGNORE_INDEX
-from draftkit.objectives.hydra import teacher_logits_for_heads
+from draftkit.objectives.hydra import rows_ahead_for_heads
 from draftkit.objectives.kl import soft_cross_entropy
 from draftkit.objectives.medusa import head_targets
 from draftkit.objectives.types import LossOutput
@@ -26,8 +26,8 @@ def clover_loss(head_features: torch.Tensor, head_logits: torch.Tensor, target_f
     [B, T, V] at the same positions as the input; labels [B, T]."""
     num_heads = head_features.shape[0]
     masks = head_targets(labels, num_heads, ignore_index=ignore_index) != ignore_index
-    feature_targets = teacher_logits_for_heads(target_features, num_heads)  # the same shift: position t+1+i
-    teachers = teacher_logits_for_heads(target_logits, num_heads)
+    feature_targets = rows_ahead_for_heads(target_features, num_heads)  # the same shift: position t+1+i
+    teachers = rows_ahead_for_heads(target_logits, num_heads)
     loss_sum = head_features.new_zeros((), dtype=torch.float32)
     metrics = {}
     for i in range(num_heads):

@@ -19,11 +19,11 @@ from draftkit.objectives.medusa import head_targets
 from draftkit.objectives.types import LossOutput
 
 
-def teacher_logits_for_heads(target_logits: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """target_logits [B, T, V] -> [K, B, T, V]: entry (i, b, t) is the target's logits at t+1+i (zeros past the end)."""
-    length = target_logits.shape[1]
-    return torch.stack([F.pad(target_logits[:, 1 + i:], (0, 0, 0, min(1 + i, length)))[:, :length]
-                        for i in range(num_heads)])
+def rows_ahead_for_heads(rows: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """rows [B, T, D] (the target's logits or states) -> [K, B, T, D]: entry (i, b, t) is rows[b, t+1+i], the target
+    at the position whose output head i is scored against (zeros past the end)."""
+    length = rows.shape[1]
+    return torch.stack([F.pad(rows[:, 1 + i:], (0, 0, 0, min(1 + i, length)))[:, :length] for i in range(num_heads)])
 
 
 def hydra_loss(head_logits: torch.Tensor, labels: torch.Tensor, target_logits: torch.Tensor | None = None, *,
@@ -36,7 +36,7 @@ def hydra_loss(head_logits: torch.Tensor, labels: torch.Tensor, target_logits: t
         raise ValueError("the teacher term needs the target's logits")
     num_heads = head_logits.shape[0]
     targets = head_targets(labels, num_heads, ignore_index=ignore_index)
-    teachers = teacher_logits_for_heads(target_logits, num_heads) if teacher_weight > 0 else None
+    teachers = rows_ahead_for_heads(target_logits, num_heads) if teacher_weight > 0 else None
     loss_sum = head_logits.new_zeros((), dtype=torch.float32)
     metrics = {}
     for i in range(num_heads):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from draftkit.drafts.medusa import MedusaHeads
+from draftkit.runtime.speculative import new_cache
 from draftkit.runtime.tree import DraftTree, TargetStep, TreeShape, grow_tree
 
 
@@ -59,8 +60,6 @@ class HydraDrafter:
         return f"hydra{plus}-{self.heads.num_heads}x{self.heads.num_layers}"
 
     def reset(self) -> None:
-        from draftkit.runtime.speculative import new_cache
-
         self._cache = new_cache() if self.heads.prefix is not None else None
 
     def propose_tree(self, step: TargetStep) -> DraftTree:
@@ -102,8 +101,6 @@ class CloverDrafter:
         return f"clover2-{self.clover.num_heads}"
 
     def reset(self) -> None:
-        from draftkit.runtime.speculative import new_cache
-
         self._cache = new_cache()
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
