@@ -46,6 +46,9 @@ def _targets(node, path=""):
 CALL_SITE_ARGS = {
     "draft": {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "target_embedding", "target_model"},
     "logger": {"run_dir", "run_config", "run_name"},
+    "medusa.heads": {"hidden_size", "vocab_size", "lm_head_weight"},
+    "hydra_heads.heads": {"hidden_size", "vocab_size", "target_config", "lm_head_weight"},
+    "clover.model": {"hidden_size", "target_config", "init_layer", "final_norm"},
 }
 
 

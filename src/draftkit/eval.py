@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--prompts", type=Path, default=None,
         help="Spec-Bench style jsonl (question_id, category, turns); defaults to the prompts bundled with draftkit",
     )
-    parser.add_argument("--gamma", type=int, default=5, help="draft tokens per target forward")
+    parser.add_argument("--gamma", type=int, default=5,
+                        help="draft tokens per target forward (draft LMs; heads draft one tree level per head)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 = lossless speculative sampling")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--limit-per-category", type=int, default=None)
@@ -63,20 +64,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-speedup", action="store_true", help="skip the autoregressive baseline")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="where eval.json and eval.md go (default: the draft dir)")
+    parser.add_argument("--tree", default="static", choices=["chain", "static", "topk"],
+                        help="draft heads: chain (top-1 per head), static tree or per-step top-k tree")
+    parser.add_argument("--tree-top-k", type=int, default=4)
+    parser.add_argument("--tree-width", type=int, default=4)
+    parser.add_argument("--tree-budget", type=int, default=16)
+    parser.add_argument("--acceptance", default="greedy", choices=["greedy", "typical"],
+                        help="tree verification; typical = Medusa's typical acceptance (lossy at temperature > 0)")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def hf_draft(args: argparse.Namespace, target):
     from transformers import AutoModelForCausalLM
 
-    args = parse_args(argv)
-    prompts_path = args.prompts or builtin_prompts()
-    if prompts_path is None:
-        raise SystemExit("draftkit-eval: no bundled prompt set in this install; pass --prompts FILE.jsonl")
-    categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
-    prompts = load_prompts(prompts_path, limit_per_category=args.limit_per_category, categories=categories)
-
-    target = load_target(args.target, dtype=args.dtype, device=args.device)
     draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=getattr(torch, args.dtype))
     draft = freeze(draft.to(target.device))
     draft_vocab = draft.config.get_text_config().vocab_size
@@ -86,10 +86,101 @@ def main(argv: list[str] | None = None) -> int:
             f"{target.vocab_size}. Fix: pass the --target this draft was trained for, or train a draft on this target "
             "(drafts must share the target's padded vocabulary)"
         )
+    return draft
+
+
+def artifact_family(draft_dir) -> str | None:
+    """The "family" in a draftkit export's draftkit.json (None for a plain HF draft LM)."""
+    info = Path(draft_dir) / "draftkit.json"
+    return json.loads(info.read_text()).get("family") if info.is_file() else None
+
+
+def medusa_drafter(args: argparse.Namespace, target):
+    from draftkit.export.artifact import ArtifactError, check_matches_target
+    from draftkit.export.medusa import load_medusa
+    from draftkit.runtime.heads import MedusaDrafter
+
+    try:
+        artifact = load_medusa(args.draft, vocab_size=target.vocab_size)
+        check_matches_target(artifact.info, hidden_size=artifact.heads.hidden_size,
+                             vocab_size=artifact.heads.vocab_size, target_name=args.target,
+                             target_hidden_size=target.hidden_size, target_vocab_size=target.vocab_size, where=args.draft)
+    except ArtifactError as error:
+        raise SystemExit(f"draftkit-eval: {error}") from None
+    lora = artifact.info.get("target_lora")
+    if lora:  # Medusa-2 heads read the states of the target they were trained with
+        from peft import PeftModel
+
+        target.model = freeze(PeftModel.from_pretrained(target.model, str(Path(args.draft) / lora)).merge_and_unload())
+    heads = artifact.heads.to(device=target.device, dtype=getattr(torch, args.dtype))
+    # A stored copy of the target's LM head (vLLM original_lm_head) may be bf16-rounded: use the target's own.
+    shared = target.lm_head.weight if artifact.heads.lm_heads is None else None
+    return MedusaDrafter(heads, _heads_shape(args, heads.num_heads), shared_lm_head=shared)
+
+
+def _heads_shape(args: argparse.Namespace, num_heads: int):
+    from draftkit.runtime.tree import tree_shape
+
+    return tree_shape(args.tree, num_heads, top_k=args.tree_top_k, width=args.tree_width, budget=args.tree_budget)
+
+
+def _load_heads_artifact(args: argparse.Namespace, target, family: str, build, **call_site):
+    from draftkit.export.artifact import ArtifactError, check_matches_target, read_json
+    from draftkit.export.heads_dir import load_heads_dir
+
+    try:
+        info = read_json(Path(args.draft) / "draftkit.json")
+        check_matches_target(info, hidden_size=info["hidden_size"], vocab_size=info["vocab_size"],
+                             target_name=args.target, target_hidden_size=target.hidden_size,
+                             target_vocab_size=target.vocab_size, where=args.draft)
+        module, _ = load_heads_dir(args.draft, build, family=family, hidden_size=info["hidden_size"],
+                                   target_config=target.config, **call_site)
+    except ArtifactError as error:
+        raise SystemExit(f"draftkit-eval: {error}") from None
+    return module.to(device=target.device, dtype=getattr(torch, args.dtype))
+
+
+def hydra_drafter(args: argparse.Namespace, target):
+    from draftkit.drafts.hydra_heads import hydra_heads
+    from draftkit.runtime.heads import HydraDrafter
+
+    heads = _load_heads_artifact(args, target, "hydra_heads", hydra_heads, vocab_size=target.vocab_size,
+                                 lm_head_weight=target.lm_head.weight)
+    shared = target.lm_head.weight if heads.lm_heads is None else None
+    return HydraDrafter(heads, target.embed_tokens, _heads_shape(args, heads.num_heads), shared_lm_head=shared)
+
+
+def clover_drafter(args: argparse.Namespace, target):
+    from draftkit.drafts.clover import clover2
+    from draftkit.runtime.heads import CloverDrafter
+
+    model = _load_heads_artifact(args, target, "clover", clover2)
+    lm_head = target.lm_head.weight
+    return CloverDrafter(model, lm_head, lm_head, _heads_shape(args, model.num_heads))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    prompts_path = args.prompts or builtin_prompts()
+    if prompts_path is None:
+        raise SystemExit("draftkit-eval: no bundled prompt set in this install; pass --prompts FILE.jsonl")
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
+    prompts = load_prompts(prompts_path, limit_per_category=args.limit_per_category, categories=categories)
+
+    target = load_target(args.target, dtype=args.dtype, device=args.device)
+    family = artifact_family(args.draft)
+    if family == "medusa":  # draft heads: tree or chain decoding (draftkit.export.medusa)
+        draft = medusa_drafter(args, target)
+    elif family == "hydra_heads":  # draftkit's heads format (draftkit.export.heads_dir)
+        draft = hydra_drafter(args, target)
+    elif family == "clover":  # draftkit's heads format (draftkit.export.heads_dir)
+        draft = clover_drafter(args, target)
+    else:
+        draft = hf_draft(args, target)
 
     report = evaluate_draft(
         target, draft, prompts,
-        gamma=args.gamma, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+        gamma=args.gamma, temperature=args.temperature, acceptance=args.acceptance, max_new_tokens=args.max_new_tokens,
         measure_speedup=not args.no_speedup, seed=args.seed, progress=not args.no_progress,
     )
     report["config"].update(draft=str(args.draft), prompts=str(prompts_path))

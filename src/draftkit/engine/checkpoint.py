@@ -34,6 +34,19 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def replace_directory(staging: Path, final: Path) -> None:
+    """Put the finished directory `staging` at `final`, replacing what is there with renames only, so a reader sees
+    the old directory or the new one, never a mix. `staging` must sit next to `final` (same filesystem)."""
+    staging, final = Path(staging), Path(final)
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+        os.rename(final, old / "x")
+        os.rename(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, final)
+
+
 def save_checkpoint(directory: Path, step: int, tensors: dict[str, object], state: dict, keep: int = 2) -> Path:
     """Write `directory/step_{step:06d}/` (torch-saved tensors + state.json) via a temp dir and one rename."""
     directory = Path(directory)

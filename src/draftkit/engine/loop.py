@@ -113,6 +113,21 @@ def _load_trainable(model: nn.Module, state: dict) -> None:
         )
 
 
+def _param_groups(model: nn.Module, settings: LoopSettings) -> list[dict]:
+    """Weight decay on matrices only. A model may define `lr_scale(parameter_name) -> float` to train parts of itself
+    at a multiple of the scheduled lr (Medusa-2 trains its heads 4x faster than the target's LoRA weights)."""
+    scale_of = getattr(model, "lr_scale", lambda name: 1.0)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = []
+    for scale in sorted({scale_of(n) for n, _ in named}):
+        chosen = [p for n, p in named if scale_of(n) == scale]
+        groups += [
+            {"params": [p for p in chosen if p.ndim >= 2], "weight_decay": settings.weight_decay, "lr": settings.lr * scale},
+            {"params": [p for p in chosen if p.ndim < 2], "weight_decay": 0.0, "lr": settings.lr * scale},
+        ]
+    return groups
+
+
 def train(
     *,
     model: nn.Module,
@@ -138,12 +153,7 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.lr, betas=tuple(settings.betas),
-    )
+    optimizer = torch.optim.AdamW(_param_groups(model, settings), lr=settings.lr, betas=tuple(settings.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, settings))
     model, optimizer = accelerator.prepare(model, optimizer)
     stream = BatchStream(dataset, settings.micro_batch_size, collate, seed=settings.seed,

@@ -7,12 +7,13 @@ resolved training config), and README.md, a model card holding the measured acce
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from transformers import PreTrainedModel
+
+from draftkit.engine.checkpoint import replace_directory
 
 CARD_TEMPLATE = """---
 library_name: transformers
@@ -88,13 +89,7 @@ def export_hf_draft(
         (staging / "README.md").write_text(CARD_TEMPLATE.format(
             name=out_dir.name, target=target_name, recipe=recipe, vocab_size=target_vocab_size, params=params,
             eval_table=eval_table_md, gamma=num_assistant_tokens))
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.rename(out_dir, old / "x")
-            os.rename(staging, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(staging, out_dir)
+        replace_directory(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir

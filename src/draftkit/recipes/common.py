@@ -1,14 +1,19 @@
-"""Steps several recipes share: measuring a draft's acceptance and tabulating before/after results."""
+"""Steps several recipes share: training chats (self-distilled or from the data), measuring a draft's acceptance,
+and tabulating before/after results."""
 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
+from datasets import Dataset, concatenate_datasets
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from draftkit.data.sources import builtin_path
+from draftkit.data.chat import tokenize_chat
+from draftkit.data.selfdistill import prompts_from_records, regenerate_responses
+from draftkit.data.sources import builtin_path, load_records
 from draftkit.engine.checkpoint import write_json_atomic
 from draftkit.engine.run import record_run
 from draftkit.runtime.evaluate import evaluate_draft, load_prompts
@@ -31,27 +36,59 @@ def build_draft(draft_cfg: DictConfig, target):
                        target_embedding=target.embed_tokens.weight, target_model=target.model)
 
 
+def load_sources(sources, limit) -> Dataset:
+    parts = [load_records(src, limit=limit) for src in sources]
+    return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def self_distilled_chats(data_cfg: DictConfig, target, run_dir: Path, seed: int) -> Dataset:
+    """`data.prompts` answered by the target (cached in run_dir/selfdistill.jsonl), tokenized for training: the
+    loss falls on the target's own replies."""
+    gen = data_cfg.selfdistill
+    tokenizer = target.tokenizer
+    prompts = prompts_from_records(load_sources(data_cfg.prompts, data_cfg.prompts_limit),
+                                   max_prompt_tokens=gen.max_prompt_tokens, tokenizer=tokenizer)
+    random.Random(seed).shuffle(prompts)  # mix the sources before taking num_prompts
+    prompts = prompts[: gen.num_prompts]
+    conversations = regenerate_responses(
+        target.model, tokenizer, prompts, cache_file=Path(run_dir) / "selfdistill.jsonl",
+        max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+        batch_size=gen.batch_size, seed=seed)
+    return tokenize_chat(Dataset.from_list([{"messages": c} for c in conversations]), tokenizer,
+                         max_length=data_cfg.max_length, too_long=data_cfg.too_long)
+
+
+def dataset_chats(data_cfg: DictConfig, tokenizer) -> Dataset:
+    """`data.prompts` records with the replies they carry (no regeneration), tokenized for training."""
+    records = load_sources(data_cfg.prompts, data_cfg.prompts_limit)
+    return tokenize_chat(records, tokenizer, max_length=data_cfg.max_length, too_long=data_cfg.too_long)
+
+
 def prompt_file(source: str) -> Path:
     return builtin_path(source.removeprefix("builtin:")) if source.startswith("builtin:") else Path(source)
 
 
-def measure_acceptance(target, draft, eval_cfg: DictConfig, path: Path) -> dict | None:
-    """Evaluate the draft on the eval prompts; a report already at `path` for the same settings is reused,
-    so a resumed run does not measure the untrained draft again."""
+def measure_acceptance(target, draft, eval_cfg: DictConfig, path: Path, extra_settings: dict | None = None,
+                       acceptance: str = "greedy") -> dict | None:
+    """Evaluate the draft (a model, or a Drafter/TreeDrafter) on the eval prompts; a report already at `path` for the
+    same settings (eval_cfg plus extra_settings) is reused, so a resumed run does not measure the untrained draft again."""
     if not eval_cfg.enabled:
         return None
-    settings = OmegaConf.to_container(eval_cfg, resolve=True)
+    settings = {**OmegaConf.to_container(eval_cfg, resolve=True), **(extra_settings or {})}
     path = Path(path)
     if path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("eval_settings") == settings:
             return cached
     prompts = load_prompts(prompt_file(eval_cfg.prompts), limit_per_category=eval_cfg.limit_per_category)
-    was_training = draft.training
-    draft.eval()
+    was_training = getattr(draft, "training", None)  # drafter objects leave train/eval mode to their owner
+    if was_training is not None:
+        draft.eval()
     report = evaluate_draft(target, draft, prompts, gamma=eval_cfg.gamma, temperature=eval_cfg.temperature,
-                            max_new_tokens=eval_cfg.max_new_tokens, measure_speedup=eval_cfg.measure_speedup)
-    draft.train(was_training)
+                            acceptance=acceptance, max_new_tokens=eval_cfg.max_new_tokens,
+                            measure_speedup=eval_cfg.measure_speedup)
+    if was_training is not None:
+        draft.train(was_training)
     report["eval_settings"] = settings
     write_json_atomic(path, report)
     return report

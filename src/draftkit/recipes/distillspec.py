@@ -14,17 +14,15 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from datasets import concatenate_datasets
 from omegaconf import DictConfig, OmegaConf
 
 from draftkit.data.rollout import assemble, collate_prompts, continuation_mask, prompt_reply_examples, sample_continuations
-from draftkit.data.sources import load_records
 from draftkit.engine.checkpoint import list_checkpoints, write_json_atomic, write_text_atomic
 from draftkit.engine.loop import stage_settings, train
 from draftkit.export.hf_dir import export_hf_draft
 from draftkit.objectives.kl import DIVERGENCES, divergence
 from draftkit.objectives.types import LossOutput
-from draftkit.recipes.common import build_draft, compare_markdown, measure_acceptance, start_run
+from draftkit.recipes.common import build_draft, compare_markdown, load_sources, measure_acceptance, start_run
 from draftkit.runtime.evaluate import eos_token_ids
 
 MIX_MODES = ("batch", "sequence")
@@ -146,8 +144,7 @@ def require_shared_vocabulary(draft, target) -> None:
 
 
 def _prompt_examples(cfg: DictConfig, tokenizer, seed: int) -> list[dict]:
-    parts = [load_records(src, limit=cfg.data.prompts_limit) for src in cfg.data.prompts]
-    records = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    records = load_sources(cfg.data.prompts, cfg.data.prompts_limit)
     examples = prompt_reply_examples(records, tokenizer, max_prompt_tokens=cfg.data.selfdistill.max_prompt_tokens)
     random.Random(seed).shuffle(examples)
     examples = examples[: cfg.distillspec.num_prompts]

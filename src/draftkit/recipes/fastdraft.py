@@ -7,23 +7,25 @@ run alone (`fastdraft.stages=[...]`). The draft's acceptance is measured before 
 
 from __future__ import annotations
 
-import random
 from functools import partial
 from pathlib import Path
 
-from datasets import Dataset, concatenate_datasets
 from omegaconf import DictConfig, OmegaConf
 
-from draftkit.data.chat import tokenize_chat
 from draftkit.data.collate import collate
 from draftkit.data.packing import pack_texts
-from draftkit.data.selfdistill import prompts_from_records, regenerate_responses
-from draftkit.data.sources import load_records
 from draftkit.engine.checkpoint import write_json_atomic, write_text_atomic
 from draftkit.engine.loop import stage_settings, train
 from draftkit.export.hf_dir import export_hf_draft
 from draftkit.objectives.ce import next_token_ce
-from draftkit.recipes.common import build_draft, compare_markdown, measure_acceptance, start_run
+from draftkit.recipes.common import (
+    build_draft,
+    compare_markdown,
+    load_sources,
+    measure_acceptance,
+    self_distilled_chats,
+    start_run,
+)
 
 STAGES = ("pretrain", "finetune")
 
@@ -31,11 +33,6 @@ STAGES = ("pretrain", "finetune")
 def lm_step(model, batch):
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return next_token_ce(logits, batch["labels"])
-
-
-def _records(sources, limit):
-    parts = [load_records(src, limit=limit) for src in sources]
-    return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
 def run(cfg: DictConfig, run_dir: Path) -> Path:
@@ -53,24 +50,14 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
 
     results = []
     if "pretrain" in stages:
-        texts = _records(cfg.data.pretrain, cfg.data.pretrain_limit)
+        texts = load_sources(cfg.data.pretrain, cfg.data.pretrain_limit)
         blocks = pack_texts(texts, tokenizer, seq_len=cfg.fastdraft.pretrain.seq_len)
         results.append(train(model=draft, step_fn=lm_step, dataset=blocks, collate=batch_collate,
               settings=stage_settings(engine, **cfg.fastdraft.pretrain.engine),
               stage_dir=run_dir / "pretrain", sink=sink, resume=cfg.resume, desc="pretrain"))
 
     if "finetune" in stages:
-        gen = cfg.data.selfdistill
-        prompts = prompts_from_records(_records(cfg.data.prompts, cfg.data.prompts_limit),
-                                       max_prompt_tokens=gen.max_prompt_tokens, tokenizer=tokenizer)
-        random.Random(engine["seed"]).shuffle(prompts)  # mix the sources before taking num_prompts
-        prompts = prompts[: gen.num_prompts]
-        conversations = regenerate_responses(
-            target.model, tokenizer, prompts, cache_file=run_dir / "selfdistill.jsonl",
-            max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
-            batch_size=gen.batch_size, seed=engine["seed"])
-        chats = tokenize_chat(Dataset.from_list([{"messages": c} for c in conversations]), tokenizer,
-                              max_length=cfg.data.max_length, too_long=cfg.data.too_long)
+        chats = self_distilled_chats(cfg.data, target, run_dir, engine["seed"])
         results.append(train(model=draft, step_fn=lm_step, dataset=chats, collate=batch_collate,
               settings=stage_settings(engine, **cfg.fastdraft.finetune.engine),
               stage_dir=run_dir / "finetune", sink=sink, resume=cfg.resume, desc="finetune"))

@@ -1,0 +1,73 @@
+"""What every draftkit artifact directory shares: atomic writes, a key/shape manifest, exact key-set checks, and the
+check that an artifact fits the target it is about to run with."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from draftkit.engine.checkpoint import replace_directory
+
+
+class ArtifactError(ValueError):
+    pass
+
+
+def check_key_set(found, expected: set[str], where: str) -> None:
+    """Unknown or missing tensor names are an error: loaders that drop them silently leave modules at their init."""
+    found = set(found)
+    missing, unknown = sorted(expected - found), sorted(found - expected)
+    if missing or unknown:
+        raise ArtifactError(f"{where}: tensor names do not match the format: missing {missing[:6]}, unknown "
+                            f"{unknown[:6]}. Fix: re-export with draftkit, or convert the names to the format's")
+
+
+def manifest(tensors: dict[str, torch.Tensor]) -> dict:
+    return {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+            for name, t in sorted(tensors.items())}
+
+
+def cast_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ArtifactError(f"{path.parent}: no {path.name}; not a draftkit export directory")
+    return json.loads(path.read_text())
+
+
+def write_dir(out_dir: Path, files: dict[str, object]) -> Path:
+    """Write every file (.safetensors / .pt: tensors, else JSON) into a staging directory, then swap it in."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        for name, payload in files.items():
+            path = staging / name
+            if name.endswith(".safetensors"):
+                save_file(payload, str(path))
+            elif name.endswith(".pt"):
+                torch.save(payload, path)
+            else:
+                path.write_text(json.dumps(payload, indent=2) + "\n")
+        replace_directory(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def check_matches_target(artifact_info: dict, *, hidden_size: int, vocab_size: int, target_name: str,
+                         target_hidden_size: int, target_vocab_size: int, where: str) -> None:
+    """Refuse heads trained for another target: hidden size and vocabulary must equal the target's."""
+    if hidden_size != target_hidden_size or vocab_size != target_vocab_size:
+        trained_for = artifact_info.get("target", "another target")
+        raise ArtifactError(
+            f"{where}: these heads read hidden states of size {hidden_size} and predict {vocab_size} tokens, but "
+            f"target {target_name} has hidden_size={target_hidden_size} and vocab_size={target_vocab_size}. The heads "
+            f"were trained for {trained_for}. Fix: pass that model as --target, or train heads for this target")

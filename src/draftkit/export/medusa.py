@@ -1,0 +1,178 @@
+"""Medusa heads as artifacts: vLLM's format (formats.md §b.1.1) and FasterDecoding's original format (§b.1.2).
+
+Both directories hold config.json, the weights as safetensors, manifest.json (every tensor's name, shape and dtype) and
+draftkit.json (family "medusa", the format, the target's name, hidden size and vocabulary, the heads' settings), which
+`python -m draftkit.eval` reads. `load_medusa` reads either format back and checks the exact key set: a missing or
+unknown tensor is an error, never a silent partial load (vLLM and FasterDecoding loaders drop unknown names).
+
+vLLM: `blocks.{h}.layers.{l}.weight|bias`, `lm_heads.{h}.weight`; with the target's LM head shared,
+`original_lm_head: true` and one `lm_heads.0.weight` holding a copy of it. vLLM's MedusaConfig renames EVERY config key
+containing "num" and "heads" to num_heads, and "num" and "layers" to num_hidden_layers, so the config holds no other
+such key (`check_vllm_config`).
+FasterDecoding: `{h}.{l}.linear.weight|bias` and, with per-head projections ("version 1"), `{h}.{L}.weight`, in
+medusa_lm_head.safetensors (what train_legacy.py writes) and medusa_lm_head.pt (what its loaders read). Its ResBlocks
+always have a bias. Its loader repeats one ResBlock per head (`[ResBlock] * L`), so heads with num_layers > 1 load
+there with their layers tied; draftkit's loader keeps them apart.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from draftkit.drafts.medusa import MedusaHeads
+from draftkit.export.artifact import ArtifactError, cast_tensors, check_key_set, manifest, read_json, write_dir
+
+FAMILY = "medusa"
+FORMATS = ("vllm", "fasterdecoding")
+VLLM_WEIGHTS = "model.safetensors"
+FD_WEIGHTS = "medusa_lm_head.safetensors"
+FD_PICKLE = "medusa_lm_head.pt"
+
+
+@dataclass
+class MedusaArtifact:
+    heads: MedusaHeads
+    shared_lm_head: torch.Tensor | None
+    """the target LM head stored with the heads (vLLM original_lm_head), or None: use the target's own"""
+    info: dict
+
+
+def vllm_keys(num_heads: int, num_layers: int, bias: bool, original_lm_head: bool) -> set[str]:
+    keys = {f"blocks.{h}.layers.{l}.weight" for h in range(num_heads) for l in range(num_layers)}
+    if bias:
+        keys |= {f"blocks.{h}.layers.{l}.bias" for h in range(num_heads) for l in range(num_layers)}
+    keys |= {"lm_heads.0.weight"} if original_lm_head else {f"lm_heads.{h}.weight" for h in range(num_heads)}
+    return keys
+
+
+def fasterdecoding_keys(num_heads: int, num_layers: int, own_lm_head: bool) -> set[str]:
+    keys = {f"{h}.{l}.linear.{p}" for h in range(num_heads) for l in range(num_layers) for p in ("weight", "bias")}
+    if own_lm_head:
+        keys |= {f"{h}.{num_layers}.weight" for h in range(num_heads)}
+    return keys
+
+
+def check_vllm_config(config: dict) -> None:
+    """vLLM renames any key with "num" and "heads" (or "layers") onto num_heads (num_hidden_layers): allow no other."""
+    for key in config:
+        lowered = key.lower()
+        if "num" in lowered and "heads" in lowered and key != "num_heads":
+            raise ArtifactError(f"vLLM Medusa config key {key!r} would be renamed to num_heads by vLLM; remove it")
+        if "num" in lowered and "layers" in lowered and key != "num_hidden_layers":
+            raise ArtifactError(f"vLLM Medusa config key {key!r} would be renamed to num_hidden_layers by vLLM; remove it")
+
+
+def _info(heads: MedusaHeads, fmt: str, target_name: str, extra: dict | None) -> dict:
+    return {
+        "family": FAMILY, "format": fmt, "target": target_name, "hidden_size": heads.hidden_size,
+        "vocab_size": heads.vocab_size, "num_heads": heads.num_heads, "num_layers": heads.num_layers,
+        "bias": heads.bias, "lm_head": heads.lm_head_mode, **(extra or {}),
+    }
+
+
+def export_medusa_vllm(heads: MedusaHeads, out_dir: Path, *, target_name: str, target_lm_head: torch.Tensor,
+                       dtype: str = "bfloat16", extra_info: dict | None = None) -> Path:
+    """vLLM Medusa directory. `target_lm_head` [V, H] is stored as lm_heads.0.weight when the heads share it."""
+    original_lm_head = heads.lm_heads is None
+    tensors = {k: v for k, v in heads.state_dict().items()}
+    if original_lm_head:
+        tensors["lm_heads.0.weight"] = target_lm_head
+    tensors = cast_tensors(tensors, getattr(torch, dtype))
+    check_key_set(tensors, vllm_keys(heads.num_heads, heads.num_layers, heads.bias, original_lm_head), "vLLM export")
+    config = {
+        "model_type": "medusa", "architectures": ["MedusaModel"], "hidden_size": heads.hidden_size,
+        "vocab_size": heads.vocab_size, "num_heads": heads.num_heads, "num_hidden_layers": heads.num_layers,
+        "truncated_vocab_size": None, "original_lm_head": original_lm_head, "medusa_fc_bias": heads.bias,
+        "torch_dtype": dtype,
+    }
+    check_vllm_config(config)
+    return write_dir(out_dir, {"config.json": config, VLLM_WEIGHTS: tensors, "manifest.json": manifest(tensors),
+                                "draftkit.json": _info(heads, "vllm", target_name, extra_info)})
+
+
+def export_medusa_fasterdecoding(heads: MedusaHeads, out_dir: Path, *, target_name: str, dtype: str = "float32",
+                                 extra_info: dict | None = None) -> Path:
+    """FasterDecoding directory: config.json + medusa_lm_head.{safetensors,pt} with the legacy tensor names."""
+    if not heads.bias:
+        raise ArtifactError("FasterDecoding's ResBlock always has a bias; these heads were built with bias=false. "
+                            "Fix: export the vllm format (medusa_fc_bias=false), or train with bias=true")
+    L = heads.num_layers
+    tensors = {}
+    for h, block in enumerate(heads.blocks):
+        for l, layer in enumerate(block.layers):
+            tensors[f"{h}.{l}.linear.weight"] = layer.weight
+            tensors[f"{h}.{l}.linear.bias"] = layer.bias
+        if heads.lm_heads is not None:
+            tensors[f"{h}.{L}.weight"] = heads.lm_heads[h].weight
+    tensors = cast_tensors(tensors, getattr(torch, dtype))
+    check_key_set(tensors, fasterdecoding_keys(heads.num_heads, L, heads.lm_heads is not None), "FasterDecoding export")
+    config = {"medusa_num_heads": heads.num_heads, "medusa_num_layers": L, "base_model_name_or_path": target_name,
+              "version": "1" if heads.lm_heads is not None else "2"}
+    return write_dir(out_dir, {"config.json": config, FD_WEIGHTS: tensors, FD_PICKLE: tensors,
+                                "manifest.json": manifest(tensors),
+                                "draftkit.json": _info(heads, "fasterdecoding", target_name, extra_info)})
+
+
+def _load_vllm(directory: Path, config: dict) -> tuple[MedusaHeads, torch.Tensor | None]:
+    check_vllm_config(config)
+    tensors = load_file(str(directory / VLLM_WEIGHTS))
+    K, L, bias = config["num_heads"], config["num_hidden_layers"], config.get("medusa_fc_bias", True)
+    original = bool(config.get("original_lm_head", False))
+    if config.get("truncated_vocab_size") not in (None, config["vocab_size"]):
+        raise ArtifactError(f"{directory}: truncated vocabularies (token_map) are not supported by draftkit's loader")
+    check_key_set(tensors, vllm_keys(K, L, bias, original), str(directory))
+    heads = MedusaHeads(config["hidden_size"], config["vocab_size"], K, L, lm_head="shared" if original else "own",
+                        bias=bias)
+    state = {k: v.float() for k, v in tensors.items() if not (original and k == "lm_heads.0.weight")}
+    heads.load_state_dict(state, strict=True)
+    return heads, tensors["lm_heads.0.weight"].float() if original else None
+
+
+def _load_fasterdecoding(directory: Path, config: dict, info: dict | None) -> tuple[MedusaHeads, None]:
+    path = directory / FD_WEIGHTS
+    tensors = load_file(str(path)) if path.is_file() else torch.load(directory / FD_PICKLE, map_location="cpu",
+                                                                     weights_only=True)
+    K, L = config["medusa_num_heads"], config["medusa_num_layers"]
+    own = any(k == f"0.{L}.weight" for k in tensors)
+    check_key_set(tensors, fasterdecoding_keys(K, L, own), str(directory))
+    hidden = tensors["0.0.linear.weight"].shape[0]
+    vocab = tensors[f"0.{L}.weight"].shape[0] if own else (info or {}).get("vocab_size")
+    if vocab is None:
+        raise ArtifactError(f"{directory}: version-2 FasterDecoding heads share the target's LM head and do not record "
+                            "the vocabulary; pass the target's vocab_size (draftkit.json is missing)")
+    heads = MedusaHeads(hidden, vocab, K, L, lm_head="own" if own else "shared", bias=True)
+    state = {}
+    for h in range(K):
+        for l in range(L):
+            state[f"blocks.{h}.layers.{l}.weight"] = tensors[f"{h}.{l}.linear.weight"].float()
+            state[f"blocks.{h}.layers.{l}.bias"] = tensors[f"{h}.{l}.linear.bias"].float()
+        if own:
+            state[f"lm_heads.{h}.weight"] = tensors[f"{h}.{L}.weight"].float()
+    heads.load_state_dict(state, strict=True)
+    return heads, None
+
+
+def load_medusa(directory: str | Path, *, vocab_size: int | None = None) -> MedusaArtifact:
+    """Read a vLLM or FasterDecoding Medusa directory (told apart by its config.json) with exact key checks."""
+    directory = Path(directory)
+    config = read_json(directory / "config.json")
+    info_path = directory / "draftkit.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else None
+    if config.get("model_type") == "medusa":
+        heads, shared = _load_vllm(directory, config)
+        fmt = "vllm"
+    elif "medusa_num_heads" in config:
+        if info is None and vocab_size is not None:
+            info = {"vocab_size": vocab_size}
+        heads, shared = _load_fasterdecoding(directory, config, info)
+        fmt = "fasterdecoding"
+    else:
+        raise ArtifactError(f"{directory}/config.json is neither vLLM Medusa (model_type 'medusa') nor FasterDecoding "
+                            "Medusa (medusa_num_heads)")
+    info = {**(info or {}), "format": fmt, "family": FAMILY}
+    return MedusaArtifact(heads=heads.eval(), shared_lm_head=shared, info=info)

@@ -1,0 +1,59 @@
+"""Hydra and Hydra++ losses (methods.md §2.5).
+
+Head i (0-based) at position t predicts x_{t+2+i}, like Medusa head i: its hard label is labels[:, t+2+i]
+(objectives.medusa.head_targets), and its teacher is the target's distribution for that same token, the target's
+logits at position t+1+i (the reference's `softmax(base_logits)[:, shift-1:-1]` with shift = 2+i). The teacher term is
+soft cross-entropy (forward KL plus the teacher's entropy). Per head: lm_weight · CE + teacher_weight · softCE, scored
+where the hard label exists; heads are summed with weight decay^i (the reference: unweighted, decay = 1).
+Hydra: lm_weight 1, teacher_weight 0. Hydra++: lm_weight 0, teacher_weight 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from draftkit.objectives.ce import IGNORE_INDEX
+from draftkit.objectives.kl import soft_cross_entropy
+from draftkit.objectives.medusa import head_targets
+from draftkit.objectives.types import LossOutput
+
+
+def rows_ahead_for_heads(rows: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """rows [B, T, D] (the target's logits or states) -> [K, B, T, D]: entry (i, b, t) is rows[b, t+1+i], the target
+    at the position whose output head i is scored against (zeros past the end)."""
+    length = rows.shape[1]
+    return torch.stack([F.pad(rows[:, 1 + i:], (0, 0, 0, min(1 + i, length)))[:, :length] for i in range(num_heads)])
+
+
+def hydra_loss(head_logits: torch.Tensor, labels: torch.Tensor, target_logits: torch.Tensor | None = None, *,
+               lm_weight: float = 1.0, teacher_weight: float = 0.0, decay: float = 1.0,
+               ignore_index: int = IGNORE_INDEX) -> LossOutput:
+    """head_logits [K, B, T, V]; labels [B, T]; target_logits [B, T, V] (needed when teacher_weight > 0)."""
+    if lm_weight < 0 or teacher_weight < 0 or lm_weight + teacher_weight == 0:
+        raise ValueError(f"hydra loss weights must be >= 0 and not both 0; got lm={lm_weight}, teacher={teacher_weight}")
+    if teacher_weight > 0 and target_logits is None:
+        raise ValueError("the teacher term needs the target's logits")
+    num_heads = head_logits.shape[0]
+    targets = head_targets(labels, num_heads, ignore_index=ignore_index)
+    teachers = rows_ahead_for_heads(target_logits, num_heads) if teacher_weight > 0 else None
+    loss_sum = head_logits.new_zeros((), dtype=torch.float32)
+    metrics = {}
+    for i in range(num_heads):
+        logits = head_logits[i].float()
+        mask = targets[i] != ignore_index
+        head_sum = logits.new_zeros(())
+        if lm_weight > 0:
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[i].reshape(-1),
+                                 ignore_index=ignore_index, reduction="sum")
+            head_sum = head_sum + lm_weight * ce
+            metrics[f"ce_head{i}"] = ce.detach()
+        if teacher_weight > 0:
+            soft = soft_cross_entropy(logits, teachers[i], mask)
+            head_sum = head_sum + teacher_weight * soft.loss_sum
+            metrics[f"soft_ce_head{i}"] = soft.loss_sum.detach()
+            metrics[f"alpha_hat_head{i}"] = soft.metrics["alpha_hat"]
+        loss_sum = loss_sum + decay ** i * head_sum
+        with torch.no_grad():
+            metrics[f"top1_head{i}"] = ((logits.argmax(-1) == targets[i]) & mask).sum().float()
+    return LossOutput(loss_sum=loss_sum, count=(targets[0] != ignore_index).sum(), metrics=metrics)

@@ -1,0 +1,69 @@
+"""Medusa losses (methods.md §2.4).
+
+Alignment: the target's LM head at position t predicts x_{t+1}; Medusa head k (0-based) at position t predicts
+x_{t+2+k}, so its logits at t are scored against labels[:, t + 2 + k] (the legacy trainer's `logits_i[:, :-(2+i)]`
+vs `labels[:, 2+i:]`). Labels hold IGNORE_INDEX outside assistant tokens and padding, and the last 2 + k positions of
+every row have no label for head k.
+
+Medusa-1: Σ_k decay^(k+1) · CE_k (the paper's λ_k = 0.8^k with 1-based k; decay = 1 gives the legacy trainer's
+unweighted sum). Every head's CE is summed over its counted positions and the whole is divided by one count, the
+positions head 0 is scored at; deeper heads lose a few end positions, so each head's term stays close to its mean.
+Medusa-2: the target's own term (next-token CE, or KL to the frozen original model) plus heads_coefficient times the
+Medusa-1 loss (axolotl: 0.2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from draftkit.objectives.ce import IGNORE_INDEX
+from draftkit.objectives.types import LossOutput
+
+
+def head_targets(labels: torch.Tensor, num_heads: int, *, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """labels [B, T] -> [K, B, T]: entry (k, b, t) is the token head k must predict at position t (labels[b, t+2+k]),
+    ignore_index where that lies past the end of the row."""
+    batch, length = labels.shape
+    targets = labels.new_full((num_heads, batch, length), ignore_index)
+    for k in range(num_heads):
+        shift = 2 + k
+        if shift < length:
+            targets[k, :, : length - shift] = labels[:, shift:]
+    return targets
+
+
+def medusa_loss(head_logits: torch.Tensor, labels: torch.Tensor, *, decay: float = 0.8,
+                ignore_index: int = IGNORE_INDEX) -> LossOutput:
+    """head_logits [K, B, T, V] (head k at position t); labels [B, T]. Metrics per head: loss_head{k} and
+    top1_head{k} (sums over that head's positions, divided by the shared count when logged)."""
+    if not 0.0 < decay <= 1.0:
+        raise ValueError(f"medusa decay must lie in (0, 1]; got {decay}")
+    num_heads = head_logits.shape[0]
+    targets = head_targets(labels, num_heads, ignore_index=ignore_index)
+    loss_sum = head_logits.new_zeros((), dtype=torch.float32)
+    metrics = {}
+    for k in range(num_heads):
+        flat_logits = head_logits[k].reshape(-1, head_logits.shape[-1]).float()
+        flat_targets = targets[k].reshape(-1)
+        head_sum = F.cross_entropy(flat_logits, flat_targets, ignore_index=ignore_index, reduction="sum")
+        loss_sum = loss_sum + decay ** (k + 1) * head_sum
+        with torch.no_grad():
+            counted = flat_targets != ignore_index
+            metrics[f"loss_head{k}"] = head_sum.detach()
+            metrics[f"top1_head{k}"] = ((flat_logits.argmax(-1) == flat_targets) & counted).sum().float()
+    count = (targets[0] != ignore_index).sum()
+    return LossOutput(loss_sum=loss_sum, count=count, metrics=metrics)
+
+
+def medusa2_loss(target_term: LossOutput, heads_term: LossOutput, *, heads_coefficient: float = 0.2) -> LossOutput:
+    """Joint loss of Medusa-2: the target's term plus heads_coefficient times the heads' term. Both are sums over
+    (nearly) the same positions, so the heads' sum is rescaled to the target term's count before adding."""
+    if heads_coefficient < 0:
+        raise ValueError(f"heads_coefficient must be >= 0; got {heads_coefficient}")
+    scale = target_term.count.clamp(min=1) / heads_term.count.clamp(min=1)
+    loss_sum = target_term.loss_sum + heads_coefficient * heads_term.loss_sum * scale
+    metrics = {f"target_{k}": v for k, v in target_term.metrics.items()}
+    metrics.update({k: v * scale for k, v in heads_term.metrics.items()})
+    metrics["target_loss"] = target_term.loss_sum.detach()
+    return LossOutput(loss_sum=loss_sum, count=target_term.count, metrics=metrics)

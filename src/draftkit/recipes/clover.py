@@ -1,0 +1,57 @@
+"""Clover-2 (Xiao et al. 2024): regressive connection, attention decoder and augmenting block on the frozen target.
+
+The model reads the target's pre-norm final state and the next token's embedding, runs two decoder layers copied from
+the target's last layer, and drafts each depth from a recurrent state updated with the previous draft token. Loss per
+head: feature regression to the target's post-norm state (SmoothL1, weight 10) plus soft CE to the target's
+distribution (weight 1), heads weighted 0.7^i. Acceptance is measured with a chain and a tree; export is draftkit's
+own format.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from draftkit.objectives.clover import clover_loss
+from draftkit.recipes.heads_common import LABEL_SOURCES, start_run, train_measure_export, training_chats
+from draftkit.runtime.heads import CloverDrafter
+
+FAMILY = "clover"
+
+
+def clover_step(target, feature_weight: float, token_weight: float, decay: float):
+    """The frozen target gives its pre-norm final state (the model's input), and its post-norm states and logits
+    (the regression and soft-label targets) in one pass."""
+    lm_head = target.lm_head.weight
+
+    def step(model, batch):
+        features = target.features(batch["input_ids"], batch["attention_mask"], layers=[target.num_layers])
+        head_features = model(features.hidden[target.num_layers], batch["input_ids"], lm_head)
+        return clover_loss(head_features, F.linear(head_features, lm_head), features.last_hidden, features.logits,
+                           batch["labels"], feature_weight=feature_weight, token_weight=token_weight, decay=decay)
+    return step
+
+
+def run(cfg: DictConfig, run_dir: Path) -> Path:
+    c = cfg.clover
+    if c.labels not in LABEL_SOURCES:
+        raise ValueError(f"clover.labels={c.labels!r}: choose 'selfdistill' or 'data'")
+    sink, engine, target = start_run(cfg, run_dir)
+    decoder = target.model.get_decoder()
+    # A partial keeps the target's HF config and modules out of OmegaConf, which would try to convert them.
+    model = instantiate(c.model, _partial_=True)(
+        hidden_size=target.hidden_size, target_config=target.config, init_layer=decoder.layers[-1],
+        final_norm=decoder.norm).to(target.device)
+    chats = training_chats(cfg, target, run_dir, c.labels, engine["seed"])
+
+    def drafter(shape):
+        # Clover's token embeddings are rows of the target's LM head (the reference's frozen copy of it).
+        return CloverDrafter(model, target.lm_head.weight, target.lm_head.weight, shape)
+
+    return train_measure_export(
+        cfg, run_dir, family=FAMILY, module=model, module_cfg=c.model, chats=chats, make_drafter=drafter,
+        step=clover_step(target, c.feature_weight, c.token_weight, c.decay), tree_cfg=c.tree, target=target,
+        sink=sink, engine=engine, export_dtype=c.export_dtype)

@@ -1,0 +1,53 @@
+"""Hydra heads (Ankner et al. 2024) and Hydra++: sequentially dependent heads on the frozen target.
+
+Head i reads the target's final state and the embeddings of the tokens before the one it predicts (teacher forced
+from the training text), so a drafted tree conditions each depth on its own path. Hydra++ is three switches:
+`hydra_heads.teacher_weight=1 hydra_heads.lm_weight=0` (match the target's distribution instead of the data token),
+`hydra_heads.heads.prefix_layer=true` (one decoder layer over the target's states) and deeper heads
+(`hydra_heads.heads.num_layers=4`). Acceptance is measured with a chain and a tree; export is draftkit's own format.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from draftkit.objectives.hydra_heads import hydra_loss
+from draftkit.recipes.heads_common import LABEL_SOURCES, start_run, train_measure_export, training_chats
+from draftkit.runtime.heads import HydraDrafter
+
+FAMILY = "hydra_heads"
+
+
+def hydra_step(target, shared_lm_head, lm_weight: float, teacher_weight: float, decay: float):
+    def step(heads, batch):
+        features = target.features(batch["input_ids"], batch["attention_mask"], with_logits=teacher_weight > 0)
+        logits = heads(features.last_hidden, batch["input_ids"], target.embed_tokens, shared_lm_head)
+        return hydra_loss(logits, batch["labels"], features.logits, lm_weight=lm_weight,
+                          teacher_weight=teacher_weight, decay=decay)
+    return step
+
+
+def run(cfg: DictConfig, run_dir: Path) -> Path:
+    h = cfg.hydra_heads
+    if h.labels not in LABEL_SOURCES:
+        raise ValueError(f"hydra_heads.labels={h.labels!r}: choose 'selfdistill' or 'data'")
+    if h.lm_weight < 0 or h.teacher_weight < 0 or h.lm_weight + h.teacher_weight == 0:
+        raise ValueError(f"hydra_heads.lm_weight={h.lm_weight}, teacher_weight={h.teacher_weight}: both >= 0, not both 0")
+    sink, engine, target = start_run(cfg, run_dir)
+    # A partial keeps the target's HF config out of OmegaConf, which would try to convert it.
+    build = instantiate(h.heads, _partial_=True)
+    heads = build(hidden_size=target.hidden_size, vocab_size=target.vocab_size, target_config=target.config,
+                  lm_head_weight=target.lm_head.weight).to(target.device)
+    shared = target.lm_head.weight if heads.lm_heads is None else None
+    chats = training_chats(cfg, target, run_dir, h.labels, engine["seed"])
+
+    def drafter(shape):
+        return HydraDrafter(heads, target.embed_tokens, shape, shared_lm_head=shared)
+
+    return train_measure_export(
+        cfg, run_dir, family=FAMILY, module=heads, module_cfg=h.heads, chats=chats, make_drafter=drafter,
+        step=hydra_step(target, shared, h.lm_weight, h.teacher_weight, h.decay), tree_cfg=h.tree, target=target,
+        sink=sink, engine=engine, export_dtype=h.export_dtype)

@@ -1,0 +1,139 @@
+"""Medusa (Cai et al. 2024): K heads on the target's final hidden state, each predicting one token further ahead.
+
+Medusa-1 (`medusa.joint=false`): the target stays frozen and only the heads train, on Σ_k decay^(k+1) CE_k.
+Medusa-2 (`medusa.joint=true`): LoRA adapters (peft) on the target train together with the heads, on the target's own
+term (next-token CE, or KL to the original model with the adapters disabled) plus heads_coefficient times the heads'
+loss, the heads at heads_lr_multiplier times the lr. Medusa-2 changes the target: the adapters are exported with the
+heads and the evaluation runs the adapted target.
+
+Labels come from the target's own answers (`medusa.labels=selfdistill`) or from the data's replies (`data`).
+Acceptance is measured with a chain (top-1 of each head) and with a tree; the heads are exported in vLLM's and
+FasterDecoding's formats.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from draftkit.data.collate import collate
+from draftkit.drafts.medusa import MedusaWithTarget
+from draftkit.engine.checkpoint import write_json_atomic
+from draftkit.engine.loop import stage_settings, train
+from draftkit.export.medusa import export_medusa_fasterdecoding, export_medusa_vllm
+from draftkit.objectives.ce import IGNORE_INDEX, next_token_ce
+from draftkit.objectives.kl import forward_kl
+from draftkit.objectives.medusa import medusa2_loss, medusa_loss
+from draftkit.recipes.heads_common import (
+    LABEL_SOURCES,
+    measure_after_training,
+    measure_heads,
+    start_run,
+    training_chats,
+)
+from draftkit.runtime.heads import MedusaDrafter
+
+TARGET_LOSSES = ("lm", "kl")
+
+
+def heads_step(target, shared_lm_head, decay: float):
+    """Medusa-1: the frozen target's final states (no grad) feed the heads."""
+    def step(heads, batch):
+        hidden = target.features(batch["input_ids"], batch["attention_mask"], with_logits=False).last_hidden
+        return medusa_loss(heads(hidden, shared_lm_head), batch["labels"], decay=decay)
+    return step
+
+
+def joint_step(decay: float, target_loss: str, heads_coefficient: float):
+    """Medusa-2: one pass of the adapted target gives its logits and the heads' input; the teacher for the KL term is
+    the same model with its adapters disabled."""
+    def step(model, batch):
+        logits, head_logits = model(batch["input_ids"], batch["attention_mask"])
+        labels = batch["labels"]
+        if target_loss == "lm":
+            own = next_token_ce(logits, labels)
+        else:
+            with model.target.disable_adapter():
+                teacher = model.target(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            own = forward_kl(logits[:, :-1], teacher[:, :-1].detach(), labels[:, 1:] != IGNORE_INDEX)
+        return medusa2_loss(own, medusa_loss(head_logits, labels, decay=decay), heads_coefficient=heads_coefficient)
+    return step
+
+
+def _with_lora(target_model, lora: DictConfig):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), bias="none")
+    return get_peft_model(target_model, config)
+
+
+def _check(m: DictConfig) -> None:
+    if m.labels not in LABEL_SOURCES:
+        raise ValueError(f"medusa.labels={m.labels!r}: choose 'selfdistill' (the target answers the prompts) or 'data'")
+    if m.joint and m.joint_settings.target_loss not in TARGET_LOSSES:
+        raise ValueError(f"medusa.joint_settings.target_loss={m.joint_settings.target_loss!r}: choose 'lm' (next-token "
+                         "CE on the labels) or 'kl' (KL to the original target)")
+    unknown = set(m.export.formats) - {"vllm", "fasterdecoding"}
+    if unknown:
+        raise ValueError(f"medusa.export.formats has {sorted(unknown)}; choose from vllm, fasterdecoding")
+    if "fasterdecoding" in m.export.formats and not m.heads.bias:
+        raise ValueError("medusa.heads.bias=false cannot be exported in the FasterDecoding format (its ResBlock always "
+                         "has a bias). Fix: medusa.heads.bias=true, or medusa.export.formats=[vllm]")
+
+
+def run(cfg: DictConfig, run_dir: Path) -> Path:
+    m = cfg.medusa
+    _check(m)
+    sink, engine, target = start_run(cfg, run_dir)
+    heads = instantiate(m.heads, hidden_size=target.hidden_size, vocab_size=target.vocab_size,
+                        lm_head_weight=target.lm_head.weight).to(target.device)
+    chats = training_chats(cfg, target, run_dir, m.labels, engine["seed"])
+
+    def drafter(shape):
+        shared = target.lm_head.weight if heads.lm_heads is None else None
+        return MedusaDrafter(heads, shape, shared_lm_head=shared)
+
+    measure = partial(measure_heads, target, drafter, heads, cfg, m.tree, heads.num_heads, run_dir)
+    before = measure("before") if cfg.eval.get("before") else {}
+
+    if m.joint:
+        js = m.joint_settings
+        target.model = _with_lora(target.model, js.lora)
+        model = MedusaWithTarget(target.model, heads, heads_lr_multiplier=js.heads_lr_multiplier)
+        step = joint_step(m.decay, js.target_loss, js.heads_coefficient)
+    else:
+        model = heads
+        step = heads_step(target, target.lm_head.weight if heads.lm_heads is None else None, m.decay)
+    result = train(model=model, step_fn=step, dataset=chats,
+                   collate=partial(collate, pad_token_id=target.tokenizer.pad_token_id),
+                   settings=stage_settings(engine), stage_dir=run_dir / "train", sink=sink, resume=cfg.resume,
+                   desc="medusa")
+
+    export_root = run_dir / "export"
+    extra = {"recipe": "medusa", "joint": bool(m.joint)}
+    if m.joint:
+        # The heads read the adapted target's states: ship the adapters, then evaluate the merged model.
+        target.model.save_pretrained(export_root / "target_lora")
+        target.model = target.model.merge_and_unload()
+        extra["target_lora"] = "../target_lora"
+    after, table = measure_after_training(result, measure, before, run_dir)
+    exports = {}
+    if "vllm" in m.export.formats:
+        exports["vllm"] = export_medusa_vllm(heads, export_root / "vllm", target_name=target.name,
+                                             target_lm_head=target.lm_head.weight, dtype=m.export.dtype,
+                                             extra_info=extra)
+    if "fasterdecoding" in m.export.formats:
+        exports["fasterdecoding"] = export_medusa_fasterdecoding(heads, export_root / "fasterdecoding",
+                                                                 target_name=target.name, dtype=m.export.dtype,
+                                                                 extra_info=extra)
+    tau = {name: r["overall"]["tau"] for name, r in after.items() if r}
+    sink.summary({f"tau_after_{name}": value for name, value in tau.items()})
+    sink.finish()
+    write_json_atomic(run_dir / "result.json", {"export": {k: str(v) for k, v in exports.items()},
+                                                "before": before, "after": after})
+    print(f"\n{table}\n\nMedusa heads exported to {', '.join(str(v) for v in exports.values())}")
+    return export_root
