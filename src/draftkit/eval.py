@@ -77,9 +77,20 @@ def main(argv: list[str] | None = None) -> int:
     prompts = load_prompts(prompts_path, limit_per_category=args.limit_per_category, categories=categories)
 
     target = load_target(args.target, dtype=args.dtype, device=args.device)
-    draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=getattr(torch, args.dtype))
-    draft = freeze(draft.to(target.device))
-    draft_vocab = draft.config.get_text_config().vocab_size
+    draft_info = Path(args.draft) / "draftkit.json"
+    family = json.loads(draft_info.read_text()).get("family") if draft_info.is_file() else None
+    if family == "fspad":  # feature drafter (EAGLE-1 / FSPAD) in any of its export formats
+        from draftkit.export.eagle import load_feature_drafter
+        from draftkit.runtime.feature_drafter import FeatureChainDrafter
+
+        module, info = load_feature_drafter(args.draft, embed_weight=target.embed_tokens.weight,
+                                            lm_head_weight=target.lm_head.weight,
+                                            head_norm_weight=target.model.get_decoder().norm.weight)
+        draft = FeatureChainDrafter(module.to(getattr(torch, args.dtype)), info["target_feature"]["norm"], args.draft)
+    else:
+        draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=getattr(torch, args.dtype))
+        draft = freeze(draft.to(target.device))
+    draft_vocab = draft.model.vocab_size if family == "fspad" else draft.config.get_text_config().vocab_size
     if draft_vocab != target.vocab_size:
         raise SystemExit(
             f"draftkit-eval: draft {args.draft} has vocab_size={draft_vocab} but target {args.target} has "

@@ -1,0 +1,92 @@
+"""Chain drafting with a feature drafter (EAGLE-1 / FSPAD) in draftkit's speculative runtime.
+
+The drafter keeps the target's features for the committed positions (handed over by the runtime after each target
+forward) and a KV cache over its single layer. Draft position t holds (f_t, x_{t+1}); its output is the predicted
+f_{t+1} and, through the LM head, the distribution of x_{t+2}. Within a proposal, predicted features (`regress`) stand
+in for the target's; their KV entries are dropped at rollback, because the next round has the real features for
+those positions. Before the first target forward there are no features, so the first proposal is empty: the first
+verification is the prompt prefill and yields one token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from draftkit.drafts.fspad import FeatureDrafter, KVCache
+from draftkit.runtime.speculative import DraftProposal, choose_token
+
+
+class FeatureChainDrafter:
+    """A Drafter (runtime/speculative.py) for `FeatureDrafter` modules."""
+
+    def __init__(self, model: FeatureDrafter, target_hidden: str = "post_norm", name: str | None = None):
+        self.model = model
+        self.target_hidden = target_hidden
+        self.name = name or f"{model.variant} feature drafter"
+        self.reset()
+
+    # measure_acceptance toggles train/eval on whatever it evaluates; the drafter forwards that to its module.
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    def train(self, mode: bool = True):
+        self.model.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def reset(self) -> None:
+        self.features: torch.Tensor | None = None  # [1, N, H]: the target's features of positions 0..N-1
+        self.cache: KVCache | None = None
+        self.real_pairs = 0  # draft positions in the cache that were built from real target features
+
+    def observe_target_hidden(self, hidden: torch.Tensor) -> None:
+        hidden = hidden.to(device=self.model.fc.weight.device, dtype=self.model.fc.weight.dtype)
+        self.features = hidden if self.features is None else torch.cat([self.features, hidden], dim=1)
+
+    def catch_up(self, sequence: torch.Tensor):
+        """Feed the draft positions whose target features arrived since the last call. Returns the output of the newest
+        position (predicting the first token after `sequence`), or None before any target feature exists."""
+        if self.features is None or self.features.shape[1] == 0:
+            return None
+        count = self.features.shape[1]
+        if sequence.shape[1] != count + 1:
+            raise RuntimeError(f"feature drafter out of step: {count} target features for a sequence of "
+                               f"{sequence.shape[1]} tokens (expected one feature fewer than tokens)")
+        device = self.model.fc.weight.device
+        ids = sequence[:, self.real_pairs + 1 : count + 1].to(device)
+        out = self.model(self.features[:, self.real_pairs : count], ids, cache=self.cache)
+        self.cache, self.real_pairs = out.cache, count
+        return out
+
+    def propose(
+        self, sequence: torch.Tensor, num_tokens: int, temperature: float, generator: torch.Generator | None
+    ) -> DraftProposal:
+        device = self.model.fc.weight.device
+        out = self.catch_up(sequence) if num_tokens > 0 else None
+        if out is None:
+            return DraftProposal(torch.empty(0, dtype=torch.long, device=device), None, 0)
+        tokens, probs = [], []
+        feature, predict, cache = out.regress[:, -1:], out.predict[:, -1], out.cache
+        for position in range(num_tokens):
+            token, prob = choose_token(self.model.head_logits(predict)[0], temperature, generator)
+            tokens.append(token)
+            probs.append(prob)
+            if position < num_tokens - 1:
+                step = self.model(feature, token.view(1, 1), cache=cache)
+                feature, predict, cache = step.regress, step.predict[:, -1], step.cache
+        self.cache = cache
+        return DraftProposal(
+            tokens=torch.stack(tokens),
+            probs=None if temperature == 0.0 else torch.stack(probs),
+            forwards=num_tokens,
+        )
+
+    def rollback(self, num_valid_tokens: int) -> None:
+        # Positions drafted from predicted features are always dropped; the real ones never go stale.
+        if self.cache is not None:
+            self.cache = self.cache.truncated(self.real_pairs)
+        if self.features is not None and self.features.shape[1] > num_valid_tokens:
+            self.features = self.features[:, :num_valid_tokens]
