@@ -10,9 +10,11 @@ from draftkit.runtime.speculative import (
     autoregressive_generate,
     speculative_generate,
 )
+from draftkit.runtime.tree import DraftTree, StaticTree, TargetStep, TopKTree, TreeDrafter, tree_generate, tree_shape
 
 __all__ = [
     "DraftProposal",
+    "DraftTree",
     "Drafter",
     "GenerationOutput",
     "GenerationStats",
@@ -21,5 +23,11 @@ __all__ = [
     "evaluate_draft",
     "load_prompts",
     "render_markdown",
+    "StaticTree",
+    "TargetStep",
+    "TopKTree",
+    "TreeDrafter",
     "speculative_generate",
+    "tree_generate",
+    "tree_shape",
 ]

@@ -18,6 +18,7 @@ from draftkit.runtime.speculative import (
     autoregressive_generate,
     speculative_generate,
 )
+from draftkit.runtime.tree import TreeDrafter, tree_generate
 from draftkit.targets.hf import Target
 
 # Enough to initialise kernels and allocator pools; a full-length warm-up would only add minutes on CPU.
@@ -158,11 +159,12 @@ def draft_dtype(draft) -> str | None:
 
 def evaluate_draft(
     target: Target,
-    draft: nn.Module | Drafter,
+    draft: nn.Module | Drafter | TreeDrafter,
     prompts: list[dict],
     *,
     gamma: int = 5,
     temperature: float = 0.0,
+    acceptance: str = "greedy",
     max_new_tokens: int = 128,
     measure_speedup: bool = True,
     seed: int = 0,
@@ -173,17 +175,27 @@ def evaluate_draft(
     Returns {"config", "overall", "categories": {name: summary}, "prompts": [per-prompt rows]}; a summary holds tau,
     alpha per draft position, draft-token acceptance, token and call counts, tokens/s and, with measure_speedup, the
     AR baseline's tokens/s on the same prompts, speedup and (greedy only) how many outputs differ from AR.
+    A TreeDrafter (runtime/tree.py) decodes with tree verification (`acceptance` picks greedy or Medusa's lossy
+    typical acceptance); its alpha is per tree depth and `gamma` becomes its max_depth.
     """
     if not prompts:
         raise ValueError("evaluate_draft needs at least one prompt")
     device = target.device
     # A bare model is a standalone draft LM; any other family passes its own Drafter.
     drafter = LMDrafter(draft) if isinstance(draft, nn.Module) else draft
+    is_tree = hasattr(drafter, "propose_tree")
+    if is_tree:
+        gamma = drafter.max_depth
     eos = eos_token_ids(target)
     greedy = temperature == 0.0
     encoded = [encode_prompt(target.tokenizer, record["turns"][0], device) for record in prompts]
 
     def spec(ids: torch.Tensor, seed_offset: int, new_tokens: int):
+        if is_tree:
+            return tree_generate(
+                target.model, drafter, ids, temperature=temperature, acceptance=acceptance, max_new_tokens=new_tokens,
+                eos_token_id=eos, generator=torch.Generator(device=device).manual_seed(seed + seed_offset),
+            )
         return speculative_generate(
             target.model, drafter, ids, gamma=gamma, temperature=temperature, max_new_tokens=new_tokens,
             eos_token_id=eos, generator=torch.Generator(device=device).manual_seed(seed + seed_offset),
@@ -225,6 +237,7 @@ def evaluate_draft(
             "draft": draft_name(draft),
             "gamma": gamma,
             "temperature": temperature,
+            "decoding": f"tree ({acceptance})" if is_tree else "chain",
             "max_new_tokens": max_new_tokens,
             "seed": seed,
             "measure_speedup": measure_speedup,

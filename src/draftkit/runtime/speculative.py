@@ -204,6 +204,18 @@ class GenerationStats:
     accepted_per_position: list[int] = field(default_factory=list)
     wall_time_s: float = 0.0
 
+    def record_step(self, *, committed: int, accepted: int, reachable: int, drafted: int, draft_forwards: int) -> None:
+        """One target forward that kept `committed` tokens after `accepted` draft positions matched; draft positions
+        below `reachable` existed (chain length, or tree depth), and those up to the first mismatch count as reached."""
+        self.target_forwards += 1
+        self.draft_forwards += draft_forwards
+        self.drafted_tokens += drafted
+        self.accepted_lengths.append(committed)
+        for position in range(min(accepted + 1, reachable)):
+            self.proposed_per_position[position] += 1
+        for position in range(accepted):
+            self.accepted_per_position[position] += 1
+
     @property
     def new_tokens(self) -> int:
         return sum(self.accepted_lengths)
@@ -317,14 +329,8 @@ def speculative_generate(
             n = host[0]
             new_tokens, hit_eos = _cut_after_eos(host[2 : 2 + n] + [host[1]], eos_ids)
 
-            stats.target_forwards += 1
-            stats.draft_forwards += proposal.forwards
-            stats.drafted_tokens += k
-            stats.accepted_lengths.append(len(new_tokens))
-            for position in range(min(n + 1, k)):
-                stats.proposed_per_position[position] += 1
-            for position in range(n):
-                stats.accepted_per_position[position] += 1
+            stats.record_step(committed=len(new_tokens), accepted=n, reachable=k, drafted=k,
+                              draft_forwards=proposal.forwards)
 
             generated.extend(new_tokens)
             if hit_eos:

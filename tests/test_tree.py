@@ -1,0 +1,196 @@
+"""Tree speculative decoding: greedy losslessness, KV kept for the accepted path only, target states handed to the
+drafter, tree shapes, typical acceptance, per-depth statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from draftkit.drafts.medusa import medusa_heads
+from draftkit.runtime.heads import MedusaDrafter
+from draftkit.runtime.speculative import autoregressive_generate
+from draftkit.runtime.tree import (
+    DraftTree,
+    StaticTree,
+    TargetStep,
+    TopKTree,
+    grow_tree,
+    tree_attention_mask,
+    tree_generate,
+    tree_shape,
+)
+from draftkit.targets.tiny import tiny_target
+from test_runtime import sharpen
+
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def target():
+    target = tiny_target(seed=0)
+    sharpen(target.model, seed=0)
+    return target
+
+
+def reference(target, prompt, n=MAX_NEW):
+    return autoregressive_generate(target.model, prompt, max_new_tokens=n).tokens
+
+
+class OracleDrafter:
+    """Knows the target's greedy continuation. Each depth gets a wrong sibling placed BEFORE the right token (so the
+    accepted path's KV slots are not contiguous) and a wrong branch with its own child; the right token is dropped at
+    `miss_depth` to force a rejection there. It also records every TargetStep it is given."""
+
+    def __init__(self, continuation: list[int], depth: int, vocab: int, miss_depth: int | None = None):
+        self.continuation, self.max_depth, self.vocab, self.miss_depth = continuation, depth, vocab, miss_depth
+        self.steps: list[TargetStep] = []
+
+    def reset(self):
+        self.steps = []
+
+    def propose_tree(self, step):
+        self.steps.append(step)
+        done = step.sequence.shape[1] - self.prompt_length
+        tokens, parents, parent = [], [], -1
+        for d in range(self.max_depth):
+            if done + d >= len(self.continuation):
+                break
+            right = self.continuation[done + d]
+            wrong = (right + 7) % self.vocab
+            tokens.append(wrong)
+            parents.append(parent)
+            if d + 1 < self.max_depth:  # the wrong node gets a (wrong) child of its own
+                tokens.append((wrong + 1) % self.vocab)
+                parents.append(len(parents) - 1)
+            if self.miss_depth is not None and d + 1 == self.miss_depth:
+                break
+            tokens.append(right)
+            parents.append(parent)
+            parent = len(parents) - 1
+        return DraftTree(torch.tensor(tokens, dtype=torch.long), parents, forwards=1)
+
+
+@pytest.mark.parametrize("miss_depth", [None, 1, 2])
+def test_greedy_tree_decoding_equals_target_greedy_with_deep_acceptance(target, miss_depth):
+    prompt = torch.tensor([[1, 50, 60, 70, 80]])
+    expected = reference(target, prompt)
+    drafter = OracleDrafter(expected, depth=3, vocab=target.vocab_size, miss_depth=miss_depth)
+    drafter.prompt_length = prompt.shape[1]
+    out = tree_generate(target.model, drafter, prompt, max_new_tokens=MAX_NEW)
+    assert out.tokens == expected
+    accepted = out.stats.accepted_per_position
+    if miss_depth is None:
+        # Every tree fully accepted: 4 tokens per forward after the 1-token prefill.
+        assert out.stats.accepted_lengths[:4] == [1, 4, 4, 4]
+        assert out.stats.alpha == [1.0, 1.0, 1.0]
+    else:
+        assert accepted[miss_depth - 1] == 0 and max(out.stats.accepted_lengths) == miss_depth
+
+
+def test_drafter_sees_post_and_pre_norm_states_of_every_committed_position(target):
+    prompt = torch.tensor([[1, 50, 60, 70, 80]])
+    expected = reference(target, prompt)
+    drafter = OracleDrafter(expected, depth=2, vocab=target.vocab_size, miss_depth=2)
+    drafter.prompt_length = prompt.shape[1]
+    out = tree_generate(target.model, drafter, prompt, max_new_tokens=12)
+    full = torch.cat([prompt, torch.tensor([out.tokens])], dim=1)
+    features = target.features(full, layers=[target.num_layers])
+    position = 0
+    for step in drafter.steps:
+        assert step.start == position  # steps tile the committed positions
+        end = step.sequence.shape[1] - 1
+        assert step.hidden.shape[0] == end - step.start
+        torch.testing.assert_close(step.hidden, features.last_hidden[0, step.start:end], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(step.prenorm_hidden, features.hidden[target.num_layers][0, step.start:end],
+                                   atol=1e-5, rtol=1e-5)
+        assert torch.equal(step.sequence[0], full[0, : end + 1])
+        position = end
+
+
+@pytest.mark.parametrize("shape", [
+    tree_shape("chain", 3), tree_shape("static", 3), tree_shape("topk", 3, top_k=3, width=2, budget=7),
+])
+def test_greedy_with_medusa_heads_is_lossless_for_every_shape(target, shape):
+    torch.manual_seed(3)
+    heads = medusa_heads(target.hidden_size, target.vocab_size, num_heads=3, num_layers=2)
+    for stack in heads.blocks:  # random heads: some candidates accepted, most rejected
+        for layer in stack.layers:
+            torch.nn.init.normal_(layer.weight, std=0.3)
+    drafter = MedusaDrafter(heads.eval(), shape, shared_lm_head=target.lm_head.weight)
+    for prompt in (torch.tensor([[1]]), torch.tensor([[1, 50, 60, 70, 80]])):
+        out = tree_generate(target.model, drafter, prompt, max_new_tokens=MAX_NEW)
+        assert out.tokens == reference(target, prompt)
+        assert len(out.stats.alpha) == 3
+
+
+def test_a_trained_style_drafter_accepts_and_stops_at_eos(target):
+    prompt = torch.tensor([[1, 50, 60, 70, 80]])
+    expected = reference(target, prompt)
+    stop = next(i for i in range(4, MAX_NEW) if expected[i] not in expected[:i])
+    drafter = OracleDrafter(expected, depth=3, vocab=target.vocab_size)
+    drafter.prompt_length = prompt.shape[1]
+    out = tree_generate(target.model, drafter, prompt, max_new_tokens=MAX_NEW, eos_token_id=expected[stop])
+    assert out.tokens == expected[: stop + 1]
+
+
+def test_typical_acceptance_is_an_explicit_lossy_option(target):
+    prompt = torch.tensor([[1, 50, 60, 70, 80]])
+    expected = reference(target, prompt)
+    drafter = OracleDrafter(expected, depth=3, vocab=target.vocab_size)
+    drafter.prompt_length = prompt.shape[1]
+    with pytest.raises(ValueError, match="acceptance='typical'"):
+        tree_generate(target.model, drafter, prompt, temperature=0.7)
+    greedy_typical = tree_generate(target.model, drafter, prompt, acceptance="typical", max_new_tokens=MAX_NEW)
+    assert greedy_typical.tokens == expected
+    sampled = tree_generate(target.model, drafter, prompt, acceptance="typical", temperature=0.7,
+                            max_new_tokens=MAX_NEW, generator=torch.Generator().manual_seed(0))
+    assert len(sampled.tokens) == MAX_NEW and sampled.stats.tau > 1.0
+
+
+def test_tree_mask_lets_nodes_see_only_committed_tokens_and_ancestors():
+    tree = DraftTree(torch.tensor([5, 6, 7, 8]), [-1, -1, 0, 2])
+    mask = tree_attention_mask(tree, cached=2, suffix=1, dtype=torch.float32, device=torch.device("cpu"))[0, 0] == 0
+    assert mask.shape == (5, 7)
+    assert mask[0].tolist() == [True, True, True, False, False, False, False]
+    assert mask[1 + 3].tolist() == [True, True, True, True, False, True, True]  # node 3: committed + 0, 2, 3
+    assert mask[1 + 1].tolist() == [True, True, True, False, True, False, False]
+
+
+class FixedExpander:
+    """Depth d proposes tokens 10*d + rank with log-probabilities -rank - d/10."""
+
+    def expand(self, tree, frontier, depth, k):
+        ids = torch.arange(k).repeat(len(frontier), 1) + 10 * depth
+        logp = -torch.arange(k, dtype=torch.float).repeat(len(frontier), 1) - depth / 10
+        return ids, logp
+
+
+def test_static_tree_follows_its_paths_and_rejects_missing_prefixes():
+    shape = StaticTree.from_paths([(0,), (1,), (0, 0), (0, 2), (1, 0)])
+    tree = grow_tree(shape, FixedExpander())
+    assert tree.tokens.tolist() == [10, 11, 20, 22, 20] and tree.parents == [-1, -1, 0, 0, 1]
+    with pytest.raises(ValueError, match="no parent path"):
+        StaticTree.from_paths([(0,), (1, 0)])
+    assert StaticTree.chain(3).paths == ((0,), (0, 0), (0, 0, 0))
+
+
+def test_topk_tree_keeps_the_budget_best_nodes_as_a_tree():
+    tree = grow_tree(TopKTree(depth=3, top_k=3, width=2, budget=6), FixedExpander())
+    assert tree.size == 6
+    assert all(p < i for i, p in enumerate(tree.parents))
+    # Best cumulative scores: 10 (-.1), 20 under it (-.3), 30 under that (-.6), 11 (-1.1), 21 (-1.3), 21 under 11 ...
+    assert tree.tokens[:2].tolist() == [10, 11]
+    assert tree.depth == 3
+
+
+def test_evaluate_draft_reports_tree_decoding_per_depth(target):
+    from draftkit.runtime.evaluate import evaluate_draft
+
+    heads = medusa_heads(target.hidden_size, target.vocab_size, num_heads=2, num_layers=1)
+    drafter = MedusaDrafter(heads.eval(), tree_shape("static", 2), shared_lm_head=target.lm_head.weight)
+    prompts = [{"question_id": 1, "category": "a", "turns": ["hello"]}, {"question_id": 2, "category": "b",
+                                                                         "turns": ["caches?"]}]
+    report = evaluate_draft(target, drafter, prompts, max_new_tokens=8, progress=False)
+    assert report["config"]["decoding"] == "tree (greedy)" and report["config"]["gamma"] == 2
+    assert len(report["overall"]["alpha"]) == 2
+    assert report["overall"]["outputs_differing_from_ar"] == 0
