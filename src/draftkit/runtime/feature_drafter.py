@@ -90,3 +90,67 @@ class FeatureChainDrafter:
             self.cache = self.cache.truncated(self.real_pairs)
         if self.features is not None and self.features.shape[1] > num_valid_tokens:
             self.features = self.features[:, :num_valid_tokens]
+
+
+class FeatureTreeDrafter:
+    """A TreeDrafter (runtime/tree.py) for `FeatureDrafter` modules: one draft pass per tree depth.
+
+    Each step crops the draft cache back to the step's `start`, feeds the new real features, then grows the tree:
+    a node at depth d is fed (its parent's predicted feature, its token) at draft position L - 2 + d, attending to
+    the real positions and to its own ancestors only. The tree's KV entries are dropped before the next step."""
+
+    def __init__(self, model: FeatureDrafter, shape, target_hidden: str = "post_norm", name: str | None = None):
+        self.model, self.shape, self.target_hidden = model, shape, target_hidden
+        self.max_depth = shape.depth
+        self.name = name or f"{model.variant} feature drafter (tree)"
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache: KVCache | None = None
+
+    def propose_tree(self, step):
+        from draftkit.runtime.tree import grow_tree
+
+        device = self.model.fc.weight.device
+        hidden = step.hidden if self.target_hidden == "post_norm" else step.prenorm_hidden
+        hidden = hidden.to(device=device, dtype=self.model.fc.weight.dtype)[None]
+        cache = self.cache.truncated(step.start) if self.cache is not None and step.start > 0 else None
+        length = step.sequence.shape[1]
+        ids = step.sequence[:, step.start + 1 : length].to(device)
+        out = self.model(hidden, ids, cache=cache)
+        self.cache = out.cache
+        self._real = out.cache.length
+        self._root_position = length - 2
+        # Per fed node: the predicted feature its children read, its logits, its cache slot.
+        self._feature = {-1: out.regress[0, -1]}
+        self._logits = {-1: self.model.head_logits(out.predict[0, -1])}
+        self._slot: dict[int, int] = {}
+        self._tree_cache = out.cache
+        return grow_tree(self.shape, self, device=step.sequence.device)
+
+    def expand(self, tree, frontier: list[int], depth: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        new = [node for node in frontier if node >= 0 and node not in self._logits]
+        if new:
+            self._feed(tree, new)
+        logits = torch.stack([self._logits[node] for node in frontier])
+        top = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+        return top.indices, top.values
+
+    def _feed(self, tree, nodes: list[int]) -> None:
+        device = self.model.fc.weight.device
+        depths = tree.depths
+        features = torch.stack([self._feature[tree.parents[n]] for n in nodes])[None]
+        tokens = tree.tokens[nodes].to(device).view(1, -1)
+        positions = torch.tensor([[self._root_position + depths[n] for n in nodes]], device=device)
+        past = self._tree_cache.length
+        allowed = torch.zeros(len(nodes), past + len(nodes), dtype=torch.bool, device=device)
+        allowed[:, : self._real] = True
+        for row, node in enumerate(nodes):
+            self._slot[node] = past + row
+            for ancestor in tree.path_to(node):
+                allowed[row, self._slot[ancestor]] = True
+        out = self.model(features, tokens, positions=positions, attn_mask=allowed, cache=self._tree_cache)
+        self._tree_cache = out.cache
+        for row, node in enumerate(nodes):
+            self._feature[node] = out.regress[0, row]
+            self._logits[node] = self.model.head_logits(out.predict[0, row])
