@@ -73,9 +73,14 @@ def feature_step(model: FeatureDrafter, batch: dict, features: torch.Tensor, *, 
         noise = torch.rand(inputs.shape, generator=generator, device=inputs.device, dtype=inputs.dtype)
         inputs = inputs + (noise * 2 - 1) * noise_amplitude
     out = model(inputs, pairs.input_ids)
+    # Only counted positions go through the LM head: at a 49k vocabulary the head dominates the step, and prompt
+    # positions (about half of a chat) would be computed only to be masked out.
+    counted = pairs.mask
+    predict, regress, target = out.predict[counted], out.regress[counted], pairs.target_features[counted]
     with torch.no_grad():
-        teacher_logits = model.head_logits(pairs.target_features)
-    return fspad_loss(model.head_logits(out.predict), out.regress, pairs.target_features, teacher_logits, pairs.mask,
+        teacher_logits = model.head_logits(target)
+    everywhere = torch.ones(predict.shape[0], dtype=torch.bool, device=predict.device)
+    return fspad_loss(model.head_logits(predict), regress, target, teacher_logits, everywhere,
                       regression_weight=regression_weight, ce_weight=ce_weight)
 
 
