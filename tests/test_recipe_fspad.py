@@ -146,6 +146,10 @@ def test_training_lowers_the_loss_and_the_trained_draft_is_accepted(tmp_path):
     assert sum(curve[-5:]) / 5 < 0.8 * sum(curve[:5]) / 5
     after = json.loads((tmp_path / "eval_after.json").read_text())["overall"]
     assert after["tau"] > 2.5 and after["alpha"][0] > 0.9
+    tree = json.loads((tmp_path / "eval_after_tree.json").read_text())
+    assert tree["config"]["decoding"] == "tree (greedy)" and tree["overall"]["tau"] > 2.5
+    assert tree["overall"]["outputs_differing_from_ar"] == 0
+    assert "| after training (static tree, depth 4) |" in (tmp_path / "summary.md").read_text()
 
 
 def test_offline_training_matches_online(tmp_path, eagle_run):

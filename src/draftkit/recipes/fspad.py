@@ -37,7 +37,8 @@ from draftkit.engine.run import record_run
 from draftkit.export.eagle import export_feature_drafter
 from draftkit.objectives.fspad import align_pairs, fspad_loss
 from draftkit.recipes.common import compare_markdown, measure_acceptance
-from draftkit.runtime.feature_drafter import FeatureChainDrafter
+from draftkit.runtime.feature_drafter import FeatureChainDrafter, FeatureTreeDrafter
+from draftkit.runtime.tree import tree_shape
 
 STAGES = ("features", "train")
 SOURCES = ("online", "offline")
@@ -127,6 +128,8 @@ def validate(cfg: DictConfig) -> list[str]:
         raise ValueError(f"fspad.features.source={settings.features.source!r}: choose online or offline")
     if settings.features.norm not in ("post_norm", "pre_norm"):
         raise ValueError(f"fspad.features.norm={settings.features.norm!r}: choose post_norm or pre_norm")
+    if settings.tree.kind not in ("none", "chain", "static", "topk"):
+        raise ValueError(f"fspad.tree.kind={settings.tree.kind!r}: choose none, chain, static or topk")
     if settings.features.storage not in ("fp32", "bf16", "int8"):
         raise ValueError(f"fspad.features.storage={settings.features.storage!r}: choose fp32, bf16 or int8")
     return stages
@@ -162,16 +165,25 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
 
     draft = build_draft(target, settings)
     drafter = FeatureChainDrafter(draft, target_hidden=settings.features.norm, name=f"{draft.variant} draft")
+    tree_drafter = None
+    if settings.tree.kind != "none":
+        shape = tree_shape(settings.tree.kind, settings.tree.depth, top_k=settings.tree.top_k,
+                           width=settings.tree.width, budget=settings.tree.budget)
+        tree_drafter = FeatureTreeDrafter(draft, shape, settings.features.norm, name=f"{draft.variant} draft (tree)")
     before = measure_acceptance(target, drafter, cfg.eval, run_dir / "eval_before.json") if cfg.eval.get("before") else None
     torch.manual_seed(cfg.engine.seed)  # the feature noise, whatever ran before (resume restores the state itself)
     result = train(model=draft, step_fn=make_step(target, settings), dataset=dataset,
                    collate=partial(collate_with_features, pad_token_id=target.tokenizer.pad_token_id),
                    settings=stage_settings(engine, **settings.train.engine), stage_dir=run_dir / "train", sink=sink,
                    resume=cfg.resume, desc="train")
-    if result.resumed_from != result.steps:  # the draft changed: an earlier report is stale
+    if result.resumed_from != result.steps:  # the draft changed: earlier reports are stale
         (run_dir / "eval_after.json").unlink(missing_ok=True)
+        (run_dir / "eval_after_tree.json").unlink(missing_ok=True)
     after = measure_acceptance(target, drafter, cfg.eval, run_dir / "eval_after.json")
-    table = compare_markdown({"before training": before, "after training": after})
+    after_tree = measure_acceptance(target, tree_drafter, cfg.eval, run_dir / "eval_after_tree.json") \
+        if tree_drafter is not None else None
+    table = compare_markdown({"before training": before, "after training (chain)": after,
+                              f"after training ({settings.tree.kind} tree, depth {settings.tree.depth})": after_tree})
     write_text_atomic(run_dir / "summary.md", table + "\n")
     exports = export_feature_drafter(
         draft, run_dir / "export", target_name=target.name, feature_norm=settings.features.norm,
@@ -184,6 +196,6 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
     sink.finish()
     write_json_atomic(run_dir / "result.json", {"exports": {k: str(v) for k, v in exports.items()},
                                                  "variant": draft.variant, "features": settings.features.source,
-                                                 "before": before, "after": after})
+                                                 "before": before, "after": after, "after_tree": after_tree})
     print(f"\n{table}\n\nDraft exported to {exports['draftkit']}")
     return exports["draftkit"]

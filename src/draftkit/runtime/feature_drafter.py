@@ -16,16 +16,11 @@ from draftkit.drafts.fspad import FeatureDrafter, KVCache
 from draftkit.runtime.speculative import DraftProposal, choose_token
 
 
-class FeatureChainDrafter:
-    """A Drafter (runtime/speculative.py) for `FeatureDrafter` modules."""
+class _ModuleModes:
+    """measure_acceptance toggles train/eval on whatever it evaluates; a drafter forwards that to its module."""
 
-    def __init__(self, model: FeatureDrafter, target_hidden: str = "post_norm", name: str | None = None):
-        self.model = model
-        self.target_hidden = target_hidden
-        self.name = name or f"{model.variant} feature drafter"
-        self.reset()
+    model: FeatureDrafter
 
-    # measure_acceptance toggles train/eval on whatever it evaluates; the drafter forwards that to its module.
     @property
     def training(self) -> bool:
         return self.model.training
@@ -36,6 +31,16 @@ class FeatureChainDrafter:
 
     def eval(self):
         return self.train(False)
+
+
+class FeatureChainDrafter(_ModuleModes):
+    """A Drafter (runtime/speculative.py) for `FeatureDrafter` modules."""
+
+    def __init__(self, model: FeatureDrafter, target_hidden: str = "post_norm", name: str | None = None):
+        self.model = model
+        self.target_hidden = target_hidden
+        self.name = name or f"{model.variant} feature drafter"
+        self.reset()
 
     def reset(self) -> None:
         self.features: torch.Tensor | None = None  # [1, N, H]: the target's features of positions 0..N-1
@@ -92,7 +97,7 @@ class FeatureChainDrafter:
             self.features = self.features[:, :num_valid_tokens]
 
 
-class FeatureTreeDrafter:
+class FeatureTreeDrafter(_ModuleModes):
     """A TreeDrafter (runtime/tree.py) for `FeatureDrafter` modules: one draft pass per tree depth.
 
     Each step crops the draft cache back to the step's `start`, feeds the new real features, then grows the tree:
