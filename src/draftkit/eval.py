@@ -83,9 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         from draftkit.export.eagle import load_feature_drafter
         from draftkit.runtime.feature_drafter import FeatureChainDrafter
 
-        module, info = load_feature_drafter(args.draft, embed_weight=target.embed_tokens.weight,
-                                            lm_head_weight=target.lm_head.weight,
-                                            head_norm_weight=target.model.get_decoder().norm.weight)
+        try:
+            module, info = load_feature_drafter(args.draft, embed_weight=target.embed_tokens.weight,
+                                                lm_head_weight=target.lm_head.weight,
+                                                head_norm_weight=target.model.get_decoder().norm.weight)
+        except ValueError as error:  # wrong target or a tampered folder: one line, no traceback
+            raise SystemExit(f"draftkit-eval: {error}") from None
         draft = FeatureChainDrafter(module.to(getattr(torch, args.dtype)), info["target_feature"]["norm"], args.draft)
     else:
         draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=getattr(torch, args.dtype))
