@@ -100,6 +100,8 @@ class Attention(nn.Module):
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         if attn_mask is None and cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif attn_mask is None and length == 1:  # one new position sees the whole cache: no mask needed
+            out = F.scaled_dot_product_attention(q, k, v)
         else:
             if attn_mask is None:  # new positions see the whole cache and each other causally
                 past = k.shape[2] - length

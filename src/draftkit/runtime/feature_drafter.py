@@ -148,13 +148,14 @@ class FeatureTreeDrafter(_ModuleModes):
         tokens = tree.tokens[nodes].to(device).view(1, -1)
         positions = torch.tensor([[self._root_position + depths[n] for n in nodes]], device=device)
         past = self._tree_cache.length
-        allowed = torch.zeros(len(nodes), past + len(nodes), dtype=torch.bool, device=device)
+        # Built on the host and moved once: element writes into a device tensor would each be a kernel launch.
+        allowed = torch.zeros(len(nodes), past + len(nodes), dtype=torch.bool)
         allowed[:, : self._real] = True
         for row, node in enumerate(nodes):
             self._slot[node] = past + row
             for ancestor in tree.path_to(node):
                 allowed[row, self._slot[ancestor]] = True
-        out = self.model(features, tokens, positions=positions, attn_mask=allowed, cache=self._tree_cache)
+        out = self.model(features, tokens, positions=positions, attn_mask=allowed.to(device), cache=self._tree_cache)
         self._tree_cache = out.cache
         for row, node in enumerate(nodes):
             self._feature[node] = out.regress[0, row]
