@@ -492,3 +492,15 @@ def test_real_target_features_reach_the_drafter_and_decoding_stays_lossless():
                                eos_token_id=eos_token_ids(target))
     assert out.tokens == reference
     assert drafter.checked >= 3
+
+
+def test_eagle_formats_refuse_fspad_parts_with_the_fix():
+    from draftkit.export.eagle import eagle_tensors
+
+    target = sharp_target()
+    for switches, variant in [((True, False), "fspad_without_partial_alignment"),
+                              ((False, True), "fspad_without_feature_sampling")]:
+        draft = guessing_drafter(target, *switches)
+        assert draft.variant == variant
+        with pytest.raises(ValueError, match="cannot be written in the eagle-vllm format.*Fix: use the draftkit format"):
+            eagle_tensors(draft, "eagle-vllm")
