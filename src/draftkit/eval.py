@@ -89,6 +89,22 @@ def hf_draft(args: argparse.Namespace, target):
     return draft
 
 
+def feature_drafter(args: argparse.Namespace, target):
+    from draftkit.export.eagle import load_feature_drafter
+    from draftkit.runtime.feature_drafter import FeatureChainDrafter
+
+    try:
+        module, info = load_feature_drafter(args.draft, embed_weight=target.embed_tokens.weight,
+                                            lm_head_weight=target.lm_head.weight,
+                                            head_norm_weight=target.model.get_decoder().norm.weight)
+    except ValueError as error:  # wrong target or a tampered folder: one line, no traceback
+        raise SystemExit(f"draftkit-eval: {error}") from None
+    if module.vocab_size != target.vocab_size:
+        raise SystemExit(f"draftkit-eval: draft {args.draft} has vocab_size={module.vocab_size} but target "
+                         f"{args.target} has {target.vocab_size}. Fix: pass the --target this draft was trained for")
+    return FeatureChainDrafter(module.to(getattr(torch, args.dtype)), info["target_feature"]["norm"], args.draft)
+
+
 def artifact_family(draft_dir) -> str | None:
     """The "family" in a draftkit export's draftkit.json (None for a plain HF draft LM)."""
     info = Path(draft_dir) / "draftkit.json"
@@ -175,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         draft = hydra_drafter(args, target)
     elif family == "clover":  # draftkit's heads format (draftkit.export.heads_dir)
         draft = clover_drafter(args, target)
+    elif family == "fspad":  # feature drafter (EAGLE-1 / FSPAD) in any of its export formats
+        draft = feature_drafter(args, target)
     else:
         draft = hf_draft(args, target)
 

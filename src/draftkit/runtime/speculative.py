@@ -13,6 +13,7 @@ accepted.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Protocol
 
@@ -45,6 +46,38 @@ class Drafter(Protocol):
 
     def rollback(self, num_valid_tokens: int) -> None:
         """Only the first `num_valid_tokens` tokens seen so far (committed or proposed) are still valid."""
+
+
+class FeatureDrafterProtocol(Drafter, Protocol):
+    """A drafter that also reads the target's hidden states (feature drafters: EAGLE, FSPAD). It declares which one
+    with `target_hidden` ("post_norm": the final norm's output, "pre_norm": its input), and after every target forward
+    the runtime hands it the states of the positions that stay valid, before calling `rollback`."""
+
+    target_hidden: str
+
+    def observe_target_hidden(self, hidden: torch.Tensor) -> None:
+        """hidden: [1, m, H], the target's states for the next m committed positions (in sequence order)."""
+
+
+@contextmanager
+def capture_target_hidden(target_model: nn.Module, which: str | None):
+    """While open, every forward of `target_model` leaves its last-layer states in the yielded dict under "hidden".
+    which=None captures nothing (plain drafters pay no hook)."""
+    box: dict[str, torch.Tensor] = {}
+    if which is None:
+        yield box
+        return
+    norm = target_model.get_decoder().norm
+    if which == "post_norm":
+        handle = norm.register_forward_hook(lambda _m, _i, output: box.__setitem__("hidden", output))
+    elif which == "pre_norm":
+        handle = norm.register_forward_pre_hook(lambda _m, inputs: box.__setitem__("hidden", inputs[0]))
+    else:
+        raise ValueError(f"drafter asks for target_hidden={which!r}; the runtime offers post_norm and pre_norm")
+    try:
+        yield box
+    finally:
+        handle.remove()
 
 
 def new_cache() -> DynamicCache:
@@ -270,7 +303,8 @@ def speculative_generate(
     generated: list[int] = []
     _synchronize(device)
     start = time.perf_counter()
-    with torch.inference_mode():
+    hidden_wanted = getattr(drafter, "target_hidden", None)
+    with torch.inference_mode(), capture_target_hidden(target_model, hidden_wanted) as captured:
         drafter.reset()
         target_cache = new_cache()
         sequence = input_ids
@@ -280,7 +314,8 @@ def speculative_generate(
             proposal = drafter.propose(sequence, num_draft, temperature, generator)
             draft_tokens = proposal.tokens.to(device)
             k = draft_tokens.numel()
-            feed = torch.cat([sequence[:, target_cache.get_seq_length():], draft_tokens.view(1, -1)], dim=1)
+            fed_from = target_cache.get_seq_length()
+            feed = torch.cat([sequence[:, fed_from:], draft_tokens.view(1, -1)], dim=1)
             logits = target_model(
                 input_ids=feed, past_key_values=target_cache, use_cache=True, logits_to_keep=k + 1
             ).logits[0]
@@ -302,6 +337,8 @@ def speculative_generate(
                 break
             valid = sequence.shape[1] + n
             truncate_cache(target_cache, valid)
+            if hidden_wanted is not None:
+                drafter.observe_target_hidden(captured["hidden"][:, : valid - fed_from])
             drafter.rollback(valid)
             sequence = torch.cat([sequence, draft_tokens[:n].view(1, -1), next_token.view(1, 1)], dim=1)
     _synchronize(device)

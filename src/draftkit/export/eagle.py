@@ -1,0 +1,228 @@
+"""Export feature drafters (EAGLE-1 / FSPAD): draftkit's own format, and EAGLE-1 for vLLM and SGLang.
+
+Layout of `<out>/` (written atomically: a staging folder, then one rename):
+  config.json, model.safetensors, manifest.json, draftkit.json, draftkit_config.yaml, README.md
+      draftkit format: every trained tensor (FSPAD's `feature_sampling.*` and 2h `down_proj` included) in fp32, plus the
+      architecture, the switches and which target feature (norm, layer) the draft reads.
+  eagle-vllm/    (EAGLE-1 on post-norm features only) formats.md §b.2: `fc.weight` without bias (vLLM V1 builds fc
+                 with bias=False and loads strictly), layers.0.* without input_layernorm, embed_tokens.weight; bf16.
+  eagle-sglang/  the same plus an all-zero `fc.bias` (SGLang's LlamaForCausalLMEagle builds fc with a bias).
+Every folder has manifest.json (key -> shape, dtype) and is checked against the exact key set of its format before
+it is written; loading checks it again. FSPAD's feature sampling and split output have no slot in either runtime's
+EAGLE loader, so FSPAD drafts ship in the draftkit format only (draftkit.json says why).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from draftkit.drafts.fspad import FeatureDrafter, feature_drafter
+from draftkit.engine.checkpoint import replace_directory
+
+FAMILY = "fspad"
+FORMATS = ("draftkit", "eagle-vllm", "eagle-sglang")
+
+
+def architecture(draft: FeatureDrafter) -> dict:
+    return {
+        "hidden_size": draft.hidden_size, "vocab_size": draft.vocab_size, "num_attention_heads": draft.num_heads,
+        "num_key_value_heads": draft.num_kv_heads, "intermediate_size": draft.intermediate_size,
+        "rope_theta": draft.rope_theta, "rms_norm_eps": draft.rms_norm_eps,
+        "feature_sampling": draft.feature_sampling is not None, "partial_alignment": draft.partial_alignment,
+        "fc_bias": draft.fc.bias is not None,
+    }
+
+
+def expected_keys(arch: dict, fmt: str) -> dict[str, list[int]]:
+    """The exact tensor names and shapes of each format; anything else in a file is an error."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown feature-drafter format {fmt!r}: {FORMATS}")
+    h, i = arch["hidden_size"], arch["intermediate_size"]
+    d = h // arch["num_attention_heads"]
+    keys = {
+        "fc.weight": [h, 2 * h],
+        "layers.0.self_attn.q_proj.weight": [arch["num_attention_heads"] * d, h],
+        "layers.0.self_attn.k_proj.weight": [arch["num_key_value_heads"] * d, h],
+        "layers.0.self_attn.v_proj.weight": [arch["num_key_value_heads"] * d, h],
+        "layers.0.self_attn.o_proj.weight": [h, arch["num_attention_heads"] * d],
+        "layers.0.mlp.gate_proj.weight": [i, h],
+        "layers.0.mlp.up_proj.weight": [i, h],
+        "layers.0.mlp.down_proj.weight": [2 * h if arch["partial_alignment"] else h, i],
+        "layers.0.post_attention_layernorm.weight": [h],
+    }
+    if fmt == "draftkit":
+        if arch["fc_bias"]:
+            keys["fc.bias"] = [h]
+        if arch["feature_sampling"]:
+            keys.update({"feature_sampling.norm.weight": [h], "feature_sampling.gate_proj.weight": [i, h],
+                         "feature_sampling.up_proj.weight": [i, h], "feature_sampling.down_proj.weight": [h, i]})
+        return keys
+    keys["embed_tokens.weight"] = [arch["vocab_size"], h]
+    if fmt == "eagle-sglang":
+        keys["fc.bias"] = [h]
+    return keys
+
+
+def check_keys(tensors: dict[str, torch.Tensor], expected: dict[str, list[int]], where: str) -> None:
+    missing = sorted(set(expected) - set(tensors))
+    unknown = sorted(set(tensors) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(tensors) if list(tensors[k].shape) != expected[k])
+    if missing or unknown or wrong:
+        raise ValueError(f"{where}: tensors do not match the format: missing {missing}, unknown {unknown}, wrong "
+                         f"shape {[(k, list(tensors[k].shape), expected[k]) for k in wrong]}")
+
+
+def _trained_tensors(draft: FeatureDrafter) -> dict[str, torch.Tensor]:
+    return {name: p.detach().float().cpu().contiguous() for name, p in draft.named_parameters() if p.requires_grad}
+
+
+def eagle_tensors(draft: FeatureDrafter, fmt: str) -> dict[str, torch.Tensor]:
+    arch = architecture(draft)
+    if arch["feature_sampling"] or arch["partial_alignment"]:
+        raise ValueError(f"the {draft.variant} draft cannot be written in the {fmt} format: vLLM's and SGLang's EAGLE "
+                         "loaders have no feature-sampling block and no split 2h output. Fix: use the draftkit format, "
+                         "or train EAGLE-1 (fspad.feature_sampling=false fspad.partial_alignment=false)")
+    tensors = {k: v.to(torch.bfloat16) for k, v in _trained_tensors(draft).items() if k != "fc.bias"}
+    bias = draft.fc.bias.detach().float().cpu() if draft.fc.bias is not None else None
+    if fmt == "eagle-vllm" and bias is not None and bias.abs().max() > 0:
+        raise ValueError("this draft was trained with a non-zero fc bias, which vLLM's EAGLE loader cannot hold. "
+                         "Fix: train with fspad.fc_bias=false (the default)")
+    if fmt == "eagle-sglang":
+        tensors["fc.bias"] = (bias if bias is not None else torch.zeros(draft.hidden_size)).to(torch.bfloat16)
+    tensors["embed_tokens.weight"] = draft.embed_tokens.weight.detach().to(torch.bfloat16).cpu().contiguous()
+    return tensors
+
+
+def _llama_config(arch: dict, feature: dict, max_position_embeddings: int, fc_bias: bool) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 1,
+        "hidden_size": arch["hidden_size"], "intermediate_size": arch["intermediate_size"],
+        "num_attention_heads": arch["num_attention_heads"], "num_key_value_heads": arch["num_key_value_heads"],
+        "head_dim": arch["hidden_size"] // arch["num_attention_heads"], "vocab_size": arch["vocab_size"],
+        "rope_theta": arch["rope_theta"], "rms_norm_eps": arch["rms_norm_eps"], "hidden_act": "silu",
+        "max_position_embeddings": max_position_embeddings, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "bias": fc_bias, "draftkit_target_feature": feature,
+    }
+
+
+def _write_dir(folder: Path, tensors: dict, expected: dict, config: dict, info: dict) -> None:
+    check_keys(tensors, expected, str(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    manifest = {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in tensors.items()}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    (folder / "draftkit.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+CARD = """# {name}
+
+A {variant} feature drafter for speculative decoding of **{target}**, trained with draftkit (recipe `fspad`).
+It reads the target's {norm} feature of layer {layer} and the next token's embedding, and uses the target's
+embedding and LM head (not stored in the draftkit format). Trained parameters: {params:,}.
+
+## Measured acceptance
+{eval_table}
+
+## Folders
+- this folder: draftkit format (`python -m draftkit.eval --draft <this folder>`).
+{eagle_lines}
+"""
+
+
+def export_feature_drafter(
+    draft: FeatureDrafter,
+    out_dir: Path,
+    *,
+    target_name: str,
+    feature_norm: str,
+    feature_layer: int,
+    target_vocab_size: int,
+    max_position_embeddings: int,
+    num_speculative_tokens: int,
+    resolved_config_yaml: str,
+    eval_table_md: str = "(not measured)",
+) -> dict[str, Path]:
+    """Write the export folder(s); returns {format: folder}."""
+    if draft.vocab_size != target_vocab_size:
+        raise ValueError(f"draft vocab {draft.vocab_size} != target vocab_size {target_vocab_size}")
+    arch = architecture(draft)
+    feature = {"norm": feature_norm, "layer": feature_layer}
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    written = {"draftkit": out_dir}
+    eagle_ok = draft.variant == "eagle1" and feature_norm == "post_norm"
+    why_not = None if eagle_ok else (
+        "EAGLE runtimes feed post-norm features" if draft.variant == "eagle1" else
+        "vLLM/SGLang EAGLE loaders have no slot for FSPAD's feature sampling or split output")
+    base_info = {"family": FAMILY, "variant": draft.variant, "target": target_name, "target_feature": feature,
+                 "architecture": arch, "num_speculative_tokens": num_speculative_tokens}
+    try:
+        _write_dir(staging, _trained_tensors(draft), expected_keys(arch, "draftkit"),
+                   {**arch, "architectures": ["DraftkitFeatureDrafter"], "target_feature": feature,
+                    "max_position_embeddings": max_position_embeddings},
+                   {**base_info, "format": "draftkit",
+                    "eagle_exports": ["eagle-vllm", "eagle-sglang"] if eagle_ok else f"not written: {why_not}"})
+        eagle_lines = f"- no EAGLE folders: {why_not}." if not eagle_ok else ""
+        if eagle_ok:
+            for fmt in ("eagle-vllm", "eagle-sglang"):
+                _write_dir(staging / fmt, eagle_tensors(draft, fmt), expected_keys(arch, fmt),
+                           _llama_config(arch, feature, max_position_embeddings, fc_bias=fmt == "eagle-sglang"),
+                           {**base_info, "format": fmt})
+                written[fmt] = out_dir / fmt
+            eagle_lines = (
+                "- `eagle-vllm/`: `vllm serve <target> --speculative-config "
+                f"'{{\"method\": \"eagle\", \"model\": \"<export>/eagle-vllm\", \"num_speculative_tokens\": "
+                f"{num_speculative_tokens}}}'`\n"
+                "- `eagle-sglang/`: `python -m sglang.launch_server --model <target> --speculative-algorithm EAGLE "
+                f"--speculative-draft-model-path <export>/eagle-sglang --speculative-num-steps {num_speculative_tokens}`")
+        (staging / "draftkit_config.yaml").write_text(resolved_config_yaml)
+        params = sum(p.numel() for p in draft.parameters() if p.requires_grad)
+        (staging / "README.md").write_text(CARD.format(
+            name=out_dir.name, variant=draft.variant, target=target_name, norm=feature_norm, layer=feature_layer,
+            params=params, eval_table=eval_table_md, eagle_lines=eagle_lines))
+        replace_directory(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return written
+
+
+def load_feature_drafter(folder: str | os.PathLike, *, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor,
+                         head_norm_weight: torch.Tensor | None = None) -> tuple[FeatureDrafter, dict]:
+    """Rebuild a drafter from any of the three formats around the target's embedding and LM head.
+
+    Returns (drafter in fp32, eval mode; the folder's draftkit.json). The key set is checked exactly.
+    """
+    folder = Path(folder)
+    info = json.loads((folder / "draftkit.json").read_text())
+    if info.get("family") != FAMILY:
+        raise ValueError(f"{folder} holds a {info.get('family')!r} draft, not a feature drafter")
+    fmt, arch = info["format"], info["architecture"]
+    tensors = load_file(str(folder / "model.safetensors"))
+    check_keys(tensors, expected_keys(arch, fmt), str(folder))
+    if list(embed_weight.shape) != [arch["vocab_size"], arch["hidden_size"]]:
+        raise ValueError(f"{folder} was trained for a target with vocab {arch['vocab_size']} and hidden size "
+                         f"{arch['hidden_size']}; this target's embedding is {list(embed_weight.shape)}. Fix: pass "
+                         f"the target it was trained for ({info.get('target')})")
+    if info["target_feature"]["norm"] == "pre_norm" and head_norm_weight is None:
+        raise ValueError(f"{folder} reads pre-norm features: pass the target's final norm weight")
+    tensors.pop("embed_tokens.weight", None)  # the target's own embedding is used
+    draft = feature_drafter(
+        embed_weight=embed_weight, lm_head_weight=lm_head_weight, num_heads=arch["num_attention_heads"],
+        num_kv_heads=arch["num_key_value_heads"], intermediate_size=arch["intermediate_size"],
+        rope_theta=arch["rope_theta"], rms_norm_eps=arch["rms_norm_eps"], feature_sampling=arch["feature_sampling"],
+        partial_alignment=arch["partial_alignment"], fc_bias="fc.bias" in tensors,
+        head_norm_weight=head_norm_weight if info["target_feature"]["norm"] == "pre_norm" else None)
+    missing, unexpected = draft.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    trained = {n for n, p in draft.named_parameters() if p.requires_grad}
+    if unexpected or trained & set(missing):
+        raise ValueError(f"{folder}: missing {sorted(trained & set(missing))}, unexpected {sorted(unexpected)}")
+    return draft.to(embed_weight.device).eval(), info

