@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from draftkit.data.sources import builtin_path
 from draftkit.engine.checkpoint import write_json_atomic
+from draftkit.engine.distributed import is_main_process
 from draftkit.runtime.evaluate import evaluate_draft, load_prompts
 
 
@@ -34,7 +35,8 @@ def measure_acceptance(target, draft, eval_cfg: DictConfig, path: Path) -> dict 
                             max_new_tokens=eval_cfg.max_new_tokens, measure_speedup=eval_cfg.measure_speedup)
     draft.train(was_training)
     report["eval_settings"] = settings
-    write_json_atomic(path, report)
+    if is_main_process():  # every rank measures (a ZeRO-3 target needs them all); one writes
+        write_json_atomic(path, report)
     return report
 
 

@@ -21,6 +21,7 @@ from draftkit.data.packing import pack_texts
 from draftkit.data.selfdistill import prompts_from_records, regenerate_responses
 from draftkit.data.sources import load_records
 from draftkit.engine.checkpoint import write_json_atomic, write_text_atomic
+from draftkit.engine.distributed import main_process_first
 from draftkit.engine.loop import stage_settings, train
 from draftkit.engine.run import record_run
 from draftkit.export.hf_dir import export_hf_draft
@@ -74,10 +75,11 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
                                        max_prompt_tokens=gen.max_prompt_tokens, tokenizer=tokenizer)
         random.Random(engine["seed"]).shuffle(prompts)  # mix the sources before taking num_prompts
         prompts = prompts[: gen.num_prompts]
-        conversations = regenerate_responses(
-            target.model, tokenizer, prompts, cache_file=run_dir / "selfdistill.jsonl",
-            max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
-            batch_size=gen.batch_size, seed=engine["seed"])
+        with main_process_first():  # rank 0 generates; the other ranks then read its cache
+            conversations = regenerate_responses(
+                target.model, tokenizer, prompts, cache_file=run_dir / "selfdistill.jsonl",
+                max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+                batch_size=gen.batch_size, seed=engine["seed"])
         chats = tokenize_chat(Dataset.from_list([{"messages": c} for c in conversations]), tokenizer,
                               max_length=cfg.data.max_length, too_long=cfg.data.too_long)
         results.append(train(model=draft, step_fn=lm_step, dataset=chats, collate=batch_collate,
