@@ -14,7 +14,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from draftkit.config import CONFIG_MODULE, PRIMARY_CONFIG, ConfigError, prepare_overrides
-from draftkit.engine.distributed import DistributedConfigError, world_size_from_env
+from draftkit.engine.distributed import DistributedConfigError, is_main_process, world_size_from_env
+from draftkit.export.hub import push_to_hub
 from draftkit.preflight import check_job
 
 
@@ -30,7 +31,10 @@ def _run(cfg: DictConfig) -> None:
         print(f"draftkit.train: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     recipe = importlib.import_module(f"draftkit.recipes.{name}")
-    recipe.run(cfg, Path(cfg.run_dir))
+    export_dir = recipe.run(cfg, Path(cfg.run_dir))
+    if cfg.get("push_to_hub") and is_main_process():
+        url = push_to_hub(export_dir or cfg.run_dir, cfg.push_to_hub)
+        print(f"Uploaded to https://huggingface.co/{cfg.push_to_hub} ({url})")
 
 
 def main(argv: list[str] | None = None) -> None:
