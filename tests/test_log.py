@@ -27,3 +27,29 @@ def test_wandb_sink_runs_offline_without_an_api_key(tmp_path, monkeypatch):
 
 def test_null_sink_accepts_the_run_arguments():
     NullSink(run_dir="x", run_config={}, run_name="y").log({"a": 1}, step=0)
+
+
+def test_wandb_sink_records_group_config_and_git_and_resumes_the_same_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("RANK", raising=False)
+    sink = WandbSink(run_dir=str(tmp_path), run_config={"engine": {"lr": 0.1}}, run_name="r", group="exp-1")
+    assert sink.run.group == "exp-1"
+    assert sink.run.config["engine"] == {"lr": 0.1}
+    assert set(sink.run.config["git"]) == {"commit", "dirty"} and sink.run.config["git"]["commit"]
+    first_id = sink.run.id
+    sink.finish()
+    again = WandbSink(run_dir=str(tmp_path), run_config={}, run_name="r", group="exp-1")
+    assert again.run.id == first_id  # a resumed job continues its run
+    again.finish()
+
+
+def test_only_rank_zero_logs(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    wandb_sink = WandbSink(run_dir=str(tmp_path / "w"), run_config={}, run_name="r")
+    jsonl_sink = JsonlSink(run_dir=str(tmp_path / "j"))
+    for sink in (wandb_sink, jsonl_sink):
+        sink.log({"train/loss": 1.0}, step=1)
+        sink.summary({"tau": 1.0})
+        sink.finish()
+    assert wandb_sink.run is None
+    assert not (tmp_path / "w").exists() and not (tmp_path / "j").exists()

@@ -59,8 +59,15 @@ class BatchStream:
         return self.collate(examples)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume the position; a checkpoint from a different rank count (another global micro-batch size) is
+        translated by examples consumed in the epoch, which is exact when the old position divides evenly."""
         self.epoch, self.index, self.seed = state["epoch"], state["index"], state["seed"]
+        saved_global = state.get("global_batch", self.global_batch)
+        if saved_global != self.global_batch:
+            self.index = self.index * saved_global // self.global_batch
+            if self.index >= self.batches_per_epoch:
+                self.epoch, self.index = self.epoch + 1, 0
         self._order = None

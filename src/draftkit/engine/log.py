@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
+
+from draftkit.engine.distributed import is_main_process
+from draftkit.engine.run import git_state
 
 
 class NullSink:
@@ -22,40 +26,62 @@ class NullSink:
 
 
 class JsonlSink(NullSink):
-    """Appends one JSON line per logged step to `<run_dir>/metrics.jsonl` (readable with pandas or jq)."""
+    """Appends one JSON line per logged step to `<run_dir>/metrics.jsonl` (readable with pandas or jq); rank 0 only."""
 
     def __init__(self, run_dir: str, filename: str = "metrics.jsonl", **_run):
         self.path = Path(run_dir) / filename
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.main = is_main_process()
+        if self.main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def log(self, metrics: dict, step: int) -> None:
+        if not self.main:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
 
     def summary(self, values: dict) -> None:
+        if not self.main:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps({"summary": values}) + "\n")
 
 
 class WandbSink(NullSink):
-    """Weights & Biases. Without an API key it runs offline (`wandb sync <run_dir>/wandb/...` uploads later),
-    because an online init with no key fails at once on headless machines."""
+    """Weights & Biases: one run per job. Only rank 0 creates it; the other ranks of a multi-process job stay
+    silent. Runs are grouped by `group` (the experiment; by default the recipe name, see conf/logger/wandb.yaml),
+    the resolved config and the git commit are recorded, and the run id is derived from the run directory, so
+    a resumed job continues its run instead of starting another. Without an API key it runs offline
+    (`wandb sync <run_dir>/wandb/offline-run-*` uploads later), because an online init with no key fails at
+    once on headless machines."""
 
     def __init__(self, run_dir: str, run_config: dict | None = None, run_name: str | None = None,
                  project: str = "draftkit", entity: str | None = None, group: str | None = None,
                  mode: str | None = None, **_run):
+        self.run = None
+        if not is_main_process():
+            return
         import wandb
 
-        if mode is None and "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
-            mode = "offline"
+        if mode is None:  # read here: wandb caches its environment at the first init of the process
+            mode = os.environ.get("WANDB_MODE") or (None if os.environ.get("WANDB_API_KEY") else "offline")
+        run_id = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+        config = {**(run_config or {}), "git": git_state()}
+        offline = mode in ("offline", "disabled", "dryrun")
+        # Resuming asks the server for the run's history, so offline runs reuse the id without it
+        # (`wandb sync` of both offline parts lands in the one run).
         self.run = wandb.init(project=project, entity=entity, group=group, name=run_name, dir=str(run_dir),
-                              config=run_config, mode=mode, reinit="finish_previous")
+                              config=config, mode=mode, id=run_id, resume=None if offline else "allow",
+                              reinit="finish_previous")
 
     def log(self, metrics: dict, step: int) -> None:
-        self.run.log(metrics, step=step)
+        if self.run is not None:
+            self.run.log(metrics, step=step)
 
     def summary(self, values: dict) -> None:
-        self.run.summary.update(values)
+        if self.run is not None:
+            self.run.summary.update(values)
 
     def finish(self) -> None:
-        self.run.finish()
+        if self.run is not None:
+            self.run.finish()

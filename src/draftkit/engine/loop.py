@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -19,6 +19,15 @@ from tqdm.auto import tqdm
 
 from draftkit.engine.batches import BatchStream
 from draftkit.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, write_json_atomic
+from draftkit.engine.distributed import (
+    AccelerateRuntime,
+    DeepSpeedRuntime,
+    DistributedSettings,
+    as_settings,
+    deepspeed_config,
+    prepare_frozen,
+    world_size_from_env,
+)
 from draftkit.engine.log import NullSink
 from draftkit.objectives.types import LossOutput
 
@@ -52,6 +61,18 @@ class LoopSettings:
     save_every: int = 100
     keep_checkpoints: int = 2
     seed: int = 0
+    distributed: DistributedSettings = field(default_factory=DistributedSettings)
+    """the `dist` group: accelerate (one process / DDP) or DeepSpeed ZeRO 1-3"""
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"engine.precision={self.precision!r}: use fp32 or bf16")
+        self.distributed = as_settings(self.distributed)
+
+    def deepspeed_config(self, world_size: int | None = None) -> dict:
+        return deepspeed_config(self.distributed, micro_batch_size=self.micro_batch_size, grad_accum=self.grad_accum,
+                                precision=self.precision, max_grad_norm=self.max_grad_norm,
+                                world_size=world_size or world_size_from_env())
 
 
 def stage_settings(engine: dict, **stage_overrides) -> LoopSettings:
@@ -83,34 +104,8 @@ def cosine_with_warmup(step: int, settings: LoopSettings) -> float:
     return settings.min_lr_ratio + (1 - settings.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _accelerator(precision: str):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"engine.precision={precision!r}: use fp32 or bf16")
-    mixed = "bf16" if precision == "bf16" else "no"
-    # Accelerator state is process-global; a second stage in the same process must not re-create it differently.
-    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed:
-        AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed)
-
-
 def _move(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def _load_trainable(model: nn.Module, state: dict) -> None:
-    # Checkpoints hold only the trainable tensors, so strict loading would fail; check the keys by hand
-    # instead of trusting strict=False, which silently leaves modules at their initial values.
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    missing_trainable = sorted(trainable & set(missing))
-    if unexpected or missing_trainable:
-        raise RuntimeError(
-            f"checkpoint does not match the model: missing trainable {missing_trainable[:5]}, unexpected "
-            f"{sorted(unexpected)[:5]}. Fix: resume with the same draft config, or start a fresh run_dir"
-        )
 
 
 def _param_groups(model: nn.Module, settings: LoopSettings) -> list[dict]:
@@ -139,32 +134,47 @@ def train(
     sink=None,
     resume: bool = True,
     desc: str = "train",
+    frozen: Sequence[nn.Module] = (),
 ) -> TrainResult:
     """Train the parameters of `model` that require grad. Checkpoints go to `stage_dir/checkpoints/`.
 
     Loss normalisation: each micro-batch backpropagates its *summed* loss; after the last micro-batch the
     gradients are scaled by world_size / (global token count), i.e. exactly the gradient of the mean over
-    every counted token of the optimizer step, whatever the micro-batching and data parallelism.
+    every counted token of the optimizer step, whatever the micro-batching, data parallelism or ZeRO stage.
+
+    `frozen`: modules step_fn runs but never trains (a target held in a closure). They get no gradients and
+    no optimizer state, are cast to `dist.frozen_dtype`, and under ZeRO-3 their parameters are partitioned
+    across ranks. Under ZeRO-3 `model` itself is partitioned while training and whole again on return.
     """
     sink = sink or NullSink()
     stage_dir = Path(stage_dir)
     ckpt_dir = stage_dir / "checkpoints"
-    accelerator = _accelerator(settings.precision)
+    dist = settings.distributed
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(_param_groups(model, settings), lr=settings.lr, betas=tuple(settings.betas))
+    param_groups = _param_groups(model, settings)
+    trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
+    if dist.backend == "deepspeed":
+        runtime = DeepSpeedRuntime(model, param_groups, settings.lr, settings.betas, dist,
+                                   settings.deepspeed_config(world_size_from_env()))
+        optimizer = runtime.base_optimizer
+    else:
+        optimizer = torch.optim.AdamW(param_groups, lr=settings.lr, betas=tuple(settings.betas))
+        runtime = AccelerateRuntime(model, optimizer, settings.precision)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, settings))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    frozen_engines = prepare_frozen(
+        frozen, dist, settings.deepspeed_config(runtime.num_processes) if dist.backend == "deepspeed" else None,
+        runtime.device)
+    model = runtime.model
     stream = BatchStream(dataset, settings.micro_batch_size, collate, seed=settings.seed,
-                         rank=accelerator.process_index, world_size=accelerator.num_processes)
+                         rank=runtime.process_index, world_size=runtime.num_processes)
 
     start_step, history, resumed_from = 0, [], None
     existing = list_checkpoints(ckpt_dir) if resume else []
     if existing:
         tensors, state = load_checkpoint(existing[-1])
-        _load_trainable(accelerator.unwrap_model(model), tensors["model"])
-        optimizer.load_state_dict(tensors["optimizer"])
+        runtime.load_full_state(tensors["model"], tensors["optimizer"])
         scheduler.load_state_dict(tensors["scheduler"])
         stream.load_state_dict(state["data"])
         torch.set_rng_state(tensors["rng"])
@@ -173,26 +183,27 @@ def train(
         if state["settings"]["steps"] != settings.steps:
             print(f"[draftkit] note: resuming a run planned for {state['settings']['steps']} steps with "
                   f"steps={settings.steps}; the LR schedule follows the new value")
-
-    trainable_names = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+        saved_world = state.get("world_size", 1)
+        if saved_world != runtime.num_processes and runtime.is_main_process:
+            print(f"[draftkit] note: checkpoint written by {saved_world} rank(s), resuming on {runtime.num_processes}")
 
     def save(step: int) -> None:
-        if not accelerator.is_main_process:
+        model_state, optimizer_state = runtime.full_state(trainable_names)  # collective under DeepSpeed
+        if not runtime.is_main_process:
             return
-        unwrapped = accelerator.unwrap_model(model)
-        trainable = {k: v for k, v in unwrapped.state_dict().items() if k in trainable_names}
         save_checkpoint(
             ckpt_dir, step,
-            {"model": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
              "rng": torch.get_rng_state()},
-            {"step": step, "data": stream.state_dict(), "history": history, "settings": asdict(settings)},
+            {"step": step, "data": stream.state_dict(), "history": history, "settings": asdict(settings),
+             "world_size": runtime.num_processes},
             keep=settings.keep_checkpoints,
         )
 
     model.train()
     pending: list[tuple[int, torch.Tensor, torch.Tensor, dict]] = []
     tokens_since_log, t_log = 0, time.perf_counter()
-    bar = tqdm(total=settings.steps, initial=start_step, desc=desc, disable=not accelerator.is_main_process,
+    bar = tqdm(total=settings.steps, initial=start_step, desc=desc, disable=not runtime.is_main_process,
                dynamic_ncols=True)
 
     def flush(step: int) -> None:
@@ -201,7 +212,7 @@ def train(
         if not pending:
             return
         names = sorted(pending[0][3])
-        values = torch.stack([torch.stack([loss, gnorm, *(extra[k].float() for k in names)])
+        values = torch.stack([torch.stack([loss, gnorm.to(loss.device), *(extra[k].float() for k in names)])
                               for _, loss, gnorm, extra in pending]).tolist()
         elapsed = time.perf_counter() - t_log
         for (s, _, _, _), (loss, gnorm, *extras) in zip(pending, values):
@@ -218,40 +229,34 @@ def train(
                   "tokens_per_s": tokens_per_s}
         if torch.cuda.is_available():
             logged["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        sink.log({f"{desc}/{k}": v for k, v in logged.items()}, step=step)
+        if runtime.is_main_process:
+            sink.log({f"{desc}/{k}": v for k, v in logged.items()}, step=step)
         bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
         pending.clear()
         tokens_since_log, t_log = 0, time.perf_counter()
 
     for step in range(start_step, settings.steps):
-        loss_sum = torch.zeros((), device=accelerator.device)
-        count = torch.zeros((), device=accelerator.device)
+        loss_sum = torch.zeros((), device=runtime.device)
+        count = torch.zeros((), device=runtime.device)
         metric_sums: dict[str, torch.Tensor] = {}
         for micro in range(settings.grad_accum):
             batch = stream.next()
-            tokens_since_log += int(batch["attention_mask"].sum()) * accelerator.num_processes
-            batch = _move(batch, accelerator.device)
-            sync = micro == settings.grad_accum - 1
-            context = accelerator.no_sync(model) if not sync else nullcontext()
-            with context, accelerator.autocast():
+            tokens_since_log += int(batch["attention_mask"].sum()) * runtime.num_processes
+            batch = _move(batch, runtime.device)
+            last = micro == settings.grad_accum - 1
+            with runtime.micro_context(last), runtime.autocast():
                 out = step_fn(model, batch)
-                accelerator.backward(out.loss_sum)
-            loss_sum += out.loss_sum.detach()
+                runtime.backward(out.loss_sum, last)
+            loss_sum += out.loss_sum.detach().float()
             count += out.count
             for k, v in out.metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0) + v.detach()
-        global_count = accelerator.reduce(count, reduction="sum")
-        global_loss = accelerator.reduce(loss_sum, reduction="sum")
-        scale = accelerator.num_processes / global_count.clamp(min=1)
-        torch._foreach_mul_([p.grad for p in params if p.grad is not None], scale)
-        if settings.max_grad_norm:
-            grad_norm = accelerator.clip_grad_norm_(params, settings.max_grad_norm)
-        else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-        optimizer.step()
+        global_count = runtime.reduce_sum(count)
+        global_loss = runtime.reduce_sum(loss_sum)
+        scale = runtime.num_processes / global_count.clamp(min=1)
+        grad_norm = runtime.optimizer_step(params, scale, settings.max_grad_norm)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        extra = {k: accelerator.reduce(v, reduction="sum") / global_count.clamp(min=1) for k, v in metric_sums.items()}
+        extra = {k: runtime.reduce_sum(v) / global_count.clamp(min=1) for k, v in metric_sums.items()}
         extra["tokens"] = global_count
         pending.append((step + 1, global_loss / global_count.clamp(min=1), grad_norm.detach().float(), extra))
         bar.update(1)
@@ -261,7 +266,9 @@ def train(
         if (step + 1) % settings.save_every == 0 or done:
             save(step + 1)
     bar.close()
-    if accelerator.is_main_process:
+    if runtime.is_main_process:
         write_json_atomic(stage_dir / "history.json", history)
-    model.eval()
+    runtime.finish()
+    del frozen_engines  # frozen modules keep their ZeRO-3 hooks; the engines themselves are not needed
+    runtime.module.eval()
     return TrainResult(history=history, steps=settings.steps, resumed_from=resumed_from)

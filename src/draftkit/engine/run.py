@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from draftkit.engine.checkpoint import write_json_atomic, write_text_atomic
+from draftkit.engine.distributed import is_main_process
 
 _PACKAGES = ("draftkit", "torch", "transformers", "accelerate", "peft", "datasets", "hydra-core", "omegaconf",
              "wandb", "deepspeed", "safetensors", "gguf", "tokenizers")
@@ -41,6 +42,8 @@ def git_state() -> dict[str, str | bool | None]:
 
 
 def record_run(run_dir: Path, cfg: DictConfig) -> None:
+    if not is_main_process():
+        return
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

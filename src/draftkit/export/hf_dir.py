@@ -14,6 +14,7 @@ from pathlib import Path
 from transformers import PreTrainedModel
 
 from draftkit.engine.checkpoint import replace_directory
+from draftkit.engine.distributed import is_main_process
 
 CARD_TEMPLATE = """---
 library_name: transformers
@@ -70,6 +71,8 @@ def export_hf_draft(
         raise ValueError(f"draft vocab_size {draft_vocab} != target vocab_size {target_vocab_size}; runtimes would "
                          "treat them as different tokenizers")
     out_dir = Path(out_dir)
+    if not is_main_process():  # in a multi-process job every rank holds the same draft; rank 0 writes it
+        return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

@@ -16,6 +16,7 @@ from draftkit.data.selfdistill import prompts_from_records, regenerate_responses
 from draftkit.data.sources import builtin_path, load_records
 from draftkit.engine.checkpoint import write_json_atomic
 from draftkit.engine.run import record_run
+from draftkit.engine.distributed import is_main_process, main_process_first
 from draftkit.runtime.evaluate import evaluate_draft, load_prompts
 
 
@@ -50,10 +51,11 @@ def self_distilled_chats(data_cfg: DictConfig, target, run_dir: Path, seed: int)
                                    max_prompt_tokens=gen.max_prompt_tokens, tokenizer=tokenizer)
     random.Random(seed).shuffle(prompts)  # mix the sources before taking num_prompts
     prompts = prompts[: gen.num_prompts]
-    conversations = regenerate_responses(
-        target.model, tokenizer, prompts, cache_file=Path(run_dir) / "selfdistill.jsonl",
-        max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
-        batch_size=gen.batch_size, seed=seed)
+    with main_process_first():  # rank 0 generates; the other ranks then read its cache
+        conversations = regenerate_responses(
+            target.model, tokenizer, prompts, cache_file=Path(run_dir) / "selfdistill.jsonl",
+            max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+            batch_size=gen.batch_size, seed=seed)
     return tokenize_chat(Dataset.from_list([{"messages": c} for c in conversations]), tokenizer,
                          max_length=data_cfg.max_length, too_long=data_cfg.too_long)
 
@@ -90,7 +92,8 @@ def measure_acceptance(target, draft, eval_cfg: DictConfig, path: Path, extra_se
     if was_training is not None:
         draft.train(was_training)
     report["eval_settings"] = settings
-    write_json_atomic(path, report)
+    if is_main_process():  # every rank measures (a ZeRO-3 target needs them all); one writes
+        write_json_atomic(path, report)
     return report
 
 

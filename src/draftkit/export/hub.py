@@ -1,0 +1,59 @@
+"""Upload an exported draft artifact (the directory a recipe wrote, model card included) to the Hugging Face Hub.
+
+Everything is checked locally first: the directory holds an artifact (config.json and safetensors weights),
+its model card exists and carries the measured acceptance table, and the card front matter names the Hub
+metadata. Only then is the network touched (one create_repo, one upload_folder).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ARTIFACT_DIR = "export"
+
+
+class HubExportError(ValueError):
+    pass
+
+
+def find_artifact(path: str | Path) -> Path:
+    """A run directory (its `export/` is used) or an export directory itself."""
+    path = Path(path)
+    candidates = [path / ARTIFACT_DIR, path] if (path / ARTIFACT_DIR).is_dir() else [path]
+    for candidate in candidates:
+        if (candidate / "config.json").is_file() and any(candidate.glob("*.safetensors")):
+            return candidate
+    raise HubExportError(
+        f"{path} holds no exported draft (config.json + *.safetensors, directly or in {path / ARTIFACT_DIR}). "
+        "Fix: pass a finished run directory, or re-run the training command on it to write the export")
+
+
+def _check_card(artifact: Path) -> str:
+    card = artifact / "README.md"
+    if not card.is_file():
+        raise HubExportError(f"{artifact} has no model card (README.md); the recipe's exporter writes one. Fix: "
+                             "re-export the run")
+    text = card.read_text(encoding="utf-8")
+    if not text.startswith("---\n") or "\n---\n" not in text[4:]:
+        raise HubExportError(f"{card} has no YAML front matter, so the Hub would show no metadata")
+    if not re.search(r"^\|.*τ.*\|$", text, flags=re.M) and "(acceptance not measured" not in text:
+        raise HubExportError(f"{card} carries no measured τ table. Fix: export after evaluation (eval=quick)")
+    return text
+
+
+def push_to_hub(artifact_dir: str | Path, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                commit_message: str | None = None, revision: str | None = None) -> str:
+    """Upload the artifact; returns the URL of the commit."""
+    from huggingface_hub import HfApi
+
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+        raise HubExportError(f"repo id {repo_id!r} is not of the form <user or org>/<name>")
+    artifact = find_artifact(artifact_dir)
+    _check_card(artifact)
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(artifact), repo_type="model", revision=revision,
+                             commit_message=commit_message or f"Upload draft model from draftkit ({artifact.parent.name})",
+                             ignore_patterns=[".*"])
+    return str(getattr(info, "commit_url", info))
