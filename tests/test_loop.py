@@ -147,3 +147,16 @@ def test_stage_settings_caps_steps_and_rejects_unknown_keys():
 def test_dataset_smaller_than_a_batch_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="fewer than one global micro-batch"):
         run(tmp_path, data=examples(3), micro_batch_size=4)
+
+
+def test_bf16_training_leaves_the_model_in_full_precision_afterwards(tmp_path):
+    # accelerate wraps forward in autocast for bf16; after training, callers (evaluation, export, drafters that call
+    # other methods on fp32 weights) must get the model back as it was built.
+    model = tiny_lm()
+    run(tmp_path, model=model, precision="bf16", steps=1)
+    assert "_original_forward" not in model.__dict__
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 2, 3]])).logits
+    assert logits.dtype == torch.float32
+    hidden = model.model(input_ids=torch.tensor([[1, 2, 3]])).last_hidden_state
+    assert hidden.dtype == torch.float32

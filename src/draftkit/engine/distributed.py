@@ -316,7 +316,9 @@ class AccelerateRuntime(Runtime):
         self.optimizer.load_state_dict(optimizer_state)
 
     def finish(self) -> None:
-        pass
+        # With bf16, accelerate rewrote the model's forward to run under autocast, and the rewrite outlives training:
+        # evaluation and export would then mix bf16 activations into fp32 code paths (methods other than forward).
+        self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
 
 
 def _skip_shm_comm_build() -> None:
