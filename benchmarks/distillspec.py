@@ -25,7 +25,7 @@ from bench_common import machine, summary
 
 COMMON = ["data=shared", "eval=none", "logger=jsonl", "draft=from_target", "engine.precision=fp32",
           "engine.micro_batch_size=32", "engine.steps=80", "engine.warmup_steps=8", "engine.log_every=10",
-          "engine.save_every=1000", "distillspec.num_prompts=4096", "distillspec.generation.max_new_tokens=64"]
+          "engine.save_every=1000", "engine.lr=3e-4", "distillspec.num_prompts=4096", "distillspec.generation.max_new_tokens=64"]
 VARIANTS = {
     "offpolicy_fkl": ["distillspec.lambda_on_policy=0.0", "distillspec.off_policy=teacher", "distillspec.divergence=fkl"],
     "onpolicy_fkl": ["distillspec.lambda_on_policy=1.0", "distillspec.divergence=fkl"],
