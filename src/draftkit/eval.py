@@ -77,9 +77,19 @@ def main(argv: list[str] | None = None) -> int:
     prompts = load_prompts(prompts_path, limit_per_category=args.limit_per_category, categories=categories)
 
     target = load_target(args.target, dtype=args.dtype, device=args.device)
-    draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=getattr(torch, args.dtype))
-    draft = freeze(draft.to(target.device))
-    draft_vocab = draft.config.get_text_config().vocab_size
+    meta = Path(args.draft) / "draftkit.json"
+    family = json.loads(meta.read_text()).get("family") if meta.is_file() else None
+    evaluate_args = {}
+    if family == "kangaroo":  # self-drafting: drafts and verifies over the target's own layers
+        from draftkit.export.kangaroo import load_kangaroo
+        from draftkit.runtime.kangaroo import KangarooDecoder
+        adapter, kangaroo = load_kangaroo(args.draft, target_shape=(target.num_layers, target.vocab_size))
+        draft = evaluate_args["verifier"] = KangarooDecoder(
+            target, adapter.to(target.device), kangaroo["exit_layer"], kangaroo["threshold"])
+    else:
+        draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=getattr(torch, args.dtype))
+        draft = freeze(draft.to(target.device))
+    draft_vocab = target.vocab_size if family == "kangaroo" else draft.config.get_text_config().vocab_size
     if draft_vocab != target.vocab_size:
         raise SystemExit(
             f"draftkit-eval: draft {args.draft} has vocab_size={draft_vocab} but target {args.target} has "
@@ -90,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate_draft(
         target, draft, prompts,
         gamma=args.gamma, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-        measure_speedup=not args.no_speedup, seed=args.seed, progress=not args.no_progress,
+        measure_speedup=not args.no_speedup, seed=args.seed, progress=not args.no_progress, **evaluate_args,
     )
     report["config"].update(draft=str(args.draft), prompts=str(prompts_path))
     markdown = render_markdown(report)

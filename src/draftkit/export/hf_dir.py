@@ -51,6 +51,17 @@ python -m sglang.launch_server --model <target> --speculative-algorithm STANDALO
 """
 
 
+def publish_dir(staging: Path, out_dir: Path) -> None:
+    """Swap a finished `staging` directory in at `out_dir` with renames: readers see the old export or the new one."""
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+        os.rename(out_dir, old / "x")
+        os.rename(staging, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, out_dir)
+
+
 def export_hf_draft(
     draft: PreTrainedModel,
     tokenizer,
@@ -88,13 +99,7 @@ def export_hf_draft(
         (staging / "README.md").write_text(CARD_TEMPLATE.format(
             name=out_dir.name, target=target_name, recipe=recipe, vocab_size=target_vocab_size, params=params,
             eval_table=eval_table_md, gamma=num_assistant_tokens))
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.rename(out_dir, old / "x")
-            os.rename(staging, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(staging, out_dir)
+        publish_dir(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
