@@ -20,7 +20,7 @@ from draftkit.data.feature_cache import (
 )
 from draftkit.drafts.fspad import feature_drafter
 from draftkit.eval import main as eval_main
-from draftkit.export.eagle import export_feature_drafter, load_feature_drafter
+from draftkit.export.eagle import load_feature_drafter
 from draftkit.objectives.ce import IGNORE_INDEX
 from draftkit.objectives.fspad import align_pairs, fspad_loss
 from draftkit.recipes import fspad

@@ -55,3 +55,27 @@ def test_real_default_target_loads_offline_from_its_cached_conversion():
     feats = target.features(ids, layers=[2, 30])
     assert feats.hidden[2].shape == (1, ids.shape[1], 576)
     torch.testing.assert_close(target.model.model.norm(feats.hidden[30]), feats.last_hidden)
+
+
+def test_layer_ranges_with_a_cache_reproduce_one_full_pass():
+    from draftkit.targets.hf import LayerCache
+
+    target = tiny_target(num_layers=4, seed=3)
+    ids = torch.tensor([[1, 40, 77, 90, 12, 5, 200, 31]])
+    full = target.features(ids, layers=[2, 4])
+    cache = LayerCache()
+    # Shallow layers run ahead in two chunks; the deep layers catch up on the kept states in two other chunks.
+    shallow = torch.cat([target.run_layers(target.embed(ids[:, :3]), 0, 2, cache),
+                         target.run_layers(target.embed(ids[:, 3:]), 0, 2, cache)], dim=1)
+    torch.testing.assert_close(shallow, full.hidden[2])
+    assert cache.length(0) == 8 and cache.length(2) == 0
+    deep = torch.cat([target.run_layers(shallow[:, :5], 2, 4, cache), target.run_layers(shallow[:, 5:], 2, 4, cache)],
+                     dim=1)
+    torch.testing.assert_close(deep, full.hidden[4])
+    torch.testing.assert_close(target.head_logits(deep), full.logits)
+    cache.truncate(6)
+    assert {cache.length(i) for i in range(4)} == {6}
+    torch.testing.assert_close(target.run_layers(target.run_layers(target.embed(ids[:, 6:]), 0, 2, cache), 2, 4, cache),
+                               full.hidden[4][:, 6:])
+    with pytest.raises(ValueError, match="outside the target's depth 0..4"):
+        target.run_layers(shallow, 3, 5, cache)

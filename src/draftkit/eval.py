@@ -105,6 +105,14 @@ def feature_drafter(args: argparse.Namespace, target):
     return FeatureChainDrafter(module.to(getattr(torch, args.dtype)), info["target_feature"]["norm"], args.draft)
 
 
+def kangaroo_decoder(args: argparse.Namespace, target):
+    from draftkit.export.kangaroo import load_kangaroo
+    from draftkit.runtime.kangaroo import KangarooDecoder
+
+    adapter, settings = load_kangaroo(args.draft, target_shape=(target.num_layers, target.vocab_size))
+    return KangarooDecoder(target, adapter.to(target.device), settings["exit_layer"], settings["threshold"])
+
+
 def artifact_family(draft_dir) -> str | None:
     """The "family" in a draftkit export's draftkit.json (None for a plain HF draft LM)."""
     info = Path(draft_dir) / "draftkit.json"
@@ -185,7 +193,10 @@ def main(argv: list[str] | None = None) -> int:
 
     target = load_target(args.target, dtype=args.dtype, device=args.device)
     family = artifact_family(args.draft)
-    if family == "medusa":  # draft heads: tree or chain decoding (draftkit.export.medusa)
+    evaluate_args = {}
+    if family == "kangaroo":  # self-drafting: drafts and verifies over the target's own layers
+        draft = evaluate_args["verifier"] = kangaroo_decoder(args, target)
+    elif family == "medusa":  # draft heads: tree or chain decoding (draftkit.export.medusa)
         draft = medusa_drafter(args, target)
     elif family == "hydra_heads":  # draftkit's heads format (draftkit.export.heads_dir)
         draft = hydra_drafter(args, target)
@@ -199,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate_draft(
         target, draft, prompts,
         gamma=args.gamma, temperature=args.temperature, acceptance=args.acceptance, max_new_tokens=args.max_new_tokens,
-        measure_speedup=not args.no_speedup, seed=args.seed, progress=not args.no_progress,
+        measure_speedup=not args.no_speedup, seed=args.seed, progress=not args.no_progress, **evaluate_args,
     )
     report["config"].update(draft=str(args.draft), prompts=str(prompts_path))
     markdown = render_markdown(report)

@@ -14,9 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 from draftkit.data.chat import tokenize_chat
 from draftkit.data.selfdistill import prompts_from_records, regenerate_responses
 from draftkit.data.sources import builtin_path, load_records
-from draftkit.engine.checkpoint import write_json_atomic
-from draftkit.engine.run import record_run
+from draftkit.engine.checkpoint import write_json_atomic, write_text_atomic
 from draftkit.engine.distributed import is_main_process, main_process_first
+from draftkit.engine.run import record_run
 from draftkit.runtime.evaluate import evaluate_draft, load_prompts
 
 
@@ -71,9 +71,10 @@ def prompt_file(source: str) -> Path:
 
 
 def measure_acceptance(target, draft, eval_cfg: DictConfig, path: Path, extra_settings: dict | None = None,
-                       acceptance: str = "greedy") -> dict | None:
-    """Evaluate the draft (a model, or a Drafter/TreeDrafter) on the eval prompts; a report already at `path` for the
-    same settings (eval_cfg plus extra_settings) is reused, so a resumed run does not measure the untrained draft again."""
+                       acceptance: str = "greedy", **evaluate_args) -> dict | None:
+    """Evaluate the draft (a model, or a Drafter/TreeDrafter; `evaluate_args` go to evaluate_draft) on the eval prompts;
+    a report already at `path` for the same settings (eval_cfg plus extra_settings) is reused, so a resumed run does
+    not measure the untrained draft again."""
     if not eval_cfg.enabled:
         return None
     settings = {**OmegaConf.to_container(eval_cfg, resolve=True), **(extra_settings or {})}
@@ -88,7 +89,7 @@ def measure_acceptance(target, draft, eval_cfg: DictConfig, path: Path, extra_se
         draft.eval()
     report = evaluate_draft(target, draft, prompts, gamma=eval_cfg.gamma, temperature=eval_cfg.temperature,
                             acceptance=acceptance, max_new_tokens=eval_cfg.max_new_tokens,
-                            measure_speedup=eval_cfg.measure_speedup)
+                            measure_speedup=eval_cfg.measure_speedup, **evaluate_args)
     if was_training is not None:
         draft.train(was_training)
     report["eval_settings"] = settings
@@ -124,3 +125,15 @@ def compare_markdown(reports: dict[str, dict | None]) -> str:
         row += [cell(o["tokens_per_s"], 1), cell(o.get("ar_tokens_per_s"), 1), cell(o.get("speedup"), suffix="x")]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def finish_run(run_dir: Path, sink, before: dict | None, after: dict | None, table: str, export_dir: Path,
+               what: str) -> Path:
+    """The end of a train-and-measure recipe: summary.md, the run's summary metrics, result.json, the console table."""
+    write_text_atomic(run_dir / "summary.md", table + "\n")
+    if after is not None:
+        sink.summary({"tau_before": before["overall"]["tau"] if before else None, "tau_after": after["overall"]["tau"]})
+    sink.finish()
+    write_json_atomic(run_dir / "result.json", {"export": str(export_dir), "before": before, "after": after})
+    print(f"\n{table}\n\n{what} exported to {export_dir}")
+    return export_dir

@@ -14,13 +14,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from draftkit.data.collate import collate
 from draftkit.data.packing import pack_texts
-from draftkit.engine.checkpoint import write_json_atomic, write_text_atomic
 from draftkit.engine.loop import stage_settings, train
 from draftkit.export.hf_dir import export_hf_draft
 from draftkit.objectives.ce import next_token_ce
 from draftkit.recipes.common import (
     build_draft,
     compare_markdown,
+    finish_run,
     load_sources,
     measure_acceptance,
     self_distilled_chats,
@@ -66,14 +66,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
         (run_dir / "eval_after.json").unlink(missing_ok=True)
     after = measure_acceptance(target, draft, cfg.eval, run_dir / "eval_after.json")
     table = compare_markdown({"before training": before, "after training": after})
-    write_text_atomic(run_dir / "summary.md", table + "\n")
     export_dir = export_hf_draft(
         draft, tokenizer, run_dir / "export", target_name=target.name, target_vocab_size=target.vocab_size,
         recipe="fastdraft", num_assistant_tokens=cfg.fastdraft.export.num_assistant_tokens,
         resolved_config_yaml=OmegaConf.to_yaml(cfg, resolve=True), eval_table_md=table)
-    if after is not None:
-        sink.summary({"tau_before": before["overall"]["tau"] if before else None, "tau_after": after["overall"]["tau"]})
-    sink.finish()
-    write_json_atomic(run_dir / "result.json", {"export": str(export_dir), "before": before, "after": after})
-    print(f"\n{table}\n\nDraft exported to {export_dir}")
-    return export_dir
+    return finish_run(run_dir, sink, before, after, table, export_dir, "Draft")

@@ -7,6 +7,8 @@ from draftkit.runtime.speculative import (
     GenerationOutput,
     GenerationStats,
     LMDrafter,
+    ModelVerifier,
+    Verifier,
     autoregressive_generate,
     speculative_generate,
 )
@@ -19,6 +21,8 @@ __all__ = [
     "GenerationOutput",
     "GenerationStats",
     "LMDrafter",
+    "ModelVerifier",
+    "Verifier",
     "autoregressive_generate",
     "evaluate_draft",
     "load_prompts",

@@ -15,6 +15,7 @@ from draftkit.runtime.speculative import (
     Drafter,
     GenerationStats,
     LMDrafter,
+    Verifier,
     autoregressive_generate,
     speculative_generate,
 )
@@ -169,6 +170,7 @@ def evaluate_draft(
     measure_speedup: bool = True,
     seed: int = 0,
     progress: bool = True,
+    verifier: Verifier | None = None,
 ) -> dict:
     """Speculative decoding of `target` with `draft` (a draft LM, or any Drafter) on the first turn of each Spec-Bench record.
 
@@ -177,6 +179,7 @@ def evaluate_draft(
     AR baseline's tokens/s on the same prompts, speedup and (greedy only) how many outputs differ from AR.
     A TreeDrafter (runtime/tree.py) decodes with tree verification (`acceptance` picks greedy or Medusa's lossy
     typical acceptance); its alpha is per tree depth and `gamma` becomes its max_depth.
+    `verifier` replaces whole-target verification (self-drafting families; see runtime.speculative.Verifier).
     """
     if not prompts:
         raise ValueError("evaluate_draft needs at least one prompt")
@@ -199,6 +202,7 @@ def evaluate_draft(
         return speculative_generate(
             target.model, drafter, ids, gamma=gamma, temperature=temperature, max_new_tokens=new_tokens,
             eos_token_id=eos, generator=torch.Generator(device=device).manual_seed(seed + seed_offset),
+            verifier=verifier,
         )
 
     def autoregressive(ids: torch.Tensor, seed_offset: int, new_tokens: int):

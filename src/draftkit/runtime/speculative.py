@@ -80,6 +80,20 @@ def capture_target_hidden(target_model: nn.Module, which: str | None):
         handle.remove()
 
 
+class Verifier(Protocol):
+    """The target side: scores the committed sequence plus a draft in one forward. The default runs the whole target
+    with its own KV cache; self-drafting families (Kangaroo) share target layers with their draft and bring their own."""
+
+    def reset(self) -> None:
+        """Forget all state; the next `logits` call sees a new sequence."""
+
+    def logits(self, sequence: torch.Tensor, draft_tokens: torch.Tensor) -> torch.Tensor:
+        """[k + 1, V]: row i predicts draft position i (row k the bonus token), for `sequence` [1, L] + `draft_tokens` [k]."""
+
+    def rollback(self, num_valid_tokens: int) -> None:
+        """Only the first `num_valid_tokens` tokens seen so far are still valid."""
+
+
 def new_cache() -> DynamicCache:
     """A cache of full-length layers, even for sliding-window models (the mask still applies the window).
 
@@ -140,6 +154,26 @@ class LMDrafter:
             probs=None if temperature == 0.0 else torch.stack(probs),
             forwards=num_tokens,
         )
+
+    def rollback(self, num_valid_tokens: int) -> None:
+        truncate_cache(self.cache, num_valid_tokens)
+
+
+class ModelVerifier:
+    """The whole target model with a KV cache. The cache always ends one token short of the committed sequence: the
+    newest committed token came out of the target's own logits and has not been fed back yet."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.cache: DynamicCache | None = None
+
+    def reset(self) -> None:
+        self.cache = new_cache()
+
+    def logits(self, sequence: torch.Tensor, draft_tokens: torch.Tensor) -> torch.Tensor:
+        feed = torch.cat([sequence[:, self.cache.get_seq_length():], draft_tokens.view(1, -1)], dim=1)
+        k = draft_tokens.numel()
+        return self.model(input_ids=feed, past_key_values=self.cache, use_cache=True, logits_to_keep=k + 1).logits[0]
 
     def rollback(self, num_valid_tokens: int) -> None:
         truncate_cache(self.cache, num_valid_tokens)
@@ -286,12 +320,14 @@ def speculative_generate(
     max_new_tokens: int = 128,
     eos_token_id: int | Iterable[int] | None = None,
     generator: torch.Generator | None = None,
+    verifier: Verifier | None = None,
 ) -> GenerationOutput:
     """Generate up to `max_new_tokens` tokens after `input_ids` ([1, T]) with chain speculative decoding.
 
     temperature 0 is greedy (output identical to the target's own greedy decoding, up to floating-point ties); above 0
     the output is distributed exactly as the target sampled at that temperature (applied to both models). Generation stops
-    after the first EOS, which is kept. `generator` must live on the target's device; None means seed 0.
+    after the first EOS, which is kept. `generator` must live on the target's device; None means seed 0. `verifier`
+    replaces the default whole-model verification (`ModelVerifier(target_model)`).
     """
     _check_prompt(input_ids)
     if gamma < 1:
@@ -299,14 +335,17 @@ def speculative_generate(
     device = input_ids.device
     generator = _sampling_generator(temperature, device, generator)
     eos_ids = _eos_ids(eos_token_id)
+    verifier = verifier if verifier is not None else ModelVerifier(target_model)
+    hidden_wanted = getattr(drafter, "target_hidden", None)
+    if hidden_wanted is not None and not isinstance(verifier, ModelVerifier):
+        raise ValueError("a feature drafter reads the whole target's hidden states, so it needs the default verifier")
     stats = GenerationStats(proposed_per_position=[0] * gamma, accepted_per_position=[0] * gamma)
     generated: list[int] = []
     _synchronize(device)
     start = time.perf_counter()
-    hidden_wanted = getattr(drafter, "target_hidden", None)
     with torch.inference_mode(), capture_target_hidden(target_model, hidden_wanted) as captured:
         drafter.reset()
-        target_cache = new_cache()
+        verifier.reset()
         sequence = input_ids
         while len(generated) < max_new_tokens:
             # Each step commits at most k + 1 tokens, so shrinking k near the end never overshoots max_new_tokens.
@@ -314,11 +353,9 @@ def speculative_generate(
             proposal = drafter.propose(sequence, num_draft, temperature, generator)
             draft_tokens = proposal.tokens.to(device)
             k = draft_tokens.numel()
-            fed_from = target_cache.get_seq_length()
-            feed = torch.cat([sequence[:, fed_from:], draft_tokens.view(1, -1)], dim=1)
-            logits = target_model(
-                input_ids=feed, past_key_values=target_cache, use_cache=True, logits_to_keep=k + 1
-            ).logits[0]
+            # Feature drafters read the states of the positions this forward feeds (the default verifier's cache tail).
+            fed_from = verifier.cache.get_seq_length() if hidden_wanted is not None else 0
+            logits = verifier.logits(sequence, draft_tokens)
             if temperature == 0.0:
                 num_accepted, next_token = verify_greedy(draft_tokens, logits)
             else:
@@ -336,7 +373,7 @@ def speculative_generate(
             if hit_eos:
                 break
             valid = sequence.shape[1] + n
-            truncate_cache(target_cache, valid)
+            verifier.rollback(valid)
             if hidden_wanted is not None:
                 drafter.observe_target_hidden(captured["hidden"][:, : valid - fed_from])
             drafter.rollback(valid)

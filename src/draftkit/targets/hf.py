@@ -34,6 +34,48 @@ class Features:
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
+class LayerCache:
+    """Keys and values per decoder layer, where each layer may hold a different number of positions.
+
+    Self-drafting runs the first layers ahead of the rest (Kangaroo drafts through layers 0..l-1 and verifies
+    through l..N-1 later), which transformers' caches do not model across versions; attention modules only
+    call `update(keys, values, layer_idx, ...)`, so this small class serves every version.
+    """
+
+    def __init__(self):
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_args, **_kwargs):
+        if layer_idx in self.keys:
+            key_states = torch.cat([self.keys[layer_idx], key_states], dim=-2)
+            value_states = torch.cat([self.values[layer_idx], value_states], dim=-2)
+        self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
+        return key_states, value_states
+
+    def length(self, layer_idx: int) -> int:
+        return self.keys[layer_idx].shape[-2] if layer_idx in self.keys else 0
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` positions of every layer."""
+        for layer_idx in self.keys:
+            self.keys[layer_idx] = self.keys[layer_idx][..., :length, :]
+            self.values[layer_idx] = self.values[layer_idx][..., :length, :]
+
+
+def causal_mask(
+    query_length: int, past_length: int, dtype: torch.dtype, device, padding_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Additive mask [B or 1, 1, q, past + q] for queries that follow `past_length` cached positions; the eager
+    and SDPA attention paths both add it to the scores. `padding_mask` [B, past + q] (1 = real token) hides keys."""
+    keys = torch.arange(past_length + query_length, device=device)
+    queries = torch.arange(query_length, device=device) + past_length
+    allowed = (keys[None, :] <= queries[:, None])[None, None]
+    if padding_mask is not None:
+        allowed = allowed & padding_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 def freeze(model: nn.Module) -> nn.Module:
     model.eval()
     for p in model.parameters():
@@ -131,6 +173,37 @@ class Target:
             for h in handles:
                 h.remove()
         return Features(logits=logits, last_hidden=last_hidden, hidden={i: captured[i] for i in layers})
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """hidden[0]: the residual stream before the first layer."""
+        return self._decoder().embed_tokens(input_ids)
+
+    @torch.no_grad()
+    def run_layers(self, hidden: torch.Tensor, start: int, end: int, cache: LayerCache) -> torch.Tensor:
+        """hidden[start] of new positions -> hidden[end], through decoder layers start..end-1 (no padding).
+
+        The new positions follow what `cache` already holds for layer `start`; their keys and values are appended.
+        Splitting a forward into layer ranges gives the same states as one pass (tested), so a caller can run
+        the first layers ahead and the rest later on the states it kept.
+        """
+        if not 0 <= start <= end <= self.num_layers:
+            raise ValueError(f"layer range {start}..{end} is outside the target's depth 0..{self.num_layers}")
+        decoder = self._decoder()
+        past = cache.length(start) if start < end else 0
+        query_length = hidden.shape[1]
+        position_ids = torch.arange(past, past + query_length, device=hidden.device)[None]
+        position_embeddings = decoder.rotary_emb(hidden, position_ids)
+        mask = causal_mask(query_length, past, hidden.dtype, hidden.device)
+        for layer in decoder.layers[start:end]:
+            output = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                           use_cache=True, position_embeddings=position_embeddings)
+            hidden = output[0] if isinstance(output, tuple) else output
+        return hidden
+
+    @torch.no_grad()
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from hidden[num_layers] (final norm, then the LM head)."""
+        return self.lm_head(self._decoder().norm(hidden))
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,45 @@
+"""SpecDec++ (Huang, Guo, Wang; arXiv 2405.19715): an acceptance-prediction head on a standalone draft's hidden state.
+
+The head reads the draft's last hidden state at the position whose input is draft token Z_i and predicts whether the
+target accepts Z_i: residual blocks (each with its own weights; the reference's `[ResBlock(h)] * n` shares one block,
+methods.md §4(b).9) and a 2-way output where class 1 is "accepted".
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ResBlock(nn.Module):
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, hidden_size)
+        self.act = nn.SiLU()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + self.act(self.linear(hidden))
+
+
+class AcceptanceHead(nn.Module):
+    """hidden [..., H] -> logits [..., 2] (index 1 = accepted)."""
+
+    def __init__(self, hidden_size: int, num_layers: int = 3):
+        super().__init__()
+        self.hidden_size, self.num_layers = hidden_size, num_layers
+        self.blocks = nn.Sequential(*[ResBlock(hidden_size) for _ in range(num_layers)])
+        self.out = nn.Linear(hidden_size, 2)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.out(self.blocks(hidden.to(self.out.weight.dtype)))
+
+    def accept_probability(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.forward(hidden).float(), dim=-1)[..., 1]
+
+
+def acceptance_head(hidden_size: int, num_layers: int = 3, seed: int = 0) -> AcceptanceHead:
+    if num_layers < 0 or hidden_size < 1:
+        raise ValueError(f"acceptance head needs hidden_size >= 1 and num_layers >= 0; got {hidden_size}, {num_layers}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AcceptanceHead(hidden_size, num_layers)

@@ -1,0 +1,115 @@
+"""Kangaroo adapter artifact: what the adapter needs to run on top of its target, and nothing of the target itself.
+
+Layout:
+  config.json         the adapter's LlamaConfig (the target's text config with num_hidden_layers = 1)
+  model.safetensors   norm.weight, layers.0.input_layernorm.weight, layers.0.self_attn.{q,k,v,o}_proj.weight
+                      (the reference implementation's names; it loads them with strict=False, draftkit checks them)
+  draftkit.json       {"family": "kangaroo", target, target_num_layers, target_hidden_size, target_vocab_size,
+                       exit_layer, threshold, max_draft_tokens, tensors: {name: shape}}
+  README.md           model card with the measured acceptance table
+No serving runtime loads Kangaroo adapters (formats.md §(a2)); `python -m draftkit.eval --draft <dir>` runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig
+
+from draftkit.drafts.kangaroo import KangarooAdapter
+from draftkit.engine.checkpoint import replace_directory
+
+FAMILY = "kangaroo"
+FORMAT_VERSION = 1
+
+CARD = """---
+tags: [speculative-decoding, kangaroo, draftkit]
+---
+# Kangaroo adapter for {target}
+
+Self-speculative decoding: the target's first {exit_layer} of {num_layers} layers plus this adapter (one attention-only
+decoder layer and a norm, {params:,} parameters) draft through the target's own LM head; drafting stops early when the
+draft's top-1 probability falls below {threshold}, and verification runs only layers {exit_layer}..{last_layer} on the
+cached early-exit states. Trained with draftkit (recipe `kangaroo`).
+
+## Measured acceptance
+{eval_table}
+
+## Use it
+```
+python -m draftkit.eval --draft <this directory> --target <the target> --gamma {max_draft_tokens}
+```
+"""
+
+
+def expected_keys(adapter: KangarooAdapter) -> dict[str, list[int]]:
+    return {name: list(tensor.shape) for name, tensor in adapter.state_dict().items()}
+
+
+def export_kangaroo(
+    adapter: KangarooAdapter, out_dir: Path, *, target_name: str, target_num_layers: int, target_vocab_size: int,
+    exit_layer: int, threshold: float, max_draft_tokens: int, eval_table_md: str = "(not measured)",
+) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter.state_dict().items()}
+        adapter.config.to_json_file(staging / "config.json")
+        save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
+        meta = {
+            "family": FAMILY, "format_version": FORMAT_VERSION, "target": target_name,
+            "target_num_layers": target_num_layers, "target_hidden_size": adapter.config.hidden_size,
+            "target_vocab_size": target_vocab_size, "exit_layer": exit_layer, "threshold": threshold,
+            "max_draft_tokens": max_draft_tokens, "tensors": expected_keys(adapter),
+        }
+        (staging / "draftkit.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (staging / "README.md").write_text(CARD.format(
+            target=target_name, exit_layer=exit_layer, num_layers=target_num_layers, last_layer=target_num_layers - 1,
+            params=sum(t.numel() for t in tensors.values()), threshold=threshold, eval_table=eval_table_md,
+            max_draft_tokens=max_draft_tokens))
+        replace_directory(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def load_kangaroo(path: Path, target_shape: tuple[int, int] | None = None) -> tuple[KangarooAdapter, dict]:
+    """The adapter (fp32, eval mode) and its draftkit.json; any missing, unexpected or misshapen tensor is an error.
+    `target_shape` = (num_layers, vocab_size) of the target it will run on, checked against the one it was trained for."""
+    path = Path(path)
+    meta_file = path / "draftkit.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path} has no draftkit.json; it is not a draftkit Kangaroo export")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("family") != FAMILY:
+        raise ValueError(f"{path} holds a {meta.get('family')!r} artifact, not a Kangaroo adapter")
+    trained_for = (meta["target_num_layers"], meta["target_vocab_size"])
+    if target_shape is not None and tuple(target_shape) != trained_for:
+        raise ValueError(
+            f"the Kangaroo adapter in {path} was trained for {meta['target']} ({trained_for[0]} layers, vocabulary "
+            f"{trained_for[1]}), not for a target with {target_shape[0]} layers and vocabulary {target_shape[1]}. "
+            "Fix: pass that target (--target), or train an adapter for this one"
+        )
+    adapter = KangarooAdapter(LlamaConfig.from_json_file(path / "config.json"))
+    adapter.config._attn_implementation = "sdpa"
+    expected = expected_keys(adapter)
+    tensors = load_file(path / "model.safetensors")
+    found = {k: list(v.shape) for k, v in tensors.items()}
+    if found != expected or meta.get("tensors") != expected:
+        missing = sorted(set(expected) - set(found))
+        unexpected = sorted(set(found) - set(expected))
+        misshapen = sorted(k for k in set(found) & set(expected) if found[k] != expected[k])
+        raise ValueError(
+            f"{path}/model.safetensors does not match a Kangaroo adapter for its config.json: missing {missing}, "
+            f"unexpected {unexpected}, wrong shape {misshapen}"
+            + ("" if meta.get("tensors") == expected else "; the draftkit.json manifest disagrees too")
+            + ". Fix: re-export the adapter with draftkit"
+        )
+    adapter.load_state_dict(tensors, strict=True)
+    return adapter.float().eval(), meta

@@ -1,0 +1,85 @@
+"""Kangaroo: train an adapter on the target's early exit to match the full model's next-token distribution.
+
+Data: the target's own answers to the data group's prompts (self-distillation), loss on the answer tokens. Each step
+runs the frozen target once (its early-exit hidden state and its logits), the adapter on the early exit, and the
+target's frozen LM head on the adapter's output; the loss is soft cross entropy to the full model (objectives/kangaroo.py).
+Acceptance is measured with Kangaroo's own runtime (runtime/kangaroo.py) before and after training.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from draftkit.data.collate import collate
+from draftkit.drafts.kangaroo import kangaroo_adapter
+from draftkit.engine.loop import stage_settings, train
+from draftkit.engine.run import record_run
+from draftkit.export.kangaroo import export_kangaroo
+from draftkit.objectives.kangaroo import kangaroo_loss
+from draftkit.recipes.common import compare_markdown, finish_run, measure_acceptance, self_distilled_chats
+from draftkit.runtime.kangaroo import KangarooDecoder
+from draftkit.targets.hf import Target, causal_mask
+
+INITS = ("target", "random")
+
+
+def kangaroo_step(target: Target, exit_layer: int):
+    """step_fn for the loop; the frozen target stays in the closure, outside the trained module."""
+
+    def step(adapter, batch):
+        features = target.features(batch["input_ids"], batch["attention_mask"], layers=[exit_layer], with_logits=True)
+        early = features.hidden[exit_layer]
+        length = early.shape[1]
+        positions = torch.arange(length, device=early.device)[None]
+        mask = causal_mask(length, 0, early.dtype, early.device, padding_mask=batch["attention_mask"])
+        adapter_logits = target.lm_head(adapter(early, positions, mask))
+        return kangaroo_loss(adapter_logits, features.logits, batch["labels"])
+
+    return step
+
+
+def build_adapter(target: Target, exit_layer: int, init: str, seed: int):
+    if init not in INITS:
+        raise ValueError(f"kangaroo.init={init!r}: choose from {list(INITS)}")
+    decoder = target.model.get_decoder()
+    # The exit layer is checked by the builder before any of the target's layers is indexed.
+    source = decoder.layers[exit_layer] if init == "target" and 1 <= exit_layer < target.num_layers else None
+    return kangaroo_adapter(
+        target.config, exit_layer, init_attention=source.self_attn if source else None,
+        init_input_norm=source.input_layernorm if source else None,
+        init_final_norm=decoder.norm if init == "target" else None, seed=seed)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> Path:
+    settings = cfg.kangaroo
+    target = instantiate(cfg.target)
+    adapter = build_adapter(target, settings.exit_layer, settings.init, cfg.engine.seed).to(target.device)
+    record_run(run_dir, cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    sink = instantiate(cfg.logger, _recursive_=False, run_dir=str(run_dir), run_config=config, run_name=run_dir.name)
+    engine = OmegaConf.to_container(cfg.engine, resolve=True)
+    decoder = KangarooDecoder(target, adapter, settings.exit_layer, settings.threshold)
+
+    def measure(path: Path):
+        return measure_acceptance(target, decoder, cfg.eval, path, verifier=decoder)
+
+    before = measure(run_dir / "eval_before.json") if cfg.eval.get("before") else None
+    chats = self_distilled_chats(cfg.data, target, run_dir, engine["seed"])
+    result = train(model=adapter, step_fn=kangaroo_step(target, settings.exit_layer), dataset=chats,
+                   collate=partial(collate, pad_token_id=target.tokenizer.pad_token_id),
+                   settings=stage_settings(engine), stage_dir=run_dir / "adapter", sink=sink, resume=cfg.resume,
+                   desc="adapter")
+    if result.resumed_from != result.steps:  # the adapter changed: an earlier report is stale
+        (run_dir / "eval_after.json").unlink(missing_ok=True)
+    after = measure(run_dir / "eval_after.json")
+    table = compare_markdown({"before training": before, "after training": after})
+    export_dir = export_kangaroo(
+        adapter, run_dir / "export", target_name=target.name, target_num_layers=target.num_layers,
+        target_vocab_size=target.vocab_size, exit_layer=settings.exit_layer, threshold=settings.threshold,
+        max_draft_tokens=cfg.eval.gamma, eval_table_md=table)
+    return finish_run(run_dir, sink, before, after, table, export_dir, "Kangaroo adapter")
