@@ -57,8 +57,10 @@ def final_training_metrics(run_dir: Path) -> dict:
     return {"final_loss": history[-1]["loss"], "final_alpha_hat": history[-1]["alpha_hat"], "steps": len(history)}
 
 
-def sweep(run_dirs: dict[int, Path], budget: dict, target_path: str | None, cpu_smoke: bool) -> dict:
-    """Evaluate every trained adapter at every threshold in this process (one target load)."""
+def sweep(run_dirs: dict[int, Path], budget: dict, target_path: str | None, cpu_smoke: bool, done_dir: Path) -> dict:
+    """Evaluate every trained adapter at every threshold in this process (one target load). Each measurement is
+    written to `done_dir` as it finishes and reused when the driver runs again, so a sweep cut short by a time
+    limit resumes where it stopped."""
     from draftkit.export.kangaroo import load_kangaroo
     from draftkit.runtime.evaluate import evaluate_draft, load_prompts
     from draftkit.runtime.kangaroo import KangarooDecoder
@@ -72,17 +74,24 @@ def sweep(run_dirs: dict[int, Path], budget: dict, target_path: str | None, cpu_
         adapter, _ = load_kangaroo(run_dir / "export", target_shape=(target.num_layers, target.vocab_size))
         adapter.to(target.device)
         for threshold in budget["thresholds"]:
+            key = f"exit{exit_layer}_threshold{threshold}"
+            done = done_dir / f"{key}.json"
+            if done.is_file():
+                results[key] = json.loads(done.read_text())
+                continue
             decoder = KangarooDecoder(target, adapter, exit_layer, threshold)
             report = evaluate_draft(target, decoder, prompts, gamma=budget["gamma"], max_new_tokens=budget["max_new_tokens"],
                                     verifier=decoder, progress=False)
             o = report["overall"]
-            results[f"exit{exit_layer}_threshold{threshold}"] = {
+            results[key] = {
                 "exit_layer": exit_layer, "threshold": threshold,
                 **{k: o[k] for k in ("tau", "alpha", "draft_acceptance", "drafted_tokens", "target_forwards",
                                      "new_tokens", "tokens_per_s", "ar_tokens_per_s", "speedup",
                                      "outputs_differing_from_ar")},
                 "mean_chain_length": o["drafted_tokens"] / o["target_forwards"],
             }
+            done_dir.mkdir(parents=True, exist_ok=True)
+            done.write_text(json.dumps(results[key]))
             print(f"exit {exit_layer} threshold {threshold}: tau {o['tau']:.3f}, speedup {o['speedup']:.3f}x", flush=True)
     return results
 
@@ -115,7 +124,7 @@ def main() -> None:
         training[f"exit{exit_layer}"] = final_training_metrics(run_dir)
         run_dirs[exit_layer] = run_dir
     sweep_start = time.perf_counter()
-    measurements = sweep(run_dirs, budget, args.target_path, args.cpu_smoke)
+    measurements = sweep(run_dirs, budget, args.target_path, args.cpu_smoke, args.work / "sweep")
     wall["sweep"] = time.perf_counter() - sweep_start
     wall["total"] = time.perf_counter() - start
     date = time.strftime("%Y-%m-%d")
