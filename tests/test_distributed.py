@@ -117,6 +117,22 @@ def test_simulated_two_node_launch_runs_a_recipe_to_completion(tmp_path):
     assert len((run_dir / "selfdistill.jsonl").read_text().splitlines()) == 6
 
 
+def test_zero3_head_recipe_partitions_the_target_over_two_ranks(tmp_path):
+    """The real hydra_heads recipe under dist=zero3 on 2 ranks: the frozen target is split between the ranks, the
+    heads (which read the target's LM head weight directly) still train, and both ranks evaluate in lockstep."""
+    run_dir = tmp_path / "run"
+    _torchrun("-m", "draftkit.train", "+recipe=hydra_heads", "+debug=tiny", "dist=zero3", "logger=jsonl",
+              "eval.before=false", "eval.measure_speedup=false", f"hydra.run.dir={run_dir}")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    held, total = rows[0]["hydra_heads/frozen_param_elements_this_rank"], rows[0]["hydra_heads/frozen_param_elements_total"]
+    assert held == total // 2
+    losses = [r["hydra_heads/loss"] for r in rows if "hydra_heads/loss" in r]
+    assert len(losses) == 3 and all(0 < loss < 100 for loss in losses)
+    result = json.loads((run_dir / "result.json").read_text())
+    assert all(report["overall"]["tau"] >= 1.0 for report in result["after"].values())
+    assert (run_dir / "export" / "draftkit.json").is_file()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Bad input: one clear error before any process starts work.
 

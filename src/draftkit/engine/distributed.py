@@ -570,3 +570,12 @@ def prepare_frozen(modules, dist: DistributedSettings, config: dict | None, devi
         else:
             module.to(device)
     return engines
+
+
+def frozen_param_counts(modules) -> tuple[int, int]:
+    """(elements this rank holds, elements in all) over the frozen modules' parameters; under ZeRO-3 a rank holds
+    only its partition (`ds_tensor`) of each."""
+    params = [p for module in modules for p in module.parameters()]
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
+    return local, total

@@ -24,6 +24,7 @@ from draftkit.engine.distributed import (
     DistributedSettings,
     as_settings,
     deepspeed_config,
+    frozen_param_counts,
     prepare_frozen,
     world_size_from_env,
 )
@@ -165,6 +166,10 @@ def train(
     frozen_engines = prepare_frozen(
         frozen, dist, settings.deepspeed_config(runtime.num_processes) if dist.backend == "deepspeed" else None,
         runtime.device)
+    if frozen_engines and runtime.is_main_process:  # shows the partitioning in the run's metrics
+        local, total = frozen_param_counts(frozen)
+        sink.log({f"{desc}/frozen_param_elements_this_rank": local, f"{desc}/frozen_param_elements_total": total},
+                 step=0)
     model = runtime.model
     stream = BatchStream(dataset, settings.micro_batch_size, collate, seed=settings.seed,
                          rank=runtime.process_index, world_size=runtime.num_processes)

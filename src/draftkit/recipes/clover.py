@@ -16,16 +16,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from draftkit.objectives.clover import clover_loss
+from draftkit.recipes.common import frozen_weight
 from draftkit.recipes.heads_common import LABEL_SOURCES, start_run, train_measure_export, training_chats
 from draftkit.runtime.heads import CloverDrafter
 
 FAMILY = "clover"
 
 
-def clover_step(target, feature_weight: float, token_weight: float, decay: float):
+def clover_step(target, lm_head, feature_weight: float, token_weight: float, decay: float):
     """The frozen target gives its pre-norm final state (the model's input), and its post-norm states and logits
-    (the regression and soft-label targets) in one pass."""
-    lm_head = target.lm_head.weight
+    (the regression and soft-label targets) in one pass; `lm_head` is its LM head's weight."""
 
     def step(model, batch):
         features = target.features(batch["input_ids"], batch["attention_mask"], layers=[target.num_layers])
@@ -46,12 +46,13 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
         hidden_size=target.hidden_size, target_config=target.config, init_layer=decoder.layers[-1],
         final_norm=decoder.norm).to(target.device)
     chats = training_chats(cfg, target, run_dir, c.labels, engine["seed"])
+    lm_head = frozen_weight(target.lm_head.weight, engine)
 
     def drafter(shape):
         # Clover's token embeddings are rows of the target's LM head (the reference's frozen copy of it).
-        return CloverDrafter(model, target.lm_head.weight, target.lm_head.weight, shape)
+        return CloverDrafter(model, lm_head, lm_head, shape)
 
     return train_measure_export(
         cfg, run_dir, family=FAMILY, module=model, module_cfg=c.model, chats=chats, make_drafter=drafter,
-        step=clover_step(target, c.feature_weight, c.token_weight, c.decay), tree_cfg=c.tree, target=target,
+        step=clover_step(target, lm_head, c.feature_weight, c.token_weight, c.decay), tree_cfg=c.tree, target=target,
         sink=sink, engine=engine, export_dtype=c.export_dtype)

@@ -29,6 +29,19 @@ def start_run(cfg: DictConfig, run_dir: Path):
     return sink, engine, instantiate(cfg.target)
 
 
+def partitions_target(engine: dict) -> bool:
+    """Whether training will partition the frozen target across ranks (dist=zero3 with train(frozen=[target]))."""
+    dist = engine.get("distributed") or {}
+    return dist.get("backend") == "deepspeed" and dist.get("zero_stage") == 3
+
+
+def frozen_weight(weight, engine: dict):
+    """A target weight the draft reads directly (a shared LM head, an embedding table), for use during and after
+    training. ZeRO-3 swaps the target's parameters for empty placeholders once training starts (they are gathered
+    only inside the target's own forward), so under ZeRO-3 the draft gets a private frozen copy taken now."""
+    return weight.detach().clone() if partitions_target(engine) else weight
+
+
 def build_draft(draft_cfg: DictConfig, target):
     """The `draft` group instantiated for `target`: every builder receives the same call-site arguments."""
     tokenizer = target.tokenizer

@@ -92,7 +92,7 @@ def train_measure_export(cfg: DictConfig, run_dir: Path, *, family: str, module,
     result = train(model=module, step_fn=step, dataset=chats,
                    collate=partial(collate, pad_token_id=target.tokenizer.pad_token_id),
                    settings=stage_settings(engine), stage_dir=run_dir / "train", sink=sink, resume=cfg.resume,
-                   desc=family)
+                   desc=family, frozen=[target.model])
     after, table = measure_after_training(result, measure, before, run_dir)
     export = export_heads_dir(module, run_dir / "export", family=family, architecture=architecture(module_cfg),
                               target_name=target.name, hidden_size=target.hidden_size, vocab_size=target.vocab_size,

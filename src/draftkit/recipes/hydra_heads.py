@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from draftkit.objectives.hydra_heads import hydra_loss
+from draftkit.recipes.common import frozen_weight
 from draftkit.recipes.heads_common import LABEL_SOURCES, start_run, train_measure_export, training_chats
 from draftkit.runtime.heads import HydraDrafter
 
@@ -41,7 +42,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     build = instantiate(h.heads, _partial_=True)
     heads = build(hidden_size=target.hidden_size, vocab_size=target.vocab_size, target_config=target.config,
                   lm_head_weight=target.lm_head.weight).to(target.device)
-    shared = target.lm_head.weight if heads.lm_heads is None else None
+    shared = frozen_weight(target.lm_head.weight, engine) if heads.lm_heads is None else None
     chats = training_chats(cfg, target, run_dir, h.labels, engine["seed"])
 
     def drafter(shape):

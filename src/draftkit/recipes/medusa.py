@@ -27,6 +27,7 @@ from draftkit.export.medusa import export_medusa_fasterdecoding, export_medusa_v
 from draftkit.objectives.ce import IGNORE_INDEX, next_token_ce
 from draftkit.objectives.kl import forward_kl
 from draftkit.objectives.medusa import medusa2_loss, medusa_loss
+from draftkit.recipes.common import frozen_weight
 from draftkit.recipes.heads_common import (
     LABEL_SOURCES,
     measure_after_training,
@@ -92,9 +93,11 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     heads = instantiate(m.heads, hidden_size=target.hidden_size, vocab_size=target.vocab_size,
                         lm_head_weight=target.lm_head.weight).to(target.device)
     chats = training_chats(cfg, target, run_dir, m.labels, engine["seed"])
+    # Medusa-2 trains the target itself (it is then part of the trained model, whole again after training).
+    lm_head = target.lm_head.weight if m.joint else frozen_weight(target.lm_head.weight, engine)
 
     def drafter(shape):
-        shared = target.lm_head.weight if heads.lm_heads is None else None
+        shared = (target.lm_head.weight if m.joint else lm_head) if heads.lm_heads is None else None
         return MedusaDrafter(heads, shape, shared_lm_head=shared)
 
     measure = partial(measure_heads, target, drafter, heads, cfg, m.tree, heads.num_heads, run_dir)
@@ -107,11 +110,11 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
         step = joint_step(m.decay, js.target_loss, js.heads_coefficient)
     else:
         model = heads
-        step = heads_step(target, target.lm_head.weight if heads.lm_heads is None else None, m.decay)
+        step = heads_step(target, lm_head if heads.lm_heads is None else None, m.decay)
     result = train(model=model, step_fn=step, dataset=chats,
                    collate=partial(collate, pad_token_id=target.tokenizer.pad_token_id),
                    settings=stage_settings(engine), stage_dir=run_dir / "train", sink=sink, resume=cfg.resume,
-                   desc="medusa")
+                   desc="medusa", frozen=[] if m.joint else [target.model])
 
     export_root = run_dir / "export"
     extra = {"recipe": "medusa", "joint": bool(m.joint)}
@@ -124,7 +127,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     exports = {}
     if "vllm" in m.export.formats:
         exports["vllm"] = export_medusa_vllm(heads, export_root / "vllm", target_name=target.name,
-                                             target_lm_head=target.lm_head.weight, dtype=m.export.dtype,
+                                             target_lm_head=target.lm_head.weight if m.joint else lm_head,
+                                             dtype=m.export.dtype,
                                              extra_info=extra)
     if "fasterdecoding" in m.export.formats:
         exports["fasterdecoding"] = export_medusa_fasterdecoding(heads, export_root / "fasterdecoding",
