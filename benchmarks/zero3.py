@@ -3,8 +3,8 @@
 The real recipe runs unchanged (`python -m draftkit.train +recipe=hydra_heads dist=zero3`) under torchrun with one
 process per GPU. The recipe hands the frozen target to the loop as `frozen=[target.model]`, so under ZeRO-3 each GPU
 holds half of the target's parameters and gathers them layer by layer in the forward; the heads are partitioned too.
-The target stays in fp32 (training runs under bf16 autocast): the heads runtime used for the evaluation after training
-expects the target's dtype to match its LM-head weight, which `dist.frozen_dtype=bfloat16` would break. The same run under `dist=zero2` (target replicated on every GPU) is the
+With `engine.precision=bf16` DeepSpeed holds the heads in bf16 and runs them without autocast, so the frozen target
+and the private copy of its LM head that the heads read run in bf16 too (`engine.distributed.frozen_dtype`). The same run under `dist=zero2` (target replicated on every GPU) is the
 comparison. Memory per GPU comes from nvidia-smi, sampled while the job runs (it includes the CUDA context and the
 allocator's cache, i.e. what the GPU really had in use); rank 0's allocator peak comes from the run's metrics.
 

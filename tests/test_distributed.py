@@ -14,11 +14,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import distributed_worker as worker
 from draftkit import preflight
 from draftkit.engine.batches import BatchStream
-from draftkit.engine.distributed import DistributedConfigError, DistributedSettings, validate_hostfile
+from draftkit.engine.distributed import DistributedConfigError, DistributedSettings, frozen_dtype, validate_hostfile
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed_worker.py"
@@ -199,6 +200,18 @@ def test_shipped_launch_configs_pass_the_preflight(capsys):
 def test_impossible_dist_settings_are_errors(settings, message):
     with pytest.raises(DistributedConfigError, match=message):
         DistributedSettings(**settings)
+
+
+@pytest.mark.parametrize("settings, precision, expected", [
+    ({}, "bf16", None),  # DDP autocasts: the target keeps the dtype it was loaded in
+    ({"backend": "deepspeed", "zero_stage": 3}, "fp32", None),
+    # DeepSpeed's bf16 engine holds the draft in bf16 without autocast: what feeds it must be bf16 too.
+    ({"backend": "deepspeed", "zero_stage": 2}, "bf16", torch.bfloat16),
+    ({"backend": "deepspeed", "zero_stage": 3, "frozen_dtype": "float32"}, "bf16", torch.float32),
+    ({"frozen_dtype": "bfloat16"}, "fp32", torch.bfloat16),
+])
+def test_frozen_modules_run_in_the_dtype_the_trained_ones_see(settings, precision, expected):
+    assert frozen_dtype(DistributedSettings(**settings), precision) == expected
 
 
 def test_data_position_translates_to_another_global_batch():

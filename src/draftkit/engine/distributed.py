@@ -542,7 +542,18 @@ def load_trainable(model: nn.Module, state: dict) -> None:
         )
 
 
-def prepare_frozen(modules, dist: DistributedSettings, config: dict | None, device) -> list:
+def frozen_dtype(dist: DistributedSettings, precision: str) -> torch.dtype | None:
+    """The dtype frozen modules run in: `dist.frozen_dtype` if set; else bf16 under DeepSpeed with bf16 precision,
+    whose engine holds the trained weights in bf16 and runs without autocast, so whatever feeds them (a target's
+    states, a shared LM head) must be bf16 too; else None (keep the loaded dtype)."""
+    if dist.frozen_dtype:
+        return getattr(torch, dist.frozen_dtype)
+    if dist.backend == "deepspeed" and precision == "bf16":
+        return torch.bfloat16
+    return None
+
+
+def prepare_frozen(modules, dist: DistributedSettings, config: dict | None, device, precision: str = "fp32") -> list:
     """Frozen modules (a target) run forward only: no gradients, no optimizer state; cast to dist.frozen_dtype.
     Under ZeRO-3 each becomes a DeepSpeed engine without an optimizer, so its parameters are partitioned across
     ranks and gathered layer by layer during its forward; every rank must then run it in lockstep."""
@@ -554,14 +565,15 @@ def prepare_frozen(modules, dist: DistributedSettings, config: dict | None, devi
         module.eval()
         for p in module.parameters():
             p.requires_grad_(False)
-        if dist.frozen_dtype:
-            module.to(getattr(torch, dist.frozen_dtype))
+        dtype = frozen_dtype(dist, precision)
+        if dtype is not None:
+            module.to(dtype)
         if dist.backend == "deepspeed" and dist.zero_stage == 3:
             import deepspeed
 
             cfg = frozen_config(config)
-            if dist.frozen_dtype:
-                cfg["bf16"] = {"enabled": dist.frozen_dtype == "bfloat16"}
+            if dtype is not None:
+                cfg["bf16"] = {"enabled": dtype == torch.bfloat16}
             engine, *_ = deepspeed.initialize(model=module, config=cfg)
             engine.eval()
             # Kept on the module (outside its registered submodules) so a later stage reuses the partitioning.

@@ -165,7 +165,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, settings))
     frozen_engines = prepare_frozen(
         frozen, dist, settings.deepspeed_config(runtime.num_processes) if dist.backend == "deepspeed" else None,
-        runtime.device)
+        runtime.device, settings.precision)
     if frozen_engines and runtime.is_main_process:  # shows the partitioning in the run's metrics
         local, total = frozen_param_counts(frozen)
         sink.log({f"{desc}/frozen_param_elements_this_rank": local, f"{desc}/frozen_param_elements_total": total},

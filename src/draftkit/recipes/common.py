@@ -15,7 +15,7 @@ from draftkit.data.chat import tokenize_chat
 from draftkit.data.selfdistill import prompts_from_records, regenerate_responses
 from draftkit.data.sources import builtin_path, load_records
 from draftkit.engine.checkpoint import write_json_atomic, write_text_atomic
-from draftkit.engine.distributed import is_main_process, main_process_first
+from draftkit.engine.distributed import as_settings, frozen_dtype, is_main_process, main_process_first
 from draftkit.engine.run import record_run
 from draftkit.runtime.evaluate import evaluate_draft, load_prompts
 
@@ -29,17 +29,15 @@ def start_run(cfg: DictConfig, run_dir: Path):
     return sink, engine, instantiate(cfg.target)
 
 
-def partitions_target(engine: dict) -> bool:
-    """Whether training will partition the frozen target across ranks (dist=zero3 with train(frozen=[target]))."""
-    dist = engine.get("distributed") or {}
-    return dist.get("backend") == "deepspeed" and dist.get("zero_stage") == 3
-
-
 def frozen_weight(weight, engine: dict):
     """A target weight the draft reads directly (a shared LM head, an embedding table), for use during and after
     training. ZeRO-3 swaps the target's parameters for empty placeholders once training starts (they are gathered
-    only inside the target's own forward), so under ZeRO-3 the draft gets a private frozen copy taken now."""
-    return weight.detach().clone() if partitions_target(engine) else weight
+    only inside the target's own forward), so under ZeRO-3 the draft gets a private frozen copy taken now, in the
+    dtype the frozen target will run in."""
+    dist = as_settings(engine.get("distributed"))
+    if dist.backend != "deepspeed" or dist.zero_stage != 3:
+        return weight
+    return weight.detach().to(dtype=frozen_dtype(dist, engine.get("precision", "fp32")) or weight.dtype, copy=True)
 
 
 def build_draft(draft_cfg: DictConfig, target):

@@ -296,7 +296,8 @@ def load_target(
 
     resolved = resolve_target_path(path, gguf_file)
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        # Under a multi-process launcher every rank takes its own GPU (torchrun, accelerate and deepspeed set LOCAL_RANK).
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
     kwargs = {"dtype": getattr(torch, dtype)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
