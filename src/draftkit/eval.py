@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-speedup", action="store_true", help="skip the autoregressive baseline")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="time drafting and verification apart and report the predicted speedup and recommended "
+                             "gamma next to the measured one (one extra device sync per step)")
     parser.add_argument("--out", type=Path, default=None, help="where eval.json and eval.md go (default: the draft dir)")
     parser.add_argument("--tree", default="static", choices=["chain", "static", "topk"],
                         help="draft heads: chain (top-1 per head), static tree or per-step top-k tree")
@@ -210,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate_draft(
         target, draft, prompts,
         gamma=args.gamma, temperature=args.temperature, acceptance=args.acceptance, max_new_tokens=args.max_new_tokens,
-        measure_speedup=not args.no_speedup, seed=args.seed, progress=not args.no_progress, **evaluate_args,
+        measure_speedup=not args.no_speedup, seed=args.seed, progress=not args.no_progress, profile=args.profile,
+        **evaluate_args,
     )
     report["config"].update(draft=str(args.draft), prompts=str(prompts_path))
     markdown = render_markdown(report)

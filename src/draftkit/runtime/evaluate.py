@@ -19,6 +19,7 @@ from draftkit.runtime.speculative import (
     autoregressive_generate,
     speculative_generate,
 )
+from draftkit.runtime.predict import prediction
 from draftkit.runtime.tree import TreeDrafter, tree_generate
 from draftkit.targets.hf import Target
 
@@ -97,7 +98,8 @@ def eos_token_ids(target: Target) -> list[int]:
     return sorted(ids)
 
 
-def _summarize(rows: list[dict], gamma: int, measure_speedup: bool, greedy: bool) -> dict:
+def _summarize(rows: list[dict], gamma: int, measure_speedup: bool, greedy: bool, profile: bool = False,
+               chain: bool = True) -> dict:
     """Pool per-prompt counters (Spec-Bench pools accepted lengths over all steps, and tokens/s over all time)."""
     new_tokens = sum(r["new_tokens"] for r in rows)
     target_forwards = sum(r["target_forwards"] for r in rows)
@@ -130,6 +132,11 @@ def _summarize(rows: list[dict], gamma: int, measure_speedup: bool, greedy: bool
             # Sampled outputs differ from an independent AR sample by design, so the count only means something greedy.
             outputs_differing_from_ar=sum(not r["matches_ar"] for r in rows) if greedy else None,
         )
+    if profile:
+        summary.update(draft_time_s=sum(r["draft_time_s"] for r in rows),
+                       verify_time_s=sum(r["verify_time_s"] for r in rows))
+        if measure_speedup and summary["speedup"] is not None:
+            summary["prediction"] = prediction(summary, chain=chain)
     return summary
 
 
@@ -143,6 +150,8 @@ def _stats_row(stats: GenerationStats) -> dict:
         "accepted_per_position": stats.accepted_per_position,
         "tau": stats.tau,
         "time_s": stats.wall_time_s,
+        "draft_time_s": stats.draft_time_s,
+        "verify_time_s": stats.verify_time_s,
     }
 
 
@@ -171,6 +180,7 @@ def evaluate_draft(
     seed: int = 0,
     progress: bool = True,
     verifier: Verifier | None = None,
+    profile: bool = False,
 ) -> dict:
     """Speculative decoding of `target` with `draft` (a draft LM, or any Drafter) on the first turn of each Spec-Bench record.
 
@@ -180,6 +190,9 @@ def evaluate_draft(
     A TreeDrafter (runtime/tree.py) decodes with tree verification (`acceptance` picks greedy or Medusa's lossy
     typical acceptance); its alpha is per tree depth and `gamma` becomes its max_depth.
     `verifier` replaces whole-target verification (self-drafting families; see runtime.speculative.Verifier).
+    `profile` times drafting and verification apart (one extra sync per step) and, with measure_speedup, adds
+    "prediction" to each summary: the speedup runtime.predict expects from the measured tau and step costs, next
+    to the measured one, and for chain drafters the recommended gamma.
     """
     if not prompts:
         raise ValueError("evaluate_draft needs at least one prompt")
@@ -198,11 +211,12 @@ def evaluate_draft(
             return tree_generate(
                 target.model, drafter, ids, temperature=temperature, acceptance=acceptance, max_new_tokens=new_tokens,
                 eos_token_id=eos, generator=torch.Generator(device=device).manual_seed(seed + seed_offset),
+                profile=profile,
             )
         return speculative_generate(
             target.model, drafter, ids, gamma=gamma, temperature=temperature, max_new_tokens=new_tokens,
             eos_token_id=eos, generator=torch.Generator(device=device).manual_seed(seed + seed_offset),
-            verifier=verifier,
+            verifier=verifier, profile=profile,
         )
 
     def autoregressive(ids: torch.Tensor, seed_offset: int, new_tokens: int):
@@ -249,9 +263,9 @@ def evaluate_draft(
             "target_dtype": str(next(target.model.parameters()).dtype).removeprefix("torch."),
             "draft_dtype": draft_dtype(draft),
         },
-        "overall": _summarize(rows, gamma, measure_speedup, greedy),
+        "overall": _summarize(rows, gamma, measure_speedup, greedy, profile, chain=not is_tree),
         "categories": {
-            name: _summarize(category_rows, gamma, measure_speedup, greedy)
+            name: _summarize(category_rows, gamma, measure_speedup, greedy, profile, chain=not is_tree)
             for name, category_rows in by_category.items()
         },
         "prompts": rows,
@@ -294,6 +308,15 @@ def render_markdown(report: dict) -> str:
         f"draft-token acceptance {_cell(overall['draft_acceptance'])}; "
         f"{overall['new_tokens']} new tokens in {overall['target_forwards']} target forwards.",
     ]
+    predicted = overall.get("prediction")
+    if predicted:
+        line = (f"Cost model (runtime.predict): a draft forward costs {predicted['cost_ratio']:.3f} and a verification "
+                f"{predicted['verify_ratio']:.2f} autoregressive target steps; predicted speedup "
+                f"{predicted['predicted_speedup']:.2f}x, measured {_cell(predicted['measured_speedup'], suffix='x')}")
+        if "recommended_gamma" in predicted:
+            line += (f"; recommended gamma {predicted['recommended_gamma']} "
+                     f"(predicted {predicted['predicted_speedup_at_recommended']:.2f}x)")
+        lines.append(line + ".")
     if speedup and overall["outputs_differing_from_ar"] is not None:
         lines.append(
             f"Outputs differing from greedy AR decoding: {overall['outputs_differing_from_ar']} of {overall['prompts']} "

@@ -237,6 +237,9 @@ class GenerationStats:
     proposed_per_position: list[int] = field(default_factory=list)
     accepted_per_position: list[int] = field(default_factory=list)
     wall_time_s: float = 0.0
+    # Filled only by a profiled generation (profile=True): synced time inside the drafter and inside verification.
+    draft_time_s: float = 0.0
+    verify_time_s: float = 0.0
 
     def record_step(self, *, committed: int, accepted: int, reachable: int, drafted: int, draft_forwards: int) -> None:
         """One target forward that kept `committed` tokens after `accepted` draft positions matched; draft positions
@@ -295,6 +298,25 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class StepTimer:
+    """Adds the synced wall time of a block to a GenerationStats field when profiling; otherwise costs nothing (the
+    runtime syncs once per step, and a profiled run adds one more sync per timed block)."""
+
+    def __init__(self, stats: GenerationStats, device: torch.device, enabled: bool):
+        self.stats, self.device, self.enabled = stats, device, enabled
+
+    @contextmanager
+    def __call__(self, field_name: str):
+        if not self.enabled:
+            yield
+            return
+        _synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        _synchronize(self.device)
+        setattr(self.stats, field_name, getattr(self.stats, field_name) + time.perf_counter() - start)
+
+
 def _check_prompt(input_ids: torch.Tensor) -> None:
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must have shape [1, T] with T >= 1 (batch size 1); got {tuple(input_ids.shape)}")
@@ -321,13 +343,15 @@ def speculative_generate(
     eos_token_id: int | Iterable[int] | None = None,
     generator: torch.Generator | None = None,
     verifier: Verifier | None = None,
+    profile: bool = False,
 ) -> GenerationOutput:
     """Generate up to `max_new_tokens` tokens after `input_ids` ([1, T]) with chain speculative decoding.
 
     temperature 0 is greedy (output identical to the target's own greedy decoding, up to floating-point ties); above 0
     the output is distributed exactly as the target sampled at that temperature (applied to both models). Generation stops
     after the first EOS, which is kept. `generator` must live on the target's device; None means seed 0. `verifier`
-    replaces the default whole-model verification (`ModelVerifier(target_model)`).
+    replaces the default whole-model verification (`ModelVerifier(target_model)`). `profile` times drafting and
+    verification separately (stats.draft_time_s, stats.verify_time_s) for the speedup predictor (runtime.predict).
     """
     _check_prompt(input_ids)
     if gamma < 1:
@@ -340,6 +364,7 @@ def speculative_generate(
     if hidden_wanted is not None and not isinstance(verifier, ModelVerifier):
         raise ValueError("a feature drafter reads the whole target's hidden states, so it needs the default verifier")
     stats = GenerationStats(proposed_per_position=[0] * gamma, accepted_per_position=[0] * gamma)
+    timed = StepTimer(stats, device, profile)
     generated: list[int] = []
     _synchronize(device)
     start = time.perf_counter()
@@ -350,12 +375,14 @@ def speculative_generate(
         while len(generated) < max_new_tokens:
             # Each step commits at most k + 1 tokens, so shrinking k near the end never overshoots max_new_tokens.
             num_draft = min(gamma, max_new_tokens - len(generated) - 1)
-            proposal = drafter.propose(sequence, num_draft, temperature, generator)
+            with timed("draft_time_s"):
+                proposal = drafter.propose(sequence, num_draft, temperature, generator)
             draft_tokens = proposal.tokens.to(device)
             k = draft_tokens.numel()
             # Feature drafters read the states of the positions this forward feeds (the default verifier's cache tail).
             fed_from = verifier.cache.get_seq_length() if hidden_wanted is not None else 0
-            logits = verifier.logits(sequence, draft_tokens)
+            with timed("verify_time_s"):
+                logits = verifier.logits(sequence, draft_tokens)
             if temperature == 0.0:
                 num_accepted, next_token = verify_greedy(draft_tokens, logits)
             else:

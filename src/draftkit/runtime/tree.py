@@ -50,6 +50,7 @@ from transformers import DynamicCache
 from draftkit.runtime.speculative import (
     GenerationOutput,
     GenerationStats,
+    StepTimer,
     _check_prompt,
     _cut_after_eos,
     _eos_ids,
@@ -383,11 +384,13 @@ def tree_generate(
     posterior_alpha: float = 0.3,
     eos_token_id: int | Iterable[int] | None = None,
     generator: torch.Generator | None = None,
+    profile: bool = False,
 ) -> GenerationOutput:
     """Generate up to `max_new_tokens` tokens after `input_ids` ([1, T]) with tree speculative decoding.
 
     `acceptance="greedy"` needs temperature 0 and reproduces the target's greedy output. `acceptance="typical"` is
     Medusa's lossy typical acceptance at `temperature` (at 0 it reduces to greedy). Stops after the first EOS (kept).
+    `profile` times drafting and verification separately, as in speculative_generate.
     """
     _check_prompt(input_ids)
     if acceptance not in ACCEPTANCE:
@@ -401,6 +404,7 @@ def tree_generate(
     eos_ids = _eos_ids(eos_token_id)
     depth = drafter.max_depth
     stats = GenerationStats(proposed_per_position=[0] * depth, accepted_per_position=[0] * depth)
+    timed = StepTimer(stats, device, profile)
     generated: list[int] = []
     _synchronize(device)
     start = time.perf_counter()
@@ -410,11 +414,13 @@ def tree_generate(
         sequence = input_ids
         step: TargetStep | None = None
         while len(generated) < max_new_tokens:
-            tree = drafter.propose_tree(step) if step is not None else DraftTree.empty(device)
+            with timed("draft_time_s"):
+                tree = drafter.propose_tree(step) if step is not None else DraftTree.empty(device)
             if tree.depth > depth:
                 raise ValueError(f"drafter proposed a tree of depth {tree.depth} but declares max_depth={depth}")
             committed = cache.get_seq_length()
-            logits, hidden, prenorm = _target_tree_forward(target_model, cache, sequence, tree)
+            with timed("verify_time_s"):
+                logits, hidden, prenorm = _target_tree_forward(target_model, cache, sequence, tree)
             if acceptance == "greedy":
                 path, next_token, tokens = _accept_greedy(tree, logits)
             else:
