@@ -62,13 +62,21 @@ def sweep(run_dirs: dict[int, Path], budget: dict, target_path: str | None, cpu_
     written to `done_dir` as it finishes and reused when the driver runs again, so a sweep cut short by a time
     limit resumes where it stopped."""
     from draftkit.export.kangaroo import load_kangaroo
-    from draftkit.runtime.evaluate import evaluate_draft, load_prompts
+    from draftkit.runtime.evaluate import autoregressive_baseline, evaluate_draft, load_prompts
     from draftkit.runtime.kangaroo import KangarooDecoder
     from draftkit.targets.hf import BUILTIN_SMOLLM2, load_target
     from draftkit.targets.tiny import tiny_target
 
     target = tiny_target(num_layers=4) if cpu_smoke else load_target(target_path or BUILTIN_SMOLLM2)
     prompts = load_prompts(spec_bench(), limit_per_category=budget["limit_per_category"])
+    # Plain decoding is the same for every setting: measured once, every speedup below divides by the same run.
+    baseline_file = done_dir / "baseline.json"
+    if baseline_file.is_file():
+        baseline = json.loads(baseline_file.read_text())
+    else:
+        baseline = autoregressive_baseline(target, prompts, max_new_tokens=budget["max_new_tokens"], progress=False)
+        done_dir.mkdir(parents=True, exist_ok=True)
+        baseline_file.write_text(json.dumps(baseline))
     results = {}
     for exit_layer, run_dir in run_dirs.items():
         adapter, _ = load_kangaroo(run_dir / "export", target_shape=(target.num_layers, target.vocab_size))
@@ -81,13 +89,13 @@ def sweep(run_dirs: dict[int, Path], budget: dict, target_path: str | None, cpu_
                 continue
             decoder = KangarooDecoder(target, adapter, exit_layer, threshold)
             report = evaluate_draft(target, decoder, prompts, gamma=budget["gamma"], max_new_tokens=budget["max_new_tokens"],
-                                    verifier=decoder, progress=False)
+                                    verifier=decoder, progress=False, profile=True, baseline=baseline)
             o = report["overall"]
             results[key] = {
                 "exit_layer": exit_layer, "threshold": threshold,
                 **{k: o[k] for k in ("tau", "alpha", "draft_acceptance", "drafted_tokens", "target_forwards",
                                      "new_tokens", "tokens_per_s", "ar_tokens_per_s", "speedup",
-                                     "outputs_differing_from_ar")},
+                                     "outputs_differing_from_ar", "prediction")},
                 "mean_chain_length": o["drafted_tokens"] / o["target_forwards"],
             }
             done_dir.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from draftkit.runtime import (
     render_markdown,
     speculative_generate,
 )
-from draftkit.runtime.evaluate import encode_prompt
+from draftkit.runtime.evaluate import autoregressive_baseline, encode_prompt
 from draftkit.targets.tiny import tiny_target
 
 MAX_NEW = 24
@@ -314,6 +314,22 @@ def test_evaluate_draft_report_and_markdown(target, drafts):
     )
     assert "speedup" not in sampled["overall"]
     assert "speedup" not in render_markdown(sampled)
+
+
+def test_one_baseline_serves_a_sweep(target, drafts):
+    prompts = SPEC_BENCH_RECORDS[:2]
+    baseline = autoregressive_baseline(target, prompts, max_new_tokens=10, progress=False)
+    assert [row["new_tokens"] for row in baseline["prompts"]] == [10, 10]
+    for gamma in (1, 3):
+        fresh = evaluate_draft(target, drafts["perturbed"], prompts, gamma=gamma, max_new_tokens=10, progress=False)
+        reused = evaluate_draft(target, drafts["perturbed"], prompts, gamma=gamma, max_new_tokens=10, progress=False,
+                                baseline=baseline)
+        assert reused["overall"]["tau"] == fresh["overall"]["tau"]
+        assert reused["overall"]["outputs_differing_from_ar"] == 0
+        assert reused["overall"]["ar_new_tokens"] == fresh["overall"]["ar_new_tokens"] == 20
+        assert [r["ar_time_s"] for r in reused["prompts"]] == [r["time_s"] for r in baseline["prompts"]]
+    with pytest.raises(ValueError, match="same prompts and settings"):
+        evaluate_draft(target, drafts["perturbed"], prompts, max_new_tokens=12, progress=False, baseline=baseline)
 
 
 def write_jsonl(path, records):

@@ -167,6 +167,30 @@ def draft_dtype(draft) -> str | None:
     return str(next(module.parameters()).dtype).removeprefix("torch.")
 
 
+def _autoregressive(target: Target, ids: torch.Tensor, *, temperature: float, max_new_tokens: int, seed: int):
+    return autoregressive_generate(target.model, ids, temperature=temperature, max_new_tokens=max_new_tokens,
+                                   eos_token_id=eos_token_ids(target),
+                                   generator=torch.Generator(device=target.device).manual_seed(seed))
+
+
+def autoregressive_baseline(target: Target, prompts: list[dict], *, temperature: float = 0.0,
+                            max_new_tokens: int = 128, seed: int = 0, progress: bool = True) -> dict:
+    """Plain decoding of `target` on each prompt's first turn, measured once so that a sweep over many draft settings
+    (evaluate_draft(..., baseline=this)) compares every setting with the same run instead of decoding it again each
+    time. Returns {"settings", "prompts": [{"question_id", "tokens", "new_tokens", "time_s"}]}."""
+    encoded = [encode_prompt(target.tokenizer, record["turns"][0], target.device) for record in prompts]
+    settings = {"temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed,
+                "question_ids": [record["question_id"] for record in prompts]}
+    _autoregressive(target, encoded[0], temperature=temperature, max_new_tokens=min(max_new_tokens, _WARMUP_NEW_TOKENS),
+                    seed=seed)
+    rows = []
+    for index, ids in enumerate(tqdm(encoded, desc="autoregressive baseline", disable=not progress)):
+        output = _autoregressive(target, ids, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + index)
+        rows.append({"question_id": prompts[index]["question_id"], "tokens": output.tokens,
+                     "new_tokens": output.stats.new_tokens, "time_s": output.stats.wall_time_s})
+    return {"settings": settings, "prompts": rows}
+
+
 def evaluate_draft(
     target: Target,
     draft: nn.Module | Drafter | TreeDrafter,
@@ -181,6 +205,7 @@ def evaluate_draft(
     progress: bool = True,
     verifier: Verifier | None = None,
     profile: bool = False,
+    baseline: dict | None = None,
 ) -> dict:
     """Speculative decoding of `target` with `draft` (a draft LM, or any Drafter) on the first turn of each Spec-Bench record.
 
@@ -193,9 +218,16 @@ def evaluate_draft(
     `profile` times drafting and verification apart (one extra sync per step) and, with measure_speedup, adds
     "prediction" to each summary: the speedup runtime.predict expects from the measured tau and step costs, next
     to the measured one, and for chain drafters the recommended gamma.
+    `baseline` (from autoregressive_baseline, same prompts and settings) replaces the AR decoding of measure_speedup.
     """
     if not prompts:
         raise ValueError("evaluate_draft needs at least one prompt")
+    if baseline is not None:
+        wanted = {"temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed,
+                  "question_ids": [record["question_id"] for record in prompts]}
+        if baseline["settings"] != wanted:
+            raise ValueError(f"the autoregressive baseline was measured with {baseline['settings']}, not with this "
+                             f"evaluation's {wanted}. Fix: measure it with the same prompts and settings")
     device = target.device
     # A bare model is a standalone draft LM; any other family passes its own Drafter.
     drafter = LMDrafter(draft) if isinstance(draft, nn.Module) else draft
@@ -219,16 +251,11 @@ def evaluate_draft(
             verifier=verifier, profile=profile,
         )
 
-    def autoregressive(ids: torch.Tensor, seed_offset: int, new_tokens: int):
-        return autoregressive_generate(
-            target.model, ids, temperature=temperature, max_new_tokens=new_tokens, eos_token_id=eos,
-            generator=torch.Generator(device=device).manual_seed(seed + seed_offset),
-        )
-
+    run_baseline = measure_speedup and baseline is None
     warmup_tokens = min(max_new_tokens, _WARMUP_NEW_TOKENS)
     spec(encoded[0], 0, warmup_tokens)
-    if measure_speedup:
-        autoregressive(encoded[0], 0, warmup_tokens)
+    if run_baseline:
+        _autoregressive(target, encoded[0], temperature=temperature, max_new_tokens=warmup_tokens, seed=seed)
 
     rows = []
     for index, (record, ids) in enumerate(
@@ -237,13 +264,15 @@ def evaluate_draft(
         output = spec(ids, index, max_new_tokens)
         row = {"question_id": record["question_id"], "category": record["category"], "prompt_tokens": ids.shape[1]}
         row.update(_stats_row(output.stats))
-        if measure_speedup:
-            baseline = autoregressive(ids, index, max_new_tokens)
-            row.update(
-                ar_new_tokens=baseline.stats.new_tokens,
-                ar_time_s=baseline.stats.wall_time_s,
-                matches_ar=baseline.tokens == output.tokens,
-            )
+        if run_baseline:
+            reference = _autoregressive(target, ids, temperature=temperature, max_new_tokens=max_new_tokens,
+                                        seed=seed + index)
+            row.update(ar_new_tokens=reference.stats.new_tokens, ar_time_s=reference.stats.wall_time_s,
+                       matches_ar=reference.tokens == output.tokens)
+        elif measure_speedup:
+            reference = baseline["prompts"][index]
+            row.update(ar_new_tokens=reference["new_tokens"], ar_time_s=reference["time_s"],
+                       matches_ar=reference["tokens"] == output.tokens)
         rows.append(row)
 
     by_category: dict[str, list[dict]] = defaultdict(list)
