@@ -52,8 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--prompts", type=Path, default=None,
         help="Spec-Bench style jsonl (question_id, category, turns); defaults to the prompts bundled with draftkit",
     )
-    parser.add_argument("--gamma", type=int, default=5,
-                        help="draft tokens per target forward (draft LMs; heads draft one tree level per head)")
+    parser.add_argument("--gamma", type=int, default=None,
+                        help="draft tokens per target forward (default 5; draft LMs; heads draft one tree level per "
+                             "head; SpecDec++ exports: the most tokens per step, default the recorded one)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 = lossless speculative sampling")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--limit-per-category", type=int, default=None)
@@ -74,6 +75,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tree-budget", type=int, default=16)
     parser.add_argument("--acceptance", default="greedy", choices=["greedy", "typical"],
                         help="tree verification; typical = Medusa's typical acceptance (lossy at temperature > 0)")
+    parser.add_argument("--no-head", action="store_true",
+                        help="SpecDec++ exports: draft a fixed chain of the static policy's gamma, without the head")
+    parser.add_argument("--stop-threshold", type=float, default=None,
+                        help="SpecDec++ exports: the head's stop threshold (default: the recorded one)")
     return parser.parse_args(argv)
 
 
@@ -114,6 +119,27 @@ def kangaroo_decoder(args: argparse.Namespace, target):
 
     adapter, settings = load_kangaroo(args.draft, target_shape=(target.num_layers, target.vocab_size))
     return KangarooDecoder(target, adapter.to(target.device), settings["exit_layer"], settings["threshold"])
+
+
+def specdecpp_drafter(args: argparse.Namespace, target):
+    """The export's draft with its acceptance head (adaptive stop), or with the static policy's fixed gamma."""
+    from draftkit.export.artifact import ArtifactError, read_json
+    from draftkit.export.specdecpp import load_acceptance_head
+    from draftkit.runtime.specdecpp import SpecDecDrafter
+
+    root = Path(args.draft)
+    draft = hf_draft(args, target)
+    info = read_json(root / "draftkit.json")
+    if args.no_head:
+        policy = read_json(root / info["stop_policy"])
+        return draft, args.gamma or policy["num_speculative_tokens"]
+    try:
+        head, head_info = load_acceptance_head(root / info["head"], draft)
+    except ArtifactError as error:  # a head for another draft, or a tampered folder: one line, no traceback
+        raise SystemExit(f"draftkit-eval: {error}") from None
+    threshold = args.stop_threshold if args.stop_threshold is not None else head_info["threshold"]
+    drafter = SpecDecDrafter(draft, head.to(target.device), threshold=threshold, min_tokens=head_info["min_tokens"])
+    return drafter, args.gamma or head_info["max_draft_tokens"]
 
 
 def artifact_family(draft_dir) -> str | None:
@@ -197,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     target = load_target(args.target, dtype=args.dtype, device=args.device)
     family = artifact_family(args.draft)
     evaluate_args = {}
+    gamma = args.gamma if args.gamma is not None else 5
     if family == "kangaroo":  # self-drafting: drafts and verifies over the target's own layers
         draft = evaluate_args["verifier"] = kangaroo_decoder(args, target)
     elif family == "medusa":  # draft heads: tree or chain decoding (draftkit.export.medusa)
@@ -207,12 +234,14 @@ def main(argv: list[str] | None = None) -> int:
         draft = clover_drafter(args, target)
     elif family == "fspad":  # feature drafter (EAGLE-1 / FSPAD) in any of its export formats
         draft = feature_drafter(args, target)
+    elif family == "specdecpp":  # a draft LM with its acceptance head (draftkit.export.specdecpp)
+        draft, gamma = specdecpp_drafter(args, target)
     else:
         draft = hf_draft(args, target)
 
     report = evaluate_draft(
         target, draft, prompts,
-        gamma=args.gamma, temperature=args.temperature, acceptance=args.acceptance, max_new_tokens=args.max_new_tokens,
+        gamma=gamma, temperature=args.temperature, acceptance=args.acceptance, max_new_tokens=args.max_new_tokens,
         measure_speedup=not args.no_speedup, seed=args.seed, progress=not args.no_progress, profile=args.profile,
         **evaluate_args,
     )

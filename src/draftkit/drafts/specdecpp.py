@@ -7,6 +7,9 @@ methods.md §4(b).9) and a 2-way output where class 1 is "accepted".
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import torch
 from torch import nn
 
@@ -43,3 +46,26 @@ def acceptance_head(hidden_size: int, num_layers: int = 3, seed: int = 0) -> Acc
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AcceptanceHead(hidden_size, num_layers)
+
+
+# The config fields that decide what a draft's hidden states mean; others (dtype, name, generation ids) do not.
+_IDENTITY_CONFIG_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                         "intermediate_size", "vocab_size", "tie_word_embeddings")
+
+
+def draft_fingerprint(draft: nn.Module) -> str:
+    """Identity of the draft an acceptance head reads: its architecture and a strided sample of every weight.
+
+    A head only means something on the hidden states it was trained on, and two drafts of the same shape (a cut of
+    the target before and after distillation) differ only in their weights. Samples are rounded to bf16 before
+    hashing, so the same draft loaded in fp32 or bf16 has the same fingerprint.
+    """
+    digest = hashlib.sha256()
+    config = draft.config.get_text_config()
+    digest.update(json.dumps({k: getattr(config, k, None) for k in _IDENTITY_CONFIG_KEYS}, sort_keys=True).encode())
+    for name, param in sorted(draft.named_parameters()):
+        flat = param.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64].to("cpu", torch.bfloat16).float()
+        digest.update(f"{name}:{tuple(param.shape)}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:32]

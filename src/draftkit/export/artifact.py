@@ -27,6 +27,18 @@ def check_key_set(found, expected: set[str], where: str) -> None:
                             f"{unknown[:6]}. Fix: re-export with draftkit, or convert the names to the format's")
 
 
+def load_exact(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str, shape_hint: str) -> None:
+    """Load `tensors` into `module` only if the names are exactly its own and every shape matches (`shape_hint` says
+    what a shape mismatch means for this artifact)."""
+    expected = module.state_dict()
+    check_key_set(tensors, set(expected), where)
+    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in tensors.items()
+             if v.shape != expected[k].shape]
+    if wrong:
+        raise ArtifactError(f"{where}: tensor shapes differ from {shape_hint} ({wrong[:4]})")
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
+
+
 def manifest(tensors: dict[str, torch.Tensor]) -> dict:
     return {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
             for name, t in sorted(tensors.items())}

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from draftkit.export.artifact import ArtifactError, cast_tensors, check_key_set, manifest, read_json, write_dir
+from draftkit.export.artifact import ArtifactError, cast_tensors, load_exact, manifest, read_json, write_dir
 
 WEIGHTS = "model.safetensors"
 
@@ -38,13 +38,6 @@ def load_heads_dir(directory: str | Path, build: Callable[..., nn.Module], *, fa
     if info.get("family") != family:
         raise ArtifactError(f"{directory} holds a {info.get('family')!r} artifact, not {family!r}")
     module = build(**info["architecture"], **call_site)
-    tensors = load_file(str(directory / WEIGHTS))
-    expected = module.state_dict()
-    check_key_set(tensors, set(expected), str(directory))
-    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in tensors.items()
-             if v.shape != expected[k].shape]
-    if wrong:
-        raise ArtifactError(f"{directory}: tensor shapes differ from the recorded architecture ({wrong[:4]}); the "
-                            "artifact was made for another target or edited by hand")
-    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
+    load_exact(module, load_file(str(directory / WEIGHTS)), str(directory),
+               "the recorded architecture; the artifact was made for another target or edited by hand")
     return module.eval(), info

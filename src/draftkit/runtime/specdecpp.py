@@ -9,10 +9,14 @@ draft side, so verification (runtime.speculative) and losslessness are unchanged
 
 from __future__ import annotations
 
+import time
+from typing import Sequence
+
 import torch
 from torch import nn
 
 from draftkit.drafts.specdecpp import AcceptanceHead
+from draftkit.runtime.predict import predicted_speedup, recommend_gamma
 from draftkit.runtime.speculative import DraftProposal, choose_token, new_cache, truncate_cache
 
 
@@ -56,3 +60,111 @@ class SpecDecDrafter:
 
     def rollback(self, num_valid_tokens: int) -> None:
         truncate_cache(self.cache, num_valid_tokens)
+
+
+# Static stop policy: what a runtime without the head can use, estimated on held-out label sequences.
+#
+# A window of G consecutive held-out positions stands for one drafting step: its predicted acceptances h (the head's)
+# decide where a stop rule ends the chain, and its labels a (the probability that verification accepts each token)
+# give the expected accepted tokens, Σ_{m ≤ K} Π_{j ≤ m} a_j, of a chain of length K. The estimate of a rule is
+# Σ(1 + accepted) / Σ(1 + cost_ratio · draft forwards) over all windows, the predicted speedup over plain decoding.
+
+THRESHOLD_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+
+def windows(values: Sequence[torch.Tensor], size: int) -> torch.Tensor:
+    """Per-sequence values [L] -> every full window of `size` consecutive positions, [W, size]."""
+    parts = [v.float().unfold(0, size, 1) for v in values if v.numel() >= size]
+    if not parts:
+        raise ValueError(f"no held-out label sequence has {size} positions; raise specdecpp.labels.max_new_tokens "
+                         f"or lower the most draft tokens (eval.gamma)")
+    return torch.cat(parts)
+
+
+def chain_alpha(acceptance: torch.Tensor) -> list[float]:
+    """Windows [W, G] of per-position acceptance -> alpha_i = P(position i accepted | all before accepted)."""
+    reached = torch.cumprod(acceptance, dim=1)
+    before = torch.cat([torch.ones_like(reached[:, :1]), reached[:, :-1]], dim=1)
+    return (reached.sum(0) / before.sum(0).clamp_min(1e-12)).tolist()
+
+
+def simulate_stop_rule(stop_after: torch.Tensor, accept: torch.Tensor, cost_ratio: float,
+                       stop_costs_a_forward: bool) -> dict:
+    """stop_after [W, G] bool: whether the rule stops once token k+1 is drafted; accept [W, G]: label acceptance.
+
+    The chain ends at the first stop (or at G). A rule that reads a drafted token's state (the head) pays one more
+    draft forward when it stops early (`stop_costs_a_forward`); the last token of a full chain is never fed."""
+    size = accept.shape[1]
+    stop_after = stop_after.clone()
+    stop_after[:, -1] = True
+    lengths = stop_after.float().argmax(dim=1) + 1  # first True
+    within = torch.arange(size)[None, :] < lengths[:, None]
+    accepted = (torch.cumprod(accept, dim=1) * within).sum(1)
+    forwards = lengths.float() + ((lengths < size).float() if stop_costs_a_forward else 0.0)
+    tau = (1 + accepted).sum()
+    return {"tau": (tau / len(accept)).item(), "mean_draft_length": lengths.float().mean().item(),
+            "predicted_speedup": (tau / (1 + cost_ratio * forwards).sum()).item()}
+
+
+def head_stop_after(predicted: torch.Tensor, threshold: float, min_tokens: int) -> torch.Tensor:
+    """SpecDecDrafter's rule on windows [W, G] of predicted acceptance: stop after token k once k >= min_tokens and
+    1 - Π_{2 ≤ j ≤ k} h_j > threshold (the first token's prediction is ignored)."""
+    forced = torch.cat([torch.ones_like(predicted[:, :1]), predicted[:, 1:]], dim=1)
+    at_least = torch.arange(1, predicted.shape[1] + 1)[None, :] >= min_tokens
+    return at_least & (1 - torch.cumprod(forced, dim=1) > threshold)
+
+
+def stop_policy(predicted: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], draft_probs: Sequence[torch.Tensor],
+                *, max_tokens: int, min_tokens: int, cost_ratio: float) -> dict:
+    """The static policy for a draft: the fixed γ that `runtime.predict.recommend_gamma` picks from the head's
+    per-position acceptance, the head threshold and the draft-confidence threshold (stop once the draft's probability
+    of its own token is below it: HF's assistant_confidence_threshold) with the best estimated speedup, and the
+    estimates behind them. Sequences: the head's predictions, the labels, the draft's probabilities of its proposals."""
+    h, a, q = windows(predicted, max_tokens), windows(labels, max_tokens), windows(draft_probs, max_tokens)
+    alpha_predicted, alpha_labels = chain_alpha(h), chain_alpha(a)
+    gamma, gamma_speedup = recommend_gamma(alpha_predicted, cost_ratio, max_tokens)
+    never = torch.zeros_like(a, dtype=torch.bool)
+    fixed = {g: simulate_stop_rule(never[:, :g], a[:, :g], cost_ratio, False) for g in range(1, max_tokens + 1)}
+    by_threshold = {t: simulate_stop_rule(head_stop_after(h, t, min_tokens), a, cost_ratio, True)
+                    for t in THRESHOLD_GRID}
+    by_confidence = {t: simulate_stop_rule(q < t, a, cost_ratio, False) for t in THRESHOLD_GRID}
+    threshold = max(by_threshold, key=lambda t: by_threshold[t]["predicted_speedup"])
+    confidence = max(by_confidence, key=lambda t: by_confidence[t]["predicted_speedup"])
+    return {
+        "num_speculative_tokens": gamma, "stop_threshold": threshold, "min_tokens": min_tokens,
+        "max_tokens": max_tokens, "draft_confidence_threshold": confidence, "cost_ratio": cost_ratio,
+        "alpha_predicted": alpha_predicted, "alpha_labels": alpha_labels,
+        "predicted_speedup": {
+            "fixed_gamma_from_head": gamma_speedup,
+            "fixed_gamma_from_labels": predicted_speedup(alpha_labels, gamma, cost_ratio),
+            "fixed_gamma_simulated": {str(g): r["predicted_speedup"] for g, r in fixed.items()},
+            "head_threshold": {str(t): r for t, r in by_threshold.items()},
+            "draft_confidence": {str(t): r for t, r in by_confidence.items()},
+        },
+        "held_out_windows": len(a),
+    }
+
+
+@torch.no_grad()
+def forward_cost_ratio(target_model: nn.Module, draft_model: nn.Module, prompt: torch.Tensor, steps: int = 16) -> float:
+    """Draft forward time / target forward time for one new token on a cached prompt [1, T]: the c of
+    speedup = tau / (1 + c·γ). Measured after one warm-up pass each, with the device synchronised."""
+    def seconds_per_token(model: nn.Module) -> float:
+        device = next(model.parameters()).device
+        ids = prompt.to(device)
+        timings = []
+        for _ in range(2):  # the first pass warms kernels and allocator pools up
+            cache = new_cache()
+            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            token = ids[:, -1:]
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            timings.append((time.perf_counter() - start) / steps)
+        return timings[-1]
+
+    return seconds_per_token(draft_model) / seconds_per_token(target_model)
