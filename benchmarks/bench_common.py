@@ -6,6 +6,7 @@ Drivers run as scripts (`python benchmarks/<name>.py`), so this folder is on sys
 from __future__ import annotations
 
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -40,3 +41,9 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def spec_bench() -> Path:
+    """Spec-Bench's questions in the shared data (evaluation only), found as conf/data/shared.yaml finds them."""
+    root = Path(os.environ.get("DRAFTKIT_SHARED_DATA", "../shared/data"))
+    return root / "spec_bench" / "question.jsonl"

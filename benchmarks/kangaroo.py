@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench_common import spec_bench
 from fastdraft import machine  # the sibling driver (benchmarks/ is on sys.path when a driver runs as a script)
 
 GPU = {
@@ -102,13 +103,6 @@ def sweep(run_dirs: dict[int, Path], budget: dict, target_path: str | None, cpu_
             done.write_text(json.dumps(results[key]))
             print(f"exit {exit_layer} threshold {threshold}: tau {o['tau']:.3f}, speedup {o['speedup']:.3f}x", flush=True)
     return results
-
-
-def spec_bench() -> Path:
-    import os
-
-    root = Path(os.environ.get("DRAFTKIT_SHARED_DATA", "../shared/data"))  # as conf/data/shared.yaml
-    return root / "spec_bench" / "question.jsonl"
 
 
 def main() -> None:
