@@ -29,9 +29,17 @@ from draftkit.engine.loop import stage_settings, train
 from draftkit.export.specdecpp import export_specdecpp, load_acceptance_head
 from draftkit.objectives.specdecpp import acceptance_bce
 from draftkit.objectives.types import LossOutput
-from draftkit.recipes.common import build_draft, compare_markdown, finish_run, load_sources, measure_acceptance, start_run
+from draftkit.recipes.common import (
+    build_draft,
+    compare_markdown,
+    finish_run,
+    load_sources,
+    measure_acceptance,
+    prompt_file,
+    start_run,
+)
 from draftkit.recipes.distillspec import require_shared_vocabulary
-from draftkit.runtime.evaluate import eos_token_ids
+from draftkit.runtime.evaluate import autoregressive_baseline, eos_token_ids, load_prompts
 from draftkit.runtime.specdecpp import SpecDecDrafter, forward_cost_ratio, stop_policy
 from draftkit.targets.hf import freeze
 
@@ -126,12 +134,27 @@ def cost_ratio(settings: DictConfig, target, draft, prompt: list[int], run_dir: 
     if settings.policy.cost_ratio is not None:
         return float(settings.policy.cost_ratio)
     path = run_dir / "cost_ratio.json"
+    with main_process_first():  # every rank derives the policy from rank 0's measurement
+        if not path.is_file():
+            measured = forward_cost_ratio(target.model, draft, torch.tensor([prompt], device=target.device))
+            write_json_atomic(path, {"cost_ratio": measured, "device": str(target.device)})
+    return json.loads(path.read_text())["cost_ratio"]
+
+
+def shared_baseline(target, eval_cfg: DictConfig, run_dir: Path) -> dict | None:
+    """One autoregressive run of the eval prompts (kept in the run) that every compared configuration divides by, so
+    the table's speedups differ only by the drafting."""
+    if not (eval_cfg.enabled and eval_cfg.measure_speedup):
+        return None
+    path = run_dir / "eval_baseline.json"
     if path.is_file():
-        return json.loads(path.read_text())["cost_ratio"]
-    measured = forward_cost_ratio(target.model, draft, torch.tensor([prompt], device=target.device))
+        return json.loads(path.read_text())
+    prompts = load_prompts(prompt_file(eval_cfg.prompts), limit_per_category=eval_cfg.limit_per_category)
+    baseline = autoregressive_baseline(target, prompts, temperature=eval_cfg.temperature,
+                                       max_new_tokens=eval_cfg.max_new_tokens)
     if is_main_process():
-        write_json_atomic(path, {"cost_ratio": measured, "device": str(target.device)})
-    return measured
+        write_json_atomic(path, baseline)
+    return baseline
 
 
 def run(cfg: DictConfig, run_dir: Path) -> Path:
@@ -150,7 +173,9 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
                                seed=settings.head.seed)
     head.to(target.device)
     gamma = cfg.eval.gamma
-    before = measure_acceptance(target, draft, cfg.eval, run_dir / "eval_fixed.json") if cfg.eval.get("before") else None
+    baseline = shared_baseline(target, cfg.eval, run_dir)
+    before = measure_acceptance(target, draft, cfg.eval, run_dir / "eval_fixed.json",
+                                baseline=baseline) if cfg.eval.get("before") else None
 
     labels = settings.labels
     stop_ids = eos_token_ids(target)
@@ -183,10 +208,11 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
 
     drafter = SpecDecDrafter(draft, head, threshold=threshold, min_tokens=settings.stop.min_tokens)
     after = measure_acceptance(target, drafter, cfg.eval, run_dir / "eval_adaptive.json",
-                               extra_settings={"threshold": threshold, "min_tokens": settings.stop.min_tokens})
+                               extra_settings={"threshold": threshold, "min_tokens": settings.stop.min_tokens},
+                               baseline=baseline)
     static_gamma = policy["num_speculative_tokens"]
     static = measure_acceptance(target, draft, OmegaConf.merge(cfg.eval, {"gamma": static_gamma}),
-                                run_dir / "eval_static.json")
+                                run_dir / "eval_static.json", baseline=baseline)
     reports = {f"draft, fixed γ={gamma}": before, f"draft + head, threshold {threshold}, max {gamma}": after,
                f"static policy, fixed γ={static_gamma}": static}
     lengths = "; ".join(f"{name}: {r['overall']['drafted_tokens'] / r['overall']['target_forwards']:.2f}"
