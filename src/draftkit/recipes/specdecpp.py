@@ -157,6 +157,16 @@ def shared_baseline(target, eval_cfg: DictConfig, run_dir: Path) -> dict | None:
     return baseline
 
 
+def summary_markdown(reports: dict[str, dict | None], heldout: dict) -> str:
+    """The comparison table, each configuration's mean draft length, and how well the head predicts held-out labels."""
+    lengths = "; ".join(f"{name}: {r['overall']['drafted_tokens'] / r['overall']['target_forwards']:.2f}"
+                        for name, r in reports.items() if r is not None)
+    table = compare_markdown(reports) + (f"\n\nMean draft tokens per target forward: {lengths}." if lengths else "")
+    return table + (f"\n\nHeld-out labels ({heldout['positions']} positions): mean predicted acceptance "
+                    f"{heldout['mean_predicted_acceptance']:.3f} vs label {heldout['mean_label_acceptance']:.3f}, "
+                    f"mean abs error {heldout['mean_abs_error']:.3f}.")
+
+
 def run(cfg: DictConfig, run_dir: Path) -> Path:
     settings = cfg.specdecpp
     validate(settings)
@@ -215,12 +225,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
                                 run_dir / "eval_static.json", baseline=baseline)
     reports = {f"draft, fixed γ={gamma}": before, f"draft + head, threshold {threshold}, max {gamma}": after,
                f"static policy, fixed γ={static_gamma}": static}
-    lengths = "; ".join(f"{name}: {r['overall']['drafted_tokens'] / r['overall']['target_forwards']:.2f}"
-                        for name, r in reports.items() if r is not None)
-    table = compare_markdown(reports) + (f"\n\nMean draft tokens per target forward: {lengths}." if lengths else "")
-    table += (f"\n\nHeld-out labels ({policy['heldout']['positions']} positions): mean predicted acceptance "
-              f"{policy['heldout']['mean_predicted_acceptance']:.3f} vs label {policy['heldout']['mean_label_acceptance']:.3f}, "
-              f"mean abs error {policy['heldout']['mean_abs_error']:.3f}.")
+    table = summary_markdown(reports, policy["heldout"])
 
     export_dir = run_dir / "export"
     if is_main_process():
