@@ -45,8 +45,8 @@ CPU_SMOKE = {
     "draft": ["draft=from_target", "draft.num_layers=1"],
     "train": ["target=tiny", "target.num_layers=3", "engine.micro_batch_size=4", "engine.steps=6",
               "engine.save_every=6", "data.prompts_limit=50", "specdecpp.labels.num_prompts=8",
-              "specdecpp.labels.heldout_prompts=4", "specdecpp.labels.max_new_tokens=16", "specdecpp.labels.batch_size=4",
-              "eval.gamma=3"],
+              "specdecpp.labels.heldout_prompts=4", "specdecpp.labels.max_new_tokens=16",
+              "specdecpp.labels.batch_size=4", "eval.gamma=3"],
     "fixed_gammas": [1, 2, 3], "thresholds": [0.3, 0.7], "max_tokens": 3, "min_tokens": 2,
     "limit_per_category": 1, "max_new_tokens": 16,
 }
