@@ -146,7 +146,8 @@ def sweep(export: Path, budget: dict, args: argparse.Namespace, done_dir: Path, 
     return results, True
 
 
-def comparison(results: dict) -> dict:
+def comparison(results: dict, policy: dict) -> dict:
+    """Best adaptive vs best fixed γ by measured speedup, and how the exported static policy's γ fared."""
     fixed = {k: v for k, v in results.items() if v["kind"] == "fixed"}
     adaptive = {k: v for k, v in results.items() if v["kind"] == "adaptive"}
     if not fixed or not adaptive:
@@ -156,7 +157,9 @@ def comparison(results: dict) -> dict:
     ratio = adaptive[best_adaptive]["speedup"] / fixed[best_fixed]["speedup"]
     return {"best_fixed": best_fixed, "best_fixed_speedup": fixed[best_fixed]["speedup"],
             "best_adaptive": best_adaptive, "best_adaptive_speedup": adaptive[best_adaptive]["speedup"],
-            "adaptive_over_best_fixed": ratio, "adaptive_over_best_fixed_percent": 100 * (ratio - 1)}
+            "adaptive_over_best_fixed": ratio, "adaptive_over_best_fixed_percent": 100 * (ratio - 1),
+            "policy_gamma": policy["num_speculative_tokens"],
+            "policy_gamma_speedup": results.get(f"fixed_gamma{policy['num_speculative_tokens']}", {}).get("speedup")}
 
 
 def main() -> None:
@@ -193,7 +196,7 @@ def main() -> None:
         "metrics": {
             "head_training": head_training_metrics(args.work / "head"),
             "sweep": results,
-            "comparison": comparison(results),
+            "comparison": comparison(results, policy),
             "static_policy": {k: policy[k] for k in ("num_speculative_tokens", "stop_threshold",
                                                      "draft_confidence_threshold", "cost_ratio", "alpha_predicted",
                                                      "alpha_labels", "heldout")},

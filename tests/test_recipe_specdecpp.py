@@ -87,6 +87,7 @@ def test_export_round_trip_with_the_exact_key_set(finished_run, tmp_path):
     run_dir, export = finished_run
     _, draft = the_draft()
     head, info = load_acceptance_head(export / "acceptance_head", draft)
+    # Recorded at export, equal to a fresh cut's: training left the draft untouched.
     assert info["family"] == "specdecpp" and info["draft_fingerprint"] == draft_fingerprint(draft)
     assert json.loads((export / "acceptance_head" / "config.json").read_text()) == {"hidden_size": 32, "num_layers": 3}
     trained, _ = load_checkpoint(list_checkpoints(run_dir / "head" / "checkpoints")[-1])

@@ -85,7 +85,8 @@ def chain_alpha(acceptance: torch.Tensor) -> list[float]:
     """Windows [W, G] of per-position acceptance -> alpha_i = P(position i accepted | all before accepted)."""
     reached = torch.cumprod(acceptance, dim=1)
     before = torch.cat([torch.ones_like(reached[:, :1]), reached[:, :-1]], dim=1)
-    return (reached.sum(0) / before.sum(0).clamp_min(1e-12)).tolist()
+    # The clamp only guards against rounding: reached <= before term by term.
+    return (reached.sum(0) / before.sum(0).clamp_min(1e-12)).clamp(max=1.0).tolist()
 
 
 def simulate_stop_rule(stop_after: torch.Tensor, accept: torch.Tensor, cost_ratio: float,
