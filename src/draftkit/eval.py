@@ -186,6 +186,22 @@ def clover_drafter(args: argparse.Namespace, target):
     return CloverDrafter(model, lm_head, lm_head, _heads_shape(args, model.num_heads))
 
 
+def load_draft(args: argparse.Namespace, target) -> tuple[object, dict]:
+    """The drafter for the artifact in args.draft, whatever its family, and the extra evaluate_draft arguments it needs
+    (a self-drafting family brings its own verifier)."""
+    family = artifact_family(args.draft)
+    if family == "kangaroo":  # self-drafting: drafts and verifies over the target's own layers
+        decoder = kangaroo_decoder(args, target)
+        return decoder, {"verifier": decoder}
+    loaders = {
+        "medusa": medusa_drafter,  # draft heads: tree or chain decoding (draftkit.export.medusa)
+        "hydra_heads": hydra_drafter,  # draftkit's heads format (draftkit.export.heads_dir)
+        "clover": clover_drafter,  # draftkit's heads format (draftkit.export.heads_dir)
+        "fspad": feature_drafter,  # feature drafter (EAGLE-1 / FSPAD) in any of its export formats
+    }
+    return loaders.get(family, hf_draft)(args, target), {}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     prompts_path = args.prompts or builtin_prompts()
@@ -195,20 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = load_prompts(prompts_path, limit_per_category=args.limit_per_category, categories=categories)
 
     target = load_target(args.target, dtype=args.dtype, device=args.device)
-    family = artifact_family(args.draft)
-    evaluate_args = {}
-    if family == "kangaroo":  # self-drafting: drafts and verifies over the target's own layers
-        draft = evaluate_args["verifier"] = kangaroo_decoder(args, target)
-    elif family == "medusa":  # draft heads: tree or chain decoding (draftkit.export.medusa)
-        draft = medusa_drafter(args, target)
-    elif family == "hydra_heads":  # draftkit's heads format (draftkit.export.heads_dir)
-        draft = hydra_drafter(args, target)
-    elif family == "clover":  # draftkit's heads format (draftkit.export.heads_dir)
-        draft = clover_drafter(args, target)
-    elif family == "fspad":  # feature drafter (EAGLE-1 / FSPAD) in any of its export formats
-        draft = feature_drafter(args, target)
-    else:
-        draft = hf_draft(args, target)
+    draft, evaluate_args = load_draft(args, target)
 
     report = evaluate_draft(
         target, draft, prompts,
