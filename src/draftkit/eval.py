@@ -122,24 +122,33 @@ def kangaroo_decoder(args: argparse.Namespace, target):
 
 
 def specdecpp_drafter(args: argparse.Namespace, target):
-    """The export's draft with its acceptance head (adaptive stop), or with the static policy's fixed gamma."""
+    """The export's draft with its acceptance head (adaptive stop), or alone (--no-head: the static policy's gamma)."""
     from draftkit.export.artifact import ArtifactError, read_json
     from draftkit.export.specdecpp import load_acceptance_head
     from draftkit.runtime.specdecpp import SpecDecDrafter
 
     root = Path(args.draft)
     draft = hf_draft(args, target)
-    info = read_json(root / "draftkit.json")
     if args.no_head:
-        policy = read_json(root / info["stop_policy"])
-        return draft, args.gamma or policy["num_speculative_tokens"]
+        return draft
     try:
-        head, head_info = load_acceptance_head(root / info["head"], draft)
+        head, head_info = load_acceptance_head(root / read_json(root / "draftkit.json")["head"], draft)
     except ArtifactError as error:  # a head for another draft, or a tampered folder: one line, no traceback
         raise SystemExit(f"draftkit-eval: {error}") from None
     threshold = args.stop_threshold if args.stop_threshold is not None else head_info["threshold"]
-    drafter = SpecDecDrafter(draft, head.to(target.device), threshold=threshold, min_tokens=head_info["min_tokens"])
-    return drafter, args.gamma or head_info["max_draft_tokens"]
+    return SpecDecDrafter(draft, head.to(target.device), threshold=threshold, min_tokens=head_info["min_tokens"])
+
+
+def recorded_gamma(args: argparse.Namespace) -> int:
+    """The draft length when --gamma is not given: what a SpecDec++ export records (the head's most draft tokens, or
+    with --no-head the static policy's gamma), otherwise 5."""
+    if artifact_family(args.draft) != "specdecpp":
+        return 5
+    root = Path(args.draft)
+    info = json.loads((root / "draftkit.json").read_text())
+    if args.no_head:
+        return json.loads((root / info["stop_policy"]).read_text())["num_speculative_tokens"]
+    return json.loads((root / info["head"] / "draftkit.json").read_text())["max_draft_tokens"]
 
 
 def artifact_family(draft_dir) -> str | None:
@@ -212,6 +221,23 @@ def clover_drafter(args: argparse.Namespace, target):
     return CloverDrafter(model, lm_head, lm_head, _heads_shape(args, model.num_heads))
 
 
+def load_draft(args: argparse.Namespace, target) -> tuple[object, dict]:
+    """The drafter for the artifact in args.draft, whatever its family, and the extra evaluate_draft arguments it needs
+    (a self-drafting family brings its own verifier)."""
+    family = artifact_family(args.draft)
+    if family == "kangaroo":  # self-drafting: drafts and verifies over the target's own layers
+        decoder = kangaroo_decoder(args, target)
+        return decoder, {"verifier": decoder}
+    loaders = {
+        "medusa": medusa_drafter,  # draft heads: tree or chain decoding (draftkit.export.medusa)
+        "hydra_heads": hydra_drafter,  # draftkit's heads format (draftkit.export.heads_dir)
+        "clover": clover_drafter,  # draftkit's heads format (draftkit.export.heads_dir)
+        "fspad": feature_drafter,  # feature drafter (EAGLE-1 / FSPAD) in any of its export formats
+        "specdecpp": specdecpp_drafter,  # a draft LM with its acceptance head (draftkit.export.specdecpp)
+    }
+    return loaders.get(family, hf_draft)(args, target), {}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     prompts_path = args.prompts or builtin_prompts()
@@ -221,23 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts = load_prompts(prompts_path, limit_per_category=args.limit_per_category, categories=categories)
 
     target = load_target(args.target, dtype=args.dtype, device=args.device)
-    family = artifact_family(args.draft)
-    evaluate_args = {}
-    gamma = args.gamma if args.gamma is not None else 5
-    if family == "kangaroo":  # self-drafting: drafts and verifies over the target's own layers
-        draft = evaluate_args["verifier"] = kangaroo_decoder(args, target)
-    elif family == "medusa":  # draft heads: tree or chain decoding (draftkit.export.medusa)
-        draft = medusa_drafter(args, target)
-    elif family == "hydra_heads":  # draftkit's heads format (draftkit.export.heads_dir)
-        draft = hydra_drafter(args, target)
-    elif family == "clover":  # draftkit's heads format (draftkit.export.heads_dir)
-        draft = clover_drafter(args, target)
-    elif family == "fspad":  # feature drafter (EAGLE-1 / FSPAD) in any of its export formats
-        draft = feature_drafter(args, target)
-    elif family == "specdecpp":  # a draft LM with its acceptance head (draftkit.export.specdecpp)
-        draft, gamma = specdecpp_drafter(args, target)
-    else:
-        draft = hf_draft(args, target)
+    draft, evaluate_args = load_draft(args, target)
+    gamma = args.gamma if args.gamma is not None else recorded_gamma(args)
 
     report = evaluate_draft(
         target, draft, prompts,
