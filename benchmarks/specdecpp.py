@@ -199,7 +199,7 @@ def main() -> None:
             "comparison": comparison(results, policy),
             "static_policy": {k: policy[k] for k in ("num_speculative_tokens", "stop_threshold",
                                                      "draft_confidence_threshold", "cost_ratio", "alpha_predicted",
-                                                     "alpha_labels", "heldout")},
+                                                     "alpha_labels", "heldout", "predicted_speedup")},
         },
     }
     args.out.mkdir(parents=True, exist_ok=True)
