@@ -105,7 +105,12 @@ def cosine_with_warmup(step: int, settings: LoopSettings) -> float:
 
 
 def _move(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """To the device without stalling the host: a copy from pageable memory waits for the GPU to drain the work
+    queued before it, so the next batch could not be prepared while the current step runs; from pinned memory it is
+    queued like a kernel."""
+    pin = torch.device(device).type == "cuda"
+    return {k: (v.pin_memory() if pin and v.device.type == "cpu" else v).to(device, non_blocking=True)
+            if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def _param_groups(model: nn.Module, settings: LoopSettings) -> list[dict]:
