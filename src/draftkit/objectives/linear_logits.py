@@ -109,9 +109,10 @@ class _ChunkedLinearLosses(torch.autograd.Function):
                 rows = slice(start, start + chunk_size)
                 h = hidden[rows].to(dtype)
                 logits = F.linear(h, weight_c, bias_c)
-                scored = logits.float()
                 counted = mask[rows]
-                log_q = torch.log_softmax(scored, dim=-1) if labels is not None or temperature == 1.0 else None
+                # dtype= upcasts inside the kernel: the same values as .float() first, without an fp32 copy of the chunk
+                log_q = (torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+                         if labels is not None or temperature == 1.0 else None)
                 if labels is not None:
                     label = labels[rows]
                     counted = counted & (label != ignore_index)
@@ -124,14 +125,15 @@ class _ChunkedLinearLosses(torch.autograd.Function):
                         teacher = teacher_logits[rows].detach()
                     else:
                         teacher = F.linear(teacher_hidden[rows].detach().to(dtype), teacher_weight_c, teacher_bias_c)
-                    log_q_t = log_q if temperature == 1.0 else torch.log_softmax(scored / temperature, dim=-1)
-                    teacher_scored = teacher.float() if temperature == 1.0 else teacher.float() / temperature
-                    p = torch.log_softmax(teacher_scored, dim=-1).exp_()
-                    del teacher_scored
+                    if temperature == 1.0:
+                        log_q_t = log_q
+                        p = torch.log_softmax(teacher, dim=-1, dtype=torch.float32).exp_()
+                    else:
+                        log_q_t = torch.log_softmax(logits.float() / temperature, dim=-1)
+                        p = torch.log_softmax(teacher.float() / temperature, dim=-1).exp_()
                     sums[1] += (-torch.einsum("nv,nv->n", p, log_q_t)).masked_fill(~counted, 0.0).sum()
                     sums[4] += ((logits.argmax(-1) == teacher.argmax(-1)) & counted).sum()
                     del teacher
-                del scored
                 q = log_q.exp_() if log_q is not None else None
                 if has_teacher:
                     q_t = q if temperature == 1.0 else log_q_t.exp_()
