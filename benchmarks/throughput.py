@@ -42,9 +42,8 @@ from bench_common import machine  # benchmarks/ is the script's folder, hence on
 
 H200_DENSE_BF16_FLOPS = 989e12  # NVIDIA H200 SXM datasheet: 1,979 TFLOP/s bf16 "with sparsity", half of it dense
 RECIPES = {
-    # name: (recipe config, overrides)
+    # name: (recipe config, overrides); the plain full-logits path last, as the one most likely to run out of memory
     "medusa": ("medusa", []),
-    "medusa_unchunked": ("medusa", ["medusa.loss_chunk_size=null"]),
     "hydra_heads": ("hydra_heads", []),
     "hydra_plus_plus": ("hydra_heads", ["hydra_heads.teacher_weight=1", "hydra_heads.lm_weight=0",
                                         "hydra_heads.heads.prefix_layer=true", "hydra_heads.heads.num_layers=4"]),
@@ -52,6 +51,7 @@ RECIPES = {
     "fspad_online": ("fspad", ["fspad.features.source=online"]),
     "fspad_offline_bf16": ("fspad", ["fspad.features.source=offline", "fspad.features.storage=bf16"]),
     "kangaroo": ("kangaroo", []),
+    "medusa_unchunked": ("medusa", ["medusa.loss_chunk_size=null"]),
 }
 GPU_PLAN = {"target": ["target=random", "target.shape=llama3_8b"], "seq_len": 2048, "micro_batch": 8,
             "log_every": 3, "intervals": 3, "precision": "bf16"}
@@ -216,6 +216,7 @@ def run_recipe(name: str, target, plan: dict, work: Path, ceiling: dict) -> dict
     stage_dir = work / name
     shutil.rmtree(stage_dir, ignore_errors=True)
     device = target.device
+    resident_gb = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model, step, dataset, collate = build(name, cfg, target, examples, work)
@@ -248,6 +249,7 @@ def run_recipe(name: str, target, plan: dict, work: Path, ceiling: dict) -> dict
         "mfu": utilization(flops_per_token, tokens_per_s, H200_DENSE_BF16_FLOPS),
         "mfu_vs_ceiling": utilization(flops_per_token, tokens_per_s, ceiling["achieved_flops"]),
         "peak_memory_gb": peak_gb,
+        "memory_before_gb": resident_gb,
         "final_loss": rows[-1].get(f"{name}/loss"),
         "wall_s_incl_checkpoint": wall,
         "ceiling_same_run": ceiling,
@@ -310,18 +312,30 @@ def main() -> None:
         "last_ceiling": ceiling,
     })
     results = record.setdefault("recipes", {})
+    failed = record.setdefault("failed_last_run", {})
+    failed.clear()
     for name in chosen:
         if name in results:
             print(f"[throughput] {name}: kept from an earlier run", flush=True)
             continue
-        results[name] = run_recipe(name, target, plan, args.work, ceiling)
+        try:
+            results[name] = run_recipe(name, target, plan, args.work, ceiling)
+        except torch.cuda.OutOfMemoryError as err:  # recorded, not kept as a result: a rerun tries again
+            failed[name] = f"out of GPU memory: {str(err).splitlines()[0]}"
         args.out.write_text(json.dumps(record, indent=2) + "\n")
+        if name in failed:
+            print(f"[throughput] {name}: {failed[name]}", flush=True)
+            gc.collect()  # outside the except block, whose traceback still held the recipe's tensors
+            torch.cuda.empty_cache()
+            continue
         r = results[name]
         print(f"[throughput] {name}: {r['tokens_per_s']:,.0f} tok/s ({r['ratio_to_bare_forward']:.0%} of the bare "
               f"forward), MFU {r['mfu']:.1%}, peak {r['peak_memory_gb'] or 0:.1f} GiB", flush=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"[throughput] bare forward {ceiling['tokens_per_s']:,.0f} tok/s "
           f"({ceiling['achieved_flops'] / 1e12:.0f} TFLOP/s); wall {time.perf_counter() - run_start:.0f} s -> {args.out}")
+    if failed:
+        raise SystemExit(f"[throughput] failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
