@@ -15,8 +15,8 @@ the ceiling of its own run).
 MFU. Model FLOPs of one training step are counted by running the step once under torch.utils.flop_counter
 (matmuls and attention kernels, forward and backward, as executed): the target's forward (2·N_body per token plus
 attention), the draft's forward and backward (≈ 6·N_draft per token plus its attention), and the LM-head work of the
-heads (per head: forward 2·V·H per token plus the input-gradient backward 2·V·H through the frozen head; the teacher's
-logits 2·V·H). Attention is counted as the full T x T square (the PaLM/Megatron convention; a causal kernel does about
+heads (per head: forward 2·V·H per scored position plus the input-gradient backward 2·V·H through the frozen head;
+the teacher's logits 2·V·H). Attention is counted as the full T x T square (the PaLM/Megatron convention; a causal kernel does about
 half of it). Nothing is recomputed in these steps, so executed FLOPs are the model FLOPs. MFU = FLOPs per token x
 tokens/s / peak, with peak = the H200's dense bf16 datasheet figure, 989 TFLOP/s; `vs_ceiling` divides by the FLOP/s
 the bare forward achieved in the same run instead.
@@ -222,8 +222,8 @@ def run_recipe(name: str, target, plan: dict, work: Path, ceiling: dict) -> dict
     model, step, dataset, collate = build(name, cfg, target, examples, work)
     flops = step_flops(model, step, collate([dataset[i] for i in range(plan["micro_batch"])]), device)
     settings = stage_settings(OmegaConf.to_container(cfg.engine, resolve=True), steps=steps,
-                              micro_batch_size=plan["micro_batch"], grad_accum=1, precision=plan["precision"], log_every=plan["log_every"], save_every=10**9, warmup_steps=1,
-                              max_steps_per_stage=None)
+                              micro_batch_size=plan["micro_batch"], grad_accum=1, precision=plan["precision"],
+                              log_every=plan["log_every"], save_every=10**9, warmup_steps=1, max_steps_per_stage=None)
     start = time.perf_counter()
     train(model=model, step_fn=step, dataset=dataset, collate=collate, settings=settings, stage_dir=stage_dir,
           sink=JsonlSink(run_dir=str(stage_dir)), resume=False, desc=name, frozen=[target.model])

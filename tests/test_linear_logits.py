@@ -37,10 +37,11 @@ def labels_with_holes():
 
 
 @pytest.mark.parametrize("chunk", CHUNKS)
-def test_cross_entropy_equals_the_plain_one_with_its_gradients(chunk):
+@pytest.mark.parametrize("skip_uncounted", [False, True])
+def test_cross_entropy_equals_the_plain_one_with_its_gradients(chunk, skip_uncounted):
     hidden, weight, bias = leaf(B, T, H), leaf(V, H), leaf(V)
     labels = labels_with_holes()
-    out = linear_cross_entropy(LinearLogits(hidden, weight, bias, chunk), labels)
+    out = linear_cross_entropy(LinearLogits(hidden, weight, bias, chunk, skip_uncounted), labels)
     logits = F.linear(hidden, weight, bias)
     plain = F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
     assert_close(out.loss_sum, plain)
@@ -54,13 +55,15 @@ def test_cross_entropy_equals_the_plain_one_with_its_gradients(chunk):
 
 @pytest.mark.parametrize("chunk", CHUNKS)
 @pytest.mark.parametrize("teacher_kind", ["logits", "hidden"])
-def test_soft_cross_entropy_equals_the_plain_one_with_mask_and_temperature(chunk, teacher_kind):
+@pytest.mark.parametrize("skip_uncounted", [False, True])
+def test_soft_cross_entropy_equals_the_plain_one_with_mask_and_temperature(chunk, teacher_kind, skip_uncounted):
     hidden, weight = leaf(B, T, H), leaf(V, H)
     teacher_hidden = torch.randn(B, T, H)
     teacher = (LinearLogits(teacher_hidden, weight.detach(), chunk_size=chunk) if teacher_kind == "hidden"
                else F.linear(teacher_hidden, weight.detach()))
     mask = torch.rand(B, T) > 0.4
-    out = soft_cross_entropy(LinearLogits(hidden, weight, chunk_size=chunk), teacher, mask, temperature=2.0)
+    student = LinearLogits(hidden, weight, chunk_size=chunk, skip_uncounted=skip_uncounted)
+    out = soft_cross_entropy(student, teacher, mask, temperature=2.0)
     student = F.linear(hidden, weight)
     plain = soft_cross_entropy(student, F.linear(teacher_hidden, weight.detach()), mask, temperature=2.0)
     assert_close(out.loss_sum, plain.loss_sum)
@@ -76,8 +79,8 @@ def test_both_terms_in_one_pass_and_the_all_masked_case():
     hidden, weight = leaf(B, T, H), leaf(V, H)
     labels, teacher = labels_with_holes(), torch.randn(B, T, V)
     mask = torch.rand(B, T) > 0.3
-    out = chunked_losses(LinearLogits(hidden, weight, chunk_size=5), labels=labels, teacher=teacher, mask=mask,
-                         label_weight=0.3, teacher_weight=2.0)
+    out = chunked_losses(LinearLogits(hidden, weight, chunk_size=5, skip_uncounted=True), labels=labels,
+                         teacher=teacher, mask=mask, label_weight=0.3, teacher_weight=2.0)
     logits = F.linear(hidden, weight)
     counted = mask & (labels != IGNORE_INDEX)
     plain = (0.3 * F.cross_entropy(logits[counted], labels[counted], reduction="sum")
@@ -85,7 +88,7 @@ def test_both_terms_in_one_pass_and_the_all_masked_case():
     assert_close(out.loss_sum, plain)
     for mine, theirs in zip(grads(out.loss_sum, (hidden, weight)), grads(plain, (hidden, weight))):
         assert_close(mine, theirs)
-    nothing = linear_cross_entropy(LinearLogits(hidden, weight), torch.full((B, T), IGNORE_INDEX))
+    nothing = linear_cross_entropy(LinearLogits(hidden, weight, skip_uncounted=True), torch.full((B, T), IGNORE_INDEX))
     assert nothing.loss_sum.item() == 0.0 and nothing.count.item() == 0
     assert torch.count_nonzero(grads(nothing.loss_sum, (hidden,))[0]) == 0
 
@@ -111,7 +114,8 @@ def test_bf16_autocast_projects_in_bf16_like_the_plain_path():
 def test_medusa_with_own_heads_equals_the_plain_loss():
     states, weights = leaf(3, B, T, H), [leaf(V, H) for _ in range(3)]
     labels = labels_with_holes()
-    lazy = medusa_loss([LinearLogits(s, w, chunk_size=7) for s, w in zip(states, weights)], labels, decay=0.8)
+    lazy = medusa_loss([LinearLogits(s, w, chunk_size=7, skip_uncounted=True) for s, w in zip(states, weights)], labels,
+                       decay=0.8)
     plain = medusa_loss(torch.stack([F.linear(s, w) for s, w in zip(states, weights)]), labels, decay=0.8)
     assert_close(lazy.loss_sum, plain.loss_sum)
     assert lazy.count.item() == plain.count.item()
@@ -126,7 +130,8 @@ def test_hydra_reads_each_heads_teacher_in_place_and_equals_the_plain_loss(lm_we
     states, weight = leaf(3, B, T, H), leaf(V, H)
     labels, target_logits = labels_with_holes(), torch.randn(B, T, V)
     kwargs = dict(lm_weight=lm_weight, teacher_weight=teacher_weight, decay=0.9)
-    lazy = hydra_loss([LinearLogits(s, weight, chunk_size=4) for s in states], labels, target_logits, **kwargs)
+    lazy = hydra_loss([LinearLogits(s, weight, chunk_size=4, skip_uncounted=True) for s in states], labels,
+                      target_logits, **kwargs)
     plain = hydra_loss(F.linear(states, weight), labels, target_logits, **kwargs)
     assert_close(lazy.loss_sum, plain.loss_sum)
     assert set(lazy.metrics) == set(plain.metrics)
@@ -139,7 +144,8 @@ def test_hydra_reads_each_heads_teacher_in_place_and_equals_the_plain_loss(lm_we
 def test_clover_equals_the_plain_loss():
     features, weight = leaf(3, B, T, H), leaf(V, H)
     labels, target_features, target_logits = labels_with_holes(), torch.randn(B, T, H), torch.randn(B, T, V)
-    lazy = clover_loss(features, [LinearLogits(f, weight, chunk_size=5) for f in features], target_features,
+    lazy = clover_loss(features, [LinearLogits(f, weight, chunk_size=5, skip_uncounted=True) for f in features],
+                       target_features,
                        target_logits, labels)
     plain = clover_loss(features, F.linear(features, weight), target_features, target_logits, labels)
     assert_close(lazy.loss_sum, plain.loss_sum)

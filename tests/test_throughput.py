@@ -39,10 +39,11 @@ def test_a_medusa_step_counts_target_forward_heads_and_the_lm_head_forward_and_i
     examples = throughput.synthetic_examples(2, 16, target.vocab_size)
     model, step, dataset, collate_fn = throughput.build("medusa", cfg, target, examples, tmp_path)
     flops = throughput.step_flops(model, step, collate_fn(dataset), target.device)
-    # 4 heads, each: its block's forward and weight gradient (its input, the target's state, needs none): 4 x 32²;
-    # the shared frozen LM head's forward and input gradient: 4 x 320 x 32.
-    per_token = 40960 + 4 * (4 * 32 * 32 + 4 * 320 * 32)
-    assert flops == per_token * 2 * 16
+    # Target body: 40960 per token (above). 4 heads, each: its block's forward and weight gradient (its input, the
+    # target's state, needs none), 4 x 32² per token; the shared frozen LM head's forward and input gradient,
+    # 4 x 320 x 32, only at the positions head k scores (16 - 2 - k of each row's 16).
+    rows, lm_head = 2 * 16, 4 * 320 * 32
+    assert flops == rows * (40960 + 4 * 4 * 32 * 32) + sum(lm_head * 2 * (16 - 2 - k) for k in range(4))
     assert all(p.grad is None for p in model.parameters())  # counting left no gradients behind
 
 

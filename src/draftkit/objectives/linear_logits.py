@@ -30,12 +30,15 @@ DEFAULT_CHUNK_ROWS = 2048
 class LinearLogits:
     """Logits hidden @ weight.T (+ bias) that a loss computes `chunk_size` rows at a time.
 
-    hidden [..., H] (the rows may require grad); weight [V, H] and bias [V] (frozen or trained)."""
+    hidden [..., H] (the rows may require grad); weight [V, H] and bias [V] (frozen or trained). skip_uncounted: rows
+    the loss does not count (prompt, padding, past the end) are never projected; finding them costs one host sync per
+    loss, which pays where many rows are masked (chat data: the prompts) and is skipped when every row counts."""
 
     hidden: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     chunk_size: int = DEFAULT_CHUNK_ROWS
+    skip_uncounted: bool = False
 
     def __post_init__(self):
         if self.chunk_size < 1:
@@ -92,7 +95,8 @@ class _ChunkedLinearLosses(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight_matrix, teacher_bias,
-                labels, mask, label_weight, teacher_weight, temperature, ignore_index, chunk_size, need_grads):
+                labels, mask, label_weight, teacher_weight, temperature, ignore_index, chunk_size, skip_uncounted,
+                need_grads):
         dtype = _projection_dtype(hidden, weight)
         device_type = hidden.device.type
         weight_c = weight.to(dtype)
@@ -104,9 +108,17 @@ class _ChunkedLinearLosses(torch.autograd.Function):
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_grads[2] else None
         sums = torch.zeros(5, dtype=torch.float32, device=hidden.device)
         wants_grad = grad_hidden is not None or grad_weight is not None or grad_bias is not None
+        counted_rows = None
+        if skip_uncounted:
+            counted_anywhere = mask if labels is None else mask & (labels != ignore_index)
+            index = counted_anywhere.nonzero().squeeze(1)  # the host sync: how many rows count
+            if index.numel() < hidden.shape[0]:
+                counted_rows = index
+        total = hidden.shape[0] if counted_rows is None else counted_rows.numel()
         with torch.autocast(device_type, enabled=False):
-            for start in range(0, hidden.shape[0], chunk_size):
-                rows = slice(start, start + chunk_size)
+            for start in range(0, total, chunk_size):
+                rows = (slice(start, start + chunk_size) if counted_rows is None
+                        else counted_rows[start:start + chunk_size])
                 h = hidden[rows].to(dtype)
                 logits = F.linear(h, weight_c, bias_c)
                 counted = mask[rows]
@@ -142,7 +154,8 @@ class _ChunkedLinearLosses(torch.autograd.Function):
                 if wants_grad and has_teacher and teacher_weight != 0.0:
                     # d softCE / d logits = (softmax(logits / T) - p) / T
                     shared = labels is not None and label_weight != 0.0 and q_t is q
-                    grad_logits = (q_t - p if shared else q_t.sub_(p)).mul_(counted[:, None] * (teacher_weight / temperature))
+                    scale = counted[:, None] * (teacher_weight / temperature)
+                    grad_logits = (q_t - p if shared else q_t.sub_(p)).mul_(scale)
                 if wants_grad and labels is not None and label_weight != 0.0:
                     # d CE / d logits = softmax(logits) - onehot(label)
                     hard = q.mul_(counted[:, None] * label_weight)
@@ -168,7 +181,7 @@ class _ChunkedLinearLosses(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss, _grad_sums):
         scaled = [None if g is None else (g * grad_loss.to(g.dtype)).to(dtype) for g, dtype in zip(ctx.grads, ctx.dtypes)]
-        return (*scaled, *([None] * 12))
+        return (*scaled, *([None] * 13))
 
 
 def chunked_losses(logits: LinearLogits, *, labels: torch.Tensor | None = None,
@@ -208,7 +221,7 @@ def chunked_losses(logits: LinearLogits, *, labels: torch.Tensor | None = None,
     loss, sums = _ChunkedLinearLosses.apply(
         student.hidden, logits.weight, logits.bias, teacher_logits, teacher_hidden, teacher_matrix, teacher_bias,
         flat_labels, flat_mask, float(label_weight), float(teacher_weight), float(temperature), ignore_index,
-        logits.chunk_size, need_grads)
+        logits.chunk_size, logits.skip_uncounted, need_grads)
     counted = flat_mask if flat_labels is None else flat_mask & (flat_labels != ignore_index)
     names = ("ce", "soft_ce", "alpha_hat", "top1", "top1_teacher")
     return LossOutput(loss_sum=loss, count=counted.sum(), metrics=dict(zip(names, sums.unbind())))

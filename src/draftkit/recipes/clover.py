@@ -36,7 +36,8 @@ def clover_step(target, lm_head, feature_weight: float, token_weight: float, dec
         if loss_chunk_size is None:
             head_logits = F.linear(head_features, lm_head)
         else:
-            head_logits = [LinearLogits(state, lm_head, chunk_size=loss_chunk_size) for state in head_features]
+            head_logits = [LinearLogits(state, lm_head, chunk_size=loss_chunk_size, skip_uncounted=True)
+                           for state in head_features]
         return clover_loss(head_features, head_logits, features.last_hidden, features.logits,
                            batch["labels"], feature_weight=feature_weight, token_weight=token_weight, decay=decay)
     return step

@@ -26,7 +26,7 @@ FAMILY = "hydra_heads"
 def hydra_step(target, shared_lm_head, lm_weight: float, teacher_weight: float, decay: float,
                loss_chunk_size: int | None = None, own_lm_heads=None):
     """With loss_chunk_size set, the loss applies the LM head (shared, or each head's own: `own_lm_heads`) that many
-    positions at a time instead of the heads returning every logit."""
+    positions at a time, and only to positions it scores, instead of the heads returning every logit."""
     def step(heads, batch):
         features = target.features(batch["input_ids"], batch["attention_mask"], with_logits=teacher_weight > 0)
         if loss_chunk_size is None:
@@ -35,7 +35,7 @@ def hydra_step(target, shared_lm_head, lm_weight: float, teacher_weight: float, 
             states = heads(features.last_hidden, batch["input_ids"], target.embed_tokens, project=False)
             projections = ([(head.weight, head.bias) for head in own_lm_heads] if own_lm_heads is not None
                            else [(shared_lm_head, None)] * len(states))
-            logits = [LinearLogits(state, weight, bias, loss_chunk_size)
+            logits = [LinearLogits(state, weight, bias, loss_chunk_size, skip_uncounted=True)
                       for state, (weight, bias) in zip(states, projections)]
         return hydra_loss(logits, batch["labels"], features.logits, lm_weight=lm_weight,
                           teacher_weight=teacher_weight, decay=decay)

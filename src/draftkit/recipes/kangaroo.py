@@ -45,7 +45,7 @@ def kangaroo_step(target: Target, exit_layer: int, loss_chunk_size: int | None =
         if not chunked:
             return kangaroo_loss(target.lm_head(adapted), features.logits, batch["labels"])
         head = target.lm_head
-        return kangaroo_loss(LinearLogits(adapted, head.weight, head.bias, loss_chunk_size),
+        return kangaroo_loss(LinearLogits(adapted, head.weight, head.bias, loss_chunk_size, skip_uncounted=True),
                              LinearLogits(features.last_hidden, head.weight, head.bias, loss_chunk_size),
                              batch["labels"])
 

@@ -43,14 +43,16 @@ TARGET_LOSSES = ("lm", "kl")
 
 def heads_step(target, shared_lm_head, decay: float, loss_chunk_size: int | None = None, own_lm_heads=None):
     """Medusa-1: the frozen target's final states (no grad) feed the heads. With loss_chunk_size set, the loss applies
-    the LM head (shared, or each head's own: `own_lm_heads`) that many positions at a time."""
+    the LM head (shared, or each head's own: `own_lm_heads`) that many positions at a time, and only to positions it
+    scores (one host sync per head; the prompt and padding rows it skips are often half of a chat batch)."""
     def step(heads, batch):
         hidden = target.features(batch["input_ids"], batch["attention_mask"], with_logits=False).last_hidden
         if loss_chunk_size is None:
             return medusa_loss(heads(hidden, shared_lm_head), batch["labels"], decay=decay)
         states = heads(hidden, project=False)
         weights = [head.weight for head in own_lm_heads] if own_lm_heads is not None else [shared_lm_head] * len(states)
-        logits = [LinearLogits(state, weight, chunk_size=loss_chunk_size) for state, weight in zip(states, weights)]
+        logits = [LinearLogits(state, weight, chunk_size=loss_chunk_size, skip_uncounted=True)
+                  for state, weight in zip(states, weights)]
         return medusa_loss(logits, batch["labels"], decay=decay)
     return step
 
