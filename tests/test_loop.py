@@ -160,3 +160,19 @@ def test_bf16_training_leaves_the_model_in_full_precision_afterwards(tmp_path):
     assert logits.dtype == torch.float32
     hidden = model.model(input_ids=torch.tensor([[1, 2, 3]])).last_hidden_state
     assert hidden.dtype == torch.float32
+
+
+def test_the_log_reports_the_share_of_positions_that_are_padding(tmp_path):
+    class Records:
+        def __init__(self):
+            self.rows = []
+
+        def log(self, metrics, step):
+            self.rows.append(metrics)
+
+    sink = Records()
+    data = [{"input_ids": [5] * n, "labels": [5] * n} for n in (2, 6, 4, 8)]  # one batch: padded to 8
+    train(model=tiny_lm(), step_fn=lm_step, dataset=data, collate=collate0, sink=sink, stage_dir=tmp_path,
+          settings=LoopSettings(steps=2, micro_batch_size=4, log_every=2, save_every=2, warmup_steps=1),
+          resume=False, desc="test")
+    assert sink.rows[-1]["test/padding_fraction"] == pytest.approx(1 - 20 / 32)
