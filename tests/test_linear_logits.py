@@ -182,5 +182,7 @@ def test_bad_input_names_the_fix():
         LinearLogits(torch.randn(B, T, H + 1), weight)
     with pytest.raises(ValueError, match="share the target's vocabulary"):
         soft_cross_entropy(LinearLogits(hidden, weight), torch.randn(B, T, V + 1), torch.ones(B, T, dtype=torch.bool))
+    with pytest.raises(ValueError, match="loss_chunk_size=null"):
+        LinearLogits(hidden, torch.empty(0))  # what a ZeRO-3-partitioned parameter holds outside its module's forward
     with pytest.raises(ValueError, match="needs labels"):
         chunked_losses(LinearLogits(hidden, weight))

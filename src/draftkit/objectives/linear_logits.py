@@ -41,6 +41,10 @@ class LinearLogits:
     skip_uncounted: bool = False
 
     def __post_init__(self):
+        if self.weight.numel() == 0:
+            raise ValueError("the LM head's weight is empty here, as ZeRO-3 leaves a module's parameters outside its "
+                             "forward. Fix: give the loss a frozen copy of the head (recipes.common.frozen_weight), or "
+                             "set <recipe>.loss_chunk_size=null")
         if self.chunk_size < 1:
             raise ValueError(f"LM-head chunk_size must be >= 1 row; got {self.chunk_size}")
         if self.hidden.shape[-1] != self.weight.shape[-1]:
