@@ -31,6 +31,7 @@ import shlex
 import shutil
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -263,6 +264,8 @@ def main() -> None:
                         help="scratch folder (feature cache, metrics); emptied per recipe")
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"subset of {','.join(RECIPES)}")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shape on the CPU: checks the code path")
+    parser.add_argument("--stop-after-s", type=float, default=420.0,
+                        help="start no recipe after this many seconds (a rerun with the same --out finishes the rest)")
     args = parser.parse_args()
     chosen = [r.strip() for r in args.recipes.split(",") if r.strip()]
     unknown = sorted(set(chosen) - set(RECIPES))
@@ -318,15 +321,22 @@ def main() -> None:
         if name in results:
             print(f"[throughput] {name}: kept from an earlier run", flush=True)
             continue
+        if time.perf_counter() - run_start > args.stop_after_s:
+            print(f"[throughput] {name}: not started, {args.stop_after_s:.0f} s are up; rerun with the same --out to "
+                  "measure what is missing", flush=True)
+            failed[name] = "not started (time limit)"
+            continue
         try:
             results[name] = run_recipe(name, target, plan, args.work, ceiling)
-        except torch.cuda.OutOfMemoryError as err:  # recorded, not kept as a result: a rerun tries again
-            failed[name] = f"out of GPU memory: {str(err).splitlines()[0]}"
+        except Exception as err:  # one broken recipe must not cost the others their measurement; a rerun retries it
+            traceback.print_exc()
+            failed[name] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         args.out.write_text(json.dumps(record, indent=2) + "\n")
         if name in failed:
-            print(f"[throughput] {name}: {failed[name]}", flush=True)
+            print(f"[throughput] {name}: failed: {failed[name]}", flush=True)
             gc.collect()  # outside the except block, whose traceback still held the recipe's tensors
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             continue
         r = results[name]
         print(f"[throughput] {name}: {r['tokens_per_s']:,.0f} tok/s ({r['ratio_to_bare_forward']:.0%} of the bare "
