@@ -247,6 +247,13 @@ class FeatureExamples:
     def __len__(self) -> int:
         return len(self.examples)
 
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens per example, without reading any features (for length-grouped batching)."""
+        if hasattr(self.examples, "column_names"):
+            return [len(ids) for ids in self.examples["input_ids"]]
+        return [len(example["input_ids"]) for example in self.examples]
+
     def __getitem__(self, index: int) -> dict:
         example = self.examples[index]
         return {"input_ids": example["input_ids"], "labels": example["labels"], "features": self.cache.compact(index)}

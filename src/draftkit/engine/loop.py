@@ -61,6 +61,8 @@ class LoopSettings:
     save_every: int = 100
     keep_checkpoints: int = 2
     seed: int = 0
+    group_by_length: bool = False
+    """micro-batches of similar lengths (less padding; engine/batches.py), instead of a plain shuffle"""
     distributed: DistributedSettings = field(default_factory=DistributedSettings)
     """the `dist` group: accelerate (one process / DDP) or DeepSpeed ZeRO 1-3"""
 
@@ -177,7 +179,8 @@ def train(
                  step=0)
     model = runtime.model
     stream = BatchStream(dataset, settings.micro_batch_size, collate, seed=settings.seed,
-                         rank=runtime.process_index, world_size=runtime.num_processes)
+                         rank=runtime.process_index, world_size=runtime.num_processes,
+                         group_by_length=settings.group_by_length)
 
     start_step, history, resumed_from = 0, [], None
     existing = list_checkpoints(ckpt_dir) if resume else []
