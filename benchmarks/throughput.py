@@ -10,7 +10,8 @@ autocast, `--micro-batch` sequences per step. Tokens/s is what the loop logs (`<
 second over a log interval); the first interval (warm-up) is dropped. Peak memory is torch.cuda.max_memory_allocated
 over the recipe's run (the target's weights included). Results are written to --out as each recipe finishes; a rerun
 with the same --out measures only what is missing (the ceiling is measured again in every run, and each recipe keeps
-the ceiling of its own run).
+the ceiling of its own run). A recipe that fails is recorded under failed_last_run and the others still run; none
+starts after --stop-after-s (default 420 s), which keeps one call inside an 8-minute GPU slot.
 
 MFU. Model FLOPs of one training step are counted by running the step once under torch.utils.flop_counter
 (matmuls and attention kernels, forward and backward, as executed): the target's forward (2·N_body per token plus

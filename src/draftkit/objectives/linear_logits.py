@@ -62,10 +62,6 @@ class LinearLogits:
         """The first `count` of rows() (a view)."""
         return replace(self, hidden=self.hidden.reshape(-1, self.hidden.shape[-1])[:count])
 
-    def materialize(self) -> torch.Tensor:
-        """All logits at once (tests and small vocabularies); autocast applies as for any F.linear."""
-        return F.linear(self.hidden, self.weight, self.bias)
-
 
 def rows_ahead(rows: torch.Tensor, shift: int) -> torch.Tensor:
     """rows [B, T, D] -> [B*T - shift, D] (a view): entry b*T + t is rows[b, t + shift] wherever t + shift < T; the
