@@ -160,3 +160,38 @@ def test_bf16_training_leaves_the_model_in_full_precision_afterwards(tmp_path):
     assert logits.dtype == torch.float32
     hidden = model.model(input_ids=torch.tensor([[1, 2, 3]])).last_hidden_state
     assert hidden.dtype == torch.float32
+
+
+def test_the_log_reports_the_share_of_positions_that_are_padding(tmp_path):
+    class Records:
+        def __init__(self):
+            self.rows = []
+
+        def log(self, metrics, step):
+            self.rows.append(metrics)
+
+    sink = Records()
+    data = [{"input_ids": [5] * n, "labels": [5] * n} for n in (2, 6, 4, 8)]  # one batch: padded to 8
+    train(model=tiny_lm(), step_fn=lm_step, dataset=data, collate=collate0, sink=sink, stage_dir=tmp_path,
+          settings=LoopSettings(steps=2, micro_batch_size=4, log_every=2, save_every=2, warmup_steps=1),
+          resume=False, desc="test")
+    assert sink.rows[-1]["test/padding_fraction"] == pytest.approx(1 - 20 / 32)
+
+
+def test_grouping_by_length_cuts_padding_and_still_visits_every_example_once_per_epoch():
+    from draftkit.engine.batches import BatchStream
+
+    data = [{"input_ids": [5] * n, "labels": [5] * n} for n in torch.randint(2, 60, (203,)).tolist()]
+
+    def epoch(group):
+        stream = BatchStream(data, 4, lambda rows: rows, seed=1, group_by_length=group)
+        batches = [stream.next() for _ in range(stream.batches_per_epoch)]
+        padded = sum(len(b) * max(len(r["input_ids"]) for r in b) for b in batches)
+        return sorted(id(r) for b in batches for r in b), padded, [[len(r["input_ids"]) for r in b] for b in batches]
+
+    plain_ids, plain_padded, _ = epoch(False)
+    grouped_ids, grouped_padded, grouped_batches = epoch(True)
+    assert len(grouped_ids) == len(set(grouped_ids)) == 200  # 50 full batches of 4: each example once
+    tokens = sum(sum(b) for b in grouped_batches)
+    assert grouped_padded - tokens < (plain_padded - tokens) / 4  # a quarter of the padding, or less
+    assert epoch(True)[2] == grouped_batches  # a function of (seed, epoch): resume replays it

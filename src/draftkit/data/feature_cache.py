@@ -6,7 +6,8 @@ not at all (written to a temporary name, then renamed), so an interrupted build 
 A cache whose manifest names another target, feature or dataset is refused, never silently reused.
 
 Storage: fp32 (exact), bf16 (half the size), int8 (a quarter, plus one fp32 scale per position: symmetric absmax
-quantisation per position). Readers always get fp32.
+quantisation per position). Readers get fp32 (`cache[i]`); training batches keep bf16 as stored (`cache.compact(i)`)
+and widen on the device, which is exact and moves half the bytes through the host.
 """
 
 from __future__ import annotations
@@ -219,11 +220,17 @@ class FeatureCache:
         return self._shards[shard]
 
     def __getitem__(self, index: int) -> torch.Tensor:
+        return self.compact(index).float()
+
+    def compact(self, index: int) -> torch.Tensor:
+        """Example `index`'s features [T_i, H]: bf16 as stored for bf16 caches (widening to fp32 is exact, so a
+        consumer may do it on the device), fp32 otherwise."""
         if not 0 <= index < len(self):
             raise IndexError(f"feature cache index {index} out of range 0..{len(self) - 1}")
         shard = self._shard(index)
-        names = ["features", "scales"] if self.manifest["storage"] == "int8" else ["features"]
-        return _decode({name: shard.get_tensor(f"{name}.{index}") for name in names})
+        if self.manifest["storage"] == "int8":
+            return _decode({name: shard.get_tensor(f"{name}.{index}") for name in ("features", "scales")})
+        return shard.get_tensor(f"features.{index}")
 
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in self.cache_dir.glob("shard_*.safetensors"))
@@ -240,17 +247,25 @@ class FeatureExamples:
     def __len__(self) -> int:
         return len(self.examples)
 
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens per example, without reading any features (for length-grouped batching)."""
+        if hasattr(self.examples, "column_names"):
+            return [len(ids) for ids in self.examples["input_ids"]]
+        return [len(example["input_ids"]) for example in self.examples]
+
     def __getitem__(self, index: int) -> dict:
         example = self.examples[index]
-        return {"input_ids": example["input_ids"], "labels": example["labels"], "features": self.cache[index]}
+        return {"input_ids": example["input_ids"], "labels": example["labels"], "features": self.cache.compact(index)}
 
 
 def collate_with_features(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """`collate` plus, when the examples carry them, their features padded with zeros to [B, T, H]."""
+    """`collate` plus, when the examples carry them, their features padded with zeros to [B, T, H] (in their dtype)."""
     batch = collate(examples, pad_token_id)
     if "features" in examples[0]:
         batch_size, length = batch["input_ids"].shape
-        features = torch.zeros(batch_size, length, examples[0]["features"].shape[-1])
+        first = examples[0]["features"]
+        features = torch.zeros(batch_size, length, first.shape[-1], dtype=first.dtype)
         for row, example in enumerate(examples):
             features[row, : example["features"].shape[0]] = example["features"]
         batch["features"] = features

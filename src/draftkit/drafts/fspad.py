@@ -239,11 +239,13 @@ class FeatureDrafter(nn.Module):
             predict = regress = out
         return DraftOutput(predict=predict, regress=regress, cache=new_cache)
 
+    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the target's LM head reads for a (predicted or real) feature: the feature itself, or its final norm."""
+        return self.head_norm(hidden) if self.head_norm is not None else hidden
+
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The target's LM head on a (predicted or real) feature."""
-        if self.head_norm is not None:
-            hidden = self.head_norm(hidden)
-        return self.lm_head(hidden)
+        return self.lm_head(self.head_input(hidden))
 
 
 def feature_drafter(

@@ -62,11 +62,17 @@ class HydraHeads(nn.Module):
         self.prefix = DecoderStack(target_config, 1) if prefix_layer else None
         self.dropout = nn.Dropout(dropout)
 
+    def head_state(self, index: int, hidden: torch.Tensor, token_embeds: torch.Tensor) -> torch.Tensor:
+        """Head `index`'s state [..., H] (before the vocabulary projection) on hidden [..., H] and the embeddings
+        [..., index + 1, H] of the tokens before its target."""
+        u = torch.cat([hidden, token_embeds.flatten(-2)], dim=-1)
+        return self.rest[index](self.first[index](self.dropout(u)))
+
     def head_logits(self, index: int, hidden: torch.Tensor, token_embeds: torch.Tensor,
                     shared_lm_head: torch.Tensor | None) -> torch.Tensor:
-        """Head `index` on hidden [..., H] and the embeddings [..., index + 1, H] of the tokens before its target."""
-        u = torch.cat([hidden, token_embeds.flatten(-2)], dim=-1)
-        x = self.rest[index](self.first[index](self.dropout(u)))
+        """Head `index`'s logits on hidden [..., H] and the embeddings [..., index + 1, H] of the tokens before its
+        target."""
+        x = self.head_state(index, hidden, token_embeds)
         if self.lm_heads is not None:
             return self.lm_heads[index](x)
         if shared_lm_head is None:
@@ -74,13 +80,18 @@ class HydraHeads(nn.Module):
         return F.linear(x, shared_lm_head)
 
     def forward(self, hidden: torch.Tensor, ids: torch.Tensor, embed: nn.Module,
-                shared_lm_head: torch.Tensor | None = None) -> torch.Tensor:
+                shared_lm_head: torch.Tensor | None = None, *, project: bool = True) -> torch.Tensor:
+        """Logits [K, B, T, V]; project=False returns the heads' states [K, B, T, H] before the vocabulary projection
+        (for a loss that applies the LM head itself, a chunk of positions at a time)."""
         if self.prefix is not None:
             hidden = self.prefix(hidden)
         embeds = embed(ids).to(hidden.dtype)
         length = ids.shape[1]
         # shifted[j][:, t] = e(x_{t+1+j}); shifting (not torch.roll) leaves zeros, not wrapped tokens, at the end.
         shifted = [F.pad(embeds[:, 1 + j:], (0, 0, 0, min(1 + j, length))) [:, :length] for j in range(self.num_heads)]
+        if not project:
+            return torch.stack([self.head_state(i, hidden, torch.stack(shifted[: i + 1], dim=-2))
+                                for i in range(self.num_heads)])
         return torch.stack([
             self.head_logits(i, hidden, torch.stack(shifted[: i + 1], dim=-2), shared_lm_head)
             for i in range(self.num_heads)

@@ -61,8 +61,13 @@ class MedusaHeads(nn.Module):
         """[..., H] -> [K, ..., H]: each head's blocks applied to the same target state."""
         return torch.stack([block(hidden) for block in self.blocks])
 
-    def forward(self, hidden: torch.Tensor, shared_lm_head: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, shared_lm_head: torch.Tensor | None = None, *,
+                project: bool = True) -> torch.Tensor:
+        """project=False returns the heads' states [K, ..., H] before the vocabulary projection (for a loss that
+        applies the LM head itself, a chunk of positions at a time)."""
         states = self.head_states(hidden)
+        if not project:
+            return states
         if self.lm_heads is not None:
             return torch.stack([head(state) for head, state in zip(self.lm_heads, states)])
         if shared_lm_head is None:

@@ -7,6 +7,19 @@ from typing import Callable, Sequence
 import torch
 
 
+LENGTH_WINDOW = 64  # global micro-batches sorted together by group_by_length
+
+
+def example_lengths(dataset: Sequence) -> list[int]:
+    """Token count of every example; from a column when the dataset has one (no per-example reads, which for cached
+    features would load every tensor)."""
+    if hasattr(dataset, "lengths"):
+        return list(dataset.lengths)
+    if hasattr(dataset, "column_names"):  # a datasets.Dataset
+        return [len(ids) for ids in dataset["input_ids"]]
+    return [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+
+
 class BatchStream:
     """Endless micro-batches: epoch e visits a permutation seeded by (seed, e); rank r of w takes its slice of
     every global micro-batch. The position is two integers, so resuming costs nothing and replays exactly."""
@@ -21,6 +34,7 @@ class BatchStream:
         rank: int = 0,
         world_size: int = 1,
         shuffle: bool = True,
+        group_by_length: bool = False,
     ):
         self.dataset = dataset
         self.micro_batch_size = micro_batch_size
@@ -29,6 +43,8 @@ class BatchStream:
         self.rank = rank
         self.world_size = world_size
         self.shuffle = shuffle
+        self.group_by_length = group_by_length
+        self._lengths: list[int] | None = None
         self.global_batch = micro_batch_size * world_size
         self.batches_per_epoch = len(dataset) // self.global_batch
         if self.batches_per_epoch == 0:
@@ -47,7 +63,26 @@ class BatchStream:
                 self._order = torch.randperm(len(self.dataset), generator=g).tolist()
             else:
                 self._order = list(range(len(self.dataset)))
+            if self.group_by_length:
+                self._order = self._grouped(self._order)
         return self._order
+
+    def _grouped(self, order: list[int]) -> list[int]:
+        """The epoch's order with similar lengths in each global micro-batch: windows of LENGTH_WINDOW batches are
+        sorted by length (longest first), then the window's batches are shuffled, so padding shrinks while every
+        example is still visited once per epoch and the order stays a function of (seed, epoch)."""
+        if self._lengths is None:
+            self._lengths = example_lengths(self.dataset)
+        span = self.global_batch * LENGTH_WINDOW
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch + 1)
+        full = len(order) - len(order) % self.global_batch  # the remainder, never visited, stays at the end
+        grouped = []
+        for start in range(0, full, span):
+            window = sorted(order[start:min(start + span, full)], key=lambda i: -self._lengths[i])
+            batches = [window[b:b + self.global_batch] for b in range(0, len(window), self.global_batch)]
+            for b in torch.randperm(len(batches), generator=g).tolist():
+                grouped.extend(batches[b])
+        return grouped + order[full:]
 
     def next(self) -> dict:
         order = self._epoch_order()

@@ -61,6 +61,8 @@ class LoopSettings:
     save_every: int = 100
     keep_checkpoints: int = 2
     seed: int = 0
+    group_by_length: bool = False
+    """micro-batches of similar lengths (less padding; engine/batches.py), instead of a plain shuffle"""
     distributed: DistributedSettings = field(default_factory=DistributedSettings)
     """the `dist` group: accelerate (one process / DDP) or DeepSpeed ZeRO 1-3"""
 
@@ -105,7 +107,12 @@ def cosine_with_warmup(step: int, settings: LoopSettings) -> float:
 
 
 def _move(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """To the device without stalling the host: a copy from pageable memory waits for the GPU to drain the work
+    queued before it, so the next batch could not be prepared while the current step runs; from pinned memory it is
+    queued like a kernel."""
+    pin = torch.device(device).type == "cuda"
+    return {k: (v.pin_memory() if pin and v.device.type == "cpu" else v).to(device, non_blocking=True)
+            if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def _param_groups(model: nn.Module, settings: LoopSettings) -> list[dict]:
@@ -172,7 +179,8 @@ def train(
                  step=0)
     model = runtime.model
     stream = BatchStream(dataset, settings.micro_batch_size, collate, seed=settings.seed,
-                         rank=runtime.process_index, world_size=runtime.num_processes)
+                         rank=runtime.process_index, world_size=runtime.num_processes,
+                         group_by_length=settings.group_by_length)
 
     start_step, history, resumed_from = 0, [], None
     existing = list_checkpoints(ckpt_dir) if resume else []
@@ -206,13 +214,13 @@ def train(
 
     model.train()
     pending: list[tuple[int, torch.Tensor, torch.Tensor, dict]] = []
-    tokens_since_log, t_log = 0, time.perf_counter()
+    tokens_since_log, positions_since_log, t_log = 0, 0, time.perf_counter()
     bar = tqdm(total=settings.steps, initial=start_step, desc=desc, disable=not runtime.is_main_process,
                dynamic_ncols=True)
 
     def flush(step: int) -> None:
         """One host sync per log interval: turn the pending loss tensors into numbers, check them, log them."""
-        nonlocal tokens_since_log, t_log
+        nonlocal tokens_since_log, positions_since_log, t_log
         if not pending:
             return
         names = sorted(pending[0][3])
@@ -229,15 +237,16 @@ def train(
             history.append(record)
         last = history[-1]
         tokens_per_s = tokens_since_log / max(elapsed, 1e-9)
+        # padding_fraction: the share of computed positions that are padding (time spent on no token)
         logged = {**{k: v for k, v in last.items() if k != "step"}, "lr": scheduler.get_last_lr()[0],
-                  "tokens_per_s": tokens_per_s}
+                  "tokens_per_s": tokens_per_s, "padding_fraction": 1 - tokens_since_log / max(positions_since_log, 1)}
         if torch.cuda.is_available():
             logged["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         if runtime.is_main_process:
             sink.log({f"{desc}/{k}": v for k, v in logged.items()}, step=step)
         bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
         pending.clear()
-        tokens_since_log, t_log = 0, time.perf_counter()
+        tokens_since_log, positions_since_log, t_log = 0, 0, time.perf_counter()
 
     for step in range(start_step, settings.steps):
         loss_sum = torch.zeros((), device=runtime.device)
@@ -245,7 +254,8 @@ def train(
         metric_sums: dict[str, torch.Tensor] = {}
         for micro in range(settings.grad_accum):
             batch = stream.next()
-            tokens_since_log += int(batch["attention_mask"].sum()) * runtime.num_processes
+            tokens_since_log += int(batch["attention_mask"].sum()) * runtime.num_processes  # on the host: no sync
+            positions_since_log += batch["attention_mask"].numel() * runtime.num_processes
             batch = _move(batch, runtime.device)
             last = micro == settings.grad_accum - 1
             with runtime.micro_context(last), runtime.autocast():

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from draftkit.objectives.ce import IGNORE_INDEX
 from draftkit.objectives.kl import soft_cross_entropy
+from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.objectives.types import LossOutput
 
 
@@ -52,23 +53,27 @@ def feature_regression(regress: torch.Tensor, target_features: torch.Tensor, mas
 
 
 def fspad_loss(
-    draft_logits: torch.Tensor,
+    draft_logits: torch.Tensor | LinearLogits,
     regress: torch.Tensor,
     target_features: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | LinearLogits,
     mask: torch.Tensor,
     *,
     regression_weight: float = 1.0,
     ce_weight: float = 0.1,
 ) -> LossOutput:
     """draft_logits [B, T, V] = LMHead(predict); regress [B, T, H]; target_features [B, T, H] = f_{t+1};
-    teacher_logits [B, T, V] = LMHead(f_{t+1}); mask [B, T] bool. Metrics (sums over counted positions):
-    feature_smooth_l1, soft_ce, alpha_hat (Σ min(p, q)) and top1 (draft argmax == target argmax)."""
+    teacher_logits [B, T, V] = LMHead(f_{t+1}); mask [B, T] bool. Both logits may be LinearLogits (computed chunk by
+    chunk, never all at once). Metrics (sums over counted positions): feature_smooth_l1, soft_ce, alpha_hat
+    (Σ min(p, q)) and top1 (draft argmax == target argmax)."""
     mask = mask.to(torch.bool)
     regression = feature_regression(regress, target_features, mask)
     ce = soft_cross_entropy(draft_logits, teacher_logits, mask)
-    with torch.no_grad():
-        top1 = ((draft_logits.argmax(-1) == teacher_logits.argmax(-1)) & mask).sum().float()
+    if "top1" in ce.metrics:
+        top1 = ce.metrics["top1"]
+    else:
+        with torch.no_grad():
+            top1 = ((draft_logits.argmax(-1) == teacher_logits.argmax(-1)) & mask).sum().float()
     return LossOutput(
         loss_sum=regression_weight * regression + ce_weight * ce.loss_sum,
         count=ce.count,

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from draftkit.objectives.ce import IGNORE_INDEX
 from draftkit.objectives.kl import soft_cross_entropy
+from draftkit.objectives.linear_logits import LinearLogits, chunked_losses, paired_ahead
 from draftkit.objectives.medusa import head_targets
 from draftkit.objectives.types import LossOutput
 
@@ -26,16 +27,19 @@ def rows_ahead_for_heads(rows: torch.Tensor, num_heads: int) -> torch.Tensor:
     return torch.stack([F.pad(rows[:, 1 + i:], (0, 0, 0, min(1 + i, length)))[:, :length] for i in range(num_heads)])
 
 
-def hydra_loss(head_logits: torch.Tensor, labels: torch.Tensor, target_logits: torch.Tensor | None = None, *,
-               lm_weight: float = 1.0, teacher_weight: float = 0.0, decay: float = 1.0,
-               ignore_index: int = IGNORE_INDEX) -> LossOutput:
-    """head_logits [K, B, T, V]; labels [B, T]; target_logits [B, T, V] (needed when teacher_weight > 0)."""
+def hydra_loss(head_logits: torch.Tensor | list[LinearLogits], labels: torch.Tensor,
+               target_logits: torch.Tensor | None = None, *, lm_weight: float = 1.0, teacher_weight: float = 0.0,
+               decay: float = 1.0, ignore_index: int = IGNORE_INDEX) -> LossOutput:
+    """head_logits [K, B, T, V], or one LinearLogits [B, T, V] per head (computed chunk by chunk); labels [B, T];
+    target_logits [B, T, V] (needed when teacher_weight > 0)."""
     if lm_weight < 0 or teacher_weight < 0 or lm_weight + teacher_weight == 0:
         raise ValueError(f"hydra loss weights must be >= 0 and not both 0; got lm={lm_weight}, teacher={teacher_weight}")
     if teacher_weight > 0 and target_logits is None:
         raise ValueError("the teacher term needs the target's logits")
-    num_heads = head_logits.shape[0]
+    num_heads = len(head_logits)
     targets = head_targets(labels, num_heads, ignore_index=ignore_index)
+    if isinstance(head_logits[0], LinearLogits):
+        return _chunked_hydra_loss(head_logits, targets, target_logits, lm_weight, teacher_weight, decay, ignore_index)
     teachers = rows_ahead_for_heads(target_logits, num_heads) if teacher_weight > 0 else None
     loss_sum = head_logits.new_zeros((), dtype=torch.float32)
     metrics = {}
@@ -56,4 +60,27 @@ def hydra_loss(head_logits: torch.Tensor, labels: torch.Tensor, target_logits: t
         loss_sum = loss_sum + decay ** i * head_sum
         with torch.no_grad():
             metrics[f"top1_head{i}"] = ((logits.argmax(-1) == targets[i]) & mask).sum().float()
+    return LossOutput(loss_sum=loss_sum, count=(targets[0] != ignore_index).sum(), metrics=metrics)
+
+
+def _chunked_hydra_loss(head_logits: list[LinearLogits], targets: torch.Tensor, target_logits: torch.Tensor | None,
+                        lm_weight: float, teacher_weight: float, decay: float, ignore_index: int) -> LossOutput:
+    """hydra_loss with both terms of a head taken in one chunked pass over its logits. The teacher of head i is the
+    target's logits i + 1 rows ahead, read in place (paired_ahead) rather than copied per head."""
+    loss_sum = torch.zeros((), dtype=torch.float32, device=targets.device)
+    metrics = {}
+    for i, logits in enumerate(head_logits):
+        if teacher_weight > 0:
+            student, teacher, head_labels = paired_ahead(logits, target_logits, 1 + i, targets[i])
+            out = chunked_losses(student, labels=head_labels, teacher=teacher, label_weight=lm_weight,
+                                 teacher_weight=teacher_weight, ignore_index=ignore_index)
+            metrics[f"soft_ce_head{i}"] = out.metrics["soft_ce"]
+            metrics[f"alpha_hat_head{i}"] = out.metrics["alpha_hat"]
+        else:
+            out = chunked_losses(logits, labels=targets[i], label_weight=lm_weight, teacher_weight=0.0,
+                                 ignore_index=ignore_index)
+        if lm_weight > 0:
+            metrics[f"ce_head{i}"] = out.metrics["ce"]
+        metrics[f"top1_head{i}"] = out.metrics["top1"]
+        loss_sum = loss_sum + decay ** i * out.loss_sum
     return LossOutput(loss_sum=loss_sum, count=(targets[0] != ignore_index).sum(), metrics=metrics)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from draftkit.objectives.linear_logits import LinearLogits, linear_soft_cross_entropy
 from draftkit.objectives.types import LossOutput
 
 DIVERGENCES = ("fkl", "rkl", "jsd", "tvd")
@@ -89,7 +90,11 @@ def total_variation(student_logits, teacher_logits, mask, *, temperature: float 
 
 def soft_cross_entropy(student_logits, teacher_logits, mask, *, temperature: float = 1.0) -> LossOutput:
     """Σ over counted positions of −Σ_v p log q: forward KL plus the teacher's entropy, which has no gradient. The soft
-    label loss of Hydra++, EAGLE, Kangaroo and Clover; reported values differ from forward_kl by that entropy."""
+    label loss of Hydra++, EAGLE, Kangaroo and Clover; reported values differ from forward_kl by that entropy.
+    Student logits given as LinearLogits are computed chunk by chunk (objectives.linear_logits), which also reports
+    the metric top1 (argmax agreement)."""
+    if isinstance(student_logits, LinearLogits):
+        return linear_soft_cross_entropy(student_logits, teacher_logits, mask, temperature=temperature)
     log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
     return _reduce(-(log_p.exp() * log_q).sum(-1), log_q, log_p, mask)
 

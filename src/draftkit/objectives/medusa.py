@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from draftkit.objectives.ce import IGNORE_INDEX
+from draftkit.objectives.linear_logits import LinearLogits, linear_cross_entropy
 from draftkit.objectives.types import LossOutput
 
 
@@ -33,25 +34,38 @@ def head_targets(labels: torch.Tensor, num_heads: int, *, ignore_index: int = IG
     return targets
 
 
-def medusa_loss(head_logits: torch.Tensor, labels: torch.Tensor, *, decay: float = 0.8,
+def head_cross_entropy(logits: torch.Tensor | LinearLogits, targets: torch.Tensor, *,
+                       ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ CE, Σ top-1 hits) of one head over positions whose target is not ignore_index; logits [..., V] or
+    LinearLogits (computed chunk by chunk), targets [...]."""
+    if isinstance(logits, LinearLogits):
+        out = linear_cross_entropy(logits, targets, ignore_index=ignore_index)
+        return out.loss_sum, out.metrics["top1"]
+    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+    flat_targets = targets.reshape(-1)
+    head_sum = F.cross_entropy(flat_logits, flat_targets, ignore_index=ignore_index, reduction="sum")
+    with torch.no_grad():
+        counted = flat_targets != ignore_index
+        correct = ((flat_logits.argmax(-1) == flat_targets) & counted).sum().float()
+    return head_sum, correct
+
+
+def medusa_loss(head_logits: torch.Tensor | list[LinearLogits], labels: torch.Tensor, *, decay: float = 0.8,
                 ignore_index: int = IGNORE_INDEX) -> LossOutput:
-    """head_logits [K, B, T, V] (head k at position t); labels [B, T]. Metrics per head: loss_head{k} and
-    top1_head{k} (sums over that head's positions, divided by the shared count when logged)."""
+    """head_logits [K, B, T, V] (head k at position t), or one LinearLogits [B, T, V] per head; labels [B, T].
+    Metrics per head: loss_head{k} and top1_head{k} (sums over that head's positions, divided by the shared count
+    when logged)."""
     if not 0.0 < decay <= 1.0:
         raise ValueError(f"medusa decay must lie in (0, 1]; got {decay}")
-    num_heads = head_logits.shape[0]
+    num_heads = len(head_logits)
     targets = head_targets(labels, num_heads, ignore_index=ignore_index)
-    loss_sum = head_logits.new_zeros((), dtype=torch.float32)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=labels.device)
     metrics = {}
     for k in range(num_heads):
-        flat_logits = head_logits[k].reshape(-1, head_logits.shape[-1]).float()
-        flat_targets = targets[k].reshape(-1)
-        head_sum = F.cross_entropy(flat_logits, flat_targets, ignore_index=ignore_index, reduction="sum")
+        head_sum, correct = head_cross_entropy(head_logits[k], targets[k], ignore_index=ignore_index)
         loss_sum = loss_sum + decay ** (k + 1) * head_sum
-        with torch.no_grad():
-            counted = flat_targets != ignore_index
-            metrics[f"loss_head{k}"] = head_sum.detach()
-            metrics[f"top1_head{k}"] = ((flat_logits.argmax(-1) == flat_targets) & counted).sum().float()
+        metrics[f"loss_head{k}"] = head_sum.detach()
+        metrics[f"top1_head{k}"] = correct
     count = (targets[0] != ignore_index).sum()
     return LossOutput(loss_sum=loss_sum, count=count, metrics=metrics)
 

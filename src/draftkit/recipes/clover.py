@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from draftkit.objectives.clover import clover_loss
+from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.recipes.common import frozen_weight
 from draftkit.recipes.heads_common import LABEL_SOURCES, start_run, train_measure_export, training_chats
 from draftkit.runtime.heads import CloverDrafter
@@ -23,14 +24,21 @@ from draftkit.runtime.heads import CloverDrafter
 FAMILY = "clover"
 
 
-def clover_step(target, lm_head, feature_weight: float, token_weight: float, decay: float):
+def clover_step(target, lm_head, feature_weight: float, token_weight: float, decay: float,
+                loss_chunk_size: int | None = None):
     """The frozen target gives its pre-norm final state (the model's input), and its post-norm states and logits
-    (the regression and soft-label targets) in one pass; `lm_head` is its LM head's weight."""
+    (the regression and soft-label targets) in one pass; `lm_head` is its LM head's weight. With loss_chunk_size set,
+    the heads' logits are computed inside the loss that many positions at a time."""
 
     def step(model, batch):
         features = target.features(batch["input_ids"], batch["attention_mask"], layers=[target.num_layers])
         head_features = model(features.hidden[target.num_layers], batch["input_ids"], lm_head)
-        return clover_loss(head_features, F.linear(head_features, lm_head), features.last_hidden, features.logits,
+        if loss_chunk_size is None:
+            head_logits = F.linear(head_features, lm_head)
+        else:
+            head_logits = [LinearLogits(state, lm_head, chunk_size=loss_chunk_size, skip_uncounted=True)
+                           for state in head_features]
+        return clover_loss(head_features, head_logits, features.last_hidden, features.logits,
                            batch["labels"], feature_weight=feature_weight, token_weight=token_weight, decay=decay)
     return step
 
@@ -54,5 +62,5 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
 
     return train_measure_export(
         cfg, run_dir, family=FAMILY, module=model, module_cfg=c.model, chats=chats, make_drafter=drafter,
-        step=clover_step(target, lm_head, c.feature_weight, c.token_weight, c.decay), tree_cfg=c.tree, target=target,
-        sink=sink, engine=engine, export_dtype=c.export_dtype)
+        step=clover_step(target, lm_head, c.feature_weight, c.token_weight, c.decay, c.loss_chunk_size),
+        tree_cfg=c.tree, target=target, sink=sink, engine=engine, export_dtype=c.export_dtype)

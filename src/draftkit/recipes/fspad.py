@@ -36,6 +36,7 @@ from draftkit.engine.loop import stage_settings, train
 from draftkit.engine.run import record_run
 from draftkit.export.eagle import export_feature_drafter
 from draftkit.objectives.fspad import align_pairs, fspad_loss
+from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.recipes.common import compare_markdown, measure_acceptance
 from draftkit.runtime.feature_drafter import FeatureChainDrafter, FeatureTreeDrafter
 from draftkit.runtime.tree import tree_shape
@@ -63,7 +64,7 @@ def _rope_theta(text_config) -> float:
 
 
 def feature_step(model: FeatureDrafter, batch: dict, features: torch.Tensor, *, noise_amplitude: float,
-                 regression_weight: float, ce_weight: float):
+                 regression_weight: float, ce_weight: float, loss_chunk_size: int | None = None):
     """One loss on a batch whose target features [B, T, H] are given (from the cache or the live target)."""
     pairs = align_pairs(features, batch["input_ids"], batch["labels"])
     inputs = pairs.input_features
@@ -78,16 +79,22 @@ def feature_step(model: FeatureDrafter, batch: dict, features: torch.Tensor, *, 
     # positions (about half of a chat) would be computed only to be masked out.
     counted = pairs.mask
     predict, regress, target = out.predict[counted], out.regress[counted], pairs.target_features[counted]
-    with torch.no_grad():
-        teacher_logits = model.head_logits(target)
     everywhere = torch.ones(predict.shape[0], dtype=torch.bool, device=predict.device)
-    return fspad_loss(model.head_logits(predict), regress, target, teacher_logits, everywhere,
+    if loss_chunk_size is None:
+        with torch.no_grad():
+            teacher_logits = model.head_logits(target)
+        draft_logits = model.head_logits(predict)
+    else:  # both distributions computed inside the loss, loss_chunk_size positions at a time
+        with torch.no_grad():
+            teacher_logits = LinearLogits(model.head_input(target), model.lm_head.weight, chunk_size=loss_chunk_size)
+        draft_logits = LinearLogits(model.head_input(predict), model.lm_head.weight, chunk_size=loss_chunk_size)
+    return fspad_loss(draft_logits, regress, target, teacher_logits, everywhere,
                       regression_weight=regression_weight, ce_weight=ce_weight)
 
 
 def make_step(target, settings):
     weights = {"noise_amplitude": settings.noise_amplitude, "regression_weight": settings.regression_weight,
-               "ce_weight": settings.ce_weight}
+               "ce_weight": settings.ce_weight, "loss_chunk_size": settings.loss_chunk_size}
     norm = settings.features.norm
 
     def step(model, batch):

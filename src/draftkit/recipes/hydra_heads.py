@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from draftkit.objectives.hydra_heads import hydra_loss
+from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.recipes.common import frozen_weight
 from draftkit.recipes.heads_common import LABEL_SOURCES, start_run, train_measure_export, training_chats
 from draftkit.runtime.heads import HydraDrafter
@@ -22,10 +23,20 @@ from draftkit.runtime.heads import HydraDrafter
 FAMILY = "hydra_heads"
 
 
-def hydra_step(target, shared_lm_head, lm_weight: float, teacher_weight: float, decay: float):
+def hydra_step(target, shared_lm_head, lm_weight: float, teacher_weight: float, decay: float,
+               loss_chunk_size: int | None = None, own_lm_heads=None):
+    """With loss_chunk_size set, the loss applies the LM head (shared, or each head's own: `own_lm_heads`) that many
+    positions at a time, and only to positions it scores, instead of the heads returning every logit."""
     def step(heads, batch):
         features = target.features(batch["input_ids"], batch["attention_mask"], with_logits=teacher_weight > 0)
-        logits = heads(features.last_hidden, batch["input_ids"], target.embed_tokens, shared_lm_head)
+        if loss_chunk_size is None:
+            logits = heads(features.last_hidden, batch["input_ids"], target.embed_tokens, shared_lm_head)
+        else:
+            states = heads(features.last_hidden, batch["input_ids"], target.embed_tokens, project=False)
+            projections = ([(head.weight, head.bias) for head in own_lm_heads] if own_lm_heads is not None
+                           else [(shared_lm_head, None)] * len(states))
+            logits = [LinearLogits(state, weight, bias, loss_chunk_size, skip_uncounted=True)
+                      for state, (weight, bias) in zip(states, projections)]
         return hydra_loss(logits, batch["labels"], features.logits, lm_weight=lm_weight,
                           teacher_weight=teacher_weight, decay=decay)
     return step
@@ -50,5 +61,6 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
 
     return train_measure_export(
         cfg, run_dir, family=FAMILY, module=heads, module_cfg=h.heads, chats=chats, make_drafter=drafter,
-        step=hydra_step(target, shared, h.lm_weight, h.teacher_weight, h.decay), tree_cfg=h.tree, target=target,
+        step=hydra_step(target, shared, h.lm_weight, h.teacher_weight, h.decay, h.loss_chunk_size, heads.lm_heads),
+        tree_cfg=h.tree, target=target,
         sink=sink, engine=engine, export_dtype=h.export_dtype)

@@ -21,6 +21,7 @@ from draftkit.engine.loop import stage_settings, train
 from draftkit.engine.run import record_run
 from draftkit.export.kangaroo import export_kangaroo
 from draftkit.objectives.kangaroo import kangaroo_loss
+from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.recipes.common import compare_markdown, finish_run, measure_acceptance, self_distilled_chats
 from draftkit.runtime.kangaroo import KangarooDecoder
 from draftkit.targets.hf import Target, causal_mask
@@ -28,17 +29,25 @@ from draftkit.targets.hf import Target, causal_mask
 INITS = ("target", "random")
 
 
-def kangaroo_step(target: Target, exit_layer: int):
-    """step_fn for the loop; the frozen target stays in the closure, outside the trained module."""
+def kangaroo_step(target: Target, exit_layer: int, loss_chunk_size: int | None = None):
+    """step_fn for the loop; the frozen target stays in the closure, outside the trained module. With loss_chunk_size
+    set, both models' logits are computed inside the loss that many positions at a time."""
+    chunked = loss_chunk_size is not None
 
     def step(adapter, batch):
-        features = target.features(batch["input_ids"], batch["attention_mask"], layers=[exit_layer], with_logits=True)
+        features = target.features(batch["input_ids"], batch["attention_mask"], layers=[exit_layer],
+                                   with_logits=not chunked)
         early = features.hidden[exit_layer]
         length = early.shape[1]
         positions = torch.arange(length, device=early.device)[None]
         mask = causal_mask(length, 0, early.dtype, early.device, padding_mask=batch["attention_mask"])
-        adapter_logits = target.lm_head(adapter(early, positions, mask))
-        return kangaroo_loss(adapter_logits, features.logits, batch["labels"])
+        adapted = adapter(early, positions, mask)
+        if not chunked:
+            return kangaroo_loss(target.lm_head(adapted), features.logits, batch["labels"])
+        head = target.lm_head
+        return kangaroo_loss(LinearLogits(adapted, head.weight, head.bias, loss_chunk_size, skip_uncounted=True),
+                             LinearLogits(features.last_hidden, head.weight, head.bias, loss_chunk_size),
+                             batch["labels"])
 
     return step
 
@@ -70,7 +79,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
 
     before = measure(run_dir / "eval_before.json") if cfg.eval.get("before") else None
     chats = self_distilled_chats(cfg.data, target, run_dir, engine["seed"])
-    result = train(model=adapter, step_fn=kangaroo_step(target, settings.exit_layer), dataset=chats,
+    result = train(model=adapter, step_fn=kangaroo_step(target, settings.exit_layer, settings.loss_chunk_size),
+                   dataset=chats,
                    collate=partial(collate, pad_token_id=target.tokenizer.pad_token_id),
                    settings=stage_settings(engine), stage_dir=run_dir / "adapter", sink=sink, resume=cfg.resume,
                    desc="adapter")

@@ -26,6 +26,7 @@ from draftkit.engine.loop import stage_settings, train
 from draftkit.export.medusa import export_medusa_fasterdecoding, export_medusa_vllm
 from draftkit.objectives.ce import IGNORE_INDEX, next_token_ce
 from draftkit.objectives.kl import forward_kl
+from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.objectives.medusa import medusa2_loss, medusa_loss
 from draftkit.recipes.common import frozen_weight
 from draftkit.recipes.heads_common import (
@@ -40,11 +41,19 @@ from draftkit.runtime.heads import MedusaDrafter
 TARGET_LOSSES = ("lm", "kl")
 
 
-def heads_step(target, shared_lm_head, decay: float):
-    """Medusa-1: the frozen target's final states (no grad) feed the heads."""
+def heads_step(target, shared_lm_head, decay: float, loss_chunk_size: int | None = None, own_lm_heads=None):
+    """Medusa-1: the frozen target's final states (no grad) feed the heads. With loss_chunk_size set, the loss applies
+    the LM head (shared, or each head's own: `own_lm_heads`) that many positions at a time, and only to positions it
+    scores (one host sync per head; the prompt and padding rows it skips are often half of a chat batch)."""
     def step(heads, batch):
         hidden = target.features(batch["input_ids"], batch["attention_mask"], with_logits=False).last_hidden
-        return medusa_loss(heads(hidden, shared_lm_head), batch["labels"], decay=decay)
+        if loss_chunk_size is None:
+            return medusa_loss(heads(hidden, shared_lm_head), batch["labels"], decay=decay)
+        states = heads(hidden, project=False)
+        weights = [head.weight for head in own_lm_heads] if own_lm_heads is not None else [shared_lm_head] * len(states)
+        logits = [LinearLogits(state, weight, chunk_size=loss_chunk_size, skip_uncounted=True)
+                  for state, weight in zip(states, weights)]
+        return medusa_loss(logits, batch["labels"], decay=decay)
     return step
 
 
@@ -110,7 +119,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
         step = joint_step(m.decay, js.target_loss, js.heads_coefficient)
     else:
         model = heads
-        step = heads_step(target, lm_head if heads.lm_heads is None else None, m.decay)
+        step = heads_step(target, lm_head if heads.lm_heads is None else None, m.decay, m.loss_chunk_size,
+                          heads.lm_heads)
     result = train(model=model, step_fn=step, dataset=chats,
                    collate=partial(collate, pad_token_id=target.tokenizer.pad_token_id),
                    settings=stage_settings(engine), stage_dir=run_dir / "train", sink=sink, resume=cfg.resume,
