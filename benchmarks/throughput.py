@@ -63,23 +63,33 @@ CPU_PLAN = {"target": ["target=random", "target.shape=tiny", "target.dtype=float
             "seq_len": 64, "micro_batch": 2, "log_every": 2, "intervals": 2, "precision": "fp32"}
 
 
-def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
+def _as_many_heads_as(query_shape, shape):
+    """Grouped-query attention hands SDPA keys and values with fewer heads than the query (enable_gqa); each query
+    head still does the full work, so count them as if keys and values had the query's head count."""
+    return (*shape[:-3], query_shape[-3], *shape[-2:])
 
 
-def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
-                             **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, _as_many_heads_as(query_shape, key_shape),
+                           _as_many_heads_as(query_shape, value_shape))
+
+
+def _sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                         **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, _as_many_heads_as(query_shape, key_shape),
+                                    _as_many_heads_as(query_shape, value_shape))
 
 
 def flop_counter() -> FlopCounterMode:
-    """torch's FLOP counter, plus the CPU flash-attention kernels it does not know (so CPU counts include attention
-    exactly as GPU counts do)."""
+    """torch's FLOP counter, with the SDPA kernels counted for grouped-query attention (torch's own count asserts
+    that keys have the query's head count) and the CPU flash-attention kernels it does not know added (so CPU counts
+    include attention exactly as GPU counts do)."""
     mapping = {}
-    for name, fn in (("_scaled_dot_product_flash_attention_for_cpu", _cpu_sdpa_flops),
-                     ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_sdpa_backward_flops)):
-        if hasattr(torch.ops.aten, name):
-            mapping[getattr(torch.ops.aten, name)] = fn
+    for kernel in ("flash", "efficient", "cudnn", "flash_attention_for_cpu"):
+        name = f"_scaled_dot_product_{kernel}" if kernel.endswith("cpu") else f"_scaled_dot_product_{kernel}_attention"
+        for op_name, fn in ((name, _sdpa_flops), (f"{name}_backward", _sdpa_backward_flops)):
+            if hasattr(torch.ops.aten, op_name):
+                mapping[getattr(torch.ops.aten, op_name)] = fn
     return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
