@@ -43,6 +43,9 @@ FAMILIES = {
     "eagle1": (["+recipe=fspad", *EAGLE1], "train", "chain"),
     "fspad": (["+recipe=fspad"], "train", "chain"),
     "kangaroo": (["+recipe=kangaroo"], "adapter", "chain"),
+    # An acceptance head on the FastDraft family's draft (trained above when fastdraft is in the run; otherwise on the
+    # recipe's default, the untrained 2-layer cut), decoded with its adaptive stop.
+    "specdecpp": (["+recipe=specdecpp"], "head", "chain"),
 }
 # Stage-step keys that override engine.steps in some recipes.
 STEP_KEYS = {"fastdraft": "fastdraft.finetune.engine.steps", "eagle1": "fspad.train.engine.steps",
@@ -55,7 +58,9 @@ GPU = {
               "engine.micro_batch_size=16", "engine.lr=1e-3", "engine.warmup_steps=20", "engine.log_every=20",
               "engine.save_every=1000"],
     # Settings that exist in one recipe only.
-    "family": {"distillspec": ["distillspec.num_prompts=1024"]},
+    "family": {"distillspec": ["distillspec.num_prompts=1024"],
+               "specdecpp": ["specdecpp.labels.num_prompts=1024", "specdecpp.labels.heldout_prompts=64",
+                             "specdecpp.labels.max_new_tokens=128", "specdecpp.labels.batch_size=256"]},
     "limit_per_category": 2, "max_new_tokens": 96, "gamma": 5, "gammas": [1, 3, 5], "temperature": 0.7,
 }
 CPU_SMOKE = {
@@ -63,7 +68,9 @@ CPU_SMOKE = {
     "train": ["target=tiny", "target.num_layers=4", "data.prompts_limit=40", "data.selfdistill.num_prompts=6",
               "data.selfdistill.max_new_tokens=16", "data.selfdistill.batch_size=6", "data.max_length=256",
               "engine.micro_batch_size=2", "engine.warmup_steps=1", "engine.log_every=1", "engine.save_every=100"],
-    "family": {"distillspec": ["distillspec.num_prompts=8", "distillspec.generation.max_new_tokens=8"]},
+    "family": {"distillspec": ["distillspec.num_prompts=8", "distillspec.generation.max_new_tokens=8"],
+               "specdecpp": ["specdecpp.labels.num_prompts=8", "specdecpp.labels.heldout_prompts=4",
+                             "specdecpp.labels.max_new_tokens=16", "specdecpp.labels.batch_size=4"]},
     "limit_per_category": 1, "max_new_tokens": 12, "gamma": 3, "gammas": [1, 3], "temperature": 0.7,
 }
 
@@ -71,6 +78,9 @@ CPU_SMOKE = {
 def train(family: str, run_dir: Path, budget: dict, data_root: str, target_path: str | None) -> dict:
     """Train one family (skipped when its run finished before); returns its command and wall time."""
     overrides, _, _ = FAMILIES[family]
+    fastdraft_run = run_dir.parent / "fastdraft"
+    if family == "specdecpp" and (fastdraft_run / "result.json").is_file():
+        overrides = [*overrides, "draft=pretrained", f"draft.path={artifact(fastdraft_run)}"]
     step_key = STEP_KEYS.get(family, "engine.steps")
     target = ["target=hf", f"target.path={target_path}", "target.dtype=float32"] if target_path else []
     command = [sys.executable, "-m", "draftkit.train", *overrides, "data=shared", f"data.root={data_root}",
@@ -97,16 +107,22 @@ def artifact(run_dir: Path) -> Path:
 
 
 def parameter_count(directory: Path) -> int:
-    """Elements of every tensor the artifact ships (shared target weights are not shipped, so not counted)."""
+    """Elements of every tensor the artifact ships, less a shipped copy of the target's own LM head (vLLM's Medusa
+    format stores it when the heads share it); SpecDec++ counts its draft and its acceptance head."""
     from safetensors import safe_open
 
+    config_file = directory / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    target_copies = {"lm_heads.0.weight"} if config.get("model_type") == "medusa" and config.get("original_lm_head") \
+        else set()
     total = 0
-    for path in sorted(directory.glob("*.safetensors")):
+    for path in sorted([*directory.glob("*.safetensors"), *directory.glob("acceptance_head/*.safetensors")]):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
-                shape = f.get_slice(name).get_shape()
+                if name in target_copies:
+                    continue
                 count = 1
-                for size in shape:
+                for size in f.get_slice(name).get_shape():
                     count *= size
                 total += count
     return total
@@ -165,7 +181,13 @@ def evaluate_all(run_dirs: dict[str, Path], budget: dict, target_path: str | Non
         print(f"[compare] {family}: greedy tau {entry['greedy']['tau']:.3f}, "
               f"speedup {entry['greedy']['speedup']:.3f}x", flush=True)
         results[family] = entry
-    return results
+    # Wall-clock of batch-1 decoding drifts: plain decoding measured again after every family, next to the first run.
+    again = autoregressive_baseline(target, prompts, max_new_tokens=new_tokens, progress=False)
+    rates = [sum(r["new_tokens"] for r in b["prompts"]) / sum(r["time_s"] for r in b["prompts"])
+             for b in (baselines[0.0], again)]
+    drift = {"ar_tokens_per_s_first": rates[0], "ar_tokens_per_s_last": rates[1], "last_over_first": rates[1] / rates[0]}
+    print(f"[compare] autoregressive baseline {rates[0]:.1f} tokens/s first, {rates[1]:.1f} last", flush=True)
+    return results, drift
 
 
 def spec_bench() -> Path:
@@ -197,6 +219,9 @@ def markdown(result: dict) -> str:
         row += [cell(sampling["tau"]) if sampling else "–", cell(greedy["speedup"], suffix="x"),
                 cell(predicted.get("predicted_speedup"), suffix="x"), str(predicted.get("recommended_gamma", "–"))]
         lines.append("| " + " | ".join(row) + " |")
+    drift = result["baseline_drift"]
+    lines += ["", f"Plain decoding ran at {drift['ar_tokens_per_s_first']:.1f} tokens/s before the evaluations and "
+              f"{drift['ar_tokens_per_s_last']:.1f} after them (wall-clock drift; speedups divide by the first)."]
     lines += ["", "speedup: measured tokens/s over one autoregressive baseline of the same target and prompts; predicted: "
               "draftkit.runtime.predict from the measured τ and step costs; best γ: the chain length with the highest "
               "predicted speedup. Tree families draft one tree per step, so γ does not apply to them."]
@@ -299,7 +324,7 @@ def main() -> None:
             shutil.copy(run_dir / "selfdistill.jsonl", shared_answers)
         training[family] = record | throughput(run_dir, FAMILIES[family][1])
         run_dirs[family] = run_dir
-    measured = evaluate_all(run_dirs, budget, target_path, args.cpu_smoke, args.work / "eval")
+    measured, drift = evaluate_all(run_dirs, budget, target_path, args.cpu_smoke, args.work / "eval")
     for family, entry in measured.items():
         entry["training"] = training[family]
     info, date = machine(), time.strftime("%Y-%m-%d")
@@ -314,6 +339,7 @@ def main() -> None:
             "target": "tiny" if args.cpu_smoke else "SmolLM2-135M-Instruct", "train_overrides": budget["train"],
             "family_overrides": budget["family"]},
         "families": measured,
+        "baseline_drift": drift,
     }
     result["plots"] = plots(result, args.out, stem)
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
