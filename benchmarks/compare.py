@@ -198,11 +198,19 @@ def cell(value, digits: int = 2, suffix: str = "") -> str:
     return "–" if value is None else f"{value:.{digits}f}{suffix}"
 
 
+def recommendation(predicted: dict) -> str:
+    if "recommended_gamma" in predicted:
+        return f"γ = {predicted['recommended_gamma']}"
+    if "recommended_tree_size" in predicted:
+        return f"{predicted['recommended_tree_size']} nodes"
+    return "–"
+
+
 def markdown(result: dict) -> str:
     settings = result["settings"]
     gamma = settings["gamma"]
     header = (["family", "draft params", "train s", "train tok/s", "greedy τ"] + [f"α@{i}" for i in range(1, gamma + 1)]
-              + [f"τ (T={settings['temperature']})", "speedup", "predicted", "best γ (predicted)"])
+              + [f"τ (T={settings['temperature']})", "speedup", "predicted", "best γ or tree (predicted)"])
     lines = [f"Target {settings['target']}, {result['machine'].get('gpu', 'CPU')}, {result['date']}: "
              f"{settings['steps']} training steps per family on the same data; Spec-Bench "
              f"{settings['limit_per_category']} questions per category, {settings['max_new_tokens']} new tokens, "
@@ -217,14 +225,14 @@ def markdown(result: dict) -> str:
                cell(training.get("train_tokens_per_s_mean"), 0), cell(greedy["tau"])]
         row += [cell(a) for a in alphas[:gamma]]
         row += [cell(sampling["tau"]) if sampling else "–", cell(greedy["speedup"], suffix="x"),
-                cell(predicted.get("predicted_speedup"), suffix="x"), str(predicted.get("recommended_gamma", "–"))]
+                cell(predicted.get("predicted_speedup"), suffix="x"), recommendation(predicted)]
         lines.append("| " + " | ".join(row) + " |")
     drift = result["baseline_drift"]
     lines += ["", f"Plain decoding ran at {drift['ar_tokens_per_s_first']:.1f} tokens/s before the evaluations and "
               f"{drift['ar_tokens_per_s_last']:.1f} after them (wall-clock drift; speedups divide by the first)."]
     lines += ["", "speedup: measured tokens/s over one autoregressive baseline of the same target and prompts; predicted: "
-              "draftkit.runtime.predict from the measured τ and step costs; best γ: the chain length with the highest "
-              "predicted speedup. Tree families draft one tree per step, so γ does not apply to them."]
+              "draftkit.runtime.predict from the measured τ and step costs; best γ or tree: the chain length, or the "
+              "subtree of the static tree, with the highest predicted speedup."]
     return "\n".join(lines) + "\n"
 
 

@@ -7,7 +7,15 @@ import pytest
 from test_runtime import SPEC_BENCH_RECORDS, perturbed_copy, sharpen
 
 from draftkit.runtime.evaluate import evaluate_draft, render_markdown
-from draftkit.runtime.predict import StepCosts, expected_tau, predicted_speedup, recommend_gamma, step_costs
+from draftkit.runtime.predict import (
+    StepCosts,
+    best_subtrees,
+    expected_tau,
+    predicted_speedup,
+    recommend_gamma,
+    step_costs,
+    tree_size_curve,
+)
 from draftkit.targets.tiny import tiny_target
 
 
@@ -78,3 +86,78 @@ def test_profiled_evaluation_predicts_from_its_own_costs():
     assert "recommended gamma" in render_markdown(report)
     plain = evaluate_draft(target, draft, SPEC_BENCH_RECORDS[:1], gamma=3, max_new_tokens=8, progress=False)
     assert "prediction" not in plain["overall"] and plain["prompts"][0]["draft_time_s"] == 0.0
+
+
+def test_best_subtrees_take_the_likeliest_nodes_as_a_tree():
+    paths = [(0,), (1,), (0, 0), (0, 1), (1, 0)]
+    rates = [0.5, 0.2, 0.3, 0.1, 0.05]
+    order = best_subtrees(paths, rates)
+    assert order == [(0,), (0, 0), (1,), (0, 1), (1, 0)]
+    for size in range(1, 6):  # every prefix is closed under parents
+        chosen = set(order[:size])
+        assert all(len(p) == 1 or p[:-1] in chosen for p in chosen)
+    curve = tree_size_curve(paths, rates, lambda n: 1.0 + 0.1 * n, 0.05, [1, 2, 5])
+    assert [c["tau"] for c in curve] == pytest.approx([1.5, 1.8, 2.15])
+    assert curve[1]["predicted_speedup"] == pytest.approx(1.8 / (1.2 + 0.05))
+    assert curve[1]["paths"] == [[0], [0, 0]]
+    with pytest.raises(ValueError, match="acceptance rates"):
+        best_subtrees(paths, rates[:2])
+
+
+def medusa_drafter(target, shape, std: float):
+    import torch
+
+    from draftkit.drafts.medusa import medusa_heads
+    from draftkit.runtime.heads import MedusaDrafter
+
+    torch.manual_seed(3)
+    heads = medusa_heads(target.hidden_size, target.vocab_size, num_heads=3, num_layers=2)
+    for stack in heads.blocks:  # std 0: Medusa's identity init, whose candidates this repetitive target often accepts
+        for layer in stack.layers:
+            torch.nn.init.normal_(layer.weight, std=std)
+    return MedusaDrafter(heads.eval(), shape, shared_lm_head=target.lm_head.weight)
+
+
+def test_a_subtree_accepts_exactly_the_part_of_the_full_trees_path_it_keeps():
+    import torch
+
+    from draftkit.runtime.tree import StaticTree, tree_generate, tree_shape
+
+    target = tiny_target(seed=0)
+    sharpen(target.model, seed=0)
+    full = tree_shape("static", 3)
+    keep = {p for p in full.paths if p[0] == 0 and all(r <= 1 for r in p)}
+    subtree = StaticTree.from_paths(keep)
+    node_of = {p: i for i, p in enumerate(full.paths)}
+    generator = torch.Generator().manual_seed(0)
+    accepted, cut = 0, 0
+    for _ in range(80):
+        length = int(torch.randint(0, 5, (1,), generator=generator))
+        ids = torch.cat([torch.tensor([1]), torch.randint(3, target.vocab_size, (length,), generator=generator)])[None]
+        # Two new tokens: the prefill commits one, then exactly one tree is verified, from the same state in both runs.
+        big = tree_generate(target.model, medusa_drafter(target, full, 0.0), ids, max_new_tokens=2)
+        small = tree_generate(target.model, medusa_drafter(target, subtree, 0.0), ids, max_new_tokens=2)
+        path = [p for p in full.paths if big.stats.accepted_nodes[node_of[p]]]
+        kept = sum(1 for p in path if p in keep)  # the accepted path is one chain from the root
+        assert sum(small.stats.accepted_nodes) == kept
+        accepted += bool(path)
+        cut += kept < len(path)
+    assert accepted >= 5 and cut >= 3  # the check saw accepted paths, some of them cut by the subtree
+
+
+def test_profiled_tree_evaluation_recommends_a_subtree():
+    from draftkit.runtime.tree import tree_shape
+
+    target = tiny_target(seed=0)
+    sharpen(target.model, seed=0)
+    shape = tree_shape("static", 3)
+    report = evaluate_draft(target, medusa_drafter(target, shape, 0.0), SPEC_BENCH_RECORDS[:2], max_new_tokens=12,
+                            progress=False, profile=True)
+    nodes = report["overall"]["tree_nodes"]
+    assert len(nodes["accept_rate"]) == shape.size and all(0 <= r <= 1 for r in nodes["accept_rate"])
+    predicted = report["overall"]["prediction"]
+    assert [point["size"] for point in predicted["curve"]] == [1, 2, 4, 8, shape.size]
+    assert 1 <= predicted["recommended_tree_size"] <= shape.size
+    chosen = {tuple(p) for p in predicted["recommended_tree_paths"]}
+    assert all(len(p) == 1 or p[:-1] in chosen for p in chosen)
+    assert "best subtree" in render_markdown(report)

@@ -19,8 +19,8 @@ from draftkit.runtime.speculative import (
     autoregressive_generate,
     speculative_generate,
 )
-from draftkit.runtime.predict import prediction
-from draftkit.runtime.tree import TreeDrafter, tree_generate
+from draftkit.runtime.predict import forward_seconds, prediction, step_costs, tree_size_curve
+from draftkit.runtime.tree import StaticTree, TreeDrafter, tree_generate
 from draftkit.targets.hf import Target
 
 # Enough to initialise kernels and allocator pools; a full-length warm-up would only add minutes on CPU.
@@ -99,7 +99,7 @@ def eos_token_ids(target: Target) -> list[int]:
 
 
 def _summarize(rows: list[dict], gamma: int, measure_speedup: bool, greedy: bool, profile: bool = False,
-               chain: bool = True) -> dict:
+               chain: bool = True, static_tree: StaticTree | None = None) -> dict:
     """Pool per-prompt counters (Spec-Bench pools accepted lengths over all steps, and tokens/s over all time)."""
     new_tokens = sum(r["new_tokens"] for r in rows)
     target_forwards = sum(r["target_forwards"] for r in rows)
@@ -137,7 +137,31 @@ def _summarize(rows: list[dict], gamma: int, measure_speedup: bool, greedy: bool
                        verify_time_s=sum(r["verify_time_s"] for r in rows))
         if measure_speedup and summary["speedup"] is not None:
             summary["prediction"] = prediction(summary, chain=chain)
+    if static_tree is not None and greedy:
+        counts = [sum(r["accepted_nodes"][i] for r in rows if i < len(r["accepted_nodes"]))
+                  for i in range(static_tree.size)]
+        steps = target_forwards - len(rows)  # each prompt's first forward (the prefill) verifies no tree
+        summary["tree_nodes"] = {"paths": [list(p) for p in static_tree.paths],
+                                 "accept_rate": [c / steps if steps else 0.0 for c in counts]}
     return summary
+
+
+def _tree_size_prediction(summary: dict, target: Target, prompt_ids: torch.Tensor) -> dict:
+    """The best subtree of every size of the evaluated static tree, priced with this run's step costs: verification
+    scaled from the measured full-tree cost by how a forward's time grows with its token count on this device."""
+    nodes = summary["tree_nodes"]
+    size = len(nodes["paths"])
+    sizes = sorted({s for s in (1, 2, 4, 8, 16, 32, 64, 128) if s < size} | {size})
+    seconds = forward_seconds(target.model, prompt_ids, [s + 1 for s in sizes])  # + the newest committed token
+    costs = step_costs(summary)
+    tree_steps = summary["target_forwards"] - summary["prompts"]
+    draft_ratio = summary["draft_time_s"] / max(tree_steps, 1) / costs.ar_step_s
+    full = seconds[size + 1]
+    curve = tree_size_curve(nodes["paths"], nodes["accept_rate"],
+                            lambda n: costs.verify_ratio * seconds[n + 1] / full, draft_ratio, sizes)
+    best = max(curve, key=lambda point: (point["predicted_speedup"], -point["size"]))
+    return {"draft_ratio_per_step": draft_ratio, "curve": curve, "recommended_tree_size": best["size"],
+            "recommended_tree_paths": best["paths"], "predicted_speedup_at_recommended": best["predicted_speedup"]}
 
 
 def _stats_row(stats: GenerationStats) -> dict:
@@ -152,6 +176,7 @@ def _stats_row(stats: GenerationStats) -> dict:
         "time_s": stats.wall_time_s,
         "draft_time_s": stats.draft_time_s,
         "verify_time_s": stats.verify_time_s,
+        "accepted_nodes": stats.accepted_nodes,
     }
 
 
@@ -234,6 +259,9 @@ def evaluate_draft(
     is_tree = hasattr(drafter, "propose_tree")
     if is_tree:
         gamma = drafter.max_depth
+    # Node i of a static tree is the same path of candidate ranks at every step: its acceptance prices subtrees.
+    static_tree = getattr(drafter, "shape", None) if is_tree else None
+    static_tree = static_tree if isinstance(static_tree, StaticTree) else None
     eos = eos_token_ids(target)
     greedy = temperature == 0.0
     encoded = [encode_prompt(target.tokenizer, record["turns"][0], device) for record in prompts]
@@ -278,7 +306,7 @@ def evaluate_draft(
     by_category: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_category[row["category"]].append(row)
-    return {
+    report = {
         "config": {
             "target": target.name,
             "draft": draft_name(draft),
@@ -292,13 +320,18 @@ def evaluate_draft(
             "target_dtype": str(next(target.model.parameters()).dtype).removeprefix("torch."),
             "draft_dtype": draft_dtype(draft),
         },
-        "overall": _summarize(rows, gamma, measure_speedup, greedy, profile, chain=not is_tree),
+        "overall": _summarize(rows, gamma, measure_speedup, greedy, profile, chain=not is_tree, static_tree=static_tree),
         "categories": {
-            name: _summarize(category_rows, gamma, measure_speedup, greedy, profile, chain=not is_tree)
+            name: _summarize(category_rows, gamma, measure_speedup, greedy, profile, chain=not is_tree,
+                             static_tree=static_tree)
             for name, category_rows in by_category.items()
         },
         "prompts": rows,
     }
+    overall = report["overall"]
+    if "prediction" in overall and "tree_nodes" in overall:
+        overall["prediction"].update(_tree_size_prediction(overall, target, encoded[0]))
+    return report
 
 
 def _cell(value, digits: int = 2, suffix: str = "") -> str:
@@ -345,6 +378,9 @@ def render_markdown(report: dict) -> str:
         if "recommended_gamma" in predicted:
             line += (f"; recommended gamma {predicted['recommended_gamma']} "
                      f"(predicted {predicted['predicted_speedup_at_recommended']:.2f}x)")
+        if "recommended_tree_size" in predicted:
+            line += (f"; best subtree of this static tree: {predicted['recommended_tree_size']} nodes "
+                     f"(predicted {predicted['predicted_speedup_at_recommended']:.2f}x; paths in eval.json)")
         lines.append(line + ".")
     if speedup and overall["outputs_differing_from_ar"] is not None:
         lines.append(

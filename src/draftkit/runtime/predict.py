@@ -118,3 +118,65 @@ def prediction(summary: dict, *, max_gamma: int | None = None, chain: bool = Tru
                                              verify_ratio=costs.verify_ratio)
         result.update(recommended_gamma=best, predicted_speedup_at_recommended=best_speedup)
     return result
+
+
+def best_subtrees(paths: Sequence[Sequence[int]], accept_rate: Sequence[float]) -> list[tuple[int, ...]]:
+    """The nodes of a static tree (`paths`, each a path of candidate ranks) in the order that builds the best subtree
+    of every size: its first b entries are the b-node subtree with the highest expected tau.
+
+    accept_rate[i] = how often node i lay on the accepted path per decoding step (greedy verification). A node can
+    only be accepted when its parent is, so its rate never exceeds its parent's; the b highest rates (ties: shallower
+    first) therefore form a tree, and its expected tau is 1 + the sum of their rates. Candidates of one parent are
+    distinct tokens, so removing nodes never changes which of the remaining ones is accepted."""
+    paths = [tuple(p) for p in paths]
+    if len(paths) != len(accept_rate):
+        raise ValueError(f"{len(paths)} tree paths but {len(accept_rate)} acceptance rates")
+    order = sorted(range(len(paths)), key=lambda i: (-accept_rate[i], len(paths[i]), paths[i]))
+    return [paths[i] for i in order]
+
+
+def tree_size_curve(paths: Sequence[Sequence[int]], accept_rate: Sequence[float], verify_ratio_of_size,
+                    draft_ratio: float, sizes: Sequence[int]) -> list[dict]:
+    """Expected tau and predicted speedup of the best subtree of each size: tau / (verify_ratio(size) + draft_ratio),
+    where draft_ratio is one step's drafting in autoregressive target steps (heads draft the whole tree at once)."""
+    rate_of = {tuple(p): r for p, r in zip(paths, accept_rate)}
+    ordered = best_subtrees(paths, accept_rate)
+    curve = []
+    for size in sizes:
+        chosen = ordered[:size]
+        tau = 1.0 + sum(rate_of[p] for p in chosen)
+        curve.append({"size": len(chosen), "tau": tau, "predicted_speedup": tau / (verify_ratio_of_size(len(chosen))
+                                                                                   + draft_ratio),
+                      "paths": [list(p) for p in sorted(chosen, key=lambda p: (len(p), p))]})
+    return curve
+
+
+def forward_seconds(model, prefix_ids, token_counts: Sequence[int], repeats: int = 3) -> dict[int, float]:
+    """Median seconds of one forward of `model` over n new tokens after a cached prefix, for each n in token_counts:
+    what verifying a tree of n nodes costs (flat while decoding is launch- or memory-bound, rising once it computes)."""
+    import statistics
+    import time
+
+    import torch
+
+    from draftkit.runtime.speculative import new_cache, truncate_cache
+
+    device = prefix_ids.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    seconds = {}
+    with torch.inference_mode():
+        cache = new_cache()
+        model(input_ids=prefix_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        length = cache.get_seq_length()
+        for count in token_counts:
+            feed = prefix_ids[:, -1:].expand(1, count).contiguous()
+            times = []
+            for _ in range(repeats + 1):  # the first run warms kernels for this shape
+                sync()
+                start = time.perf_counter()
+                model(input_ids=feed, past_key_values=cache, use_cache=True, logits_to_keep=count)
+                sync()
+                times.append(time.perf_counter() - start)
+                truncate_cache(cache, length)
+            seconds[count] = statistics.median(times[1:])
+    return seconds

@@ -240,6 +240,9 @@ class GenerationStats:
     # Filled only by a profiled generation (profile=True): synced time inside the drafter and inside verification.
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
+    # Tree decoding: how often each node of the proposed tree lay on the accepted path. For a static tree node i is the
+    # same path of candidate ranks at every step, so these counts price any subtree (runtime.predict.best_subtrees).
+    accepted_nodes: list[int] = field(default_factory=list)
 
     def record_step(self, *, committed: int, accepted: int, reachable: int, drafted: int, draft_forwards: int) -> None:
         """One target forward that kept `committed` tokens after `accepted` draft positions matched; draft positions

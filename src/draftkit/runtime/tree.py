@@ -427,6 +427,9 @@ def tree_generate(
                 path, next_token, tokens = _accept_typical(
                     tree, logits, temperature, posterior_threshold, posterior_alpha, generator)
             n = len(path)
+            stats.accepted_nodes.extend([0] * (tree.size - len(stats.accepted_nodes)))
+            for node in path:
+                stats.accepted_nodes[node] += 1
             suffix = sequence.shape[1] - committed
             new_tokens, hit_eos = _cut_after_eos([tokens[i] for i in path] + [next_token], eos_ids)
             new_tokens = new_tokens[: max_new_tokens - len(generated)]
