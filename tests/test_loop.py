@@ -137,6 +137,23 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(math.isfinite(h["loss"]) for h in state["history"])
 
 
+def test_a_finite_loss_with_a_non_finite_gradient_stops_before_the_checkpoint(tmp_path):
+    calls = {"n": 0}
+
+    def overflowing_step(model, batch):
+        calls["n"] += 1
+        out = lm_step(model, batch)
+        if calls["n"] == 4:  # sqrt'(0) = inf: the loss stays finite, its gradient is nan (like a bf16 overflow)
+            weight = next(model.parameters())
+            out = LossOutput(out.loss_sum + torch.sqrt((weight - weight.detach()) ** 2).sum(), out.count, out.metrics)
+        return out
+
+    with pytest.raises(NonFiniteLossError, match="gradient norm is nan at step 4.*last good checkpoint"):
+        run(tmp_path, step_fn=overflowing_step, steps=8, save_every=2, log_every=4)
+    # Step 4's update made the weights nan: its checkpoint is never written.
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_000002"]
+
+
 def test_stage_settings_caps_steps_and_rejects_unknown_keys():
     s = stage_settings({"steps": 100, "max_steps_per_stage": 3, "warmup_steps": 10}, lr=0.5)
     assert (s.steps, s.warmup_steps, s.lr) == (3, 3, 0.5)

@@ -218,6 +218,8 @@ def train(
     bar = tqdm(total=settings.steps, initial=start_step, desc=desc, disable=not runtime.is_main_process,
                dynamic_ncols=True)
 
+    grad_norm_measured = dist.backend != "deepspeed" or bool(settings.max_grad_norm)
+
     def flush(step: int) -> None:
         """One host sync per log interval: turn the pending loss tensors into numbers, check them, log them."""
         nonlocal tokens_since_log, positions_since_log, t_log
@@ -228,9 +230,14 @@ def train(
                               for _, loss, gnorm, extra in pending]).tolist()
         elapsed = time.perf_counter() - t_log
         for (s, _, _, _), (loss, gnorm, *extras) in zip(pending, values):
-            if not math.isfinite(loss):
+            # A finite loss can still backpropagate inf/nan (bf16 overflow): that step's update has already made the
+            # weights non-finite, so it stops the run before they reach a checkpoint. DeepSpeed reports no norm
+            # without clipping (nan by convention), which is no evidence either way.
+            bad_gradient = not math.isfinite(gnorm) and grad_norm_measured
+            if not math.isfinite(loss) or bad_gradient:
+                what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {gnorm}"
                 raise NonFiniteLossError(
-                    f"loss is {loss} at step {s}; stopping. The last good checkpoint is kept in {ckpt_dir}. "
+                    f"{what} at step {s}; stopping. The last good checkpoint is kept in {ckpt_dir}. "
                     "Fix: lower engine.lr, use engine.precision=fp32, or check the data for empty/degenerate batches"
                 )
             record = {"step": s, "loss": loss, "grad_norm": gnorm, **dict(zip(names, extras))}
