@@ -3,7 +3,7 @@
 One command trains each family with its own recipe (`python -m draftkit.train +recipe=...`, the self-distilled answers
 generated once and copied into every run that uses them), then evaluates every export with draftkit's runtime on
 Spec-Bench (../shared/data/spec_bench, evaluation only) in one process: greedy τ and α by position, τ with lossless
-speculative sampling where the family has it, measured speedup over one shared autoregressive baseline, the speedup
+speculative sampling, measured speedup over one shared autoregressive baseline, the speedup
 that runtime.predict expects from the measured step costs, the recommended γ, draft parameters and training time.
 
     DRAFTKIT_SHARED_DATA=<shared>/data python benchmarks/compare.py --work /tmp/compare --out benchmarks/results \\
@@ -170,10 +170,10 @@ def evaluate_all(run_dirs: dict[str, Path], budget: dict, target_path: str | Non
 
         entry = {"export": str(export), "decoding": decoding, "draft_parameters": parameter_count(export)}
         entry["greedy"] = cached(eval_dir / f"{family}_greedy.json", lambda: measure(budget["gamma"], 0.0))
-        # Tree decoding at T > 0 exists only as Medusa's typical acceptance, which is lossy: not compared here.
+        # Lossless speculative sampling for every family (trees: multi-candidate rejection sampling).
+        entry["sampling"] = cached(eval_dir / f"{family}_T{temperature}.json",
+                                   lambda: measure(budget["gamma"], temperature))
         if decoding == "chain":
-            entry["sampling"] = cached(eval_dir / f"{family}_T{temperature}.json",
-                                       lambda: measure(budget["gamma"], temperature))
             entry["gamma_sweep"] = {str(g): cached(eval_dir / f"{family}_greedy_gamma{g}.json",
                                                    lambda g=g: measure(g, 0.0))
                                     for g in budget["gammas"] if g != budget["gamma"]}

@@ -73,8 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tree-top-k", type=int, default=4)
     parser.add_argument("--tree-width", type=int, default=4)
     parser.add_argument("--tree-budget", type=int, default=16)
-    parser.add_argument("--acceptance", default="greedy", choices=["greedy", "typical"],
-                        help="tree verification; typical = Medusa's typical acceptance (lossy at temperature > 0)")
+    parser.add_argument("--acceptance", default="greedy", choices=["greedy", "sampling", "typical"],
+                        help="tree verification: greedy (lossless; at temperature > 0 it means sampling), sampling "
+                             "(lossless speculative sampling over the tree), typical (Medusa's, lossy at temperature > 0)")
     parser.add_argument("--no-head", action="store_true",
                         help="SpecDec++ exports: draft a fixed chain of the static policy's gamma, without the head")
     parser.add_argument("--stop-threshold", type=float, default=None,

@@ -259,6 +259,8 @@ def evaluate_draft(
     is_tree = hasattr(drafter, "propose_tree")
     if is_tree:
         gamma = drafter.max_depth
+        if temperature > 0 and acceptance == "greedy":  # the lossless verification at this temperature
+            acceptance = "sampling"
     # Node i of a static tree is the same path of candidate ranks at every step: its acceptance prices subtrees.
     static_tree = getattr(drafter, "shape", None) if is_tree else None
     static_tree = static_tree if isinstance(static_tree, StaticTree) else None

@@ -25,7 +25,9 @@ Stable API (other draft families build on it; extend it, do not change it):
   per depth and tau is tokens per target forward (the prompt prefill counts as one forward that yields one token).
 
 Verification: `acceptance="greedy"` (the default) walks from the root, following the child whose token is the
-target's argmax; it is lossless (output = the target's greedy output, tested in fp32). `acceptance="typical"` is
+target's argmax; it is lossless (output = the target's greedy output, tested in fp32). `acceptance="sampling"` is
+lossless at any temperature: each node's children are tried in order as point-mass proposals against the target's
+distribution with the rejected ones removed (tested against the target's exact distribution). `acceptance="typical"` is
 Medusa's typical acceptance (methods.md §2.4): a child is accepted when the target gives its token probability above
 min(posterior_threshold, posterior_alpha * exp(-entropy)), the deepest accepted node wins and the next token is
 sampled from the target at `temperature`. It is LOSSY: the output no longer follows the target's distribution.
@@ -59,7 +61,7 @@ from draftkit.runtime.speculative import (
     new_cache,
 )
 
-ACCEPTANCE = ("greedy", "typical")
+ACCEPTANCE = ("greedy", "sampling", "typical")
 
 
 @dataclass
@@ -343,6 +345,59 @@ def _accept_greedy(tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], to
     return path, best[current + 1], tokens
 
 
+def _accept_sampling(tree: DraftTree, logits: torch.Tensor, temperature: float,
+                     generator: torch.Generator | None) -> tuple[list[int], int, list[int]]:
+    """Lossless speculative sampling over a tree of fixed candidates. Returns (accepted node ids, next token, tokens).
+
+    Each candidate is a point-mass proposal. At a node its children are tried in tree order: child c is accepted with
+    probability p'(c), p' being the target's distribution at that node with the tokens of the children already
+    rejected removed and renormalised; an accepted child becomes the node, and when every child is rejected (or the
+    node is a leaf) the next token is drawn from p'. Child j is then emitted with probability
+    Π_{i<j} (1 - p'_i(c_i)) · p'_j(c_j) = p(c_j), and any other token with its own p: the output follows the target's
+    distribution at `temperature` whatever the tree holds (multi-draft rejection sampling, as SpecInfer with
+    deterministic drafts)."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    device = logits.device
+    if tree.size:
+        parent_rows = torch.tensor(tree.parents, dtype=torch.long, device=device) + 1
+        token_ids = tree.tokens.to(device)
+        uniforms = torch.rand(tree.size, generator=generator, device=generator.device if generator else device)
+        host = torch.cat([probs[parent_rows, token_ids].double(), uniforms.to(device).double(),
+                          token_ids.double()]).tolist()  # one sync for the whole walk
+        candidate_p, draws = host[: tree.size], host[tree.size: 2 * tree.size]
+        tokens = [int(t) for t in host[2 * tree.size:]]
+    else:
+        candidate_p, draws, tokens = [], [], []
+    children: dict[int, list[int]] = {}
+    for node, parent in enumerate(tree.parents):
+        children.setdefault(parent, []).append(node)
+    path, current = [], -1
+    while True:
+        rejected: list[int] = []
+        removed = 0.0
+        accepted = None
+        for child in children.get(current, []):
+            if tokens[child] in rejected:  # already removed from p': its probability there is 0
+                continue
+            remaining = 1.0 - removed
+            if remaining > 0 and draws[child] * remaining < candidate_p[child]:
+                accepted = child
+                break
+            rejected.append(tokens[child])
+            removed += candidate_p[child]
+        if accepted is None:
+            break
+        path.append(accepted)
+        current = accepted
+    residual = probs[current + 1]
+    if rejected:
+        residual = residual.index_fill(0, torch.tensor(rejected, device=device), 0.0)
+        # Rejections leave mass elsewhere unless p sat entirely on the rejected tokens, up to rounding: then p itself.
+        residual = torch.where(residual.sum() > 0, residual, probs[current + 1])
+    next_token = int(torch.multinomial(residual, 1, generator=generator)[0])
+    return path, next_token, tokens
+
+
 def _accept_typical(
     tree: DraftTree, logits: torch.Tensor, temperature: float, threshold: float, alpha: float,
     generator: torch.Generator | None,
@@ -388,8 +443,10 @@ def tree_generate(
 ) -> GenerationOutput:
     """Generate up to `max_new_tokens` tokens after `input_ids` ([1, T]) with tree speculative decoding.
 
-    `acceptance="greedy"` needs temperature 0 and reproduces the target's greedy output. `acceptance="typical"` is
-    Medusa's lossy typical acceptance at `temperature` (at 0 it reduces to greedy). Stops after the first EOS (kept).
+    `acceptance="greedy"` needs temperature 0 and reproduces the target's greedy output. `acceptance="sampling"` is
+    lossless speculative sampling over the tree at `temperature` (the output follows the target's distribution; at 0
+    it is greedy). `acceptance="typical"` is Medusa's lossy typical acceptance at `temperature` (at 0 it reduces to
+    greedy). Stops after the first EOS (kept).
     `profile` times drafting and verification separately, as in speculative_generate.
     """
     _check_prompt(input_ids)
@@ -397,8 +454,8 @@ def tree_generate(
         raise ValueError(f"acceptance={acceptance!r}: choose one of {ACCEPTANCE}")
     if acceptance == "greedy" and temperature != 0.0:
         raise ValueError(
-            "tree decoding with temperature > 0 is only available as Medusa's typical acceptance, which is lossy. "
-            "Fix: pass acceptance='typical' to accept that, or use temperature=0 (lossless greedy)")
+            f"acceptance='greedy' needs temperature 0; got {temperature}. Fix: acceptance='sampling' (lossless "
+            "speculative sampling over the tree) or acceptance='typical' (Medusa's typical acceptance, lossy)")
     device = input_ids.device
     generator = _sampling_generator(temperature, device, generator)
     eos_ids = _eos_ids(eos_token_id)
@@ -421,8 +478,10 @@ def tree_generate(
             committed = cache.get_seq_length()
             with timed("verify_time_s"):
                 logits, hidden, prenorm = _target_tree_forward(target_model, cache, sequence, tree)
-            if acceptance == "greedy":
+            if acceptance == "greedy" or temperature == 0.0 and acceptance == "sampling":
                 path, next_token, tokens = _accept_greedy(tree, logits)
+            elif acceptance == "sampling":
+                path, next_token, tokens = _accept_sampling(tree, logits, temperature, generator)
             else:
                 path, next_token, tokens = _accept_typical(
                     tree, logits, temperature, posterior_threshold, posterior_alpha, generator)
