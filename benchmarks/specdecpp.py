@@ -123,11 +123,15 @@ def sweep(export: Path, budget: dict, args: argparse.Namespace, done_dir: Path, 
     else:
         baseline = autoregressive_baseline(target, prompts, max_new_tokens=budget["max_new_tokens"], progress=False)
         baseline_file.write_text(json.dumps(baseline))
-    settings = [("fixed", g, None) for g in budget["fixed_gammas"]] + \
-               [("adaptive", budget["max_tokens"], t) for t in budget["thresholds"]]
+    # The reference rule (first token's prediction ignored, at least min_tokens drafted), then the rule that also
+    # scores the first token and may stop after it (specdecpp.stop.score_first_token=true, min_tokens=1).
+    settings = [("fixed", g, None, None) for g in budget["fixed_gammas"]] + \
+               [("adaptive", budget["max_tokens"], t, False) for t in budget["thresholds"]] + \
+               [("adaptive", budget["max_tokens"], t, True) for t in budget["thresholds"]]
     results = {}
-    for kind, gamma, threshold in settings:
-        key = f"fixed_gamma{gamma}" if kind == "fixed" else f"adaptive_threshold{threshold}"
+    for kind, gamma, threshold, score_first in settings:
+        key = (f"fixed_gamma{gamma}" if kind == "fixed"
+               else f"adaptive_{'first_' if score_first else ''}threshold{threshold}")
         done = done_dir / f"{key}.json"
         if done.is_file():
             results[key] = json.loads(done.read_text())
@@ -135,11 +139,12 @@ def sweep(export: Path, budget: dict, args: argparse.Namespace, done_dir: Path, 
         if time.perf_counter() > deadline:
             print(f"time budget spent before {key}: rerun the same command to continue", flush=True)
             return results, False
-        drafter = draft if kind == "fixed" else SpecDecDrafter(draft, head, threshold=threshold,
-                                                               min_tokens=budget["min_tokens"])
+        drafter = draft if kind == "fixed" else SpecDecDrafter(
+            draft, head, threshold=threshold, min_tokens=1 if score_first else budget["min_tokens"],
+            score_first_token=score_first)
         report = evaluate_draft(target, drafter, prompts, gamma=gamma, max_new_tokens=budget["max_new_tokens"],
                                 progress=False, baseline=baseline)
-        results[key] = measurement(report, kind=kind, gamma=gamma, threshold=threshold)
+        results[key] = measurement(report, kind=kind, gamma=gamma, threshold=threshold, score_first_token=score_first)
         done.write_text(json.dumps(results[key]))
         print(f"{key}: tau {results[key]['tau']:.3f}, speedup {results[key]['speedup']:.3f}x, "
               f"mean draft length {results[key]['mean_draft_length']:.2f}", flush=True)

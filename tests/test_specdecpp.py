@@ -213,3 +213,20 @@ def test_a_killed_label_build_resumes_without_redoing_work(pair, tmp_path, monke
 
     with pytest.raises(DataError, match="made for another target, draft.*Fix: delete that folder"):
         build_labels(pair, tmp_path / "killed", prompts, temperature=0.5)
+
+
+def test_scoring_the_first_token_lets_a_doubtful_head_stop_after_one(pair):
+    target, draft = pair
+    prompt = encode_prompt(target.tokenizer, "Tell me about caches.", torch.device("cpu"))
+    head = acceptance_head(draft.config.hidden_size, seed=1)
+    with torch.no_grad():
+        head.out.weight.zero_()
+        head.out.bias.copy_(torch.tensor([20.0, -20.0]))  # every token predicted rejected
+    reference = SpecDecDrafter(draft, head, threshold=0.3, min_tokens=1)
+    scored = SpecDecDrafter(draft, head, threshold=0.3, min_tokens=1, score_first_token=True)
+    # The reference rule ignores the first token's prediction, so min_tokens=1 still drafts two; scoring it stops at one.
+    assert chain_lengths(target, reference, prompt, 5)[0] == pytest.approx(2.0, abs=0.2)
+    assert chain_lengths(target, scored, prompt, 5)[0] == pytest.approx(1.0, abs=0.05)
+    windows = torch.full((3, 4), 0.01)
+    assert head_stop_after(windows, 0.3, 1).float().argmax(1).tolist() == [1, 1, 1]  # stops after token 2
+    assert head_stop_after(windows, 0.3, 1, score_first_token=True).float().argmax(1).tolist() == [0, 0, 0]

@@ -137,7 +137,8 @@ def specdecpp_drafter(args: argparse.Namespace, target):
     except ArtifactError as error:  # a head for another draft, or a tampered folder: one line, no traceback
         raise SystemExit(f"draftkit-eval: {error}") from None
     threshold = args.stop_threshold if args.stop_threshold is not None else head_info["threshold"]
-    return SpecDecDrafter(draft, head.to(target.device), threshold=threshold, min_tokens=head_info["min_tokens"])
+    return SpecDecDrafter(draft, head.to(target.device), threshold=threshold, min_tokens=head_info["min_tokens"],
+                          score_first_token=head_info.get("score_first_token", False))
 
 
 def recorded_gamma(args: argparse.Namespace) -> int:

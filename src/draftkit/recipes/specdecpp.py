@@ -210,15 +210,17 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     predicted = predict_acceptance(draft, head, heldout, pad_token_id, labels.batch_size)
     policy = stop_policy(predicted, [torch.tensor(e["accept"]) for e in heldout],
                          [torch.tensor(e["draft_prob"]) for e in heldout], max_tokens=gamma,
-                         min_tokens=settings.stop.min_tokens,
+                         min_tokens=settings.stop.min_tokens, score_first_token=settings.stop.score_first_token,
                          cost_ratio=cost_ratio(settings, target, draft, heldout_prompts[0], run_dir))
     policy["heldout"] = heldout_summary(predicted, heldout)
     threshold = settings.stop.threshold if settings.stop.threshold is not None else policy["stop_threshold"]
     sink.log({"head/heldout_" + k: v for k, v in policy["heldout"].items()}, step=result.steps)
 
-    drafter = SpecDecDrafter(draft, head, threshold=threshold, min_tokens=settings.stop.min_tokens)
+    drafter = SpecDecDrafter(draft, head, threshold=threshold, min_tokens=settings.stop.min_tokens,
+                             score_first_token=settings.stop.score_first_token)
     after = measure_acceptance(target, drafter, cfg.eval, run_dir / "eval_adaptive.json",
-                               extra_settings={"threshold": threshold, "min_tokens": settings.stop.min_tokens},
+                               extra_settings={"threshold": threshold, "min_tokens": settings.stop.min_tokens,
+                                               "score_first_token": settings.stop.score_first_token},
                                baseline=baseline)
     static_gamma = policy["num_speculative_tokens"]
     static = measure_acceptance(target, draft, OmegaConf.merge(cfg.eval, {"gamma": static_gamma}),
@@ -229,7 +231,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
 
     export_dir = run_dir / "export"
     if is_main_process():
-        head_info = {"threshold": threshold, "min_tokens": settings.stop.min_tokens, "max_draft_tokens": gamma,
+        head_info = {"threshold": threshold, "min_tokens": settings.stop.min_tokens,
+                     "score_first_token": settings.stop.score_first_token, "max_draft_tokens": gamma,
                      "target": target.name, "draft": OmegaConf.to_container(cfg.draft, resolve=True),
                      "reject_weight": settings.reject_weight, "label_temperature": labels.temperature}
         export_specdecpp(draft, head, tokenizer, export_dir, target_name=target.name,

@@ -2,7 +2,8 @@
 
 After draft token Z_i is fed back to the draft, the head reads the draft's hidden state there and predicts
 P(accept Z_i). With the cumulative product c_i = Π_{j ≤ i} P(accept Z_j) (the first token's forced to 1, as in the
-reference), drafting stops once 1 − c_i, the predicted probability that at least one drafted token is rejected,
+reference, unless `score_first_token`: then a doubtful first token can end the chain at one token, which a weak draft
+needs when one token per step is its best), drafting stops once 1 − c_i, the predicted probability that at least one drafted token is rejected,
 exceeds `threshold`, and never before `min_tokens` or after the runtime's gamma (the max). The stop depends only on the
 draft side, so verification (runtime.speculative) and losslessness are unchanged.
 """
@@ -21,7 +22,8 @@ from draftkit.runtime.speculative import DraftProposal, choose_token, new_cache,
 
 
 class SpecDecDrafter:
-    def __init__(self, model: nn.Module, head: AcceptanceHead, threshold: float = 0.3, min_tokens: int = 2):
+    def __init__(self, model: nn.Module, head: AcceptanceHead, threshold: float = 0.3, min_tokens: int = 2,
+                 score_first_token: bool = False):
         hidden_size = model.config.get_text_config().hidden_size
         if head.hidden_size != hidden_size:
             raise ValueError(
@@ -31,7 +33,8 @@ class SpecDecDrafter:
             raise ValueError(f"specdecpp stop rule: threshold must lie in [0, 1] and min_tokens >= 1; "
                              f"got {threshold}, {min_tokens}")
         self.model, self.head, self.threshold, self.min_tokens = model, head, threshold, min_tokens
-        self.name = f"specdecpp(threshold={threshold}, min_tokens={min_tokens})"
+        self.first_scored = 1 if score_first_token else 2  # the first draft token whose prediction counts
+        self.name = f"specdecpp(threshold={threshold}, min_tokens={min_tokens}, score_first_token={score_first_token})"
         self.cache = None
 
     def reset(self) -> None:
@@ -46,7 +49,7 @@ class SpecDecDrafter:
             out = self.model(input_ids=feed, past_key_values=self.cache, use_cache=True, output_hidden_states=True,
                              logits_to_keep=1)
             forwards += 1
-            if len(tokens) > 1:  # the state of the newest draft token: its predicted acceptance
+            if len(tokens) >= self.first_scored:  # the state of the newest draft token: its predicted acceptance
                 all_accepted *= self.head.accept_probability(out.hidden_states[-1][0, -1]).item()
             if len(tokens) >= self.min_tokens and 1.0 - all_accepted > self.threshold:
                 break
@@ -107,16 +110,17 @@ def simulate_stop_rule(stop_after: torch.Tensor, accept: torch.Tensor, cost_rati
             "predicted_speedup": (tau / (1 + cost_ratio * forwards).sum()).item()}
 
 
-def head_stop_after(predicted: torch.Tensor, threshold: float, min_tokens: int) -> torch.Tensor:
+def head_stop_after(predicted: torch.Tensor, threshold: float, min_tokens: int,
+                    score_first_token: bool = False) -> torch.Tensor:
     """SpecDecDrafter's rule on windows [W, G] of predicted acceptance: stop after token k once k >= min_tokens and
-    1 - Π_{2 ≤ j ≤ k} h_j > threshold (the first token's prediction is ignored)."""
-    forced = torch.cat([torch.ones_like(predicted[:, :1]), predicted[:, 1:]], dim=1)
+    1 - Π_{2 ≤ j ≤ k} h_j > threshold (the product from j = 1 with score_first_token)."""
+    forced = predicted if score_first_token else torch.cat([torch.ones_like(predicted[:, :1]), predicted[:, 1:]], dim=1)
     at_least = torch.arange(1, predicted.shape[1] + 1)[None, :] >= min_tokens
     return at_least & (1 - torch.cumprod(forced, dim=1) > threshold)
 
 
 def stop_policy(predicted: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], draft_probs: Sequence[torch.Tensor],
-                *, max_tokens: int, min_tokens: int, cost_ratio: float) -> dict:
+                *, max_tokens: int, min_tokens: int, cost_ratio: float, score_first_token: bool = False) -> dict:
     """The static policy for a draft: the fixed γ that `runtime.predict.recommend_gamma` picks from the head's
     per-position acceptance, the head threshold and the draft-confidence threshold (stop once the draft's probability
     of its own token is below it: HF's assistant_confidence_threshold) with the best estimated speedup, and the
@@ -126,13 +130,14 @@ def stop_policy(predicted: Sequence[torch.Tensor], labels: Sequence[torch.Tensor
     gamma, gamma_speedup = recommend_gamma(alpha_predicted, cost_ratio, max_tokens)
     never = torch.zeros_like(a, dtype=torch.bool)
     fixed = {g: simulate_stop_rule(never[:, :g], a[:, :g], cost_ratio, False) for g in range(1, max_tokens + 1)}
-    by_threshold = {t: simulate_stop_rule(head_stop_after(h, t, min_tokens), a, cost_ratio, True)
+    by_threshold = {t: simulate_stop_rule(head_stop_after(h, t, min_tokens, score_first_token), a, cost_ratio, True)
                     for t in THRESHOLD_GRID}
     by_confidence = {t: simulate_stop_rule(q < t, a, cost_ratio, False) for t in THRESHOLD_GRID}
     threshold = max(by_threshold, key=lambda t: by_threshold[t]["predicted_speedup"])
     confidence = max(by_confidence, key=lambda t: by_confidence[t]["predicted_speedup"])
     return {
         "num_speculative_tokens": gamma, "stop_threshold": threshold, "min_tokens": min_tokens,
+        "score_first_token": score_first_token,
         "max_tokens": max_tokens, "draft_confidence_threshold": confidence, "cost_ratio": cost_ratio,
         "alpha_predicted": alpha_predicted, "alpha_labels": alpha_labels,
         "predicted_speedup": {
