@@ -7,13 +7,16 @@ import json
 import random
 from pathlib import Path
 
+import torch
 from datasets import Dataset, concatenate_datasets
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from draftkit.data.chat import tokenize_chat
+from draftkit.data.draft_vocab import label_counts
 from draftkit.data.selfdistill import prompts_from_records, regenerate_responses
 from draftkit.data.sources import builtin_path, load_records
+from draftkit.drafts.vocab import coverage, select_tokens
 from draftkit.engine.checkpoint import write_json_atomic, write_text_atomic
 from draftkit.engine.distributed import as_settings, frozen_dtype, is_main_process, main_process_first
 from draftkit.engine.run import record_run
@@ -38,6 +41,30 @@ def frozen_weight(weight, engine: dict):
     if dist.backend != "deepspeed" or dist.zero_stage != 3:
         return weight
     return weight.detach().to(dtype=frozen_dtype(dist, engine.get("precision", "fp32")) or weight.dtype, copy=True)
+
+
+def draft_token_map(chats, size: int | None, target, run_dir: Path):
+    """The draft vocabulary (drafts/vocab.py) for `size` tokens: the most frequent labels of the training chats plus
+    the end-of-turn ids, as an int64 tensor on the target's device; None when size is None (the full vocabulary).
+    Cached in run_dir/draft_vocab.json (the ids, their label coverage, the size) so a resumed run keeps the same set."""
+    if size is None:
+        return None
+    path = Path(run_dir) / "draft_vocab.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("size") == size and cached.get("target_vocab_size") == target.vocab_size:
+            return torch.tensor(cached["token_map"], dtype=torch.long, device=target.device)
+    counts = label_counts(chats, target.vocab_size)
+    eos = target.tokenizer.eos_token_id
+    always = [eos] if isinstance(eos, int) else list(eos or [])
+    token_map = select_tokens(counts, size, always=always)
+    share = coverage(counts, token_map)
+    if is_main_process():
+        write_json_atomic(path, {"size": size, "target_vocab_size": target.vocab_size, "label_coverage": share,
+                                 "labels_counted": int(counts.sum()), "token_map": token_map.tolist()})
+    print(f"[draftkit] draft vocabulary: {size} of {target.vocab_size} tokens, covering {share:.1%} of the "
+          f"{int(counts.sum())} training labels")
+    return token_map.to(target.device)
 
 
 def build_draft(draft_cfg: DictConfig, target):
