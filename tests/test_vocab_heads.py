@@ -27,19 +27,12 @@ from draftkit.recipes.medusa import heads_step
 from draftkit.runtime.heads import CloverDrafter, HydraDrafter, MedusaDrafter
 from draftkit.runtime.speculative import autoregressive_generate
 from draftkit.runtime.tree import tree_generate, tree_shape
-from draftkit.targets.tiny import tiny_target
-from test_runtime import sharpen
+from test_export_medusa import target_dir  # noqa: F401  (the recipes' tiny target, saved for draftkit-eval)
+from test_runtime import target  # noqa: F401  (a sharpened tiny target: greedy comparisons are not trivial)
 
 I = IGNORE_INDEX
 PROMPT = torch.tensor([[1, 50, 60, 70, 80]])
 MAX_NEW = 20
-
-
-@pytest.fixture(scope="module")
-def target():
-    target = tiny_target(seed=0)
-    sharpen(target.model, seed=0)
-    return target
 
 
 @pytest.fixture(scope="module")
@@ -204,20 +197,11 @@ def losses(run_dir):
     return [h["loss"] for h in json.loads((run_dir / "train" / "history.json").read_text())]
 
 
-@pytest.fixture(scope="module")
-def target_dir(tmp_path_factory):
-    """The recipes' tiny target (conf/target/tiny.yaml) saved for draftkit-eval."""
-    directory = tmp_path_factory.mktemp("target")
-    target = tiny_target()
-    target.model.save_pretrained(directory)
-    target.tokenizer.save_pretrained(directory)
-    return directory
-
-
 def eval_export(export, target_dir, tmp_path):
+    directory, _ = target_dir
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"question_id": 1, "category": "c", "turns": ["hi"]}) + "\n")
-    assert eval_main(["--draft", str(export), "--target", str(target_dir), "--prompts", str(prompts),
+    assert eval_main(["--draft", str(export), "--target", str(directory), "--prompts", str(prompts),
                       "--max-new-tokens", "6", "--no-progress", "--out", str(tmp_path / "eval")]) == 0
     return json.loads((tmp_path / "eval" / "eval.json").read_text())
 
@@ -249,7 +233,7 @@ def test_hydra_run_with_a_draft_vocabulary_trains_and_round_trips(tmp_path, targ
     assert history[-1] < history[0]
     info = json.loads((export / "draftkit.json").read_text())
     assert info["draft_vocab_size"] == 48
-    target = tiny_target()
+    _, target = target_dir
     heads, _ = load_heads_dir(export, hydra_heads, family="hydra_heads", hidden_size=32, vocab_size=320,
                               target_config=target.config, lm_head_weight=target.lm_head.weight)
     assert heads.token_map.tolist() == json.loads((tmp_path / "run" / "draft_vocab.json").read_text())["token_map"]

@@ -6,15 +6,14 @@ draftkit.json (family "medusa", the format, the target's name, hidden size and v
 unknown tensor is an error, never a silent partial load (vLLM and FasterDecoding loaders drop unknown names).
 
 vLLM: `blocks.{h}.layers.{l}.weight|bias`, `lm_heads.{h}.weight`; with the target's LM head shared,
-`original_lm_head: true` and one `lm_heads.0.weight` holding a copy of it. Heads with a draft vocabulary (drafts/vocab.py)
-have V' = `truncated_vocab_size` rows in every lm_heads tensor (the shared copy too) and the int64 `token_map` [V'].
-vLLM's MedusaConfig renames EVERY config key
-containing "num" and "heads" to num_heads, and "num" and "layers" to num_hidden_layers, so the config holds no other
-such key (`check_vllm_config`).
+`original_lm_head: true` and one `lm_heads.0.weight` holding a copy of it. Heads with a draft vocabulary
+(drafts/vocab.py) have V' = `truncated_vocab_size` rows in every lm_heads tensor (the shared copy too) and the int64
+`token_map` [V']. vLLM's MedusaConfig renames EVERY config key containing "num" and "heads" to num_heads, and "num"
+and "layers" to num_hidden_layers, so the config holds no other such key (`check_vllm_config`).
 FasterDecoding: `{h}.{l}.linear.weight|bias` and, with per-head projections ("version 1"), `{h}.{L}.weight`, in
 medusa_lm_head.safetensors (what train_legacy.py writes) and medusa_lm_head.pt (what its loaders read). Its ResBlocks
-always have a bias, and it has no truncated vocabulary. Its loader repeats one ResBlock per head (`[ResBlock] * L`), so heads with num_layers > 1 load
-there with their layers tied; draftkit's loader keeps them apart.
+always have a bias, and it has no truncated vocabulary. Its loader repeats one ResBlock per head (`[ResBlock] * L`),
+so heads with num_layers > 1 load there with their layers tied; draftkit's loader keeps them apart.
 """
 
 from __future__ import annotations
@@ -97,7 +96,8 @@ def export_medusa_vllm(heads: MedusaHeads, out_dir: Path, *, target_name: str, t
     if original_lm_head:
         if target_lm_head.shape[0] != heads.draft_vocab_size:
             raise ArtifactError(f"the shared LM head has {target_lm_head.shape[0]} rows but the heads score "
-                                f"{heads.draft_vocab_size} tokens. Fix: pass its token_map rows (drafts.vocab.draft_rows)")
+                                f"{heads.draft_vocab_size} tokens. Fix: pass its token_map rows "
+                                "(drafts.vocab.draft_rows)")
         tensors["lm_heads.0.weight"] = target_lm_head
     tensors = cast_tensors(tensors, getattr(torch, dtype))
     check_key_set(tensors, vllm_keys(heads.num_heads, heads.num_layers, heads.bias, original_lm_head,

@@ -49,7 +49,8 @@ def clover_step(target, lm_head, feature_weight: float, token_weight: float, dec
         else:
             head_logits = [LinearLogits(state, scoring_head, chunk_size=loss_chunk_size, skip_uncounted=True)
                            for state in head_features]
-        return clover_loss(head_features, head_logits, features.last_hidden, teacher_columns(features.logits, token_map),
+        teacher = teacher_columns(features.logits, token_map)
+        return clover_loss(head_features, head_logits, features.last_hidden, teacher,
                            batch["labels"], feature_weight=feature_weight, token_weight=token_weight, decay=decay)
     return step
 

@@ -103,9 +103,9 @@ def _check(m: DictConfig) -> None:
                          "has a bias). Fix: medusa.heads.bias=true, or medusa.export.formats=[vllm]")
     if m.draft_vocab_size is not None:
         if m.joint:
-            raise ValueError("medusa.draft_vocab_size restricts the heads of Medusa-1 only; Medusa-2 (medusa.joint=true) "
-                             "trains the target's full LM head with them. Fix: medusa.draft_vocab_size=null, or "
-                             "medusa.joint=false")
+            raise ValueError("medusa.draft_vocab_size restricts the heads of Medusa-1 only; Medusa-2 "
+                             "(medusa.joint=true) trains the target's full LM head with them. Fix: "
+                             "medusa.draft_vocab_size=null, or medusa.joint=false")
         if "fasterdecoding" in m.export.formats:
             raise ValueError("the FasterDecoding format has no truncated vocabulary, so it cannot hold heads with "
                              "medusa.draft_vocab_size set. Fix: medusa.export.formats=[vllm] (vLLM's "
