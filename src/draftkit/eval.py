@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from draftkit.drafts.vocab import draft_rows
 from draftkit.runtime.evaluate import evaluate_draft, load_prompts, render_markdown
 from draftkit.targets.hf import BUILTIN_SMOLLM2, freeze, load_target
 
@@ -177,8 +178,9 @@ def medusa_drafter(args: argparse.Namespace, target):
 
         target.model = freeze(PeftModel.from_pretrained(target.model, str(Path(args.draft) / lora)).merge_and_unload())
     heads = artifact.heads.to(device=target.device, dtype=getattr(torch, args.dtype))
-    # A stored copy of the target's LM head (vLLM original_lm_head) may be bf16-rounded: use the target's own.
-    shared = target.lm_head.weight if artifact.heads.lm_heads is None else None
+    # A stored copy of the target's LM head (vLLM original_lm_head) may be bf16-rounded: use the target's own (the
+    # rows of the heads' draft vocabulary, when they have one).
+    shared = draft_rows(target.lm_head.weight, heads.token_map) if heads.lm_heads is None else None
     return MedusaDrafter(heads, _heads_shape(args, heads.num_heads), shared_lm_head=shared)
 
 
@@ -210,7 +212,7 @@ def hydra_drafter(args: argparse.Namespace, target):
 
     heads = _load_heads_artifact(args, target, "hydra_heads", hydra_heads, vocab_size=target.vocab_size,
                                  lm_head_weight=target.lm_head.weight)
-    shared = target.lm_head.weight if heads.lm_heads is None else None
+    shared = draft_rows(target.lm_head.weight, heads.token_map) if heads.lm_heads is None else None
     return HydraDrafter(heads, target.embed_tokens, _heads_shape(args, heads.num_heads), shared_lm_head=shared)
 
 
@@ -220,7 +222,7 @@ def clover_drafter(args: argparse.Namespace, target):
 
     model = _load_heads_artifact(args, target, "clover", clover2)
     lm_head = target.lm_head.weight
-    return CloverDrafter(model, lm_head, lm_head, _heads_shape(args, model.num_heads))
+    return CloverDrafter(model, lm_head, draft_rows(lm_head, model.token_map), _heads_shape(args, model.num_heads))
 
 
 def load_draft(args: argparse.Namespace, target) -> tuple[object, dict]:

@@ -12,6 +12,10 @@ time here). Pieces:
     norm; the target's LM head turns each output into logits.
 Head i at t predicts the post-norm target feature f_{t+1+i} and so the token x_{t+2+i}, the same token Medusa head i
 and Hydra head i predict.
+
+Clover owns no vocabulary projection. With a `token_map` (drafts/vocab.py) it only carries the map as its persistent
+buffer `token_map` (so exports record it); the caller scores its features with the LM head's token_map rows, while
+token embeddings stay rows of the full head (they embed target ids).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from draftkit.drafts.layers import DecoderStack
+from draftkit.drafts.vocab import register_token_map
 
 
 class CosineGatedBlock(nn.Module):
@@ -48,7 +53,7 @@ class Clover2(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, target_config, *, num_layers: int = 2,
                  num_attention_heads: int | None = None, init_layer: nn.Module | None = None,
-                 final_norm: nn.Module | None = None):
+                 final_norm: nn.Module | None = None, token_map: torch.Tensor | None = None):
         super().__init__()
         if num_heads < 1 or num_layers < 1:
             raise ValueError(f"Clover-2 needs num_heads >= 1 and num_layers >= 1; got {num_heads} and {num_layers}")
@@ -56,6 +61,7 @@ class Clover2(nn.Module):
         attention_heads = num_attention_heads or text.num_attention_heads
         eps = getattr(text, "rms_norm_eps", 1e-6)
         self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.draft_vocab_size = register_token_map(self, token_map, text.vocab_size)
         self.fuse = CosineGatedBlock(hidden_size, attention_heads, eps)
         self.augment = DecoderStack(target_config, num_layers, init_from=init_layer, identity_init=False)
         self.first_head = nn.Linear(hidden_size, hidden_size)
@@ -98,10 +104,12 @@ def clover2(
     target_config=None,
     init_layer: nn.Module | None = None,
     final_norm: nn.Module | None = None,
+    token_map: torch.Tensor | None = None,
 ) -> Clover2:
     """Build Clover-2; `init_layer` (the target's last decoder layer) and `final_norm` seed the augmenting block and
-    the output norm."""
+    the output norm; `token_map` restricts the vocabulary its features are scored over."""
     if target_config is None:
         raise ValueError("Clover-2 copies the target's decoder-layer geometry: pass target_config")
     return Clover2(hidden_size, num_heads, target_config, num_layers=num_layers,
-                   num_attention_heads=num_attention_heads, init_layer=init_layer, final_norm=final_norm)
+                   num_attention_heads=num_attention_heads, init_layer=init_layer, final_norm=final_norm,
+                   token_map=token_map)

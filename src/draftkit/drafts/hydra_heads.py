@@ -10,6 +10,10 @@ projection is the target's LM head (shared) or one per head initialised from it 
 Hydra++'s prefix layer (`prefix_layer=True`) is one Llama decoder layer run causally over the target's hidden states
 before the heads read them (its own KV cache at inference). Its o_proj and down_proj start at zero, so it begins as
 the identity and training moves it away; the reference initialises a fresh LlamaModel layer.
+
+With a `token_map` (drafts/vocab.py) the heads score only those target ids, as Medusa's do (drafts/medusa.py): own
+projections have len(token_map) rows, a shared LM head comes in sliced, and logits are in draft ids. The embeddings a
+head reads are still of target ids (the tokens on the drafted path).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from torch import nn
 
 from draftkit.drafts.layers import DecoderStack
 from draftkit.drafts.medusa import LM_HEAD_MODES, ResidualStack
+from draftkit.drafts.vocab import draft_rows, register_token_map
 
 
 class GroundedBlock(nn.Module):
@@ -45,7 +50,8 @@ class HydraHeads(nn.Module):
     head i at t reads the embeddings of ids[t+1..t+1+i] (zeros past the end, where no label is scored)."""
 
     def __init__(self, hidden_size: int, vocab_size: int, num_heads: int, num_layers: int, *, lm_head: str = "shared",
-                 prefix_layer: bool = False, target_config=None, dropout: float = 0.0):
+                 prefix_layer: bool = False, target_config=None, dropout: float = 0.0,
+                 token_map: torch.Tensor | None = None):
         super().__init__()
         if lm_head not in LM_HEAD_MODES:
             raise ValueError(f"lm_head={lm_head!r}: choose 'shared' (the target's LM head) or 'own' (one per head)")
@@ -55,9 +61,10 @@ class HydraHeads(nn.Module):
             raise ValueError("the prefix layer copies the target's attention geometry: pass target_config")
         self.hidden_size, self.vocab_size, self.num_heads, self.num_layers = hidden_size, vocab_size, num_heads, num_layers
         self.lm_head_mode = lm_head
+        self.draft_vocab_size = register_token_map(self, token_map, vocab_size)
         self.first = nn.ModuleList(GroundedBlock(hidden_size * (i + 2), hidden_size) for i in range(num_heads))
         self.rest = nn.ModuleList(ResidualStack(hidden_size, num_layers - 1) for _ in range(num_heads))
-        self.lm_heads = (nn.ModuleList(nn.Linear(hidden_size, vocab_size) for _ in range(num_heads))
+        self.lm_heads = (nn.ModuleList(nn.Linear(hidden_size, self.draft_vocab_size) for _ in range(num_heads))
                          if lm_head == "own" else None)
         self.prefix = DecoderStack(target_config, 1) if prefix_layer else None
         self.dropout = nn.Dropout(dropout)
@@ -108,16 +115,18 @@ def hydra_heads(
     dropout: float = 0.0,
     target_config=None,
     lm_head_weight: torch.Tensor | None = None,
+    token_map: torch.Tensor | None = None,
 ) -> HydraHeads:
-    """Build Hydra heads; with lm_head="own", every projection starts as the target's LM head and a zero bias."""
+    """Build Hydra heads; with lm_head="own", every projection starts as the target's LM head (its token_map rows when
+    a draft vocabulary is given) and a zero bias."""
     heads = HydraHeads(hidden_size, vocab_size, num_heads, num_layers, lm_head=lm_head, prefix_layer=prefix_layer,
-                       target_config=target_config, dropout=dropout)
+                       target_config=target_config, dropout=dropout, token_map=token_map)
     if heads.lm_heads is not None:
         if lm_head_weight is None or tuple(lm_head_weight.shape) != (vocab_size, hidden_size):
             raise ValueError(f"lm_head='own' initialises each head from the target's LM head: pass lm_head_weight "
                              f"of shape {(vocab_size, hidden_size)}")
         with torch.no_grad():
             for head in heads.lm_heads:
-                head.weight.copy_(lm_head_weight.detach().float())
+                head.weight.copy_(draft_rows(lm_head_weight.detach(), token_map).float())
                 head.bias.zero_()
     return heads

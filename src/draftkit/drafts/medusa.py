@@ -10,6 +10,10 @@ layers of a head (FasterDecoding/Medusa#133); that is not reproduced here.
 
 Parameter names follow vLLM's Medusa model (formats.md §b.1.1): `blocks.{h}.layers.{l}.weight|bias` and
 `lm_heads.{h}.weight`, so the vLLM export is the state dict itself.
+
+With a `token_map` (a restricted draft vocabulary, drafts/vocab.py) the heads score only those target ids: own
+projections have len(token_map) rows, a shared LM head is passed in already sliced (W[token_map]), logits are in draft
+ids, and the map is the persistent buffer `token_map` (vLLM's name for it).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from draftkit.drafts.vocab import draft_rows, register_token_map
 
 LM_HEAD_MODES = ("shared", "own")
 
@@ -39,10 +45,11 @@ class ResidualStack(nn.Module):
 
 
 class MedusaHeads(nn.Module):
-    """K heads. `forward(hidden)` -> logits [K, *hidden.shape[:-1], V]; with a shared LM head pass its weight."""
+    """K heads. `forward(hidden)` -> logits [K, *hidden.shape[:-1], V'] (V' = len(token_map), else V); with a shared
+    LM head pass its weight (its token_map rows)."""
 
     def __init__(self, hidden_size: int, vocab_size: int, num_heads: int, num_layers: int, *,
-                 lm_head: str = "shared", bias: bool = True):
+                 lm_head: str = "shared", bias: bool = True, token_map: torch.Tensor | None = None):
         super().__init__()
         if lm_head not in LM_HEAD_MODES:
             raise ValueError(f"lm_head={lm_head!r}: choose 'shared' (the target's LM head) or 'own' (one per head)")
@@ -51,9 +58,10 @@ class MedusaHeads(nn.Module):
         self.hidden_size, self.vocab_size = hidden_size, vocab_size
         self.num_heads, self.num_layers, self.bias = num_heads, num_layers, bias
         self.lm_head_mode = lm_head
+        self.draft_vocab_size = register_token_map(self, token_map, vocab_size)
         self.blocks = nn.ModuleList(ResidualStack(hidden_size, num_layers, bias) for _ in range(num_heads))
         self.lm_heads = (
-            nn.ModuleList(nn.Linear(hidden_size, vocab_size, bias=False) for _ in range(num_heads))
+            nn.ModuleList(nn.Linear(hidden_size, self.draft_vocab_size, bias=False) for _ in range(num_heads))
             if lm_head == "own" else None
         )
 
@@ -83,9 +91,12 @@ def medusa_heads(
     lm_head: str = "shared",
     bias: bool = True,
     lm_head_weight: torch.Tensor | None = None,
+    token_map: torch.Tensor | None = None,
 ) -> MedusaHeads:
-    """Build Medusa heads; with lm_head="own", every head's projection starts as a copy of `lm_head_weight`."""
-    heads = MedusaHeads(hidden_size, vocab_size, num_heads, num_layers, lm_head=lm_head, bias=bias)
+    """Build Medusa heads; with lm_head="own", every head's projection starts as a copy of `lm_head_weight` [V, H]
+    (its token_map rows when a draft vocabulary is given)."""
+    heads = MedusaHeads(hidden_size, vocab_size, num_heads, num_layers, lm_head=lm_head, bias=bias,
+                        token_map=token_map)
     if heads.lm_heads is not None:
         if lm_head_weight is None:
             raise ValueError("lm_head='own' initialises each head from the target's LM head: pass lm_head_weight")
@@ -93,7 +104,7 @@ def medusa_heads(
             raise ValueError(f"lm_head_weight has shape {tuple(lm_head_weight.shape)}, expected {(vocab_size, hidden_size)}")
         with torch.no_grad():
             for head in heads.lm_heads:
-                head.weight.copy_(lm_head_weight.detach().float())
+                head.weight.copy_(draft_rows(lm_head_weight.detach(), token_map).float())
     return heads
 
 

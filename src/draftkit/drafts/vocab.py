@@ -75,3 +75,25 @@ def coverage(counts: torch.Tensor, token_map: torch.Tensor) -> float:
     """The share of the counted tokens the draft vocabulary holds."""
     total = float(counts.sum())
     return float(counts[token_map].sum()) / total if total > 0 else 0.0
+
+
+def register_token_map(module: torch.nn.Module, token_map: torch.Tensor | None, vocab_size: int) -> int:
+    """Give `module` a persistent `token_map` buffer (None: the full vocabulary, no state-dict entry), so every export
+    of its state dict carries the map; returns how many rows its vocabulary projections have."""
+    if token_map is None:
+        module.register_buffer("token_map", None)
+        return vocab_size
+    token_map = torch.as_tensor(token_map)
+    check_token_map(token_map, vocab_size)
+    module.register_buffer("token_map", token_map.detach().clone(), persistent=True)
+    return token_map.numel()
+
+
+def draft_rows(weight: torch.Tensor, token_map: torch.Tensor | None) -> torch.Tensor:
+    """The rows of a [V, ...] vocabulary tensor (an LM head) the draft vocabulary keeps; all of them without a map."""
+    return weight if token_map is None else weight[token_map.to(weight.device)]
+
+
+def target_ids(draft_ids: torch.Tensor, token_map: torch.Tensor | None) -> torch.Tensor:
+    """Draft ids (what a restricted projection's top-k returns) -> the target ids they stand for."""
+    return draft_ids if token_map is None else token_map[draft_ids]

@@ -45,7 +45,9 @@ def manifest(tensors: dict[str, torch.Tensor]) -> dict:
 
 
 def cast_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
+    """Floating tensors in `dtype`; integer ones (a draft vocabulary's token_map) keep theirs, ids are not weights."""
+    return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+            for k, v in tensors.items()}
 
 
 def read_json(path: Path) -> dict:

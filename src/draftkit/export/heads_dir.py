@@ -3,7 +3,9 @@
 A directory holds config.json ({"family", "architecture": the builder's arguments, "target", "hidden_size",
 "vocab_size"}), model.safetensors (the module's state dict; a shared target LM head is not stored), manifest.json and
 draftkit.json (the same information for `python -m draftkit.eval`). Reading rebuilds the module from the recorded
-arguments and requires exactly its key set and shapes.
+arguments and requires exactly its key set and shapes. A module with a draft vocabulary (drafts/vocab.py) carries its
+int64 `token_map` in the state dict and config.json records `draft_vocab_size`; reading passes that map back to the
+builder, so the rebuilt projections have the same rows.
 """
 
 from __future__ import annotations
@@ -24,20 +26,34 @@ def export_heads_dir(module: nn.Module, out_dir: Path, *, family: str, architect
                      hidden_size: int, vocab_size: int, dtype: str = "float32", extra_info: dict | None = None) -> Path:
     """`architecture`: the JSON-serialisable keyword arguments that rebuild `module` (plus call-time target pieces)."""
     tensors = cast_tensors(module.state_dict(), getattr(torch, dtype))
+    token_map = getattr(module, "token_map", None)
     info = {"family": family, "format": "draftkit", "architecture": architecture, "target": target_name,
-            "hidden_size": hidden_size, "vocab_size": vocab_size, "dtype": dtype, **(extra_info or {})}
+            "hidden_size": hidden_size, "vocab_size": vocab_size, "dtype": dtype,
+            "draft_vocab_size": None if token_map is None else token_map.numel(), **(extra_info or {})}
     return write_dir(out_dir, {"config.json": info, WEIGHTS: tensors, "manifest.json": manifest(tensors),
                                "draftkit.json": info})
 
 
 def load_heads_dir(directory: str | Path, build: Callable[..., nn.Module], *, family: str,
                    **call_site) -> tuple[nn.Module, dict]:
-    """Rebuild with `build(**architecture, **call_site)` and load the weights, requiring the exact key set and shapes."""
+    """Rebuild with `build(**architecture, **call_site)` (and the stored token_map for a draft vocabulary) and load the
+    weights, requiring the exact key set and shapes."""
     directory = Path(directory)
     info = read_json(directory / "draftkit.json")
     if info.get("family") != family:
         raise ArtifactError(f"{directory} holds a {info.get('family')!r} artifact, not {family!r}")
-    module = build(**info["architecture"], **call_site)
-    load_exact(module, load_file(str(directory / WEIGHTS)), str(directory),
+    tensors = load_file(str(directory / WEIGHTS))
+    size = info.get("draft_vocab_size")
+    if size is not None:
+        token_map = tensors.get("token_map")
+        if token_map is None or token_map.shape != (size,):
+            raise ArtifactError(f"{directory}: draft_vocab_size is {size} but model.safetensors holds no token_map of "
+                                f"that many ids. Fix: re-export with draftkit")
+        call_site = {**call_site, "token_map": token_map.long()}
+    try:
+        module = build(**info["architecture"], **call_site)
+    except ValueError as error:  # e.g. a token_map outside this target's vocabulary
+        raise ArtifactError(f"{directory}: {error}") from None
+    load_exact(module, tensors, str(directory),
                "the recorded architecture; the artifact was made for another target or edited by hand")
     return module.eval(), info

@@ -6,13 +6,14 @@ draftkit.json (family "medusa", the format, the target's name, hidden size and v
 unknown tensor is an error, never a silent partial load (vLLM and FasterDecoding loaders drop unknown names).
 
 vLLM: `blocks.{h}.layers.{l}.weight|bias`, `lm_heads.{h}.weight`; with the target's LM head shared,
-`original_lm_head: true` and one `lm_heads.0.weight` holding a copy of it. vLLM's MedusaConfig renames EVERY config key
-containing "num" and "heads" to num_heads, and "num" and "layers" to num_hidden_layers, so the config holds no other
-such key (`check_vllm_config`).
+`original_lm_head: true` and one `lm_heads.0.weight` holding a copy of it. Heads with a draft vocabulary
+(drafts/vocab.py) have V' = `truncated_vocab_size` rows in every lm_heads tensor (the shared copy too) and the int64
+`token_map` [V']. vLLM's MedusaConfig renames EVERY config key containing "num" and "heads" to num_heads, and "num"
+and "layers" to num_hidden_layers, so the config holds no other such key (`check_vllm_config`).
 FasterDecoding: `{h}.{l}.linear.weight|bias` and, with per-head projections ("version 1"), `{h}.{L}.weight`, in
 medusa_lm_head.safetensors (what train_legacy.py writes) and medusa_lm_head.pt (what its loaders read). Its ResBlocks
-always have a bias. Its loader repeats one ResBlock per head (`[ResBlock] * L`), so heads with num_layers > 1 load
-there with their layers tied; draftkit's loader keeps them apart.
+always have a bias, and it has no truncated vocabulary. Its loader repeats one ResBlock per head (`[ResBlock] * L`),
+so heads with num_layers > 1 load there with their layers tied; draftkit's loader keeps them apart.
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ class MedusaArtifact:
     info: dict
 
 
-def vllm_keys(num_heads: int, num_layers: int, bias: bool, original_lm_head: bool) -> set[str]:
+def vllm_keys(num_heads: int, num_layers: int, bias: bool, original_lm_head: bool, truncated: bool = False) -> set[str]:
     keys = {f"blocks.{h}.layers.{l}.weight" for h in range(num_heads) for l in range(num_layers)}
+    if truncated:
+        keys.add("token_map")
     if bias:
         keys |= {f"blocks.{h}.layers.{l}.bias" for h in range(num_heads) for l in range(num_layers)}
     keys |= {"lm_heads.0.weight"} if original_lm_head else {f"lm_heads.{h}.weight" for h in range(num_heads)}
@@ -71,23 +74,38 @@ def _info(heads: MedusaHeads, fmt: str, target_name: str, extra: dict | None) ->
     return {
         "family": FAMILY, "format": fmt, "target": target_name, "hidden_size": heads.hidden_size,
         "vocab_size": heads.vocab_size, "num_heads": heads.num_heads, "num_layers": heads.num_layers,
-        "bias": heads.bias, "lm_head": heads.lm_head_mode, **(extra or {}),
+        "bias": heads.bias, "lm_head": heads.lm_head_mode, "draft_vocab_size": _truncated_size(heads), **(extra or {}),
     }
+
+
+def _truncated_size(heads: MedusaHeads) -> int | None:
+    """V' when the heads score fewer tokens than the target has; a token_map of the whole vocabulary is the identity,
+    and vLLM only reads token_map when truncated_vocab_size < vocab_size, so that is exported as no truncation."""
+    return heads.draft_vocab_size if heads.draft_vocab_size < heads.vocab_size else None
 
 
 def export_medusa_vllm(heads: MedusaHeads, out_dir: Path, *, target_name: str, target_lm_head: torch.Tensor,
                        dtype: str = "bfloat16", extra_info: dict | None = None) -> Path:
-    """vLLM Medusa directory. `target_lm_head` [V, H] is stored as lm_heads.0.weight when the heads share it."""
+    """vLLM Medusa directory. `target_lm_head` [V', H] (the rows the heads score: the target's LM head, or its token_map
+    rows) is stored as lm_heads.0.weight when the heads share it."""
     original_lm_head = heads.lm_heads is None
+    truncated = _truncated_size(heads)
     tensors = {k: v for k, v in heads.state_dict().items()}
+    if truncated is None:
+        tensors.pop("token_map", None)
     if original_lm_head:
+        if target_lm_head.shape[0] != heads.draft_vocab_size:
+            raise ArtifactError(f"the shared LM head has {target_lm_head.shape[0]} rows but the heads score "
+                                f"{heads.draft_vocab_size} tokens. Fix: pass its token_map rows "
+                                "(drafts.vocab.draft_rows)")
         tensors["lm_heads.0.weight"] = target_lm_head
     tensors = cast_tensors(tensors, getattr(torch, dtype))
-    check_key_set(tensors, vllm_keys(heads.num_heads, heads.num_layers, heads.bias, original_lm_head), "vLLM export")
+    check_key_set(tensors, vllm_keys(heads.num_heads, heads.num_layers, heads.bias, original_lm_head,
+                                     truncated is not None), "vLLM export")
     config = {
         "model_type": "medusa", "architectures": ["MedusaModel"], "hidden_size": heads.hidden_size,
         "vocab_size": heads.vocab_size, "num_heads": heads.num_heads, "num_hidden_layers": heads.num_layers,
-        "truncated_vocab_size": None, "original_lm_head": original_lm_head, "medusa_fc_bias": heads.bias,
+        "truncated_vocab_size": truncated, "original_lm_head": original_lm_head, "medusa_fc_bias": heads.bias,
         "torch_dtype": dtype,
     }
     check_vllm_config(config)
@@ -101,6 +119,10 @@ def export_medusa_fasterdecoding(heads: MedusaHeads, out_dir: Path, *, target_na
     if not heads.bias:
         raise ArtifactError("FasterDecoding's ResBlock always has a bias; these heads were built with bias=false. "
                             "Fix: export the vllm format (medusa_fc_bias=false), or train with bias=true")
+    if _truncated_size(heads) is not None:
+        raise ArtifactError(f"the FasterDecoding format has no truncated vocabulary; these heads score "
+                            f"{heads.draft_vocab_size} of {heads.vocab_size} tokens. Fix: medusa.export.formats=[vllm] "
+                            "(truncated_vocab_size and token_map), or train with medusa.draft_vocab_size=null")
     L = heads.num_layers
     tensors = {}
     for h, block in enumerate(heads.blocks):
@@ -123,12 +145,19 @@ def _load_vllm(directory: Path, config: dict) -> tuple[MedusaHeads, torch.Tensor
     tensors = load_file(str(directory / VLLM_WEIGHTS))
     K, L, bias = config["num_heads"], config["num_hidden_layers"], config.get("medusa_fc_bias", True)
     original = bool(config.get("original_lm_head", False))
-    if config.get("truncated_vocab_size") not in (None, config["vocab_size"]):
-        raise ArtifactError(f"{directory}: truncated vocabularies (token_map) are not supported by draftkit's loader")
-    check_key_set(tensors, vllm_keys(K, L, bias, original), str(directory))
-    heads = MedusaHeads(config["hidden_size"], config["vocab_size"], K, L, lm_head="shared" if original else "own",
-                        bias=bias)
-    state = {k: v.float() for k, v in tensors.items() if not (original and k == "lm_heads.0.weight")}
+    truncated = config.get("truncated_vocab_size") not in (None, config["vocab_size"])
+    check_key_set(tensors, vllm_keys(K, L, bias, original, truncated), str(directory))
+    token_map = tensors["token_map"].long() if truncated else None
+    if truncated and token_map.numel() != config["truncated_vocab_size"]:
+        raise ArtifactError(f"{directory}: token_map holds {token_map.numel()} ids but truncated_vocab_size is "
+                            f"{config['truncated_vocab_size']}. Fix: re-export with draftkit")
+    try:
+        heads = MedusaHeads(config["hidden_size"], config["vocab_size"], K, L, lm_head="shared" if original else "own",
+                            bias=bias, token_map=token_map)
+    except ValueError as error:  # a token_map that is not ascending ids of the vocabulary
+        raise ArtifactError(f"{directory}: {error}") from None
+    state = {k: v if k == "token_map" else v.float() for k, v in tensors.items()
+             if not (original and k == "lm_heads.0.weight")}
     heads.load_state_dict(state, strict=True)
     return heads, tensors["lm_heads.0.weight"].float() if original else None
 

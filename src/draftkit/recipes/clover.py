@@ -4,7 +4,9 @@ The model reads the target's pre-norm final state and the next token's embedding
 the target's last layer, and drafts each depth from a recurrent state updated with the previous draft token. Loss per
 head: feature regression to the target's post-norm state (SmoothL1, weight 10) plus soft CE to the target's
 distribution (weight 1), heads weighted 0.7^i. Acceptance is measured with a chain and a tree; export is draftkit's
-own format.
+own format. `clover.draft_vocab_size` scores the heads' features over the most frequent training labels only
+(drafts/vocab.py), against the target's distribution renormalised over them; the labels only mark the scored
+positions here, so they stay in target ids.
 """
 
 from __future__ import annotations
@@ -15,30 +17,40 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from draftkit.drafts.vocab import draft_rows
 from draftkit.objectives.clover import clover_loss
 from draftkit.objectives.linear_logits import LinearLogits
-from draftkit.recipes.common import frozen_weight
-from draftkit.recipes.heads_common import LABEL_SOURCES, start_run, train_measure_export, training_chats
+from draftkit.recipes.common import draft_token_map, frozen_weight
+from draftkit.recipes.heads_common import (
+    LABEL_SOURCES,
+    start_run,
+    teacher_columns,
+    train_measure_export,
+    training_chats,
+)
 from draftkit.runtime.heads import CloverDrafter
 
 FAMILY = "clover"
 
 
 def clover_step(target, lm_head, feature_weight: float, token_weight: float, decay: float,
-                loss_chunk_size: int | None = None):
+                loss_chunk_size: int | None = None, scoring_head=None, token_map=None):
     """The frozen target gives its pre-norm final state (the model's input), and its post-norm states and logits
-    (the regression and soft-label targets) in one pass; `lm_head` is its LM head's weight. With loss_chunk_size set,
-    the heads' logits are computed inside the loss that many positions at a time."""
+    (the regression and soft-label targets) in one pass; `lm_head` is its LM head's weight (it embeds the input
+    tokens), `scoring_head` the rows that score the heads' features (default: all of lm_head; with a token_map, its
+    rows). With loss_chunk_size set, the heads' logits are computed inside the loss that many positions at a time."""
+    scoring_head = lm_head if scoring_head is None else scoring_head
 
     def step(model, batch):
         features = target.features(batch["input_ids"], batch["attention_mask"], layers=[target.num_layers])
         head_features = model(features.hidden[target.num_layers], batch["input_ids"], lm_head)
         if loss_chunk_size is None:
-            head_logits = F.linear(head_features, lm_head)
+            head_logits = F.linear(head_features, scoring_head)
         else:
-            head_logits = [LinearLogits(state, lm_head, chunk_size=loss_chunk_size, skip_uncounted=True)
+            head_logits = [LinearLogits(state, scoring_head, chunk_size=loss_chunk_size, skip_uncounted=True)
                            for state in head_features]
-        return clover_loss(head_features, head_logits, features.last_hidden, features.logits,
+        teacher = teacher_columns(features.logits, token_map)
+        return clover_loss(head_features, head_logits, features.last_hidden, teacher,
                            batch["labels"], feature_weight=feature_weight, token_weight=token_weight, decay=decay)
     return step
 
@@ -48,19 +60,22 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     if c.labels not in LABEL_SOURCES:
         raise ValueError(f"clover.labels={c.labels!r}: choose 'selfdistill' or 'data'")
     sink, engine, target = start_run(cfg, run_dir)
+    chats = training_chats(cfg, target, run_dir, c.labels, engine["seed"])
+    token_map = draft_token_map(chats, c.draft_vocab_size, target, run_dir)
     decoder = target.model.get_decoder()
     # A partial keeps the target's HF config and modules out of OmegaConf, which would try to convert them.
     model = instantiate(c.model, _partial_=True)(
         hidden_size=target.hidden_size, target_config=target.config, init_layer=decoder.layers[-1],
-        final_norm=decoder.norm).to(target.device)
-    chats = training_chats(cfg, target, run_dir, c.labels, engine["seed"])
+        final_norm=decoder.norm, token_map=token_map).to(target.device)
     lm_head = frozen_weight(target.lm_head.weight, engine)
+    scoring_head = draft_rows(lm_head, token_map)
 
     def drafter(shape):
         # Clover's token embeddings are rows of the target's LM head (the reference's frozen copy of it).
-        return CloverDrafter(model, lm_head, lm_head, shape)
+        return CloverDrafter(model, lm_head, scoring_head, shape)
 
     return train_measure_export(
         cfg, run_dir, family=FAMILY, module=model, module_cfg=c.model, chats=chats, make_drafter=drafter,
-        step=clover_step(target, lm_head, c.feature_weight, c.token_weight, c.decay, c.loss_chunk_size),
+        step=clover_step(target, lm_head, c.feature_weight, c.token_weight, c.decay, c.loss_chunk_size, scoring_head,
+                         token_map),
         tree_cfg=c.tree, target=target, sink=sink, engine=engine, export_dtype=c.export_dtype)

@@ -11,11 +11,18 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from draftkit.data.collate import collate
+from draftkit.drafts.vocab import draft_index, draft_labels, draft_rows
 from draftkit.engine.checkpoint import write_json_atomic, write_text_atomic
 from draftkit.engine.loop import stage_settings, train
 from draftkit.engine.run import record_run
 from draftkit.export.heads_dir import export_heads_dir
-from draftkit.recipes.common import compare_markdown, dataset_chats, measure_acceptance, self_distilled_chats
+from draftkit.recipes.common import (
+    compare_markdown,
+    dataset_chats,
+    frozen_weight,
+    measure_acceptance,
+    self_distilled_chats,
+)
 from draftkit.runtime.tree import TreeDrafter, TreeShape, tree_shape
 
 LABEL_SOURCES = ("selfdistill", "data")
@@ -28,6 +35,27 @@ def training_chats(cfg: DictConfig, target, run_dir: Path, labels: str, seed: in
     if labels == "selfdistill":
         return self_distilled_chats(cfg.data, target, run_dir, seed)
     return dataset_chats(cfg.data, target.tokenizer)
+
+
+def scoring_lm_head(target, token_map, engine: dict):
+    """The frozen LM head the heads score with: the target's own (recipes.common.frozen_weight), or a private copy of
+    its token_map rows for a draft vocabulary (a copy, so it also outlives ZeRO-3's swap of the target's weights)."""
+    return draft_rows(frozen_weight(target.lm_head.weight, engine), token_map)
+
+
+def label_mapper(token_map, vocab_size: int) -> Callable:
+    """labels -> the draft-id labels the restricted heads are scored against (drafts.vocab.draft_labels; tokens outside
+    the draft vocabulary are not scored); the identity for the full vocabulary. The index is built once."""
+    if token_map is None:
+        return lambda labels: labels
+    index = draft_index(token_map, vocab_size)
+    return lambda labels: draft_labels(labels, index.to(labels.device))
+
+
+def teacher_columns(logits, token_map):
+    """The target's logits over the draft vocabulary only, so a soft target is renormalised over the tokens the
+    heads can score."""
+    return logits if token_map is None or logits is None else logits.index_select(-1, token_map.to(logits.device))
 
 
 def architecture(module_cfg: DictConfig) -> dict:

@@ -5,6 +5,8 @@ from the training text), so a drafted tree conditions each depth on its own path
 `hydra_heads.teacher_weight=1 hydra_heads.lm_weight=0` (match the target's distribution instead of the data token),
 `hydra_heads.heads.prefix_layer=true` (one decoder layer over the target's states) and deeper heads
 (`hydra_heads.heads.num_layers=4`). Acceptance is measured with a chain and a tree; export is draftkit's own format.
+`hydra_heads.draft_vocab_size` restricts the heads to the most frequent training labels (drafts/vocab.py); the teacher
+term then matches the target's distribution renormalised over those tokens.
 """
 
 from __future__ import annotations
@@ -16,17 +18,28 @@ from omegaconf import DictConfig
 
 from draftkit.objectives.hydra_heads import hydra_loss
 from draftkit.objectives.linear_logits import LinearLogits
-from draftkit.recipes.common import frozen_weight
-from draftkit.recipes.heads_common import LABEL_SOURCES, start_run, train_measure_export, training_chats
+from draftkit.recipes.common import draft_token_map
+from draftkit.recipes.heads_common import (
+    LABEL_SOURCES,
+    label_mapper,
+    scoring_lm_head,
+    start_run,
+    teacher_columns,
+    train_measure_export,
+    training_chats,
+)
 from draftkit.runtime.heads import HydraDrafter
 
 FAMILY = "hydra_heads"
 
 
 def hydra_step(target, shared_lm_head, lm_weight: float, teacher_weight: float, decay: float,
-               loss_chunk_size: int | None = None, own_lm_heads=None):
+               loss_chunk_size: int | None = None, own_lm_heads=None, token_map=None):
     """With loss_chunk_size set, the loss applies the LM head (shared, or each head's own: `own_lm_heads`) that many
-    positions at a time, and only to positions it scores, instead of the heads returning every logit."""
+    positions at a time, and only to positions it scores, instead of the heads returning every logit. With a token_map
+    the logits, labels and teacher are all over the draft vocabulary (shared_lm_head: the head's token_map rows)."""
+    labels_for = label_mapper(token_map, target.vocab_size)
+
     def step(heads, batch):
         features = target.features(batch["input_ids"], batch["attention_mask"], with_logits=teacher_weight > 0)
         if loss_chunk_size is None:
@@ -37,7 +50,8 @@ def hydra_step(target, shared_lm_head, lm_weight: float, teacher_weight: float, 
                            else [(shared_lm_head, None)] * len(states))
             logits = [LinearLogits(state, weight, bias, loss_chunk_size, skip_uncounted=True)
                       for state, (weight, bias) in zip(states, projections)]
-        return hydra_loss(logits, batch["labels"], features.logits, lm_weight=lm_weight,
+        return hydra_loss(logits, labels_for(batch["labels"]), teacher_columns(features.logits, token_map),
+                          lm_weight=lm_weight,
                           teacher_weight=teacher_weight, decay=decay)
     return step
 
@@ -49,18 +63,20 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     if h.lm_weight < 0 or h.teacher_weight < 0 or h.lm_weight + h.teacher_weight == 0:
         raise ValueError(f"hydra_heads.lm_weight={h.lm_weight}, teacher_weight={h.teacher_weight}: both >= 0, not both 0")
     sink, engine, target = start_run(cfg, run_dir)
+    chats = training_chats(cfg, target, run_dir, h.labels, engine["seed"])
+    token_map = draft_token_map(chats, h.draft_vocab_size, target, run_dir)
     # A partial keeps the target's HF config out of OmegaConf, which would try to convert it.
     build = instantiate(h.heads, _partial_=True)
     heads = build(hidden_size=target.hidden_size, vocab_size=target.vocab_size, target_config=target.config,
-                  lm_head_weight=target.lm_head.weight).to(target.device)
-    shared = frozen_weight(target.lm_head.weight, engine) if heads.lm_heads is None else None
-    chats = training_chats(cfg, target, run_dir, h.labels, engine["seed"])
+                  lm_head_weight=target.lm_head.weight, token_map=token_map).to(target.device)
+    shared = scoring_lm_head(target, token_map, engine) if heads.lm_heads is None else None
 
     def drafter(shape):
         return HydraDrafter(heads, target.embed_tokens, shape, shared_lm_head=shared)
 
     return train_measure_export(
         cfg, run_dir, family=FAMILY, module=heads, module_cfg=h.heads, chats=chats, make_drafter=drafter,
-        step=hydra_step(target, shared, h.lm_weight, h.teacher_weight, h.decay, h.loss_chunk_size, heads.lm_heads),
+        step=hydra_step(target, shared, h.lm_weight, h.teacher_weight, h.decay, h.loss_chunk_size, heads.lm_heads,
+                        token_map),
         tree_cfg=h.tree, target=target,
         sink=sink, engine=engine, export_dtype=h.export_dtype)

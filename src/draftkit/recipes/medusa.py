@@ -8,7 +8,8 @@ heads and the evaluation runs the adapted target.
 
 Labels come from the target's own answers (`medusa.labels=selfdistill`) or from the data's replies (`data`).
 Acceptance is measured with a chain (top-1 of each head) and with a tree; the heads are exported in vLLM's and
-FasterDecoding's formats.
+FasterDecoding's formats. `medusa.draft_vocab_size` restricts the heads to the most frequent training labels
+(drafts/vocab.py): Medusa-1 only, and the vLLM format only (its truncated_vocab_size and token_map).
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ from draftkit.objectives.ce import IGNORE_INDEX, next_token_ce
 from draftkit.objectives.kl import forward_kl
 from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.objectives.medusa import medusa2_loss, medusa_loss
-from draftkit.recipes.common import frozen_weight
+from draftkit.recipes.common import draft_token_map
 from draftkit.recipes.heads_common import (
     LABEL_SOURCES,
+    label_mapper,
     measure_after_training,
     measure_heads,
+    scoring_lm_head,
     start_run,
     training_chats,
 )
@@ -41,19 +44,24 @@ from draftkit.runtime.heads import MedusaDrafter
 TARGET_LOSSES = ("lm", "kl")
 
 
-def heads_step(target, shared_lm_head, decay: float, loss_chunk_size: int | None = None, own_lm_heads=None):
+def heads_step(target, shared_lm_head, decay: float, loss_chunk_size: int | None = None, own_lm_heads=None,
+               token_map=None):
     """Medusa-1: the frozen target's final states (no grad) feed the heads. With loss_chunk_size set, the loss applies
     the LM head (shared, or each head's own: `own_lm_heads`) that many positions at a time, and only to positions it
-    scores (one host sync per head; the prompt and padding rows it skips are often half of a chat batch)."""
+    scores (one host sync per head; the prompt and padding rows it skips are often half of a chat batch). With a
+    token_map the heads' logits and the labels are in draft ids (shared_lm_head: the head's token_map rows)."""
+    labels_for = label_mapper(token_map, target.vocab_size)
+
     def step(heads, batch):
         hidden = target.features(batch["input_ids"], batch["attention_mask"], with_logits=False).last_hidden
+        labels = labels_for(batch["labels"])
         if loss_chunk_size is None:
-            return medusa_loss(heads(hidden, shared_lm_head), batch["labels"], decay=decay)
+            return medusa_loss(heads(hidden, shared_lm_head), labels, decay=decay)
         states = heads(hidden, project=False)
         weights = [head.weight for head in own_lm_heads] if own_lm_heads is not None else [shared_lm_head] * len(states)
         logits = [LinearLogits(state, weight, chunk_size=loss_chunk_size, skip_uncounted=True)
                   for state, weight in zip(states, weights)]
-        return medusa_loss(logits, batch["labels"], decay=decay)
+        return medusa_loss(logits, labels, decay=decay)
     return step
 
 
@@ -93,17 +101,27 @@ def _check(m: DictConfig) -> None:
     if "fasterdecoding" in m.export.formats and not m.heads.bias:
         raise ValueError("medusa.heads.bias=false cannot be exported in the FasterDecoding format (its ResBlock always "
                          "has a bias). Fix: medusa.heads.bias=true, or medusa.export.formats=[vllm]")
+    if m.draft_vocab_size is not None:
+        if m.joint:
+            raise ValueError("medusa.draft_vocab_size restricts the heads of Medusa-1 only; Medusa-2 "
+                             "(medusa.joint=true) trains the target's full LM head with them. Fix: "
+                             "medusa.draft_vocab_size=null, or medusa.joint=false")
+        if "fasterdecoding" in m.export.formats:
+            raise ValueError("the FasterDecoding format has no truncated vocabulary, so it cannot hold heads with "
+                             "medusa.draft_vocab_size set. Fix: medusa.export.formats=[vllm] (vLLM's "
+                             "truncated_vocab_size and token_map), or medusa.draft_vocab_size=null")
 
 
 def run(cfg: DictConfig, run_dir: Path) -> Path:
     m = cfg.medusa
     _check(m)
     sink, engine, target = start_run(cfg, run_dir)
-    heads = instantiate(m.heads, hidden_size=target.hidden_size, vocab_size=target.vocab_size,
-                        lm_head_weight=target.lm_head.weight).to(target.device)
     chats = training_chats(cfg, target, run_dir, m.labels, engine["seed"])
+    token_map = draft_token_map(chats, m.draft_vocab_size, target, run_dir)
+    heads = instantiate(m.heads, hidden_size=target.hidden_size, vocab_size=target.vocab_size,
+                        lm_head_weight=target.lm_head.weight, token_map=token_map).to(target.device)
     # Medusa-2 trains the target itself (it is then part of the trained model, whole again after training).
-    lm_head = target.lm_head.weight if m.joint else frozen_weight(target.lm_head.weight, engine)
+    lm_head = target.lm_head.weight if m.joint else scoring_lm_head(target, token_map, engine)
 
     def drafter(shape):
         shared = (target.lm_head.weight if m.joint else lm_head) if heads.lm_heads is None else None
@@ -120,7 +138,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     else:
         model = heads
         step = heads_step(target, lm_head if heads.lm_heads is None else None, m.decay, m.loss_chunk_size,
-                          heads.lm_heads)
+                          heads.lm_heads, token_map)
     result = train(model=model, step_fn=step, dataset=chats,
                    collate=partial(collate, pad_token_id=target.tokenizer.pad_token_id),
                    settings=stage_settings(engine), stage_dir=run_dir / "train", sink=sink, resume=cfg.resume,

@@ -1,12 +1,27 @@
-"""Tree drafters for draft heads on the target's hidden state (runtime/tree.py's TreeDrafter protocol)."""
+"""Tree drafters for draft heads on the target's hidden state (runtime/tree.py's TreeDrafter protocol).
+
+Heads with a restricted draft vocabulary (a `token_map`, drafts/vocab.py) score draft ids; every drafter hands the tree
+target ids (the target verifies them, and Hydra and Clover embed the path's tokens with the target's table). The
+shared LM head a drafter receives is then the head's token_map rows. Acceptance treats each candidate as a point mass,
+so nothing downstream needs the draft's probabilities over the full vocabulary."""
 
 from __future__ import annotations
 
 import torch
 
 from draftkit.drafts.medusa import MedusaHeads
+from draftkit.drafts.vocab import target_ids
 from draftkit.runtime.speculative import new_cache
 from draftkit.runtime.tree import DraftTree, TargetStep, TreeShape, grow_tree
+
+
+def check_scoring_rows(lm_head_weight: torch.Tensor | None, module) -> None:
+    """A shared LM head must have one row per draft id: a full head on a restricted draft would propose ids past the
+    token_map, and a sliced one on a full draft would propose the wrong tokens."""
+    if lm_head_weight is not None and lm_head_weight.shape[0] != module.draft_vocab_size:
+        raise ValueError(f"the shared LM head has {lm_head_weight.shape[0]} rows but the draft scores "
+                         f"{module.draft_vocab_size} tokens. Fix: pass the LM head's token_map rows "
+                         "(drafts.vocab.draft_rows(weight, module.token_map))")
 
 
 class MedusaDrafter:
@@ -17,6 +32,7 @@ class MedusaDrafter:
         if shape.depth > heads.num_heads:
             raise ValueError(f"a tree of depth {shape.depth} needs {shape.depth} Medusa heads; these have "
                              f"{heads.num_heads}. Fix: a shallower tree (tree depth <= num_heads)")
+        check_scoring_rows(shared_lm_head, heads)
         self.heads, self.shape, self.shared_lm_head = heads, shape, shared_lm_head
         self.max_depth = shape.depth
         self._log_probs: torch.Tensor | None = None
@@ -37,7 +53,8 @@ class MedusaDrafter:
 
     def expand(self, tree: DraftTree, frontier: list[int], depth: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         top = self._log_probs[depth - 1].topk(k)
-        return top.indices.expand(len(frontier), k), top.values.expand(len(frontier), k)
+        ids = target_ids(top.indices, self.heads.token_map)
+        return ids.expand(len(frontier), k), top.values.expand(len(frontier), k)
 
 
 class HydraDrafter:
@@ -49,6 +66,7 @@ class HydraDrafter:
         if shape.depth > heads.num_heads:
             raise ValueError(f"a tree of depth {shape.depth} needs {shape.depth} Hydra heads; these have "
                              f"{heads.num_heads}. Fix: a shallower tree (tree depth <= num_heads)")
+        check_scoring_rows(shared_lm_head, heads)
         self.heads, self.embed, self.shape, self.shared_lm_head = heads, embed, shape, shared_lm_head
         self.max_depth = shape.depth
         self._cache = None
@@ -79,18 +97,21 @@ class HydraDrafter:
         embeds = self.embed(ids).to(self._hidden.dtype)
         logits = self.heads.head_logits(depth - 1, self._hidden.expand(len(frontier), -1), embeds, self.shared_lm_head)
         top = torch.log_softmax(logits.float(), dim=-1).topk(k)
-        return top.indices, top.values
+        return target_ids(top.indices, self.heads.token_map), top.values
 
 
 class CloverDrafter:
     """Clover-2 as a TreeDrafter. Each step feeds the newly committed positions (pre-norm target state fused with the
     next token's embedding) through the augmenting block with its own KV cache; depth d then runs the regressive
-    connection along each frontier node's path (the root's child tokens onward) and the target's LM head."""
+    connection along each frontier node's path (the root's child tokens onward) and the target's LM head.
+    `embed_weight` is the full LM head (it embeds target ids); `lm_head_weight` scores: its token_map rows when the
+    model has a draft vocabulary."""
 
     def __init__(self, clover, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor, shape: TreeShape):
         if shape.depth > clover.num_heads:
             raise ValueError(f"a tree of depth {shape.depth} needs {shape.depth} Clover heads; this model has "
                              f"{clover.num_heads}. Fix: a shallower tree (tree depth <= num_heads)")
+        check_scoring_rows(lm_head_weight, clover)
         self.clover, self.embed_weight, self.lm_head_weight, self.shape = clover, embed_weight, lm_head_weight, shape
         self.max_depth = shape.depth
         self._cache = None
@@ -126,4 +147,4 @@ class CloverDrafter:
         features = self.clover.head_output(depth - 1, state, token_embeds)
         logits = torch.nn.functional.linear(features, self.lm_head_weight)
         top = torch.log_softmax(logits.float(), dim=-1).topk(k)
-        return top.indices, top.values
+        return target_ids(top.indices, self.clover.token_map), top.values
