@@ -52,6 +52,7 @@ RECIPES = {
     "clover": ("clover", []),
     "fspad_online": ("fspad", ["fspad.features.source=online"]),
     "fspad_offline_bf16": ("fspad", ["fspad.features.source=offline", "fspad.features.storage=bf16"]),
+    "fspad_online_draft_vocab": ("fspad", ["fspad.features.source=online", "fspad.draft_vocab_size=32768"]),
     "kangaroo": ("kangaroo", []),
     "medusa_unchunked": ("medusa", ["medusa.loss_chunk_size=null"]),
 }
@@ -158,6 +159,7 @@ def build(name: str, cfg, target, examples: list[dict], work: Path):
     from draftkit.data.collate import collate
     from draftkit.data.feature_cache import FeatureExamples, build_feature_cache, collate_with_features
     from draftkit.recipes import clover, fspad, hydra_heads, kangaroo, medusa
+    from draftkit.recipes.common import draft_token_map
 
     pad = target.tokenizer.pad_token_id
     lm_head = target.lm_head.weight
@@ -187,7 +189,9 @@ def build(name: str, cfg, target, examples: list[dict], work: Path):
                                              c.loss_chunk_size), examples, plain
         if recipe == "fspad":
             settings = cfg.fspad
-            draft = fspad.build_draft(target, settings)
+            # A quarter of the vocabulary at most: the CPU smoke target has 4096 tokens, fewer than the GPU plan's size.
+            size = None if settings.draft_vocab_size is None else min(settings.draft_vocab_size, target.vocab_size // 4)
+            draft = fspad.build_draft(target, settings, draft_token_map(examples, size, target, work / name))
             dataset = examples
             if settings.features.source == "offline":
                 cache = build_feature_cache(target, examples, work / f"{name}_cache", norm=settings.features.norm,

@@ -52,12 +52,12 @@ def sharp_target(scale: float = 1.0):
     return target
 
 
-def guessing_drafter(target, feature_sampling: bool, partial_alignment: bool):
+def guessing_drafter(target, feature_sampling: bool, partial_alignment: bool, token_map=None):
     """A drafter that mostly proposes "repeat the token" (its fc passes the embedding through) while its feature
     input, attention and MLP still move the result: on the sharp target it is accepted sometimes, rejected sometimes."""
     draft = feature_drafter(embed_weight=target.embed_tokens.weight, lm_head_weight=target.lm_head.weight,
                             num_heads=4, num_kv_heads=2, intermediate_size=64, feature_sampling=feature_sampling,
-                            partial_alignment=partial_alignment)
+                            partial_alignment=partial_alignment, token_map=token_map)
     hidden = target.hidden_size
     with torch.no_grad():
         draft.fc.weight[:, :hidden] = torch.eye(hidden)
@@ -366,13 +366,16 @@ def test_drafter_state_matches_a_from_scratch_computation():
     assert drafter.checked >= 5 and 1.0 < out.stats.tau
 
 
-def test_speculative_sampling_with_the_feature_drafter_preserves_the_target_distribution():
+# With a draft vocabulary the proposals are target ids sampled from the draft distribution scattered onto the target's
+# vocabulary; returning draft ids, or probabilities indexed by draft id, would skew the pair counts.
+@pytest.mark.parametrize("token_map", [None, torch.tensor([0, 2, 3, 5, 6])], ids=["full_vocab", "draft_vocab"])
+def test_speculative_sampling_with_the_feature_drafter_preserves_the_target_distribution(token_map):
     from test_runtime import chi_square_p_value, micro_lm
 
     model, vocab, temperature, runs = micro_lm(0, vocab_size=8), 8, 0.8, 600
     draft = feature_drafter(embed_weight=model.get_input_embeddings().weight,
                             lm_head_weight=model.get_output_embeddings().weight, num_heads=2, num_kv_heads=1,
-                            intermediate_size=32).eval()
+                            intermediate_size=32, token_map=token_map).eval()
     prompt = torch.tensor([[3, 1, 4]])
     # The first token is the target's own sample (no features yet); the second is drafted and verified.
     with torch.inference_mode():
@@ -504,3 +507,202 @@ def test_eagle_formats_refuse_fspad_parts_with_the_fix():
         assert draft.variant == variant
         with pytest.raises(ValueError, match="cannot be written in the eagle-vllm format.*Fix: use the draftkit format"):
             eagle_tensors(draft, "eagle-vllm")
+
+
+# ---------------------------------------------------------------- restricted draft vocabulary
+
+
+def test_token_map_slices_the_head_and_keeps_the_trained_start():
+    target = sharp_target()
+    token_map = torch.tensor([0, 3, 17, 200, 319])
+    full = guessing_drafter(target, True, True)
+    restricted = guessing_drafter(target, True, True, token_map=token_map)
+    assert restricted.draft_vocab_size == 5 and restricted.vocab_size == 320
+    assert torch.equal(restricted.state_dict()["token_map"], token_map)
+    assert "token_map" not in full.state_dict()
+    # Same seed, same trained layers: only the head's rows differ.
+    assert torch.equal(full.fc.weight, restricted.fc.weight)
+    hidden = torch.randn(2, 3, 32)
+    assert torch.allclose(restricted.head_logits(hidden), full.head_logits(hidden)[..., token_map], atol=1e-6)
+
+
+def restricted_step(token_map, loss_chunk_size, examples):
+    target = sharp_target()
+    batch = collate_with_features(examples[:3], pad_token_id=2)
+    features = target_features(target, batch["input_ids"], batch["attention_mask"])
+    draft = guessing_drafter(target, True, True, token_map=token_map)
+    out = fspad.feature_step(draft, batch, features, noise_amplitude=0.0, regression_weight=1.0, ce_weight=0.1,
+                             loss_chunk_size=loss_chunk_size)
+    return out, target, draft, batch
+
+
+def test_restricted_vocab_loss_is_pinned_and_matches_a_hand_built_reference(examples):
+    token_map = torch.arange(0, 320, 5)  # 64 of the 320 tokens
+    plain, target, draft, batch = restricted_step(token_map, None, examples)
+    chunked, *_ = restricted_step(token_map, 7, examples)
+    assert chunked.loss_sum.item() == pytest.approx(plain.loss_sum.item(), rel=1e-6)
+    assert (plain.loss_sum / plain.count).item() == pytest.approx(0.8408, abs=1e-4)
+    full_vocab, *_ = restricted_step(None, None, examples)
+    assert abs(full_vocab.loss_sum.item() - plain.loss_sum.item()) > 1e-2  # the restriction is what was pinned
+    # By hand: the teacher is softmax of the target's own logits restricted to token_map (renormalised there), the
+    # student the draft's prediction through the same rows of the target's LM head.
+    with torch.no_grad():
+        teacher_logits = target.model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 1:]
+        features = target_features(target, batch["input_ids"], batch["attention_mask"])
+        pairs = align_pairs(features, batch["input_ids"], batch["labels"])
+        out = draft(pairs.input_features, pairs.input_ids)
+    mask = pairs.mask
+    p = torch.softmax(teacher_logits[..., token_map], dim=-1)[mask]
+    log_q = torch.log_softmax(out.predict @ target.lm_head.weight[token_map].T, dim=-1)[mask]
+    soft_ce = -(p * log_q).sum()
+    regression = torch.nn.functional.smooth_l1_loss(out.regress[mask], pairs.target_features[mask],
+                                                    reduction="none").mean(-1).sum()
+    assert plain.count.item() == mask.sum().item()
+    assert plain.loss_sum.item() == pytest.approx((regression + 0.1 * soft_ce).item(), rel=1e-5)
+    assert plain.metrics["soft_ce"].item() == pytest.approx(soft_ce.item(), rel=1e-5)
+
+
+class RecordingChain(FeatureChainDrafter):
+    def __init__(self, model):
+        super().__init__(model)
+        self.proposed: set[int] = set()
+
+    def propose(self, sequence, num_tokens, temperature, generator):
+        proposal = super().propose(sequence, num_tokens, temperature, generator)
+        self.proposed |= set(proposal.tokens.tolist())
+        return proposal
+
+
+PROMPTS = (torch.tensor([[1]]), torch.tensor([[1, 50, 60, 70]]), torch.tensor([[1, 9, 8, 7, 6, 5, 4]]))
+
+
+def test_restricted_vocab_greedy_chain_is_lossless_and_proposes_target_ids():
+    target = sharp_target()
+    full = RecordingChain(guessing_drafter(target, True, True))
+    full_runs = [speculative_generate(target.model, full, p, gamma=3, max_new_tokens=24) for p in PROMPTS]
+    # A draft vocabulary holding every token the full draft proposed (and others) must draft exactly the same: the
+    # argmax over a superset of the argmax is unchanged, so any mapping slip shows up as different acceptances.
+    covering = torch.tensor(sorted(full.proposed | set(range(0, 320, 7))))
+    # One that lacks most of them must stay lossless and propose only its own tokens, mapped to target ids.
+    lacking = torch.tensor(sorted(set(range(1, 320, 3)) - set(sorted(full.proposed)[::2])))
+    for token_map, same_as_full in ((covering, True), (lacking, False)):
+        drafter = RecordingChain(guessing_drafter(target, True, True, token_map=token_map))
+        accepted = 0
+        for prompt, full_run in zip(PROMPTS, full_runs):
+            reference = target.model.generate(prompt, do_sample=False, max_new_tokens=24, pad_token_id=0)
+            out = speculative_generate(target.model, drafter, prompt, gamma=3, max_new_tokens=24)
+            assert out.tokens == reference[0, prompt.shape[1]:].tolist()
+            accepted += sum(out.stats.accepted_per_position)
+            if same_as_full:
+                assert out.stats.accepted_lengths == full_run.stats.accepted_lengths
+        assert drafter.proposed <= set(token_map.tolist())
+        assert accepted > 0
+
+
+@pytest.mark.parametrize("kind", ["chain", "static", "topk"])
+def test_restricted_vocab_greedy_tree_is_lossless(kind):
+    from draftkit.runtime.feature_drafter import FeatureTreeDrafter
+    from draftkit.runtime.tree import tree_generate, tree_shape
+
+    target = sharp_target()
+    token_map = torch.tensor(sorted(set(range(0, 320, 2)) | {1, 50, 60, 70}))
+    draft = guessing_drafter(target, False, False, token_map=token_map)
+    shape = tree_shape(kind, 3, top_k=3, width=2, budget=8)
+    accepted = 0
+    for prompt in PROMPTS[:2]:
+        reference = target.model.generate(prompt, do_sample=False, max_new_tokens=20, pad_token_id=0)
+        drafter = FeatureTreeDrafter(draft, shape)
+        trees = []
+        original = drafter.propose_tree
+        drafter.propose_tree = lambda step: trees.append(original(step)) or trees[-1]
+        out = tree_generate(target.model, drafter, prompt, max_new_tokens=20)
+        assert out.tokens == reference[0, prompt.shape[1]:].tolist(), (kind, prompt.tolist())
+        assert trees and all(set(t.tokens.tolist()) <= set(token_map.tolist()) for t in trees)
+        accepted += sum(out.stats.accepted_per_position)
+        if kind == "chain":  # chain-shaped tree and chain runtime draft the same, restricted or not
+            chain = speculative_generate(target.model, FeatureChainDrafter(draft), prompt, gamma=3, max_new_tokens=20)
+            assert out.stats.accepted_lengths == chain.stats.accepted_lengths
+    assert accepted > 0
+
+
+def test_eagle_vllm_refuses_a_restricted_vocabulary_with_the_fix(tmp_path):
+    from draftkit.export.eagle import eagle_tensors, export_feature_drafter
+
+    target = sharp_target()
+    draft = guessing_drafter(target, False, False, token_map=torch.arange(0, 320, 4))
+    with pytest.raises(ValueError, match="eagle-vllm format: vLLM's EAGLE-1 loader .* no truncated vocabulary.*"
+                                         "Fix: train with fspad.draft_vocab_size=null"):
+        eagle_tensors(draft, "eagle-vllm")
+    with pytest.raises(ValueError, match="no truncated vocabulary"):
+        export_feature_drafter(draft, tmp_path / "export", target_name="tiny", feature_norm="post_norm",
+                               feature_layer=2, target_vocab_size=320, max_position_embeddings=64,
+                               num_speculative_tokens=3, resolved_config_yaml="", eagle_formats=["eagle-vllm"])
+    assert not (tmp_path / "export").exists()
+
+
+def test_recipe_refuses_bad_draft_vocabularies_before_training(tmp_path):
+    with pytest.raises(ValueError, match="fspad.draft_vocab_size=1000 is larger than the target's vocabulary of 320 "
+                                         "tokens. Fix: choose at most 320"):
+        run_recipe(tmp_path / "big", "fspad.draft_vocab_size=1000")
+    with pytest.raises(ValueError, match="fspad.export.eagle_formats asks for eagle-vllm, which cannot hold this "
+                                         "draft: vLLM's EAGLE-1 loader"):
+        run_recipe(tmp_path / "vllm", *EAGLE1, "fspad.draft_vocab_size=64", "fspad.export.eagle_formats=[eagle-vllm]")
+    assert not (tmp_path / "vllm").exists() or not (tmp_path / "vllm" / "train").exists()
+
+
+VOCAB_RUN = [*EAGLE1, "fspad.draft_vocab_size=16", "engine.max_steps_per_stage=12", "engine.lr=3e-3", "eval=none"]
+
+
+@pytest.fixture(scope="module")
+def vocab_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("vocab")
+    return run_dir, run_recipe(run_dir, *VOCAB_RUN)
+
+
+def test_restricted_vocab_recipe_trains_online_and_offline_alike(vocab_run, tmp_path):
+    run_dir, _ = vocab_run
+    curve = losses(run_dir)
+    assert curve[:3] == pytest.approx([0.8488, 0.7546, 0.6735], abs=1e-4)
+    assert sum(curve[-3:]) / 3 < 0.85 * sum(curve[:3]) / 3
+    cached = json.loads((run_dir / "draft_vocab.json").read_text())
+    assert cached["size"] == 16 and len(cached["token_map"]) == 16 and 0 < cached["label_coverage"] <= 1
+    # Offline features hold no vocabulary-shaped data: the same draft vocabulary trains the same draft.
+    run_recipe(tmp_path, *VOCAB_RUN, "fspad.features.source=offline", "fspad.features.storage=fp32")
+    assert losses(tmp_path) == pytest.approx(curve, abs=1e-5)
+    assert json.loads((tmp_path / "draft_vocab.json").read_text())["token_map"] == cached["token_map"]
+
+
+def test_restricted_vocab_exports_round_trip_through_eval(vocab_run, tmp_path, monkeypatch):
+    from draftkit import eval as eval_module
+
+    run_dir, export = vocab_run
+    token_map = json.loads((run_dir / "draft_vocab.json").read_text())["token_map"]
+    tensors = load_file(str(export / "model.safetensors"))
+    assert tensors["token_map"].dtype == torch.int64 and tensors["token_map"].tolist() == token_map
+    info = json.loads((export / "draftkit.json").read_text())
+    assert info["architecture"]["draft_vocab_size"] == 16 and info["eagle_exports"] == ["eagle-sglang"]
+    assert "no truncated vocabulary" in info["not_written"]["eagle-vllm"] and not (export / "eagle-vllm").exists()
+    # SGLang's --speculative-token-map file: torch.load(weights_only=True) of the absolute target ids.
+    sglang_map = torch.load(export / "eagle-sglang" / "token_map.pt", weights_only=True)
+    assert sglang_map.dtype == torch.int64 and sglang_map.tolist() == token_map
+    assert "--speculative-token-map <export>/eagle-sglang/token_map.pt" in (export / "README.md").read_text()
+    assert "token_map" not in load_file(str(export / "eagle-sglang" / "model.safetensors"))
+
+    target = tiny_target()
+    prompt = torch.tensor([[1, 40, 41, 42]])
+    outputs = []
+    for folder in (export, export / "eagle-sglang"):
+        module, _ = load_feature_drafter(folder, embed_weight=target.embed_tokens.weight,
+                                         lm_head_weight=target.lm_head.weight)
+        assert module.token_map.tolist() == token_map and module.lm_head.weight.shape == (16, 32)
+        outputs.append(speculative_generate(target.model, FeatureChainDrafter(module), prompt, gamma=3,
+                                            max_new_tokens=12).stats.accepted_lengths)
+    assert outputs[0] == outputs[1]
+
+    monkeypatch.setattr(eval_module, "load_target", lambda *a, **k: tiny_target())
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"question_id": 1, "category": "qa", "turns": ["Hello there"]}) + "\n")
+    assert eval_main(["--draft", str(export), "--prompts", str(prompts), "--max-new-tokens", "8", "--gamma", "3",
+                      "--out", str(tmp_path / "eval"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["overall"]["outputs_differing_from_ar"] == 0 and report["overall"]["new_tokens"] == 8

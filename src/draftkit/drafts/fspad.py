@@ -11,7 +11,9 @@ target's next feature f_{t+1}, whose LM-head distribution is the draft distribut
 
 `predict` goes through the target's frozen LM head; `regress` is the half aligned to the target feature and is what
 drafting feeds back as the next step's feature. The embedding and LM head are the target's tensors, frozen and shared
-(not copied). Parameter names follow the EAGLE checkpoint layout (formats.md §b.2) so the EAGLE-1 variant exports by
+(not copied). With a `token_map` (drafts/vocab.py) the head keeps only those rows (a frozen copy of size x H), so the
+draft scores its draft vocabulary (draft id i = target id token_map[i]); the embedding stays the target's full one,
+since the tokens fed back are target ids. Parameter names follow the EAGLE checkpoint layout (formats.md §b.2) so the EAGLE-1 variant exports by
 name; FSPAD's extra tensors live under `feature_sampling.*`.
 """
 
@@ -22,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from draftkit.drafts.vocab import check_token_map
 
 
 class RMSNorm(nn.Module):
@@ -178,6 +182,7 @@ class FeatureDrafter(nn.Module):
         partial_alignment: bool,
         fc_bias: bool = False,
         head_norm_weight: torch.Tensor | None = None,
+        token_map: torch.Tensor | None = None,
     ):
         super().__init__()
         vocab_size, hidden_size = lm_head_weight.shape
@@ -188,8 +193,18 @@ class FeatureDrafter(nn.Module):
         self.intermediate_size, self.rope_theta, self.rms_norm_eps = intermediate_size, rope_theta, rms_norm_eps
         # Frozen and sharing the target's storage: a tied 49k-token head would otherwise cost a copy per draft.
         self.embed_tokens = nn.Embedding.from_pretrained(embed_weight.detach(), freeze=True)
+        head_weight = lm_head_weight.detach()
+        if token_map is not None:
+            check_token_map(token_map, vocab_size)
+            head_weight = head_weight[token_map.to(head_weight.device)]
+        # A buffer, so it moves with the module and is saved with it; None (full vocabulary) registers nothing.
+        self.register_buffer("token_map", None if token_map is None else token_map.detach().clone(), persistent=True)
+        self.draft_vocab_size = head_weight.shape[0]
+        # Built at the full width whatever the draft vocabulary: its throwaway init draws the same random numbers, so a
+        # seed gives the trained layers the same start with or without a token_map.
         self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False)
-        self.lm_head.weight = nn.Parameter(lm_head_weight.detach(), requires_grad=False)
+        self.lm_head.weight = nn.Parameter(head_weight, requires_grad=False)
+        self.lm_head.out_features = self.draft_vocab_size
         # Pre-norm features need the target's final norm before its LM head; post-norm ones are what the head reads.
         self.head_norm = None
         if head_norm_weight is not None:
@@ -244,7 +259,8 @@ class FeatureDrafter(nn.Module):
         return self.head_norm(hidden) if self.head_norm is not None else hidden
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The target's LM head on a (predicted or real) feature."""
+        """The target's LM head on a (predicted or real) feature: [..., draft_vocab_size] logits over draft ids (the
+        target's ids when there is no token_map)."""
         return self.lm_head(self.head_input(hidden))
 
 
@@ -261,12 +277,14 @@ def feature_drafter(
     partial_alignment: bool = True,
     fc_bias: bool = False,
     head_norm_weight: torch.Tensor | None = None,
+    token_map: torch.Tensor | None = None,
     seed: int = 0,
 ) -> FeatureDrafter:
     """A freshly initialised feature drafter around the target's frozen embedding and LM head.
 
     feature_sampling=False and partial_alignment=False give EAGLE-1 (with `fc` bias off by default, since vLLM's EAGLE
     loader has none; formats.md §b.2). head_norm_weight: the target's final norm, for drafters fed pre-norm features.
+    token_map: int64 [size] ascending target ids, the draft vocabulary (None: the target's whole vocabulary).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -274,5 +292,5 @@ def feature_drafter(
             embed_weight=embed_weight, lm_head_weight=lm_head_weight, num_heads=num_heads, num_kv_heads=num_kv_heads,
             intermediate_size=intermediate_size, rope_theta=rope_theta, rms_norm_eps=rms_norm_eps,
             feature_sampling=feature_sampling, partial_alignment=partial_alignment, fc_bias=fc_bias,
-            head_norm_weight=head_norm_weight,
+            head_norm_weight=head_norm_weight, token_map=token_map,
         )

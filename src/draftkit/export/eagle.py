@@ -7,6 +7,12 @@ Layout of `<out>/` (written atomically: a staging folder, then one rename):
   eagle-vllm/    (EAGLE-1 on post-norm features only) formats.md §b.2: `fc.weight` without bias (vLLM V1 builds fc
                  with bias=False and loads strictly), layers.0.* without input_layernorm, embed_tokens.weight; bf16.
   eagle-sglang/  the same plus an all-zero `fc.bias` (SGLang's LlamaForCausalLMEagle builds fc with a bias).
+A draft with a restricted draft vocabulary (drafts/vocab.py) also stores `token_map` (int64 [size], ascending target
+ids) in draftkit's model.safetensors, and eagle-sglang/ gets `token_map.pt` for SGLang's FR-Spec flag
+`--speculative-token-map`: SGLang reads that file with torch.load(weights_only=True) as the absolute target ids of the
+kept vocabulary, slices the target's LM head rows with it (draft id i = target id token_map[i]) and maps the draft's
+top-k ids back through it. vLLM's EAGLE-1 loader scores the target's full LM head and has no truncated vocabulary, so
+eagle-vllm/ is not written for such a draft (and refused when asked for).
 Every folder has manifest.json (key -> shape, dtype) and is checked against the exact key set of its format before
 it is written; loading checks it again. FSPAD's feature sampling and split output have no slot in either runtime's
 EAGLE loader, so FSPAD drafts ship in the draftkit format only (draftkit.json says why).
@@ -19,6 +25,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,6 +35,24 @@ from draftkit.engine.checkpoint import replace_directory
 
 FAMILY = "fspad"
 FORMATS = ("draftkit", "eagle-vllm", "eagle-sglang")
+EAGLE_FORMATS = FORMATS[1:]
+SGLANG_TOKEN_MAP = "token_map.pt"
+
+
+def format_refusal(fmt: str, *, eagle1: bool, feature_norm: str, restricted_vocab: bool) -> str | None:
+    """Why the EAGLE format `fmt` cannot hold a draft like this one, with the fix; None when it can."""
+    if fmt not in EAGLE_FORMATS:
+        raise ValueError(f"unknown EAGLE format {fmt!r}: choose from {list(EAGLE_FORMATS)}")
+    if not eagle1:
+        return ("vLLM/SGLang EAGLE loaders have no slot for FSPAD's feature sampling or split 2h output. Fix: use the "
+                "draftkit format, or train EAGLE-1 (fspad.feature_sampling=false fspad.partial_alignment=false)")
+    if feature_norm != "post_norm":
+        return "EAGLE runtimes feed post-norm features. Fix: train with fspad.features.norm=post_norm"
+    if restricted_vocab and fmt == "eagle-vllm":
+        return ("vLLM's EAGLE-1 loader scores the target's full LM head and has no truncated vocabulary, so it cannot "
+                "serve a draft trained on a restricted draft vocabulary. Fix: train with fspad.draft_vocab_size=null "
+                "for vLLM, or serve this draft with SGLang (eagle-sglang with --speculative-token-map)")
+    return None
 
 
 def architecture(draft: FeatureDrafter) -> dict:
@@ -37,6 +62,7 @@ def architecture(draft: FeatureDrafter) -> dict:
         "rope_theta": draft.rope_theta, "rms_norm_eps": draft.rms_norm_eps,
         "feature_sampling": draft.feature_sampling is not None, "partial_alignment": draft.partial_alignment,
         "fc_bias": draft.fc.bias is not None,
+        "draft_vocab_size": None if draft.token_map is None else draft.draft_vocab_size,
     }
 
 
@@ -58,6 +84,8 @@ def expected_keys(arch: dict, fmt: str) -> dict[str, list[int]]:
         "layers.0.post_attention_layernorm.weight": [h],
     }
     if fmt == "draftkit":
+        if arch.get("draft_vocab_size") is not None:
+            keys["token_map"] = [arch["draft_vocab_size"]]
         if arch["fc_bias"]:
             keys["fc.bias"] = [h]
         if arch["feature_sampling"]:
@@ -83,12 +111,19 @@ def _trained_tensors(draft: FeatureDrafter) -> dict[str, torch.Tensor]:
     return {name: p.detach().float().cpu().contiguous() for name, p in draft.named_parameters() if p.requires_grad}
 
 
+def _draftkit_tensors(draft: FeatureDrafter) -> dict[str, torch.Tensor]:
+    tensors = _trained_tensors(draft)
+    if draft.token_map is not None:
+        tensors["token_map"] = draft.token_map.detach().long().cpu().contiguous()
+    return tensors
+
+
 def eagle_tensors(draft: FeatureDrafter, fmt: str) -> dict[str, torch.Tensor]:
-    arch = architecture(draft)
-    if arch["feature_sampling"] or arch["partial_alignment"]:
-        raise ValueError(f"the {draft.variant} draft cannot be written in the {fmt} format: vLLM's and SGLang's EAGLE "
-                         "loaders have no feature-sampling block and no split 2h output. Fix: use the draftkit format, "
-                         "or train EAGLE-1 (fspad.feature_sampling=false fspad.partial_alignment=false)")
+    # The feature norm is the exporter's to check: the module cannot tell which feature it was trained on.
+    why_not = format_refusal(fmt, eagle1=draft.variant == "eagle1", feature_norm="post_norm",
+                             restricted_vocab=draft.token_map is not None)
+    if why_not is not None:
+        raise ValueError(f"the {draft.variant} draft cannot be written in the {fmt} format: {why_not}")
     tensors = {k: v.to(torch.bfloat16) for k, v in _trained_tensors(draft).items() if k != "fc.bias"}
     bias = draft.fc.bias.detach().float().cpu() if draft.fc.bias is not None else None
     if fmt == "eagle-vllm" and bias is not None and bias.abs().max() > 0:
@@ -149,50 +184,72 @@ def export_feature_drafter(
     num_speculative_tokens: int,
     resolved_config_yaml: str,
     eval_table_md: str = "(not measured)",
+    eagle_formats: Sequence[str] | None = None,
 ) -> dict[str, Path]:
-    """Write the export folder(s); returns {format: folder}."""
+    """Write the export folder(s); returns {format: folder}. eagle_formats: the EAGLE folders to write besides
+    draftkit's; None writes every one that can hold this draft (and says in draftkit.json why the others are not
+    written), an explicit list refuses a format that cannot."""
     if draft.vocab_size != target_vocab_size:
         raise ValueError(f"draft vocab {draft.vocab_size} != target vocab_size {target_vocab_size}")
     arch = architecture(draft)
     feature = {"norm": feature_norm, "layer": feature_layer}
+    refusals = {fmt: format_refusal(fmt, eagle1=draft.variant == "eagle1", feature_norm=feature_norm,
+                                    restricted_vocab=draft.token_map is not None) for fmt in EAGLE_FORMATS}
+    unknown = [fmt for fmt in eagle_formats or () if fmt not in EAGLE_FORMATS]
+    if unknown:
+        raise ValueError(f"unknown EAGLE export format(s) {unknown}: choose from {list(EAGLE_FORMATS)}")
+    refused = [fmt for fmt in eagle_formats or () if refusals[fmt] is not None]
+    if refused:
+        raise ValueError(f"the {draft.variant} draft cannot be written in the {refused[0]} format: "
+                         f"{refusals[refused[0]]}")
+    chosen = [fmt for fmt in EAGLE_FORMATS if refusals[fmt] is None and (eagle_formats is None or fmt in eagle_formats)]
+    not_written = {fmt: why for fmt, why in refusals.items() if why is not None}
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     written = {"draftkit": out_dir}
-    eagle_ok = draft.variant == "eagle1" and feature_norm == "post_norm"
-    why_not = None if eagle_ok else (
-        "EAGLE runtimes feed post-norm features" if draft.variant == "eagle1" else
-        "vLLM/SGLang EAGLE loaders have no slot for FSPAD's feature sampling or split output")
     base_info = {"family": FAMILY, "variant": draft.variant, "target": target_name, "target_feature": feature,
                  "architecture": arch, "num_speculative_tokens": num_speculative_tokens}
+    reasons = "; ".join(dict.fromkeys(not_written.values()))
     try:
-        _write_dir(staging, _trained_tensors(draft), expected_keys(arch, "draftkit"),
+        _write_dir(staging, _draftkit_tensors(draft), expected_keys(arch, "draftkit"),
                    {**arch, "architectures": ["DraftkitFeatureDrafter"], "target_feature": feature,
                     "max_position_embeddings": max_position_embeddings},
-                   {**base_info, "format": "draftkit",
-                    "eagle_exports": ["eagle-vllm", "eagle-sglang"] if eagle_ok else f"not written: {why_not}"})
-        eagle_lines = f"- no EAGLE folders: {why_not}." if not eagle_ok else ""
-        if eagle_ok:
-            for fmt in ("eagle-vllm", "eagle-sglang"):
-                _write_dir(staging / fmt, eagle_tensors(draft, fmt), expected_keys(arch, fmt),
-                           _llama_config(arch, feature, max_position_embeddings, fc_bias=fmt == "eagle-sglang"),
-                           {**base_info, "format": fmt})
-                written[fmt] = out_dir / fmt
-            eagle_lines = (
-                "- `eagle-vllm/`: `vllm serve <target> --speculative-config "
-                f"'{{\"method\": \"eagle\", \"model\": \"<export>/eagle-vllm\", \"num_speculative_tokens\": "
-                f"{num_speculative_tokens}}}'`\n"
-                "- `eagle-sglang/`: `python -m sglang.launch_server --model <target> --speculative-algorithm EAGLE "
-                f"--speculative-draft-model-path <export>/eagle-sglang --speculative-num-steps {num_speculative_tokens}`")
+                   {**base_info, "format": "draftkit", "eagle_exports": chosen or f"not written: {reasons}",
+                    **({"not_written": not_written} if not_written else {})})
+        if chosen:
+            eagle_lines = [f"- `{fmt}/` not written: {why}." for fmt, why in not_written.items()]
+        else:
+            eagle_lines = [f"- no EAGLE folders: {reasons}."] if reasons else []
+        for fmt in chosen:
+            sglang_token_map = fmt == "eagle-sglang" and draft.token_map is not None
+            _write_dir(staging / fmt, eagle_tensors(draft, fmt), expected_keys(arch, fmt),
+                       _llama_config(arch, feature, max_position_embeddings, fc_bias=fmt == "eagle-sglang"),
+                       {**base_info, "format": fmt, **({"token_map": SGLANG_TOKEN_MAP} if sglang_token_map else {})})
+            if sglang_token_map:
+                torch.save(draft.token_map.detach().long().cpu().clone(), staging / fmt / SGLANG_TOKEN_MAP)
+            written[fmt] = out_dir / fmt
+            eagle_lines.append(_serve_line(fmt, num_speculative_tokens, draft.token_map is not None))
         (staging / "draftkit_config.yaml").write_text(resolved_config_yaml)
         params = sum(p.numel() for p in draft.parameters() if p.requires_grad)
         (staging / "README.md").write_text(CARD.format(
             name=out_dir.name, variant=draft.variant, target=target_name, norm=feature_norm, layer=feature_layer,
-            params=params, eval_table=eval_table_md, eagle_lines=eagle_lines))
+            params=params, eval_table=eval_table_md, eagle_lines="\n".join(eagle_lines)))
         replace_directory(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return written
+
+
+def _serve_line(fmt: str, num_speculative_tokens: int, restricted_vocab: bool) -> str:
+    if fmt == "eagle-vllm":
+        return ("- `eagle-vllm/`: `vllm serve <target> --speculative-config "
+                f"'{{\"method\": \"eagle\", \"model\": \"<export>/eagle-vllm\", \"num_speculative_tokens\": "
+                f"{num_speculative_tokens}}}'`")
+    token_map = f" --speculative-token-map <export>/eagle-sglang/{SGLANG_TOKEN_MAP}" if restricted_vocab else ""
+    return ("- `eagle-sglang/`: `python -m sglang.launch_server --model <target> --speculative-algorithm EAGLE "
+            f"--speculative-draft-model-path <export>/eagle-sglang --speculative-num-steps {num_speculative_tokens}"
+            f"{token_map}`")
 
 
 def load_feature_drafter(folder: str | os.PathLike, *, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor,
@@ -215,14 +272,32 @@ def load_feature_drafter(folder: str | os.PathLike, *, embed_weight: torch.Tenso
     if info["target_feature"]["norm"] == "pre_norm" and head_norm_weight is None:
         raise ValueError(f"{folder} reads pre-norm features: pass the target's final norm weight")
     tensors.pop("embed_tokens.weight", None)  # the target's own embedding is used
+    token_map = _stored_token_map(folder, info, tensors)
     draft = feature_drafter(
         embed_weight=embed_weight, lm_head_weight=lm_head_weight, num_heads=arch["num_attention_heads"],
         num_kv_heads=arch["num_key_value_heads"], intermediate_size=arch["intermediate_size"],
         rope_theta=arch["rope_theta"], rms_norm_eps=arch["rms_norm_eps"], feature_sampling=arch["feature_sampling"],
         partial_alignment=arch["partial_alignment"], fc_bias="fc.bias" in tensors,
-        head_norm_weight=head_norm_weight if info["target_feature"]["norm"] == "pre_norm" else None)
+        head_norm_weight=head_norm_weight if info["target_feature"]["norm"] == "pre_norm" else None,
+        token_map=token_map)
     missing, unexpected = draft.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
     trained = {n for n, p in draft.named_parameters() if p.requires_grad}
     if unexpected or trained & set(missing):
         raise ValueError(f"{folder}: missing {sorted(trained & set(missing))}, unexpected {sorted(unexpected)}")
     return draft.to(embed_weight.device).eval(), info
+
+
+def _stored_token_map(folder: Path, info: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The draft vocabulary a folder was trained with (popped from `tensors`), or None for the full vocabulary."""
+    size = info["architecture"].get("draft_vocab_size")
+    token_map = tensors.pop("token_map", None)
+    if info["format"] == "eagle-sglang" and size is not None:
+        path = folder / info.get("token_map", SGLANG_TOKEN_MAP)
+        if not path.is_file():
+            raise ValueError(f"{folder} holds a draft trained on a {size}-token draft vocabulary but its "
+                             f"{path.name} is missing. Fix: export the run again")
+        token_map = torch.as_tensor(torch.load(path, weights_only=True), dtype=torch.long)
+    if size is not None and (token_map is None or token_map.shape != (size,)):
+        raise ValueError(f"{folder}: expected a token_map of {size} ids, found "
+                         f"{None if token_map is None else tuple(token_map.shape)}")
+    return token_map

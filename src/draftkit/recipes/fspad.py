@@ -5,6 +5,10 @@ fspad.features.source=offline); `train` trains the drafter, reading features fro
 frozen target inside the step (online). Both paths compute features with the same function, so they train the same
 draft. Acceptance is measured before and after training with the chain feature drafter; the draft is exported in
 draftkit's format and, for EAGLE-1 on post-norm features, in vLLM's and SGLang's EAGLE formats.
+
+fspad.draft_vocab_size restricts the draft to the most frequent training labels (drafts/vocab.py): its LM head keeps
+those rows, so the draft's and the teacher's distributions are both scored (and normalised) over the draft
+vocabulary, and the runtime maps the draft's ids back to target ids.
 """
 
 from __future__ import annotations
@@ -34,10 +38,10 @@ from draftkit.drafts.fspad import FeatureDrafter, feature_drafter
 from draftkit.engine.checkpoint import write_json_atomic, write_text_atomic
 from draftkit.engine.loop import stage_settings, train
 from draftkit.engine.run import record_run
-from draftkit.export.eagle import export_feature_drafter
+from draftkit.export.eagle import EAGLE_FORMATS, export_feature_drafter, format_refusal
 from draftkit.objectives.fspad import align_pairs, fspad_loss
 from draftkit.objectives.linear_logits import LinearLogits
-from draftkit.recipes.common import compare_markdown, measure_acceptance
+from draftkit.recipes.common import compare_markdown, draft_token_map, measure_acceptance
 from draftkit.runtime.feature_drafter import FeatureChainDrafter, FeatureTreeDrafter
 from draftkit.runtime.tree import tree_shape
 
@@ -45,8 +49,9 @@ STAGES = ("features", "train")
 SOURCES = ("online", "offline")
 
 
-def build_draft(target, settings) -> FeatureDrafter:
-    """The drafter for `target` with the recipe's switches; its attention and MLP shapes copy the target's layers."""
+def build_draft(target, settings, token_map: torch.Tensor | None = None) -> FeatureDrafter:
+    """The drafter for `target` with the recipe's switches; its attention and MLP shapes copy the target's layers.
+    token_map: the draft vocabulary (recipes.common.draft_token_map), None for the target's whole vocabulary."""
     text = target.config.get_text_config()
     head_norm = target.model.get_decoder().norm.weight if settings.features.norm == "pre_norm" else None
     draft = feature_drafter(
@@ -54,7 +59,7 @@ def build_draft(target, settings) -> FeatureDrafter:
         num_heads=text.num_attention_heads, num_kv_heads=getattr(text, "num_key_value_heads", text.num_attention_heads),
         intermediate_size=text.intermediate_size, rope_theta=_rope_theta(text), rms_norm_eps=text.rms_norm_eps,
         feature_sampling=settings.feature_sampling, partial_alignment=settings.partial_alignment,
-        fc_bias=settings.fc_bias, head_norm_weight=head_norm, seed=settings.seed)
+        fc_bias=settings.fc_bias, head_norm_weight=head_norm, token_map=token_map, seed=settings.seed)
     return draft.to(target.device)
 
 
@@ -65,7 +70,10 @@ def _rope_theta(text_config) -> float:
 
 def feature_step(model: FeatureDrafter, batch: dict, features: torch.Tensor, *, noise_amplitude: float,
                  regression_weight: float, ce_weight: float, loss_chunk_size: int | None = None):
-    """One loss on a batch whose target features [B, T, H] are given (from the cache or the live target)."""
+    """One loss on a batch whose target features [B, T, H] are given (from the cache or the live target).
+
+    Both distributions go through the draft's LM head: with a draft vocabulary it holds only those rows, so the teacher
+    is the target's distribution renormalised over the draft vocabulary, on both paths."""
     pairs = align_pairs(features, batch["input_ids"], batch["labels"])
     inputs = pairs.input_features
     if model.training and noise_amplitude > 0:  # noise on the inputs only, never on the regression target
@@ -139,7 +147,27 @@ def validate(cfg: DictConfig) -> list[str]:
         raise ValueError(f"fspad.tree.kind={settings.tree.kind!r}: choose none, chain, static or topk")
     if settings.features.storage not in ("fp32", "bf16", "int8"):
         raise ValueError(f"fspad.features.storage={settings.features.storage!r}: choose fp32, bf16 or int8")
+    size = settings.draft_vocab_size
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"fspad.draft_vocab_size={size!r}: give a number of tokens >= 1, or null for the target's "
+                         "whole vocabulary")
+    eagle_formats = settings.export.eagle_formats
+    for fmt in eagle_formats if eagle_formats is not None else ():
+        if fmt not in EAGLE_FORMATS:
+            raise ValueError(f"fspad.export.eagle_formats lists {fmt!r}: choose from {list(EAGLE_FORMATS)}")
+        why_not = format_refusal(fmt, eagle1=not settings.feature_sampling and not settings.partial_alignment,
+                                 feature_norm=settings.features.norm, restricted_vocab=size is not None)
+        if why_not is not None:  # refused here, not after training
+            raise ValueError(f"fspad.export.eagle_formats asks for {fmt}, which cannot hold this draft: {why_not}")
     return stages
+
+
+def check_draft_vocab_size(size: int | None, target) -> None:
+    """Before the (slow) self-distillation: a draft vocabulary must fit in the target's."""
+    if size is not None and size > target.vocab_size:
+        raise ValueError(f"fspad.draft_vocab_size={size} is larger than the target's vocabulary of "
+                         f"{target.vocab_size} tokens. Fix: choose at most {target.vocab_size}, or null for the whole "
+                         "vocabulary")
 
 
 def run(cfg: DictConfig, run_dir: Path) -> Path | None:
@@ -151,6 +179,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
     sink = instantiate(cfg.logger, _recursive_=False, run_dir=str(run_dir), run_config=config, run_name=run_dir.name)
     engine = OmegaConf.to_container(cfg.engine, resolve=True)
     target = instantiate(cfg.target)
+    check_draft_vocab_size(settings.draft_vocab_size, target)
     chats = training_conversations(cfg, target, run_dir)
     cache_dir = Path(settings.features.cache) if settings.features.cache else run_dir / "feature_cache"
     cache_settings = dict(norm=settings.features.norm, storage=settings.features.storage,
@@ -170,7 +199,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
         cache.check(expected_manifest(target, chats, **cache_settings))  # refused before any training starts
         dataset = FeatureExamples(chats, cache)
 
-    draft = build_draft(target, settings)
+    token_map = draft_token_map(chats, settings.draft_vocab_size, target, run_dir)
+    draft = build_draft(target, settings, token_map)
     drafter = FeatureChainDrafter(draft, target_hidden=settings.features.norm, name=f"{draft.variant} draft")
     tree_drafter = None
     if settings.tree.kind != "none":
@@ -197,7 +227,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
         feature_layer=feature_layer(target), target_vocab_size=target.vocab_size,
         max_position_embeddings=target.config.get_text_config().max_position_embeddings,
         num_speculative_tokens=settings.export.num_speculative_tokens,
-        resolved_config_yaml=OmegaConf.to_yaml(cfg, resolve=True), eval_table_md=table)
+        resolved_config_yaml=OmegaConf.to_yaml(cfg, resolve=True), eval_table_md=table,
+        eagle_formats=None if settings.export.eagle_formats is None else list(settings.export.eagle_formats))
     if after is not None:
         sink.summary({"tau_before": before["overall"]["tau"] if before else None, "tau_after": after["overall"]["tau"]})
     sink.finish()

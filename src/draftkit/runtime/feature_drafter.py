@@ -6,6 +6,11 @@ f_{t+1} and, through the LM head, the distribution of x_{t+2}. Within a proposal
 in for the target's; their KV entries are dropped at rollback, because the next round has the real features for
 those positions. Before the first target forward there are no features, so the first proposal is empty: the first
 verification is the prompt prefill and yields one token.
+
+A drafter with a restricted draft vocabulary (`model.token_map`, drafts/vocab.py) proposes target ids all the same:
+the chain samples from its distribution scattered onto the target's vocabulary (zero outside the draft vocabulary), so
+speculative sampling compares like with like and stays lossless; the tree maps its top-k draft ids to target ids.
+Tokens fed back into the draft are target ids, which its (full) embedding reads.
 """
 
 from __future__ import annotations
@@ -13,7 +18,16 @@ from __future__ import annotations
 import torch
 
 from draftkit.drafts.fspad import FeatureDrafter, KVCache
+from draftkit.drafts.vocab import full_vocab_logits
 from draftkit.runtime.speculative import DraftProposal, choose_token
+
+
+def target_vocab_logits(model: FeatureDrafter, predict: torch.Tensor) -> torch.Tensor:
+    """The draft's logits over the target's vocabulary [..., V]: -inf at ids a restricted draft vocabulary lacks."""
+    logits = model.head_logits(predict)
+    if model.token_map is None:
+        return logits
+    return full_vocab_logits(logits, model.token_map, model.vocab_size)
 
 
 class _ModuleModes:
@@ -76,7 +90,7 @@ class FeatureChainDrafter(_ModuleModes):
         tokens, probs = [], []
         feature, predict, cache = out.regress[:, -1:], out.predict[:, -1], out.cache
         for position in range(num_tokens):
-            token, prob = choose_token(self.model.head_logits(predict)[0], temperature, generator)
+            token, prob = choose_token(target_vocab_logits(self.model, predict)[0], temperature, generator)
             tokens.append(token)
             probs.append(prob)
             if position < num_tokens - 1:
@@ -139,7 +153,8 @@ class FeatureTreeDrafter(_ModuleModes):
             self._feed(tree, new)
         logits = torch.stack([self._logits[node] for node in frontier])
         top = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
-        return top.indices, top.values
+        ids = top.indices if self.model.token_map is None else self.model.token_map[top.indices]
+        return ids, top.values
 
     def _feed(self, tree, nodes: list[int]) -> None:
         device = self.model.fc.weight.device
