@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from draftkit.drafts.vocab import check_token_map
+from draftkit.drafts.vocab import draft_rows, register_token_map
 
 
 class RMSNorm(nn.Module):
@@ -193,13 +193,8 @@ class FeatureDrafter(nn.Module):
         self.intermediate_size, self.rope_theta, self.rms_norm_eps = intermediate_size, rope_theta, rms_norm_eps
         # Frozen and sharing the target's storage: a tied 49k-token head would otherwise cost a copy per draft.
         self.embed_tokens = nn.Embedding.from_pretrained(embed_weight.detach(), freeze=True)
-        head_weight = lm_head_weight.detach()
-        if token_map is not None:
-            check_token_map(token_map, vocab_size)
-            head_weight = head_weight[token_map.to(head_weight.device)]
-        # A buffer, so it moves with the module and is saved with it; None (full vocabulary) registers nothing.
-        self.register_buffer("token_map", None if token_map is None else token_map.detach().clone(), persistent=True)
-        self.draft_vocab_size = head_weight.shape[0]
+        self.draft_vocab_size = register_token_map(self, token_map, vocab_size)
+        head_weight = draft_rows(lm_head_weight.detach(), self.token_map)
         # Built at the full width whatever the draft vocabulary: its throwaway init draws the same random numbers, so a
         # seed gives the trained layers the same start with or without a token_map.
         self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False)

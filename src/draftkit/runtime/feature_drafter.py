@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from draftkit.drafts.fspad import FeatureDrafter, KVCache
-from draftkit.drafts.vocab import full_vocab_logits
+from draftkit.drafts.vocab import full_vocab_logits, target_ids
 from draftkit.runtime.speculative import DraftProposal, choose_token
 
 
@@ -153,8 +153,7 @@ class FeatureTreeDrafter(_ModuleModes):
             self._feed(tree, new)
         logits = torch.stack([self._logits[node] for node in frontier])
         top = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
-        ids = top.indices if self.model.token_map is None else self.model.token_map[top.indices]
-        return ids, top.values
+        return target_ids(top.indices, self.model.token_map), top.values
 
     def _feed(self, tree, nodes: list[int]) -> None:
         device = self.model.fc.weight.device
