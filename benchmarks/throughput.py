@@ -52,8 +52,16 @@ RECIPES = {
     "clover": ("clover", []),
     "fspad_online": ("fspad", ["fspad.features.source=online"]),
     "fspad_offline_bf16": ("fspad", ["fspad.features.source=offline", "fspad.features.storage=bf16"]),
-    "fspad_online_draft_vocab": ("fspad", ["fspad.features.source=online", "fspad.draft_vocab_size=32768"]),
     "kangaroo": ("kangaroo", []),
+    # A 32k-token draft vocabulary (drafts/vocab.py): the LM-head work of every head falls to a quarter.
+    "medusa_draft_vocab": ("medusa", ["medusa.draft_vocab_size=32768"]),
+    "hydra_draft_vocab": ("hydra_heads", ["hydra_heads.draft_vocab_size=32768"]),
+    "hydra_plus_plus_draft_vocab": ("hydra_heads", ["hydra_heads.teacher_weight=1", "hydra_heads.lm_weight=0",
+                                                    "hydra_heads.heads.prefix_layer=true",
+                                                    "hydra_heads.heads.num_layers=4",
+                                                    "hydra_heads.draft_vocab_size=32768"]),
+    "clover_draft_vocab": ("clover", ["clover.draft_vocab_size=32768"]),
+    "fspad_online_draft_vocab": ("fspad", ["fspad.features.source=online", "fspad.draft_vocab_size=32768"]),
     "medusa_unchunked": ("medusa", ["medusa.loss_chunk_size=null"]),
 }
 GPU_PLAN = {"target": ["target=random", "target.shape=llama3_8b"], "seq_len": 2048, "micro_batch": 8,
@@ -118,7 +126,7 @@ def decoder_forward_flops_per_token(config, seq_len: int) -> int:
 
 
 def synthetic_examples(count: int, seq_len: int, vocab_size: int, seed: int = 0) -> list[dict]:
-    """Random ids over the whole vocabulary, every position a label."""
+    """Random ids below vocab_size, every position a label."""
     ids = torch.randint(0, vocab_size, (count, seq_len), generator=torch.Generator().manual_seed(seed))
     return [{"input_ids": row, "labels": row} for row in ids.tolist()]  # lists, as tokenized datasets hold them
 
@@ -152,6 +160,13 @@ def measure_ceiling(target, batch: dict, repeats: int) -> dict:
             "achieved_flops": flops / seconds, "repeats": repeats}
 
 
+def draft_vocab_size(cfg, recipe: str, target) -> int | None:
+    """The recipe's draft vocabulary size, at most a quarter of the target's (the CPU smoke target has 4096 tokens,
+    fewer than the GPU plan's 32768)."""
+    size = cfg[recipe].get("draft_vocab_size")
+    return None if size is None else min(size, target.vocab_size // 4)
+
+
 def build(name: str, cfg, target, examples: list[dict], work: Path):
     """(trainable module, step_fn, dataset, collate) exactly as the recipe's run() wires them."""
     from hydra.utils import instantiate
@@ -159,39 +174,42 @@ def build(name: str, cfg, target, examples: list[dict], work: Path):
     from draftkit.data.collate import collate
     from draftkit.data.feature_cache import FeatureExamples, build_feature_cache, collate_with_features
     from draftkit.recipes import clover, fspad, hydra_heads, kangaroo, medusa
+    from draftkit.drafts.vocab import draft_rows
     from draftkit.recipes.common import draft_token_map
 
     pad = target.tokenizer.pad_token_id
-    lm_head = target.lm_head.weight
     plain = partial(collate, pad_token_id=pad)
     recipe = RECIPES[name][0]
+    token_map = draft_token_map(examples, draft_vocab_size(cfg, recipe, target), target, work / name)
+    lm_head = target.lm_head.weight
+    scoring = draft_rows(lm_head, token_map)  # what the recipes' scoring_lm_head gives outside ZeRO-3
     with torch.device(target.device):  # 8B-shaped drafts are built where they train, not on the CPU first
         if recipe == "medusa":
             m = cfg.medusa
             heads = instantiate(m.heads, hidden_size=target.hidden_size, vocab_size=target.vocab_size,
-                                lm_head_weight=lm_head)
-            step = medusa.heads_step(target, lm_head if heads.lm_heads is None else None, m.decay, m.loss_chunk_size,
-                                     heads.lm_heads)
+                                lm_head_weight=lm_head, token_map=token_map)
+            step = medusa.heads_step(target, scoring if heads.lm_heads is None else None, m.decay, m.loss_chunk_size,
+                                     heads.lm_heads, token_map)
             return heads, step, examples, plain
         if recipe == "hydra_heads":
             h = cfg.hydra_heads
             heads = instantiate(h.heads, _partial_=True)(hidden_size=target.hidden_size, vocab_size=target.vocab_size,
-                                                         target_config=target.config, lm_head_weight=lm_head)
-            step = hydra_heads.hydra_step(target, lm_head if heads.lm_heads is None else None, h.lm_weight,
-                                          h.teacher_weight, h.decay, h.loss_chunk_size, heads.lm_heads)
+                                                         target_config=target.config, lm_head_weight=lm_head,
+                                                         token_map=token_map)
+            step = hydra_heads.hydra_step(target, scoring if heads.lm_heads is None else None, h.lm_weight,
+                                          h.teacher_weight, h.decay, h.loss_chunk_size, heads.lm_heads, token_map)
             return heads, step, examples, plain
         if recipe == "clover":
             c = cfg.clover
             decoder = target.model.get_decoder()
             model = instantiate(c.model, _partial_=True)(hidden_size=target.hidden_size, target_config=target.config,
-                                                         init_layer=decoder.layers[-1], final_norm=decoder.norm)
+                                                         init_layer=decoder.layers[-1], final_norm=decoder.norm,
+                                                         token_map=token_map)
             return model, clover.clover_step(target, lm_head, c.feature_weight, c.token_weight, c.decay,
-                                             c.loss_chunk_size), examples, plain
+                                             c.loss_chunk_size, scoring, token_map), examples, plain
         if recipe == "fspad":
             settings = cfg.fspad
-            # A quarter of the vocabulary at most: the CPU smoke target has 4096 tokens, fewer than the GPU plan's size.
-            size = None if settings.draft_vocab_size is None else min(settings.draft_vocab_size, target.vocab_size // 4)
-            draft = fspad.build_draft(target, settings, draft_token_map(examples, size, target, work / name))
+            draft = fspad.build_draft(target, settings, token_map)
             dataset = examples
             if settings.features.source == "offline":
                 cache = build_feature_cache(target, examples, work / f"{name}_cache", norm=settings.features.norm,
@@ -228,7 +246,10 @@ def run_recipe(name: str, target, plan: dict, work: Path, ceiling: dict) -> dict
     recipe, overrides = RECIPES[name]
     cfg = compose([f"+recipe={recipe}", *plan["target"], "logger=none", "eval=none", *overrides])
     steps = plan["log_every"] * plan["intervals"]
-    examples = synthetic_examples(steps * plan["micro_batch"], plan["seq_len"], target.vocab_size)
+    # With a draft vocabulary the ids come from its size only, so every position still counts, as in the other rows
+    # (ids outside it would be skipped by the loss and make the step look cheaper than the recipe's on real text).
+    id_range = draft_vocab_size(cfg, recipe, target) or target.vocab_size
+    examples = synthetic_examples(steps * plan["micro_batch"], plan["seq_len"], id_range)
     stage_dir = work / name
     shutil.rmtree(stage_dir, ignore_errors=True)
     device = target.device

@@ -47,6 +47,22 @@ def test_a_medusa_step_counts_target_forward_heads_and_the_lm_head_forward_and_i
     assert all(p.grad is None for p in model.parameters())  # counting left no gradients behind
 
 
+def test_a_draft_vocabulary_cuts_only_the_lm_head_flops_and_every_position_still_counts(tmp_path):
+    cfg = compose(["+recipe=medusa", "target=random", "target.shape=tiny", "target.dtype=float32",
+                   "target.device=cpu", "medusa.draft_vocab_size=32768"])
+    target = random_target("tiny", dtype="float32", device="cpu")
+    size = throughput.draft_vocab_size(cfg, "medusa", target)
+    assert size == 320 // 4  # capped at a quarter of the tiny target's 320 tokens
+    examples = throughput.synthetic_examples(2, 16, size)
+    model, step, dataset, collate_fn = throughput.build("medusa_draft_vocab", cfg, target, examples, tmp_path)
+    assert model.token_map.numel() == size
+    flops = throughput.step_flops(model, step, collate_fn(dataset), target.device)
+    # As the full-vocabulary count above, with 80 LM-head rows instead of 320; no scored position is dropped because
+    # the ids were drawn from the draft vocabulary's range.
+    rows, lm_head = 2 * 16, 4 * size * 32
+    assert flops == rows * (40960 + 4 * 4 * 32 * 32) + sum(lm_head * 2 * (16 - 2 - k) for k in range(4))
+
+
 def test_random_target_builds_the_llama3_8b_shape_without_memory():
     target = random_target("llama3_8b", device="meta")
     text = target.config
