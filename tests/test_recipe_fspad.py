@@ -599,6 +599,16 @@ def test_restricted_vocab_greedy_chain_is_lossless_and_proposes_target_ids():
         assert accepted > 0
 
 
+def test_a_tree_wider_than_the_draft_vocabulary_is_refused():
+    from draftkit.runtime.feature_drafter import FeatureTreeDrafter
+    from draftkit.runtime.tree import tree_shape
+
+    draft = guessing_drafter(sharp_target(), False, False, token_map=torch.tensor([1, 50, 60]))
+    with pytest.raises(ValueError, match="top 4 candidates of a node, but the draft scores only 3 tokens"):
+        FeatureTreeDrafter(draft, tree_shape("topk", 2, top_k=4))
+    FeatureTreeDrafter(draft, tree_shape("topk", 2, top_k=3))
+
+
 @pytest.mark.parametrize("kind", ["chain", "static", "topk"])
 def test_restricted_vocab_greedy_tree_is_lossless(kind):
     from draftkit.runtime.feature_drafter import FeatureTreeDrafter

@@ -116,6 +116,16 @@ def test_a_shared_lm_head_with_the_wrong_rows_is_refused(target, token_map):
         MedusaDrafter(heads, tree_shape("chain", 2), shared_lm_head=target.lm_head.weight)
 
 
+@pytest.mark.parametrize("family", ["medusa", "hydra", "clover"])
+def test_a_tree_wider_than_the_draft_vocabulary_is_refused_before_decoding(target, family):
+    tiny_map = torch.tensor([1, 5, 9])
+    with pytest.raises(ValueError, match="top 4 candidates of a node, but the draft scores only 3 tokens"):
+        restricted_drafter(family, target, tiny_map, tree_shape("topk", 2, top_k=4))
+    with pytest.raises(ValueError, match="top 4 candidates"):
+        restricted_drafter(family, target, tiny_map, tree_shape("static", 2, paths=[[0], [3]]))
+    restricted_drafter(family, target, tiny_map, tree_shape("static", 2, paths=[[0], [2], [0, 1]]))
+
+
 def loss_batch(target, seed=0):
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(3, 259, (2, 12), generator=generator)

@@ -119,6 +119,9 @@ class FeatureTreeDrafter(_ModuleModes):
     the real positions and to its own ancestors only. The tree's KV entries are dropped before the next step."""
 
     def __init__(self, model: FeatureDrafter, shape, target_hidden: str = "post_norm", name: str | None = None):
+        from draftkit.runtime.tree import check_tree_fits_vocabulary
+
+        check_tree_fits_vocabulary(shape, model.draft_vocab_size)
         self.model, self.shape, self.target_hidden = model, shape, target_hidden
         self.max_depth = shape.depth
         self.name = name or f"{model.variant} feature drafter (tree)"

@@ -12,7 +12,7 @@ import torch
 from draftkit.drafts.medusa import MedusaHeads
 from draftkit.drafts.vocab import target_ids
 from draftkit.runtime.speculative import new_cache
-from draftkit.runtime.tree import DraftTree, TargetStep, TreeShape, grow_tree
+from draftkit.runtime.tree import DraftTree, TargetStep, TreeShape, check_tree_fits_vocabulary, grow_tree
 
 
 def check_scoring_rows(lm_head_weight: torch.Tensor | None, module) -> None:
@@ -33,6 +33,7 @@ class MedusaDrafter:
             raise ValueError(f"a tree of depth {shape.depth} needs {shape.depth} Medusa heads; these have "
                              f"{heads.num_heads}. Fix: a shallower tree (tree depth <= num_heads)")
         check_scoring_rows(shared_lm_head, heads)
+        check_tree_fits_vocabulary(shape, heads.draft_vocab_size)
         self.heads, self.shape, self.shared_lm_head = heads, shape, shared_lm_head
         self.max_depth = shape.depth
         self._log_probs: torch.Tensor | None = None
@@ -67,6 +68,7 @@ class HydraDrafter:
             raise ValueError(f"a tree of depth {shape.depth} needs {shape.depth} Hydra heads; these have "
                              f"{heads.num_heads}. Fix: a shallower tree (tree depth <= num_heads)")
         check_scoring_rows(shared_lm_head, heads)
+        check_tree_fits_vocabulary(shape, heads.draft_vocab_size)
         self.heads, self.embed, self.shape, self.shared_lm_head = heads, embed, shape, shared_lm_head
         self.max_depth = shape.depth
         self._cache = None
@@ -112,6 +114,7 @@ class CloverDrafter:
             raise ValueError(f"a tree of depth {shape.depth} needs {shape.depth} Clover heads; this model has "
                              f"{clover.num_heads}. Fix: a shallower tree (tree depth <= num_heads)")
         check_scoring_rows(lm_head_weight, clover)
+        check_tree_fits_vocabulary(shape, clover.draft_vocab_size)
         self.clover, self.embed_weight, self.lm_head_weight, self.shape = clover, embed_weight, lm_head_weight, shape
         self.max_depth = shape.depth
         self._cache = None

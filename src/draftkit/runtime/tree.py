@@ -170,6 +170,11 @@ class StaticTree:
     def size(self) -> int:
         return len(self.paths)
 
+    @property
+    def candidates(self) -> int:
+        """How many top candidates of one node the tree reads (its largest rank + 1)."""
+        return max(max(p) for p in self.paths) + 1
+
 
 @dataclass(frozen=True)
 class TopKTree:
@@ -188,6 +193,10 @@ class TopKTree:
     def size(self) -> int:
         return self.budget
 
+    @property
+    def candidates(self) -> int:
+        return self.top_k
+
 
 TreeShape = Union[StaticTree, TopKTree]
 
@@ -199,6 +208,14 @@ DEFAULT_STATIC_PATHS = (
     (0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0), (2, 0, 0),
     (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 1, 0, 0), (1, 0, 0, 0),
 )
+
+
+def check_tree_fits_vocabulary(shape: TreeShape, draft_vocab_size: int) -> None:
+    """A tree reading a node's top-k needs k tokens to choose from; a small draft vocabulary (drafts/vocab.py) may not
+    have them, which torch.topk would only report as an index error mid-decoding."""
+    if shape.candidates > draft_vocab_size:
+        raise ValueError(f"this tree reads the top {shape.candidates} candidates of a node, but the draft scores only "
+                         f"{draft_vocab_size} tokens. Fix: a larger <recipe>.draft_vocab_size, or a narrower tree")
 
 
 def tree_shape(kind: str, depth: int, *, top_k: int = 4, width: int = 4, budget: int = 16,
