@@ -47,3 +47,12 @@ def spec_bench() -> Path:
     """Spec-Bench's questions in the shared data (evaluation only), found as conf/data/shared.yaml finds them."""
     root = Path(os.environ.get("DRAFTKIT_SHARED_DATA", "../shared/data"))
     return root / "spec_bench" / "question.jsonl"
+
+
+def selected_families(argument: str, known) -> list[str]:
+    """--families a,b -> the names, refused with the list to choose from when one is unknown."""
+    families = [f.strip() for f in argument.split(",") if f.strip()]
+    unknown = sorted(set(families) - set(known))
+    if unknown:
+        raise SystemExit(f"unknown families {unknown}; choose from {list(known)}")
+    return families

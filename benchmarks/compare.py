@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import machine, throughput  # benchmarks/ is the script's folder, hence on sys.path
+from bench_common import machine, selected_families, throughput  # benchmarks/ is the script's folder, hence on sys.path
 
 EAGLE1 = ["fspad.feature_sampling=false", "fspad.partial_alignment=false"]
 # family -> (recipe overrides, loop stage name in metrics.jsonl, how it decodes)
@@ -378,10 +378,7 @@ def main() -> None:
     data_root = os.environ.get("DRAFTKIT_SHARED_DATA", "../shared/data")
     if not Path(data_root, "spec_bench").is_dir():
         raise SystemExit(f"no shared data under {data_root}; set DRAFTKIT_SHARED_DATA to the shared data folder")
-    families = [f.strip() for f in args.families.split(",") if f.strip()]
-    unknown = sorted(set(families) - set(FAMILIES))
-    if unknown:
-        raise SystemExit(f"unknown families {unknown}; choose from {list(FAMILIES)}")
+    families = selected_families(args.families, FAMILIES)
     budget = dict(CPU_SMOKE if args.cpu_smoke else GPU)
     if args.steps is not None:
         budget["steps"] = args.steps

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_common import selected_families  # benchmarks/ is the script's folder, hence on sys.path
+
 FAMILIES = {
     "medusa": ["+recipe=medusa", "medusa.export.formats=[vllm]"],
     "hydra": ["+recipe=hydra_heads"],
@@ -93,10 +95,7 @@ def main() -> None:
     data_root = os.environ.get("DRAFTKIT_SHARED_DATA", "../shared/data")
     if not Path(data_root, "sharegpt").is_dir():
         raise SystemExit(f"no ShareGPT data under {data_root}; set DRAFTKIT_SHARED_DATA to the shared data folder")
-    families = [f.strip() for f in args.families.split(",") if f.strip()]
-    unknown = sorted(set(families) - set(FAMILIES))
-    if unknown:
-        raise SystemExit(f"unknown families {unknown}; choose from {list(FAMILIES)}")
+    families = selected_families(args.families, FAMILIES)
     overrides = budget(args.cpu_smoke, data_root)
     if args.target_path and not args.cpu_smoke:
         overrides += ["target=hf", f"target.path={args.target_path}", "target.dtype=float32"]

@@ -26,7 +26,8 @@ def select_tokens(counts: torch.Tensor, size: int, always: Iterable[int] = ()) -
     vocab_size = counts.numel()
     always = sorted({int(i) for i in always})
     if not 0 < size <= vocab_size:
-        raise ValueError(f"draft_vocab_size={size} must lie in [1, {vocab_size}] (the target's vocabulary)")
+        raise ValueError(f"draft_vocab_size={size} must lie in [1, {vocab_size}] (the target's vocabulary). Fix: a "
+                         "smaller <recipe>.draft_vocab_size, or null for the whole vocabulary")
     if any(not 0 <= i < vocab_size for i in always):
         raise ValueError(f"required token ids {always} fall outside the target's vocabulary of {vocab_size}")
     if len(always) > size:

@@ -7,14 +7,12 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from draftkit.data.collate import collate
 from draftkit.drafts.vocab import draft_index, draft_labels, draft_rows
 from draftkit.engine.checkpoint import write_json_atomic, write_text_atomic
 from draftkit.engine.loop import stage_settings, train
-from draftkit.engine.run import record_run
 from draftkit.export.heads_dir import export_heads_dir
 from draftkit.recipes.common import (
     compare_markdown,
@@ -22,6 +20,7 @@ from draftkit.recipes.common import (
     frozen_weight,
     measure_acceptance,
     self_distilled_chats,
+    start_run,
 )
 from draftkit.runtime.tree import TreeDrafter, TreeShape, tree_shape
 
@@ -100,14 +99,6 @@ def measure_after_training(result, measure: Callable[[str], dict], before: dict,
 def heads_table(before: dict[str, dict | None], after: dict[str, dict | None]) -> str:
     return compare_markdown({f"{when}, {name}": report for when, reports in (("before", before), ("after", after))
                              for name, report in reports.items()})
-
-
-def start_run(cfg: DictConfig, run_dir: Path):
-    """Record the run, open the metric sink, load the target. Returns (sink, engine settings dict, target)."""
-    record_run(run_dir, cfg)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    sink = instantiate(cfg.logger, _recursive_=False, run_dir=str(run_dir), run_config=config, run_name=run_dir.name)
-    return sink, OmegaConf.to_container(cfg.engine, resolve=True), instantiate(cfg.target)
 
 
 def train_measure_export(cfg: DictConfig, run_dir: Path, *, family: str, module, module_cfg: DictConfig, step,

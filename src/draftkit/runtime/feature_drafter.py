@@ -22,12 +22,17 @@ from draftkit.drafts.vocab import full_vocab_logits, target_ids
 from draftkit.runtime.speculative import DraftProposal, choose_token
 
 
-def target_vocab_logits(model: FeatureDrafter, predict: torch.Tensor) -> torch.Tensor:
-    """The draft's logits over the target's vocabulary [..., V]: -inf at ids a restricted draft vocabulary lacks."""
+def choose_target_token(model: FeatureDrafter, predict: torch.Tensor, temperature: float,
+                        generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """choose_token over the draft's distribution on the target's vocabulary. Sampling needs that whole distribution
+    (-inf at ids a restricted draft vocabulary lacks) to compare with the target's; greedy only needs the argmax, so it
+    maps the draft id instead of building a vocabulary-sized tensor per drafted token."""
     logits = model.head_logits(predict)
     if model.token_map is None:
-        return logits
-    return full_vocab_logits(logits, model.token_map, model.vocab_size)
+        return choose_token(logits, temperature, generator)
+    if temperature == 0.0:
+        return model.token_map[logits.argmax()], None
+    return choose_token(full_vocab_logits(logits, model.token_map, model.vocab_size), temperature, generator)
 
 
 class _ModuleModes:
@@ -90,7 +95,7 @@ class FeatureChainDrafter(_ModuleModes):
         tokens, probs = [], []
         feature, predict, cache = out.regress[:, -1:], out.predict[:, -1], out.cache
         for position in range(num_tokens):
-            token, prob = choose_token(target_vocab_logits(self.model, predict)[0], temperature, generator)
+            token, prob = choose_target_token(self.model, predict[0], temperature, generator)
             tokens.append(token)
             probs.append(prob)
             if position < num_tokens - 1:
