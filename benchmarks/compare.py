@@ -52,15 +52,15 @@ STEP_KEYS = {"fastdraft": "fastdraft.finetune.engine.steps", "eagle1": "fspad.tr
              "fspad": "fspad.train.engine.steps"}
 
 GPU = {
-    # Checkpoints every 50 steps: a family cut off by a GPU call's time limit resumes there (DistillSpec's on-policy
-    # steps take about 2 s each on an H200, so a whole run can outlast one call).
+    # Checkpoints every 50 steps: a family cut off by a GPU call's time limit resumes there (DistillSpec's steps,
+    # each generating its own continuations, took about 2.4 s each on an H200, so a whole run can outlast one call).
     "steps": 200,
     "train": ["data.selfdistill.num_prompts=1024", "data.selfdistill.max_new_tokens=192",
               "data.selfdistill.batch_size=256", "data.max_length=768", "engine.precision=bf16",
               "engine.micro_batch_size=16", "engine.lr=1e-3", "engine.warmup_steps=20", "engine.log_every=20",
               "engine.save_every=50"],
     # Settings that exist in one recipe only.
-    "family": {"distillspec": ["distillspec.num_prompts=1024"],
+    "family": {"distillspec": ["distillspec.num_prompts=1024", "distillspec.generation.teacher_batch_size=256"],
                "specdecpp": ["specdecpp.labels.num_prompts=1024", "specdecpp.labels.heldout_prompts=64",
                              "specdecpp.labels.max_new_tokens=128", "specdecpp.labels.batch_size=256"]},
     "limit_per_category": 2, "max_new_tokens": 96, "gamma": 5, "gammas": [1, 3, 5], "temperature": 0.7,

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from draftkit.config import compose
-from draftkit.data.rollout import assemble, collate_prompts, continuation_mask, left_pad
+from draftkit.data.rollout import TeacherRollouts, assemble, collate_prompts, continuation_mask, left_pad
 from draftkit.drafts.lm import draft_from_target, llama_draft
 from draftkit.recipes import distillspec
 from draftkit.recipes.distillspec import DistillStep, resolve_distill_temperature
@@ -154,6 +154,60 @@ def test_coins_replay_from_the_micro_step(models):
     assert (resumed.last["on_policy"].tolist(), resumed.last["continuations"].tolist()) == draws[2]
 
 
+UNEVEN_PROMPTS = [[1, 40, 41], [1, 50, 51, 52, 53, 54], [1, 60], [1, 70, 71, 72]]
+
+
+def _rollouts(target, prompts, **overrides):
+    settings = dict(batch_size=2, max_new_tokens=6, temperature=0.0, stop_ids=[EOS], pad_token_id=EOS, seed=3,
+                    progress=False)
+    settings.update(overrides)
+    return TeacherRollouts(target.model, prompts, **settings)
+
+
+def _indexed_batch(indices, prompts):
+    return collate_prompts([{"prompt_ids": prompts[i], "reply_ids": [], "index": i} for i in indices],
+                           pad_token_id=EOS)
+
+
+def test_teacher_rollouts_written_in_batches_are_the_targets_own_greedy_continuations(models):
+    # Prompts of different lengths share a left-padded batch; each row must still be what the target writes alone.
+    target, _ = models
+    rollouts = _rollouts(target, UNEVEN_PROMPTS)
+    written = rollouts.continuations(torch.tensor([3, 0, 2, 1]), 0)
+    for row, index in enumerate([3, 0, 2, 1]):
+        expected = _greedy(target.model, UNEVEN_PROMPTS[index], 6)
+        assert written[row, : len(expected)].tolist() == expected
+    rollouts.continuations(torch.tensor([1]), 5)
+    assert rollouts.rounds_written == 1  # greedy: every round is the same round
+
+
+def test_sampled_rounds_differ_and_a_fresh_pool_replays_any_round(models):
+    target, _ = models
+    everything = torch.arange(len(UNEVEN_PROMPTS))
+    first = _rollouts(target, UNEVEN_PROMPTS, temperature=1.0, max_new_tokens=8)
+    round_0, round_1 = first.continuations(everything, 0), first.continuations(everything, 1)
+    assert not torch.equal(round_0, round_1)
+    resumed = _rollouts(target, UNEVEN_PROMPTS, temperature=1.0, max_new_tokens=8)
+    assert torch.equal(resumed.continuations(everything, 1), round_1)  # without writing round 0 first
+    assert first.rounds_written == 2 and resumed.rounds_written == 1
+
+
+def test_the_step_reads_one_round_per_epoch_of_micro_batches(models):
+    target, draft = models
+    rollouts = _rollouts(target, UNEVEN_PROMPTS, temperature=1.0)
+    step = _step(target, lambda_on_policy=0.0, generation_temperature=1.0, teacher_rollouts=rollouts,
+                 micro_steps_per_round=2)
+    orders = [[2, 0], [1, 3], [0, 3], [2, 1]]
+    for micro, indices in enumerate(orders):
+        step(draft, _indexed_batch(indices, UNEVEN_PROMPTS))
+        expected = rollouts.continuations(torch.tensor(indices), micro // 2)
+        counted = step.last["rollout"].continuation_mask
+        assert torch.equal(step.last["continuations"][counted], expected[counted])
+    assert rollouts.rounds_written == 2
+    with pytest.raises(ValueError, match="example_index"):
+        step(draft, _batch(UNEVEN_PROMPTS[:2]))
+
+
 def test_distill_temperature_follows_decoding_unless_set():
     assert resolve_distill_temperature(None, 0.0) == 1.0
     assert resolve_distill_temperature(None, 0.7) == 0.7
@@ -224,6 +278,24 @@ def test_resume_replays_the_interrupted_step(finished_run):
     assert without_timing(history(run_dir)) == without_timing(full)
 
 
+# The default: the target writes the continuations, a round per epoch ahead of the steps. 4 prompts in micro-batches
+# of 2 make 2 micro-steps per round, so the 3 steps cross into round 1 and the resumed step starts there.
+TEACHER_RUN = ("distillspec.num_prompts=4", "distillspec.generation.max_new_tokens=12")
+
+
+def test_teacher_written_run_is_pinned_and_resumes_into_its_second_round(tmp_path):
+    run_recipe(tmp_path, *TEACHER_RUN)
+    full = history(tmp_path)
+    assert [r["loss"] for r in full] == pytest.approx([0.01221, 0.01196, 0.01146], abs=1e-5)
+    assert all(r["on_policy_share"] == 0.0 for r in full)
+
+    shutil.rmtree(tmp_path / "distill" / "checkpoints" / "step_000003")
+    (tmp_path / "distill" / "history.json").unlink()
+    run_recipe(tmp_path, *TEACHER_RUN)
+    resumed = history(tmp_path)
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+
+
 def test_lora_trains_adapters_and_exports_a_merged_draft(tmp_path):
     export = run_recipe(tmp_path, "distillspec.num_prompts=8", "distillspec.generation.max_new_tokens=8", "eval=none",
                         "distillspec.lora={r: 4, lora_alpha: 8, target_modules: [q_proj, v_proj]}")
@@ -251,6 +323,7 @@ def test_dataset_source_without_replies_is_a_clear_error(tmp_path):
     ("distillspec.divergence=kl", "choose one of fkl, rkl, jsd, tvd"),
     ("distillspec.mix=token", "choose batch or sequence"),
     ("distillspec.lambda_on_policy=1.5", "must lie in"),
+    ("distillspec.generation.teacher_batch_size=0", "teacher_batch_size=0 must be at least 1"),
 ])
 def test_bad_settings_are_refused(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):

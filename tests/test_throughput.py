@@ -75,6 +75,13 @@ def test_random_target_builds_the_llama3_8b_shape_without_memory():
     assert torch.get_default_dtype() == torch.float32  # building in bf16 leaves the default alone
 
 
+def test_random_target_builds_the_smollm2_135m_shape():
+    target = random_target("smollm2_135m", device="meta")
+    # SmolLM2-135M's parameter count (its embeddings tied to the LM head).
+    assert sum(p.numel() for p in target.model.parameters()) == 134_515_008
+    assert target.config.tie_word_embeddings and target.num_layers == 30
+
+
 def test_random_target_dimensions_can_be_overridden_and_bad_names_fail():
     target = random_target("tiny", dtype="float32", device="cpu", num_layers=3, vocab_size=1000)
     assert (target.num_layers, target.vocab_size, target.hidden_size) == (3, 1000, 32)

@@ -106,6 +106,62 @@ def sample_continuations(model, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
     return new
 
 
+class TeacherRollouts:
+    """Continuations of a fixed prompt list by a frozen model, written a whole round at a time in large batches.
+
+    A frozen model's samples do not depend on the training step, so rather than one generate call per micro-batch
+    (launch-bound on a GPU when the model is small: DistillSpec's steps on SmolLM2-135M spent ~2 s each generating),
+    every prompt is continued in batches of `batch_size`, prompts of similar length side by side so little is padding.
+    Round r holds one continuation of every prompt and serves the r-th training epoch; it is sampled under a seed
+    derived from (seed, r) alone, so a resumed run that asks for round r gets what the uninterrupted run got. Greedy
+    continuations are the same in every round, so only one is written. One round is kept at a time (on the CPU).
+
+    Every data-parallel rank writes the whole round: each rank's wall time is that of one GPU doing it all.
+    """
+
+    def __init__(self, model, prompts: Sequence[Sequence[int]], *, batch_size: int, max_new_tokens: int,
+                 temperature: float, stop_ids: Iterable[int], pad_token_id: int, seed: int, progress: bool = True):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be at least 1")
+        self.model = model
+        self.prompts = [list(p) for p in prompts]
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.stop_ids = sorted(set(stop_ids))
+        self.pad_token_id = pad_token_id
+        self.seed = seed
+        self.progress = progress
+        self.rounds_written = 0
+        self._round: int | None = None
+        self._continuations: torch.Tensor | None = None
+
+    def continuations(self, indices: torch.Tensor, round_index: int) -> torch.Tensor:
+        """[len(indices), max_new_tokens] continuations of the prompts at `indices`, from round `round_index`."""
+        wanted = 0 if self.temperature == 0 else round_index
+        if wanted != self._round:
+            self._continuations = self._write_round(wanted)
+            self._round = wanted
+        return self._continuations[indices.cpu()]
+
+    def _write_round(self, round_index: int) -> torch.Tensor:
+        from tqdm.auto import tqdm
+
+        device = next(self.model.parameters()).device
+        by_length = sorted(range(len(self.prompts)), key=lambda i: len(self.prompts[i]))
+        written = torch.full((len(self.prompts), self.max_new_tokens), self.pad_token_id, dtype=torch.long)
+        chunks = [by_length[start:start + self.batch_size] for start in range(0, len(by_length), self.batch_size)]
+        for number, chunk in enumerate(tqdm(chunks, desc=f"teacher rollouts, round {round_index}",
+                                            disable=not self.progress, leave=False)):
+            ids, mask = left_pad([self.prompts[i] for i in chunk], self.pad_token_id)
+            seed = (self.seed * 1_000_003 + round_index) * 100_003 + number
+            written[chunk] = sample_continuations(
+                self.model, ids.to(device), mask.to(device), max_new_tokens=self.max_new_tokens,
+                temperature=self.temperature, stop_ids=self.stop_ids, pad_token_id=self.pad_token_id, seed=seed).cpu()
+        self.rounds_written += 1
+        return written
+
+
 def prompt_reply_examples(records, tokenizer, *, max_prompt_tokens: int | None = None) -> list[dict]:
     """Chat records -> [{"prompt_ids", "reply_ids"}]: the conversation up to its first user turn (system turns kept),
     and the tokens of the assistant reply that follows it in the record ([] when there is none).
@@ -135,9 +191,13 @@ def prompt_reply_examples(records, tokenizer, *, max_prompt_tokens: int | None =
 
 
 def collate_prompts(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Prompt examples -> {"prompt_ids", "attention_mask"} (left-padded) and {"reply_ids", "reply_lengths"}."""
+    """Prompt examples -> {"prompt_ids", "attention_mask"} (left-padded) and {"reply_ids", "reply_lengths"}, plus
+    "example_index" when the examples carry an "index" (their place in the prompt list, for TeacherRollouts)."""
     prompt_ids_, attention_mask = left_pad([e["prompt_ids"] for e in examples], pad_token_id)
     replies = [e["reply_ids"] for e in examples]
-    return {"prompt_ids": prompt_ids_, "attention_mask": attention_mask,
-            "reply_ids": right_pad(replies, pad_token_id, width=max(1, max(len(r) for r in replies))),
-            "reply_lengths": torch.tensor([len(r) for r in replies], dtype=torch.long)}
+    batch = {"prompt_ids": prompt_ids_, "attention_mask": attention_mask,
+             "reply_ids": right_pad(replies, pad_token_id, width=max(1, max(len(r) for r in replies))),
+             "reply_lengths": torch.tensor([len(r) for r in replies], dtype=torch.long)}
+    if all("index" in e for e in examples):
+        batch["example_index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
+    return batch

@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from draftkit.data.rollout import assemble, collate_prompts, continuation_mask, prompt_reply_examples, sample_continuations
+from draftkit.data.rollout import (TeacherRollouts, assemble, collate_prompts, continuation_mask, prompt_reply_examples,
+                                   sample_continuations)
 from draftkit.engine.checkpoint import list_checkpoints, write_json_atomic, write_text_atomic
+from draftkit.engine.distributed import world_size_from_env
 from draftkit.engine.loop import stage_settings, train
 from draftkit.export.hf_dir import export_hf_draft
 from draftkit.objectives.kl import DIVERGENCES, divergence
@@ -35,10 +37,16 @@ class DistillStep:
     Randomness (which rows are on-policy, and the sampling itself) is drawn from generators seeded by (seed, micro
     step), so the coin of a per-batch mix is the same on every data-parallel rank (pitfall §4(b).14) and a resumed run
     draws what the uninterrupted one would have. `last` keeps the newest rollout for inspection.
+
+    With `teacher_rollouts` (data.rollout.TeacherRollouts over the same prompt list), the target's continuations come
+    from rounds written ahead in large batches instead of a generate call per micro-batch: micro-batch m reads round
+    m // micro_steps_per_round, one round per epoch of the prompt list (engine.batches visits each prompt once per
+    epoch). Batches must then carry "example_index".
     """
 
     def __init__(self, target_model, *, stop_ids, pad_token_id, lambda_on_policy, mix, off_policy, kind, beta,
-                 distill_temperature, generation_temperature, max_new_tokens, seed=0, micro_step=0):
+                 distill_temperature, generation_temperature, max_new_tokens, seed=0, micro_step=0,
+                 teacher_rollouts=None, micro_steps_per_round: int = 1):
         self.target_model = target_model
         self.stop_ids = list(stop_ids)
         self.pad_token_id = pad_token_id
@@ -50,6 +58,8 @@ class DistillStep:
         self.max_new_tokens = max_new_tokens
         self.seed = seed
         self.micro_step = micro_step
+        self.teacher_rollouts = teacher_rollouts
+        self.micro_steps_per_round = micro_steps_per_round
         self.generation_seconds = 0.0
         self.last: dict | None = None
         self._previous: tuple[float, float] | None = None  # (entry time, generation seconds) of the previous call
@@ -62,6 +72,7 @@ class DistillStep:
     def __call__(self, draft, batch: dict) -> LossOutput:
         entered = time.perf_counter()
         step_seed = self.seed * 1_000_003 + self.micro_step
+        round_index = self.micro_step // self.micro_steps_per_round
         self.micro_step += 1
         prompt_ids, prompt_mask = batch["prompt_ids"], batch["attention_mask"]
         rows, new = prompt_ids.shape[0], self.max_new_tokens
@@ -74,7 +85,13 @@ class DistillStep:
             continuations[on_policy] = self._sample(draft, prompt_ids, prompt_mask, on_policy, step_seed)
         off = ~on_policy
         if off.any():
-            if self.off_policy == "teacher":
+            if self.off_policy == "teacher" and self.teacher_rollouts is not None:
+                if "example_index" not in batch:
+                    raise ValueError("teacher_rollouts needs batches with example_index (collate_prompts adds it when "
+                                     "every example has an 'index')")
+                written = self.teacher_rollouts.continuations(batch["example_index"][off.cpu()], round_index)
+                continuations[off] = written.to(continuations.device)
+            elif self.off_policy == "teacher":
                 continuations[off] = self._sample(self.target_model, prompt_ids, prompt_mask, off, step_seed + 1)
             else:
                 replies = batch["reply_ids"][off][:, :new]
@@ -129,6 +146,10 @@ def _validate(settings: DictConfig) -> None:
         problems.append(f"distillspec.divergence={settings.divergence!r}: choose one of {', '.join(DIVERGENCES)}")
     if settings.generation.temperature < 0:
         problems.append(f"distillspec.generation.temperature={settings.generation.temperature} must be >= 0")
+    teacher_batch = settings.generation.get("teacher_batch_size")
+    if teacher_batch is not None and teacher_batch < 1:
+        problems.append(f"distillspec.generation.teacher_batch_size={teacher_batch} must be at least 1 "
+                        "(or null: the target continues each micro-batch when it is drawn)")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -147,7 +168,7 @@ def _prompt_examples(cfg: DictConfig, tokenizer, seed: int) -> list[dict]:
     records = load_sources(cfg.data.prompts, cfg.data.prompts_limit)
     examples = prompt_reply_examples(records, tokenizer, max_prompt_tokens=cfg.data.selfdistill.max_prompt_tokens)
     random.Random(seed).shuffle(examples)
-    examples = examples[: cfg.distillspec.num_prompts]
+    examples = [example | {"index": index} for index, example in enumerate(examples[: cfg.distillspec.num_prompts])]
     if not examples:
         raise ValueError(f"no usable prompts in {list(cfg.data.prompts)} (chat records with a user turn of at most "
                          f"data.selfdistill.max_prompt_tokens={cfg.data.selfdistill.max_prompt_tokens} tokens)")
@@ -170,6 +191,23 @@ def _apply_lora(draft, lora: DictConfig | None):
     return get_peft_model(draft, LoraConfig(**OmegaConf.to_container(lora, resolve=True)))
 
 
+def teacher_rollouts(settings: DictConfig, target, examples: list[dict], pad_token_id: int, seed: int,
+                     sequences_visited: int):
+    """The target's continuations written a round at a time, when the target writes the off-policy data and
+    generation.teacher_batch_size is set; None otherwise (each micro-batch is then continued when it is drawn)."""
+    batch_size = settings.generation.get("teacher_batch_size")
+    if settings.off_policy != "teacher" or settings.lambda_on_policy >= 1.0 or batch_size is None:
+        return None
+    if sequences_visited < len(examples):
+        print(f"[draftkit] note: this run visits {sequences_visited} of its {len(examples)} prompts, but the target "
+              f"writes continuations for all of them (distillspec.generation.teacher_batch_size={batch_size}). Fix: "
+              f"distillspec.num_prompts={sequences_visited} does the same training for less generation")
+    return TeacherRollouts(target.model, [e["prompt_ids"] for e in examples], batch_size=batch_size,
+                           max_new_tokens=settings.generation.max_new_tokens,
+                           temperature=settings.generation.temperature, stop_ids=eos_token_ids(target),
+                           pad_token_id=pad_token_id, seed=seed)
+
+
 def run(cfg: DictConfig, run_dir: Path) -> Path:
     settings = cfg.distillspec
     _validate(settings)
@@ -189,12 +227,16 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     resumed_step = int(checkpoints[-1].name.split("_")[-1]) if checkpoints else 0
     temperature = resolve_distill_temperature(settings.distill_temperature, cfg.eval.get("temperature", 0.0))
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_ids(target)[0]
+    sequences_per_micro_step = loop_settings.micro_batch_size * world_size_from_env()
+    rollouts = teacher_rollouts(settings, target, examples, pad_token_id, engine["seed"],
+                                sequences_visited=loop_settings.steps * loop_settings.grad_accum * sequences_per_micro_step)
     step = DistillStep(
         target.model, stop_ids=eos_token_ids(target), pad_token_id=pad_token_id,
         lambda_on_policy=settings.lambda_on_policy, mix=settings.mix, off_policy=settings.off_policy,
         kind=settings.divergence, beta=settings.jsd_beta, distill_temperature=temperature,
         generation_temperature=settings.generation.temperature, max_new_tokens=settings.generation.max_new_tokens,
-        seed=engine["seed"], micro_step=resumed_step * loop_settings.grad_accum)
+        seed=engine["seed"], micro_step=resumed_step * loop_settings.grad_accum, teacher_rollouts=rollouts,
+        micro_steps_per_round=max(1, len(examples) // sequences_per_micro_step))
     started = time.perf_counter()
     result = train(model=draft, step_fn=step, dataset=examples, collate=partial(collate_prompts, pad_token_id=pad_token_id),
                    settings=loop_settings, stage_dir=stage_dir, sink=sink, resume=cfg.resume, desc="distill")

@@ -20,6 +20,11 @@ SHAPES = {
     "llama3_8b": {"vocab_size": 128256, "hidden_size": 4096, "num_layers": 32, "num_heads": 32, "num_kv_heads": 8,
                   "intermediate_size": 14336, "rope_theta": 500000.0, "tie_word_embeddings": False,
                   "max_position_embeddings": 8192},
+    # SmolLM2-135M's geometry (the default target's): for GPU timings of work whose cost its shape sets, where the
+    # GGUF file is not at hand.
+    "smollm2_135m": {"vocab_size": 49152, "hidden_size": 576, "num_layers": 30, "num_heads": 9, "num_kv_heads": 3,
+                     "intermediate_size": 1536, "rope_theta": 100000.0, "tie_word_embeddings": True,
+                     "max_position_embeddings": 8192},
 }
 
 CHATML_TEMPLATE = (
