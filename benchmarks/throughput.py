@@ -13,14 +13,15 @@ with the same --out measures only what is missing (the ceiling is measured again
 the ceiling of its own run). A recipe that fails is recorded under failed_last_run and the others still run; none
 starts after --stop-after-s (default 420 s), which keeps one call inside an 8-minute GPU slot.
 
-MFU. Model FLOPs of one training step are counted by running the step once under torch.utils.flop_counter
-(matmuls and attention kernels, forward and backward, as executed): the target's forward (2·N_body per token plus
-attention), the draft's forward and backward (≈ 6·N_draft per token plus its attention), and the LM-head work of the
-heads (per head: forward 2·V·H per scored position plus the input-gradient backward 2·V·H through the frozen head;
-the teacher's logits 2·V·H). Attention is counted as the full T x T square (the PaLM/Megatron convention; a causal kernel does about
-half of it). Nothing is recomputed in these steps, so executed FLOPs are the model FLOPs. MFU = FLOPs per token x
-tokens/s / peak, with peak = the H200's dense bf16 datasheet figure, 989 TFLOP/s; `vs_ceiling` divides by the FLOP/s
-the bare forward achieved in the same run instead.
+MFU. Model FLOPs of one training step are counted by running the step once under torch.utils.flop_counter (matmuls and
+attention kernels, forward and backward, as executed): the target's forward (2·N_body per token plus attention), the
+draft's forward and backward (≈ 6·N_draft per token plus its attention), and the LM-head work of the heads (per head:
+forward 2·V·H per scored position plus the input-gradient backward 2·V·H through the frozen head; the teacher's logits,
+for Hydra++ and Clover-2, 2·V·H per position some head scores, once for all heads; V is the draft vocabulary where there
+is one). Attention is counted as the full T x T square (the PaLM/Megatron convention; a causal kernel does about half of
+it). Nothing is recomputed in these steps, so executed FLOPs are the model FLOPs. MFU = FLOPs per token x tokens/s /
+peak, with peak = the H200's dense bf16 datasheet figure, 989 TFLOP/s; `vs_ceiling` divides by the FLOP/s the bare
+forward achieved in the same run instead.
 """
 
 from __future__ import annotations

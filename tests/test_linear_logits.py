@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from draftkit.objectives.ce import IGNORE_INDEX
 from draftkit.objectives.clover import clover_loss
@@ -10,7 +11,7 @@ from draftkit.objectives.fspad import fspad_loss
 from draftkit.objectives.hydra_heads import hydra_loss
 from draftkit.objectives.kangaroo import kangaroo_loss
 from draftkit.objectives.kl import soft_cross_entropy
-from draftkit.objectives.linear_logits import LinearLogits, chunked_losses, linear_cross_entropy
+from draftkit.objectives.linear_logits import LinearLogits, ahead_losses, chunked_losses, linear_cross_entropy
 from draftkit.objectives.medusa import medusa_loss
 
 B, T, H, V = 2, 9, 6, 23  # B*T = 18 rows: chunks of 4 and 7 leave a remainder, 6 and 18 divide, 64 exceeds
@@ -141,6 +142,50 @@ def test_hydra_reads_each_heads_teacher_in_place_and_equals_the_plain_loss(lm_we
         assert_close(mine, theirs)
 
 
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("teacher_kind", ["logits", "hidden"])
+@pytest.mark.parametrize("skip_uncounted", [False, True])
+def test_ahead_losses_equal_one_chunked_pass_per_head_on_the_shifted_rows(chunk, teacher_kind, skip_uncounted):
+    states, weight, bias, teacher_hidden = leaf(3, B, T, H), leaf(V, H), leaf(V), torch.randn(B, T, H)
+    teacher_weight = torch.randn(V, H)
+    labels = [labels_with_holes() for _ in range(3)]
+    masks = [torch.rand(B, T) > 0.3 for _ in range(3)]
+    shifts = [1, 2, 3]
+    teacher = (LinearLogits(teacher_hidden, teacher_weight, chunk_size=chunk) if teacher_kind == "hidden"
+               else F.linear(teacher_hidden, teacher_weight))
+    kwargs = dict(label_weight=0.3, teacher_weight=2.0, temperature=2.0)
+    outs = ahead_losses([LinearLogits(s, weight, bias, chunk, skip_uncounted) for s in states], teacher, shifts,
+                        labels=labels, masks=masks, **kwargs)
+    # Head i at (b, t) against the teacher at (b, t + shift): the same as cutting both to the rows where that exists.
+    plain = [chunked_losses(LinearLogits(s[:, :T - k], weight, bias), labels=y[:, :T - k], mask=m[:, :T - k],
+                            teacher=F.linear(teacher_hidden[:, k:], teacher_weight), **kwargs)
+             for s, y, m, k in zip(states, labels, masks, shifts)]
+    for out, ref in zip(outs, plain):
+        assert_close(out.loss_sum, ref.loss_sum)
+        assert out.count.item() == ref.count.item()
+        for key in ref.metrics:
+            assert_close(out.metrics[key], ref.metrics[key])
+    decayed = [sum(0.8 ** i * o.loss_sum for i, o in enumerate(group)) for group in (outs, plain)]
+    for mine, theirs in zip(grads(decayed[0], (states, weight, bias)), grads(decayed[1], (states, weight, bias))):
+        assert_close(mine, theirs)
+
+
+def test_a_lazy_teacher_is_projected_once_per_row_some_head_scores():
+    states, weight, teacher_hidden = leaf(3, B, T, H), torch.randn(V, H), torch.randn(B, T, H)
+    labels = labels_with_holes()
+    students = [LinearLogits(s, weight, chunk_size=4, skip_uncounted=True) for s in states]
+
+    def flops(teacher):
+        with FlopCounterMode(display=False) as counter:
+            hydra_loss(students, labels, teacher, lm_weight=0.5, teacher_weight=1.0)
+        return counter.get_total_flops()
+
+    # Head i at t is taught by row t + 1 + i, so row s teaches some head where the label at s + 1 is scored.
+    taught = (labels[:, 2:] != IGNORE_INDEX).sum().item()
+    extra = flops(LinearLogits(teacher_hidden, weight, chunk_size=4)) - flops(F.linear(teacher_hidden, weight))
+    assert extra == 2 * taught * V * H and taught < B * T
+
+
 def test_clover_equals_the_plain_loss():
     features, weight = leaf(3, B, T, H), leaf(V, H)
     labels, target_features, target_logits = labels_with_holes(), torch.randn(B, T, H), torch.randn(B, T, V)
@@ -186,3 +231,7 @@ def test_bad_input_names_the_fix():
         LinearLogits(hidden, torch.empty(0))  # what a ZeRO-3-partitioned parameter holds outside its module's forward
     with pytest.raises(ValueError, match="needs labels"):
         chunked_losses(LinearLogits(hidden, weight))
+    with pytest.raises(ValueError, match="one shift >= 1 per student"):
+        ahead_losses([LinearLogits(hidden, weight)], torch.randn(B, T, V), [0])
+    with pytest.raises(ValueError, match="needs LinearLogits heads"):
+        hydra_loss(torch.randn(1, B, T, V), labels_with_holes(), LinearLogits(hidden, weight), teacher_weight=1.0)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from draftkit.objectives.ce import IGNORE_INDEX
 from draftkit.objectives.kl import soft_cross_entropy
-from draftkit.objectives.linear_logits import LinearLogits, chunked_losses, paired_ahead
+from draftkit.objectives.linear_logits import LinearLogits, ahead_losses, chunked_losses
 from draftkit.objectives.medusa import head_targets
 from draftkit.objectives.types import LossOutput
 
@@ -28,17 +28,22 @@ def rows_ahead_for_heads(rows: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def hydra_loss(head_logits: torch.Tensor | list[LinearLogits], labels: torch.Tensor,
-               target_logits: torch.Tensor | None = None, *, lm_weight: float = 1.0, teacher_weight: float = 0.0,
-               decay: float = 1.0, ignore_index: int = IGNORE_INDEX) -> LossOutput:
+               target_logits: torch.Tensor | LinearLogits | None = None, *, lm_weight: float = 1.0,
+               teacher_weight: float = 0.0, decay: float = 1.0, ignore_index: int = IGNORE_INDEX) -> LossOutput:
     """head_logits [K, B, T, V], or one LinearLogits [B, T, V] per head (computed chunk by chunk); labels [B, T];
-    target_logits [B, T, V] (needed when teacher_weight > 0)."""
+    target_logits [B, T, V] (needed when teacher_weight > 0), with LinearLogits heads also as LinearLogits (the
+    target's final states and the LM-head rows the heads score: its logits are then made only where a head scores
+    them, once for all heads)."""
     if lm_weight < 0 or teacher_weight < 0 or lm_weight + teacher_weight == 0:
         raise ValueError(f"hydra loss weights must be >= 0 and not both 0; got lm={lm_weight}, teacher={teacher_weight}")
     if teacher_weight > 0 and target_logits is None:
         raise ValueError("the teacher term needs the target's logits")
     num_heads = len(head_logits)
     targets = head_targets(labels, num_heads, ignore_index=ignore_index)
-    if isinstance(head_logits[0], LinearLogits):
+    chunked = isinstance(head_logits[0], LinearLogits)
+    if teacher_weight > 0 and isinstance(target_logits, LinearLogits) and not chunked:
+        raise ValueError("a LinearLogits teacher needs LinearLogits heads; the plain path takes the target's logits")
+    if chunked:
         return _chunked_hydra_loss(head_logits, targets, target_logits, lm_weight, teacher_weight, decay, ignore_index)
     teachers = rows_ahead_for_heads(target_logits, num_heads) if teacher_weight > 0 else None
     loss_sum = head_logits.new_zeros((), dtype=torch.float32)
@@ -63,22 +68,25 @@ def hydra_loss(head_logits: torch.Tensor | list[LinearLogits], labels: torch.Ten
     return LossOutput(loss_sum=loss_sum, count=(targets[0] != ignore_index).sum(), metrics=metrics)
 
 
-def _chunked_hydra_loss(head_logits: list[LinearLogits], targets: torch.Tensor, target_logits: torch.Tensor | None,
-                        lm_weight: float, teacher_weight: float, decay: float, ignore_index: int) -> LossOutput:
-    """hydra_loss with both terms of a head taken in one chunked pass over its logits. The teacher of head i is the
-    target's logits i + 1 rows ahead, read in place (paired_ahead) rather than copied per head."""
+def _chunked_hydra_loss(head_logits: list[LinearLogits], targets: torch.Tensor,
+                        target_logits: torch.Tensor | LinearLogits | None, lm_weight: float, teacher_weight: float,
+                        decay: float, ignore_index: int) -> LossOutput:
+    """hydra_loss with both terms of every head taken in chunked passes over its logits. With a teacher, all heads
+    share one pass (ahead_losses): the teacher of head i is the target's row i + 1 ahead, read in place, and each
+    teacher row is softmaxed (and, from LinearLogits, projected) once for every head that scores against it."""
+    if teacher_weight > 0:
+        outs = ahead_losses(head_logits, target_logits, [1 + i for i in range(len(head_logits))],
+                            labels=list(targets), label_weight=lm_weight, teacher_weight=teacher_weight,
+                            ignore_index=ignore_index)
+    else:
+        outs = [chunked_losses(logits, labels=targets[i], label_weight=lm_weight, teacher_weight=0.0,
+                               ignore_index=ignore_index) for i, logits in enumerate(head_logits)]
     loss_sum = torch.zeros((), dtype=torch.float32, device=targets.device)
     metrics = {}
-    for i, logits in enumerate(head_logits):
+    for i, out in enumerate(outs):
         if teacher_weight > 0:
-            student, teacher, head_labels = paired_ahead(logits, target_logits, 1 + i, targets[i])
-            out = chunked_losses(student, labels=head_labels, teacher=teacher, label_weight=lm_weight,
-                                 teacher_weight=teacher_weight, ignore_index=ignore_index)
             metrics[f"soft_ce_head{i}"] = out.metrics["soft_ce"]
             metrics[f"alpha_hat_head{i}"] = out.metrics["alpha_hat"]
-        else:
-            out = chunked_losses(logits, labels=targets[i], label_weight=lm_weight, teacher_weight=0.0,
-                                 ignore_index=ignore_index)
         if lm_weight > 0:
             metrics[f"ce_head{i}"] = out.metrics["ce"]
         metrics[f"top1_head{i}"] = out.metrics["top1"]

@@ -35,21 +35,26 @@ FAMILY = "clover"
 
 def clover_step(target, lm_head, feature_weight: float, token_weight: float, decay: float,
                 loss_chunk_size: int | None = None, scoring_head=None, token_map=None):
-    """The frozen target gives its pre-norm final state (the model's input), and its post-norm states and logits
-    (the regression and soft-label targets) in one pass; `lm_head` is its LM head's weight (it embeds the input
-    tokens), `scoring_head` the rows that score the heads' features (default: all of lm_head; with a token_map, its
-    rows). With loss_chunk_size set, the heads' logits are computed inside the loss that many positions at a time."""
+    """The frozen target gives its pre-norm final state (the model's input) and its post-norm states (the regression
+    target) in one pass; `lm_head` is its LM head's weight (it embeds the input tokens), `scoring_head` the rows that
+    score the heads' features (default: all of lm_head; with a token_map, its rows). The soft labels are the target's
+    distribution over those rows. With loss_chunk_size set, the heads' logits and the target's are both computed
+    inside the loss that many positions at a time, the target's only where a head scores them; without it the target
+    returns its full logits and the kept columns are selected."""
     scoring_head = lm_head if scoring_head is None else scoring_head
 
     def step(model, batch):
-        features = target.features(batch["input_ids"], batch["attention_mask"], layers=[target.num_layers])
+        features = target.features(batch["input_ids"], batch["attention_mask"], layers=[target.num_layers],
+                                   with_logits=loss_chunk_size is None)
         head_features = model(features.hidden[target.num_layers], batch["input_ids"], lm_head)
         if loss_chunk_size is None:
             head_logits = F.linear(head_features, scoring_head)
+            teacher = teacher_columns(features.logits, token_map)
         else:
             head_logits = [LinearLogits(state, scoring_head, chunk_size=loss_chunk_size, skip_uncounted=True)
                            for state in head_features]
-        teacher = teacher_columns(features.logits, token_map)
+            # scoring_head is the target's own LM-head rows, so this is the teacher the plain path selects
+            teacher = LinearLogits(features.last_hidden, scoring_head, chunk_size=loss_chunk_size)
         return clover_loss(head_features, head_logits, features.last_hidden, teacher,
                            batch["labels"], feature_weight=feature_weight, token_weight=token_weight, decay=decay)
     return step

@@ -16,6 +16,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from draftkit.drafts.vocab import draft_rows
 from draftkit.objectives.hydra_heads import hydra_loss
 from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.recipes.common import draft_token_map
@@ -34,24 +35,35 @@ FAMILY = "hydra_heads"
 
 
 def hydra_step(target, shared_lm_head, lm_weight: float, teacher_weight: float, decay: float,
-               loss_chunk_size: int | None = None, own_lm_heads=None, token_map=None):
+               loss_chunk_size: int | None = None, own_lm_heads=None, token_map=None, teacher_lm_head=None):
     """With loss_chunk_size set, the loss applies the LM head (shared, or each head's own: `own_lm_heads`) that many
-    positions at a time, and only to positions it scores, instead of the heads returning every logit. With a token_map
-    the logits, labels and teacher are all over the draft vocabulary (shared_lm_head: the head's token_map rows)."""
+    positions at a time, and only to positions it scores, instead of the heads returning every logit; the teacher's
+    logits are made the same way from the target's final states and `teacher_lm_head`, the target's LM-head rows
+    (default: shared_lm_head, or the target's own rows), never as the target's full logits. With a token_map the
+    logits, labels and teacher are all over the draft vocabulary (shared_lm_head, teacher_lm_head: the token_map
+    rows)."""
     labels_for = label_mapper(token_map, target.vocab_size)
+    if teacher_lm_head is None:
+        teacher_lm_head = shared_lm_head
+    if teacher_lm_head is None and teacher_weight > 0 and loss_chunk_size is not None:
+        teacher_lm_head = draft_rows(target.lm_head.weight, token_map)
 
     def step(heads, batch):
-        features = target.features(batch["input_ids"], batch["attention_mask"], with_logits=teacher_weight > 0)
-        if loss_chunk_size is None:
+        chunked = loss_chunk_size is not None
+        features = target.features(batch["input_ids"], batch["attention_mask"],
+                                   with_logits=teacher_weight > 0 and not chunked)
+        if not chunked:
             logits = heads(features.last_hidden, batch["input_ids"], target.embed_tokens, shared_lm_head)
+            teacher = teacher_columns(features.logits, token_map)
         else:
             states = heads(features.last_hidden, batch["input_ids"], target.embed_tokens, project=False)
             projections = ([(head.weight, head.bias) for head in own_lm_heads] if own_lm_heads is not None
                            else [(shared_lm_head, None)] * len(states))
             logits = [LinearLogits(state, weight, bias, loss_chunk_size, skip_uncounted=True)
                       for state, (weight, bias) in zip(states, projections)]
-        return hydra_loss(logits, labels_for(batch["labels"]), teacher_columns(features.logits, token_map),
-                          lm_weight=lm_weight,
+            teacher = (LinearLogits(features.last_hidden, teacher_lm_head, chunk_size=loss_chunk_size)
+                       if teacher_weight > 0 else None)
+        return hydra_loss(logits, labels_for(batch["labels"]), teacher, lm_weight=lm_weight,
                           teacher_weight=teacher_weight, decay=decay)
     return step
 
@@ -70,6 +82,9 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     heads = build(hidden_size=target.hidden_size, vocab_size=target.vocab_size, target_config=target.config,
                   lm_head_weight=target.lm_head.weight, token_map=token_map).to(target.device)
     shared = scoring_lm_head(target, token_map, engine) if heads.lm_heads is None else None
+    # Own heads do not hold the target's rows, which the chunked teacher is made from (frozen: ZeRO-3 swaps them).
+    teacher_rows = (scoring_lm_head(target, token_map, engine)
+                    if shared is None and h.teacher_weight > 0 and h.loss_chunk_size is not None else None)
 
     def drafter(shape):
         return HydraDrafter(heads, target.embed_tokens, shape, shared_lm_head=shared)
@@ -77,6 +92,6 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     return train_measure_export(
         cfg, run_dir, family=FAMILY, module=heads, module_cfg=h.heads, chats=chats, make_drafter=drafter,
         step=hydra_step(target, shared, h.lm_weight, h.teacher_weight, h.decay, h.loss_chunk_size, heads.lm_heads,
-                        token_map),
+                        token_map, teacher_rows),
         tree_cfg=h.tree, target=target,
         sink=sink, engine=engine, export_dtype=h.export_dtype)
