@@ -319,12 +319,13 @@ def plots(result: dict, out: Path, stem: str) -> list[str]:
 
 
 # Settings that change what a comparison measures; a merge requires them equal. Checkpoint and logging intervals, and
-# the γ sweep (each family keeps its own points), do not.
+# the γ sweep (each family keeps its own points), do not; nor do one family's own overrides, which travel with that
+# family's row (a family is always taken whole from one run).
 NOT_MEASURED = ("engine.save_every=", "engine.log_every=")
 
 
 def comparable(settings: dict) -> dict:
-    kept = {k: v for k, v in settings.items() if k != "gammas"}
+    kept = {k: v for k, v in settings.items() if k not in ("gammas", "family_overrides")}
     kept["train_overrides"] = [o for o in settings["train_overrides"] if not o.startswith(NOT_MEASURED)]
     return kept
 
@@ -355,6 +356,8 @@ def merge(results: list[dict], files: list[str]) -> dict:
                             "families": mine, "baseline_drift": result["baseline_drift"]})
     settings = dict(results[0]["settings"])
     settings["gammas"] = sorted({g for r in results for g in r["settings"]["gammas"]})
+    overrides_of = {name: result["settings"].get("family_overrides", {}) for result, name in zip(results, files)}
+    settings["family_overrides"] = {f: overrides_of[origin[f]][f] for f in order if f in overrides_of[origin[f]]}
     return {
         "benchmark": results[0]["benchmark"], "recipes": {f: recipes[f] for f in order},
         "command": shlex.join([sys.executable, *sys.argv]), "machine": results[-1]["machine"],

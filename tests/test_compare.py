@@ -43,6 +43,19 @@ def test_merge_keeps_every_family_with_its_own_run_and_the_last_measurement_wins
     assert table.count("| distillspec (chain) |") == 1
 
 
+def test_a_familys_own_overrides_travel_with_its_row_and_do_not_block_a_merge():
+    first = run_result({"distillspec": 1.1, "medusa": 1.2})
+    first["settings"]["family_overrides"] = {"distillspec": ["distillspec.num_prompts=1024"]}
+    second = run_result({"distillspec": 1.15, "hydra": 1.3})
+    second["settings"]["family_overrides"] = {"distillspec": ["distillspec.num_prompts=1024",
+                                                              "distillspec.generation.teacher_batch_size=256"]}
+    merged = compare.merge([first, second], ["a.json", "b.json"])
+    assert merged["settings"]["family_overrides"] == second["settings"]["family_overrides"]
+    assert merged["families"]["distillspec"]["source"] == "b.json"
+    assert compare.merge([second, first], ["b.json", "a.json"])["settings"]["family_overrides"] == \
+        first["settings"]["family_overrides"]
+
+
 def test_merge_refuses_runs_with_a_different_budget():
     with pytest.raises(SystemExit, match="other settings.*steps"):
         compare.merge([run_result({"medusa": 1.2}), run_result({"hydra": 1.3}, steps=400)], ["a.json", "b.json"])

@@ -134,8 +134,8 @@ def fspad_run(tmp_path_factory):
 
 
 def test_pinned_losses(eagle_run, fspad_run):
-    assert losses(eagle_run[0]) == pytest.approx([1.1481, 1.1336, 1.1133], abs=1e-4)
-    assert losses(fspad_run[0]) == pytest.approx([1.1298, 1.1124, 1.1013], abs=1e-4)
+    assert losses(eagle_run[0]) == pytest.approx([1.0754, 1.0604, 1.0427], abs=1e-4)
+    assert losses(fspad_run[0]) == pytest.approx([1.0756, 1.0588, 1.0439], abs=1e-4)
 
 
 def test_training_lowers_the_loss_and_the_trained_draft_is_accepted(tmp_path):
@@ -541,7 +541,7 @@ def test_restricted_vocab_loss_is_pinned_and_matches_a_hand_built_reference(exam
     plain, target, draft, batch = restricted_step(token_map, None, examples)
     chunked, *_ = restricted_step(token_map, 7, examples)
     assert chunked.loss_sum.item() == pytest.approx(plain.loss_sum.item(), rel=1e-6)
-    assert (plain.loss_sum / plain.count).item() == pytest.approx(0.8408, abs=1e-4)
+    assert (plain.loss_sum / plain.count).item() == pytest.approx(0.8487, abs=1e-4)
     full_vocab, *_ = restricted_step(None, None, examples)
     assert abs(full_vocab.loss_sum.item() - plain.loss_sum.item()) > 1e-2  # the restriction is what was pinned
     # By hand: the teacher is softmax of the target's own logits restricted to token_map (renormalised there), the
@@ -672,7 +672,7 @@ def vocab_run(tmp_path_factory):
 def test_restricted_vocab_recipe_trains_online_and_offline_alike(vocab_run, tmp_path):
     run_dir, _ = vocab_run
     curve = losses(run_dir)
-    assert curve[:3] == pytest.approx([0.8488, 0.7546, 0.6735], abs=1e-4)
+    assert curve[:3] == pytest.approx([0.7759, 0.6920, 0.6106], abs=1e-4)
     assert sum(curve[-3:]) / 3 < 0.85 * sum(curve[:3]) / 3
     cached = json.loads((run_dir / "draft_vocab.json").read_text())
     assert cached["size"] == 16 and len(cached["token_map"]) == 16 and 0 < cached["label_coverage"] <= 1

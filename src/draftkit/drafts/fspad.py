@@ -19,7 +19,6 @@ name; FSPAD's extra tensors live under `feature_sampling.*`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -195,13 +194,11 @@ class FeatureDrafter(nn.Module):
         # Frozen and sharing the target's storage: a tied 49k-token head would otherwise cost a copy per draft.
         self.embed_tokens = nn.Embedding.from_pretrained(embed_weight.detach(), freeze=True)
         self.draft_vocab_size = register_token_map(self, token_map, vocab_size)
-        # On the meta device its own init draws nothing: the target's rows (shared storage without a token_map)
-        # replace it.
+        # On the meta device its own init draws no random numbers and allocates nothing: the target's rows (shared
+        # storage without a token_map) replace it, so a seed gives the trained layers the same start with or without
+        # a token_map.
         self.lm_head = nn.Linear(hidden_size, self.draft_vocab_size, bias=False, device="meta")
         self.lm_head.weight = nn.Parameter(draft_rows(lm_head_weight.detach(), self.token_map), requires_grad=False)
-        # The random numbers a full-width head's init has always drawn here, so a seed still gives the trained layers
-        # below the same start as before, with or without a token_map.
-        nn.init.kaiming_uniform_(torch.empty(vocab_size, hidden_size), a=math.sqrt(5))
         # Pre-norm features need the target's final norm before its LM head; post-norm ones are what the head reads.
         self.head_norm = None
         if head_norm_weight is not None:
