@@ -118,6 +118,24 @@ def test_simulated_two_node_launch_runs_a_recipe_to_completion(tmp_path):
     assert len((run_dir / "selfdistill.jsonl").read_text().splitlines()) == 6
 
 
+def test_two_ranks_split_distillspecs_teacher_rounds(tmp_path):
+    """The tiny DistillSpec recipe on 2 ranks, the target writing: 4 prompts, 2 per rank and micro-batch, so every
+    micro-step is a round of its own and each rank writes only the 2 prompts it reads in it (6 over 3 steps, not 12),
+    none outside the plan."""
+    port, run_dir = _free_port(), tmp_path / "run"
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(port), "-m", "draftkit.train", "+recipe=distillspec", "+debug=tiny", "dist=zero2",
+         "eval=none", "distillspec.num_prompts=4", "distillspec.generation.max_new_tokens=6",
+         f"hydra.run.dir={run_dir}"],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stdout[-3000:]
+    timing = json.loads((run_dir / "result.json").read_text())["timing"]
+    assert (timing["teacher_prompts_written"], timing["teacher_prompts_unplanned"]) == (6, 0)
+    state = json.loads((run_dir / "distill" / "checkpoints" / "step_000003" / "state.json").read_text())
+    assert state["world_size"] == 2
+
+
 def test_zero3_head_recipe_partitions_the_target_over_two_ranks(tmp_path):
     """The real hydra_heads recipe under dist=zero3 on 2 ranks: the frozen target is split between the ranks, the
     heads (which read the target's LM head weight directly) still train, and both ranks evaluate in lockstep."""

@@ -12,7 +12,8 @@ from draftkit.config import compose
 from draftkit.data.rollout import TeacherRollouts, assemble, collate_prompts, continuation_mask, left_pad
 from draftkit.drafts.lm import draft_from_target, llama_draft
 from draftkit.recipes import distillspec
-from draftkit.recipes.distillspec import DistillStep, resolve_distill_temperature
+from draftkit.engine.loop import LoopSettings
+from draftkit.recipes.distillspec import DistillStep, planned_teacher_prompts, resolve_distill_temperature
 from draftkit.runtime.speculative import LMDrafter, autoregressive_generate, speculative_generate
 from draftkit.targets.tiny import tiny_target
 
@@ -192,6 +193,43 @@ def test_sampled_rounds_differ_and_a_fresh_pool_replays_any_round(models):
     assert first.rounds_written == 2 and resumed.rounds_written == 1
 
 
+def test_a_plan_limits_what_is_written_and_a_prompt_outside_it_is_written_when_asked(models):
+    target, _ = models
+    rollouts = _rollouts(target, UNEVEN_PROMPTS, temperature=1.0, plan={0: [0, 2], 1: [1]})
+    first = rollouts.continuations(torch.tensor([2, 0]), 0)
+    assert (rollouts.prompts_written, rollouts.unplanned_written) == (2, 0)
+    rollouts.continuations(torch.tensor([3]), 0)
+    assert (rollouts.prompts_written, rollouts.unplanned_written) == (3, 1)
+    assert torch.equal(rollouts.continuations(torch.tensor([2, 0]), 0), first)  # written ones are kept
+    rollouts.continuations(torch.tensor([1]), 1)
+    assert (rollouts.rounds_written, rollouts.prompts_written, rollouts.unplanned_written) == (2, 4, 1)
+    # The same plan writes the same samples: a resumed run's round equals the uninterrupted one's.
+    again = _rollouts(target, UNEVEN_PROMPTS, temperature=1.0, plan={0: [0, 2], 1: [1]})
+    assert torch.equal(again.continuations(torch.tensor([2, 0]), 0), first)
+    greedy = _rollouts(target, UNEVEN_PROMPTS, plan={0: [0], 1: [1]})
+    greedy.continuations(torch.tensor([0]), 0)
+    greedy.continuations(torch.tensor([1]), 1)  # greedy: one round holds every planned prompt
+    assert (greedy.rounds_written, greedy.prompts_written, greedy.unplanned_written) == (1, 2, 0)
+
+
+def test_plans_follow_the_loops_order_and_coins_and_split_between_ranks(models):
+    target, _ = models
+    examples = [{"prompt_ids": [1, 5 + i], "reply_ids": [], "index": i} for i in range(12)]
+    settings = LoopSettings(steps=5, micro_batch_size=2, seed=4)
+    step = _step(target, lambda_on_policy=0.0)
+    plans = [planned_teacher_prompts(step, examples, settings, rank=r, world_size=2) for r in (0, 1)]
+    (plan_0, per_round), (plan_1, _) = plans
+    assert per_round == 3  # 12 prompts / (2 per micro-batch x 2 ranks)
+    assert sorted(plan_0) == [0, 1] and len(plan_0[0]) == 6 and len(plan_0[1]) == 4
+    assert sorted(plan_0[0] + plan_1[0]) == list(range(12))  # the ranks share the first epoch, each prompt once
+    assert not set(plan_0[1]) & set(plan_1[1])
+    mixed = _step(target, lambda_on_policy=0.5)
+    plan, _ = planned_teacher_prompts(mixed, examples, settings, rank=0, world_size=1)
+    on_policy_steps = [m for m in range(5) if mixed.on_policy_rows(m, 2).all()]
+    assert 0 < len(on_policy_steps) < 5
+    assert sum(len(p) for p in plan.values()) == 2 * (5 - len(on_policy_steps))
+
+
 def test_the_step_reads_one_round_per_epoch_of_micro_batches(models):
     target, draft = models
     rollouts = _rollouts(target, UNEVEN_PROMPTS, temperature=1.0)
@@ -286,8 +324,11 @@ TEACHER_RUN = ("distillspec.num_prompts=4", "distillspec.generation.max_new_toke
 def test_teacher_written_run_is_pinned_and_resumes_into_its_second_round(tmp_path):
     run_recipe(tmp_path, *TEACHER_RUN)
     full = history(tmp_path)
-    assert [r["loss"] for r in full] == pytest.approx([0.01221, 0.01196, 0.01146], abs=1e-5)
+    assert [r["loss"] for r in full] == pytest.approx([0.01254, 0.01185, 0.01178], abs=1e-5)
     assert all(r["on_policy_share"] == 0.0 for r in full)
+    # 3 steps of 2 read 6 continuations: round 0's 4 prompts and 2 of round 1, all forecast by the plan.
+    timing = json.loads((tmp_path / "result.json").read_text())["timing"]
+    assert (timing["teacher_prompts_written"], timing["teacher_prompts_unplanned"]) == (6, 0)
 
     shutil.rmtree(tmp_path / "distill" / "checkpoints" / "step_000003")
     (tmp_path / "distill" / "history.json").unlink()

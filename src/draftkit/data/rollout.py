@@ -12,8 +12,9 @@ predicting the end of the answer is part of what the draft must agree on).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -111,16 +112,18 @@ class TeacherRollouts:
 
     A frozen model's samples do not depend on the training step, so rather than one generate call per micro-batch
     (launch-bound on a GPU when the model is small: DistillSpec's steps on SmolLM2-135M spent ~2 s each generating),
-    every prompt is continued in batches of `batch_size`, prompts of similar length side by side so little is padding.
-    Round r holds one continuation of every prompt and serves the r-th training epoch; it is sampled under a seed
-    derived from (seed, r) alone, so a resumed run that asks for round r gets what the uninterrupted run got. Greedy
-    continuations are the same in every round, so only one is written. One round is kept at a time (on the CPU).
-
-    Every data-parallel rank writes the whole round: each rank's wall time is that of one GPU doing it all.
+    the prompts of a round are continued in batches of `batch_size`, prompts of similar length side by side so little
+    is padding. Round r serves the r-th training epoch. `plan` maps a round to the prompts this process will read in
+    it (a data-parallel rank reads only its share, and a run shorter than an epoch only part of the list); without a
+    plan every prompt is written. A round is sampled under seeds derived from (seed, r) and its planned prompts alone,
+    so a resumed run that asks for round r gets what the uninterrupted run got. A prompt read outside its plan is
+    written when asked for (a plan is a forecast, not a contract). Greedy continuations are the same in every round,
+    so one round holds every planned prompt. One round is kept at a time, on the CPU.
     """
 
     def __init__(self, model, prompts: Sequence[Sequence[int]], *, batch_size: int, max_new_tokens: int,
-                 temperature: float, stop_ids: Iterable[int], pad_token_id: int, seed: int, progress: bool = True):
+                 temperature: float, stop_ids: Iterable[int], pad_token_id: int, seed: int,
+                 plan: Mapping[int, Sequence[int]] | None = None, progress: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
         self.model = model
@@ -132,34 +135,51 @@ class TeacherRollouts:
         self.pad_token_id = pad_token_id
         self.seed = seed
         self.progress = progress
+        if plan is not None and temperature == 0:
+            plan = {0: sorted({i for planned in plan.values() for i in planned})}
+        self.plan = plan
         self.rounds_written = 0
+        self.prompts_written = 0
+        self.unplanned_written = 0
         self._round: int | None = None
-        self._continuations: torch.Tensor | None = None
+        self._continuations = torch.empty(0)
+        self._written = torch.zeros(len(self.prompts), dtype=torch.bool)
 
     def continuations(self, indices: torch.Tensor, round_index: int) -> torch.Tensor:
         """[len(indices), max_new_tokens] continuations of the prompts at `indices`, from round `round_index`."""
         wanted = 0 if self.temperature == 0 else round_index
+        indices = indices.cpu()
         if wanted != self._round:
-            self._continuations = self._write_round(wanted)
             self._round = wanted
-        return self._continuations[indices.cpu()]
+            self._continuations = torch.full((len(self.prompts), self.max_new_tokens), self.pad_token_id,
+                                             dtype=torch.long)
+            self._written.zero_()
+            planned = range(len(self.prompts)) if self.plan is None else self.plan.get(wanted, [])
+            self._write(sorted(set(planned)), wanted, "planned")
+            self.rounds_written += 1
+        missing = sorted(set(indices[~self._written[indices]].tolist()))
+        if missing:
+            self._write(missing, wanted, f"unplanned from {missing[0]}")
+            self.unplanned_written += len(missing)
+        return self._continuations[indices]
 
-    def _write_round(self, round_index: int) -> torch.Tensor:
+    def _write(self, chosen: list[int], round_index: int, part: str) -> None:
         from tqdm.auto import tqdm
 
         device = next(self.model.parameters()).device
-        by_length = sorted(range(len(self.prompts)), key=lambda i: len(self.prompts[i]))
-        written = torch.full((len(self.prompts), self.max_new_tokens), self.pad_token_id, dtype=torch.long)
+        by_length = sorted(chosen, key=lambda i: len(self.prompts[i]))
         chunks = [by_length[start:start + self.batch_size] for start in range(0, len(by_length), self.batch_size)]
+        # The seed names the chunk's place in the round, so the same plan writes the same samples on every run.
+        base = f"{self.seed}/{round_index}/{part}"
         for number, chunk in enumerate(tqdm(chunks, desc=f"teacher rollouts, round {round_index}",
-                                            disable=not self.progress, leave=False)):
+                                            disable=not self.progress or not chunks, leave=False)):
             ids, mask = left_pad([self.prompts[i] for i in chunk], self.pad_token_id)
-            seed = (self.seed * 1_000_003 + round_index) * 100_003 + number
-            written[chunk] = sample_continuations(
+            seed = int.from_bytes(hashlib.sha256(f"{base}/{number}".encode()).digest()[:7], "little")
+            self._continuations[chunk] = sample_continuations(
                 self.model, ids.to(device), mask.to(device), max_new_tokens=self.max_new_tokens,
                 temperature=self.temperature, stop_ids=self.stop_ids, pad_token_id=self.pad_token_id, seed=seed).cpu()
-        self.rounds_written += 1
-        return written
+        self._written[chosen] = True
+        self.prompts_written += len(chosen)
 
 
 def prompt_reply_examples(records, tokenizer, *, max_prompt_tokens: int | None = None) -> list[dict]:

@@ -18,9 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from draftkit.data.rollout import (TeacherRollouts, assemble, collate_prompts, continuation_mask, prompt_reply_examples,
                                    sample_continuations)
+from draftkit.engine.batches import BatchStream
 from draftkit.engine.checkpoint import list_checkpoints, write_json_atomic, write_text_atomic
-from draftkit.engine.distributed import world_size_from_env
-from draftkit.engine.loop import stage_settings, train
+from draftkit.engine.distributed import process_index, world_size_from_env
+from draftkit.engine.loop import LoopSettings, stage_settings, train
 from draftkit.export.hf_dir import export_hf_draft
 from draftkit.objectives.kl import DIVERGENCES, divergence
 from draftkit.objectives.types import LossOutput
@@ -41,7 +42,7 @@ class DistillStep:
     With `teacher_rollouts` (data.rollout.TeacherRollouts over the same prompt list), the target's continuations come
     from rounds written ahead in large batches instead of a generate call per micro-batch: micro-batch m reads round
     m // micro_steps_per_round, one round per epoch of the prompt list (engine.batches visits each prompt once per
-    epoch). Batches must then carry "example_index".
+    epoch; planned_teacher_prompts says which this rank reads in each). Batches must then carry "example_index".
     """
 
     def __init__(self, target_model, *, stop_ids, pad_token_id, lambda_on_policy, mix, off_policy, kind, beta,
@@ -64,6 +65,13 @@ class DistillStep:
         self.last: dict | None = None
         self._previous: tuple[float, float] | None = None  # (entry time, generation seconds) of the previous call
 
+    def on_policy_rows(self, micro_step: int, rows: int) -> torch.Tensor:
+        """[rows] bool: which rows of micro-batch `micro_step` the draft continues; a function of (seed, micro step)
+        alone, so every rank, a resumed run and a plan made ahead (planned_teacher_prompts) draw the same coins."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + micro_step)
+        coins = torch.rand(1 if self.mix == "batch" else rows, generator=generator)
+        return (coins < self.lambda_on_policy).expand(rows)
+
     def _sample(self, model, prompt_ids, prompt_mask, rows, seed):
         return sample_continuations(
             model, prompt_ids[rows], prompt_mask[rows], max_new_tokens=self.max_new_tokens,
@@ -73,11 +81,10 @@ class DistillStep:
         entered = time.perf_counter()
         step_seed = self.seed * 1_000_003 + self.micro_step
         round_index = self.micro_step // self.micro_steps_per_round
-        self.micro_step += 1
         prompt_ids, prompt_mask = batch["prompt_ids"], batch["attention_mask"]
         rows, new = prompt_ids.shape[0], self.max_new_tokens
-        coins = torch.rand(1 if self.mix == "batch" else rows, generator=torch.Generator().manual_seed(step_seed))
-        on_policy = (coins < self.lambda_on_policy).expand(rows).to(prompt_ids.device)
+        on_policy = self.on_policy_rows(self.micro_step, rows).to(prompt_ids.device)
+        self.micro_step += 1
 
         continuations = prompt_ids.new_full((rows, new), self.pad_token_id)
         lengths = torch.full((rows,), new, dtype=torch.long, device=prompt_ids.device)
@@ -191,21 +198,38 @@ def _apply_lora(draft, lora: DictConfig | None):
     return get_peft_model(draft, LoraConfig(**OmegaConf.to_container(lora, resolve=True)))
 
 
-def teacher_rollouts(settings: DictConfig, target, examples: list[dict], pad_token_id: int, seed: int,
-                     sequences_visited: int):
-    """The target's continuations written a round at a time, when the target writes the off-policy data and
-    generation.teacher_batch_size is set; None otherwise (each micro-batch is then continued when it is drawn)."""
+def planned_teacher_prompts(step: DistillStep, examples: list[dict], settings: LoopSettings, *, rank: int,
+                            world_size: int) -> tuple[dict[int, list[int]], int]:
+    """({round: the prompts this rank will have the target continue in it}, micro-steps per round), from the loop's
+    own batch order (engine.batches.BatchStream with the loop's settings) and the step's own coins, replayed from the
+    first micro-step: a rank writes only its share of a round, a run shorter than an epoch only what it reads, and
+    batches the draft continues are left out. Whole rounds are planned even when resuming mid-round, so a resumed run
+    writes each round from the same plan as the uninterrupted one."""
+    order = BatchStream(examples, settings.micro_batch_size, lambda batch: [e["index"] for e in batch],
+                        seed=settings.seed, rank=rank, world_size=world_size, group_by_length=settings.group_by_length)
+    plan: dict[int, list[int]] = {}
+    for micro in range(settings.steps * settings.grad_accum):
+        indices = order.next()
+        off_policy = (~step.on_policy_rows(micro, len(indices))).tolist()
+        plan.setdefault(micro // order.batches_per_epoch, []).extend(i for i, off in zip(indices, off_policy) if off)
+    return plan, order.batches_per_epoch
+
+
+def attach_teacher_rollouts(step: DistillStep, settings: DictConfig, examples: list[dict], loop_settings: LoopSettings,
+                            pad_token_id: int) -> None:
+    """When the target writes the off-policy data and generation.teacher_batch_size is set, the step reads the
+    target's continuations from rounds written ahead; otherwise each micro-batch is continued when it is drawn."""
     batch_size = settings.generation.get("teacher_batch_size")
     if settings.off_policy != "teacher" or settings.lambda_on_policy >= 1.0 or batch_size is None:
-        return None
-    if sequences_visited < len(examples):
-        print(f"[draftkit] note: this run visits {sequences_visited} of its {len(examples)} prompts, but the target "
-              f"writes continuations for all of them (distillspec.generation.teacher_batch_size={batch_size}). Fix: "
-              f"distillspec.num_prompts={sequences_visited} does the same training for less generation")
-    return TeacherRollouts(target.model, [e["prompt_ids"] for e in examples], batch_size=batch_size,
-                           max_new_tokens=settings.generation.max_new_tokens,
-                           temperature=settings.generation.temperature, stop_ids=eos_token_ids(target),
-                           pad_token_id=pad_token_id, seed=seed)
+        return
+    plan, per_round = planned_teacher_prompts(step, examples, loop_settings, rank=process_index(),
+                                              world_size=world_size_from_env())
+    step.micro_steps_per_round = per_round
+    step.teacher_rollouts = TeacherRollouts(
+        step.target_model, [e["prompt_ids"] for e in examples], batch_size=batch_size,
+        max_new_tokens=settings.generation.max_new_tokens, temperature=settings.generation.temperature,
+        stop_ids=step.stop_ids, pad_token_id=pad_token_id, seed=step.seed, plan=plan,
+        progress=process_index() == 0)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> Path:
@@ -227,16 +251,13 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     resumed_step = int(checkpoints[-1].name.split("_")[-1]) if checkpoints else 0
     temperature = resolve_distill_temperature(settings.distill_temperature, cfg.eval.get("temperature", 0.0))
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_ids(target)[0]
-    sequences_per_micro_step = loop_settings.micro_batch_size * world_size_from_env()
-    rollouts = teacher_rollouts(settings, target, examples, pad_token_id, engine["seed"],
-                                sequences_visited=loop_settings.steps * loop_settings.grad_accum * sequences_per_micro_step)
     step = DistillStep(
         target.model, stop_ids=eos_token_ids(target), pad_token_id=pad_token_id,
         lambda_on_policy=settings.lambda_on_policy, mix=settings.mix, off_policy=settings.off_policy,
         kind=settings.divergence, beta=settings.jsd_beta, distill_temperature=temperature,
         generation_temperature=settings.generation.temperature, max_new_tokens=settings.generation.max_new_tokens,
-        seed=engine["seed"], micro_step=resumed_step * loop_settings.grad_accum, teacher_rollouts=rollouts,
-        micro_steps_per_round=max(1, len(examples) // sequences_per_micro_step))
+        seed=engine["seed"], micro_step=resumed_step * loop_settings.grad_accum)
+    attach_teacher_rollouts(step, settings, examples, loop_settings, pad_token_id)
     started = time.perf_counter()
     result = train(model=draft, step_fn=step, dataset=examples, collate=partial(collate_prompts, pad_token_id=pad_token_id),
                    settings=loop_settings, stage_dir=stage_dir, sink=sink, resume=cfg.resume, desc="distill")
@@ -253,7 +274,10 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
         recipe="distillspec", num_assistant_tokens=settings.export.num_assistant_tokens,
         resolved_config_yaml=OmegaConf.to_yaml(cfg, resolve=True), eval_table_md=table)
     trained_here = result.steps - (result.resumed_from or 0)
+    rollouts = step.teacher_rollouts
     timing = {"train_seconds": train_seconds, "generation_seconds": step.generation_seconds,
+              "teacher_prompts_written": rollouts.prompts_written if rollouts else None,
+              "teacher_prompts_unplanned": rollouts.unplanned_written if rollouts else None,
               "generation_share": step.generation_seconds / train_seconds if trained_here else None,
               "distill_temperature": temperature}
     if after is not None:
