@@ -337,6 +337,15 @@ def test_teacher_written_run_is_pinned_and_resumes_into_its_second_round(tmp_pat
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
 
 
+def test_grouping_by_length_batches_prompts_of_similar_length(tmp_path):
+    run_recipe(tmp_path, *TEACHER_RUN, "engine.group_by_length=true")
+    timing = json.loads((tmp_path / "result.json").read_text())["timing"]
+    assert (timing["teacher_prompts_written"], timing["teacher_prompts_unplanned"]) == (6, 0)
+    examples = distillspec._prompt_examples(compose(["+recipe=distillspec", "+debug=tiny", *TEACHER_RUN]),
+                                            tiny_target().tokenizer, seed=0)
+    assert examples.lengths == [len(e["prompt_ids"]) for e in examples] and len(examples) == 4
+
+
 def test_lora_trains_adapters_and_exports_a_merged_draft(tmp_path):
     export = run_recipe(tmp_path, "distillspec.num_prompts=8", "distillspec.generation.max_new_tokens=8", "eval=none",
                         "distillspec.lora={r: 4, lora_alpha: 8, target_modules: [q_proj, v_proj]}")

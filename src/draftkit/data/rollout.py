@@ -210,6 +210,15 @@ def prompt_reply_examples(records, tokenizer, *, max_prompt_tokens: int | None =
     return examples
 
 
+class PromptExamples(list):
+    """prompt_reply_examples' output with its prompt lengths, which engine.group_by_length batches by (similar
+    prompt lengths side by side: less left padding in every rollout)."""
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(example["prompt_ids"]) for example in self]
+
+
 def collate_prompts(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Prompt examples -> {"prompt_ids", "attention_mask"} (left-padded) and {"reply_ids", "reply_lengths"}, plus
     "example_index" when the examples carry an "index" (their place in the prompt list, for TeacherRollouts)."""

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from draftkit.data.rollout import (TeacherRollouts, assemble, collate_prompts, continuation_mask, prompt_reply_examples,
-                                   sample_continuations)
+from draftkit.data.rollout import (PromptExamples, TeacherRollouts, assemble, collate_prompts, continuation_mask,
+                                   prompt_reply_examples, sample_continuations)
 from draftkit.engine.batches import BatchStream
 from draftkit.engine.checkpoint import list_checkpoints, write_json_atomic, write_text_atomic
 from draftkit.engine.distributed import process_index, world_size_from_env
@@ -175,7 +175,8 @@ def _prompt_examples(cfg: DictConfig, tokenizer, seed: int) -> list[dict]:
     records = load_sources(cfg.data.prompts, cfg.data.prompts_limit)
     examples = prompt_reply_examples(records, tokenizer, max_prompt_tokens=cfg.data.selfdistill.max_prompt_tokens)
     random.Random(seed).shuffle(examples)
-    examples = [example | {"index": index} for index, example in enumerate(examples[: cfg.distillspec.num_prompts])]
+    examples = PromptExamples(example | {"index": index}
+                              for index, example in enumerate(examples[: cfg.distillspec.num_prompts]))
     if not examples:
         raise ValueError(f"no usable prompts in {list(cfg.data.prompts)} (chat records with a user turn of at most "
                          f"data.selfdistill.max_prompt_tokens={cfg.data.selfdistill.max_prompt_tokens} tokens)")
