@@ -83,20 +83,22 @@ class DistillStep:
         round_index = self.micro_step // self.micro_steps_per_round
         prompt_ids, prompt_mask = batch["prompt_ids"], batch["attention_mask"]
         rows, new = prompt_ids.shape[0], self.max_new_tokens
-        on_policy = self.on_policy_rows(self.micro_step, rows).to(prompt_ids.device)
+        # The coins are drawn on the CPU; deciding there which sources run costs no host-device sync.
+        on_policy_host = self.on_policy_rows(self.micro_step, rows)
+        on_policy = on_policy_host.to(prompt_ids.device)
         self.micro_step += 1
 
         continuations = prompt_ids.new_full((rows, new), self.pad_token_id)
         lengths = torch.full((rows,), new, dtype=torch.long, device=prompt_ids.device)
-        if on_policy.any():
+        if on_policy_host.any():
             continuations[on_policy] = self._sample(draft, prompt_ids, prompt_mask, on_policy, step_seed)
         off = ~on_policy
-        if off.any():
+        if not on_policy_host.all():
             if self.off_policy == "teacher" and self.teacher_rollouts is not None:
                 if "example_index" not in batch:
                     raise ValueError("teacher_rollouts needs batches with example_index (collate_prompts adds it when "
                                      "every example has an 'index')")
-                written = self.teacher_rollouts.continuations(batch["example_index"][off.cpu()], round_index)
+                written = self.teacher_rollouts.continuations(batch["example_index"][~on_policy_host], round_index)
                 continuations[off] = written.to(continuations.device)
             elif self.off_policy == "teacher":
                 continuations[off] = self._sample(self.target_model, prompt_ids, prompt_mask, off, step_seed + 1)
