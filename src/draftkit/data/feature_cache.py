@@ -1,12 +1,16 @@
-"""Target features for feature-level drafters (EAGLE-1, FSPAD): computed online, or once into an on-disk cache.
+"""Target features for feature-level drafters (EAGLE-1, FSPAD, EAGLE-3): computed online, or once into an on-disk cache.
+
+A feature is the target's last-layer state (post- or pre-norm; EAGLE-1, FSPAD) or, with `aux_layers` (EAGLE-3), the
+residual streams entering those layers followed by the post-norm last state (the teacher's input), concatenated:
+[T, (k + 1) * H] per example.
 
 The cache is a folder: `manifest.json` (what the features are: target fingerprint, feature kind, storage, data
 fingerprint) plus shards `shard_00000.safetensors`, ... of `shard_size` examples each. Each shard appears complete or
 not at all (written to a temporary name, then renamed), so an interrupted build resumes at the first missing shard.
 A cache whose manifest names another target, feature or dataset is refused, never silently reused.
 
-Storage: fp32 (exact), bf16 (half the size), int8 (a quarter, plus one fp32 scale per position: symmetric absmax
-quantisation per position). Readers get fp32 (`cache[i]`); training batches keep bf16 as stored (`cache.compact(i)`)
+Storage: fp32 (exact), bf16 (half the size), int8 (a quarter, plus one fp32 scale per position and layer: symmetric
+absmax quantisation per position, separately for each concatenated layer, whose magnitudes differ by orders). Readers get fp32 (`cache[i]`); training batches keep bf16 as stored (`cache.compact(i)`)
 and widen on the device, which is exact and moves half the bytes through the host.
 """
 
@@ -44,17 +48,23 @@ def feature_layer(target: Target) -> int:
 
 @torch.no_grad()
 def target_features(target: Target, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                    norm: str = "post_norm") -> torch.Tensor:
-    """The target's feature at every position, [B, T, H], in the target's dtype.
+                    norm: str = "post_norm", aux_layers: Sequence[int] | None = None) -> torch.Tensor:
+    """The target's feature at every position, [B, T, H], in the target's dtype; with aux_layers (l_1, ..., l_k), the
+    residual streams hidden[l_i] (entering layer l_i) and then the post-norm last state, [B, T, (k + 1) * H].
 
     Computed with autocast off, so online training, the cache and the runtime all see the same features.
     """
     if norm not in FEATURE_NORMS:
         raise ValueError(f"feature norm {norm!r}: choose one of {FEATURE_NORMS}")
+    if aux_layers is not None and norm != "post_norm":
+        raise ValueError("fused-layer features end with the post-norm last state (the teacher's input); norm must be "
+                         "post_norm")
     device_type = input_ids.device.type
     with torch.autocast(device_type=device_type, enabled=False):
-        layers = [feature_layer(target)] if norm == "pre_norm" else []
+        layers = [feature_layer(target)] if norm == "pre_norm" else list(aux_layers or [])
         out = target.features(input_ids, attention_mask, layers=layers, with_logits=False)
+    if aux_layers is not None:
+        return torch.cat([out.hidden[i] for i in aux_layers] + [out.last_hidden], dim=-1)
     return out.hidden[feature_layer(target)] if norm == "pre_norm" else out.last_hidden
 
 
@@ -81,21 +91,26 @@ def data_fingerprint(examples: Sequence[dict]) -> str:
     return digest.hexdigest()[:32]
 
 
-def _encode(features: torch.Tensor, storage: str) -> dict[str, torch.Tensor]:
+def _encode(features: torch.Tensor, storage: str, groups: int = 1) -> dict[str, torch.Tensor]:
+    """features [T, groups * H]; int8 scales are [T] for one group, [T, groups] for several."""
     features = features.float()
     if storage == "fp32":
         return {"features": features.contiguous()}
     if storage == "bf16":
         return {"features": features.to(torch.bfloat16).contiguous()}
-    scale = features.abs().amax(dim=-1).clamp_min(1e-12) / 127.0
-    quantized = (features / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-    return {"features": quantized.contiguous(), "scales": scale.contiguous()}
+    grouped = features.view(features.shape[0], groups, -1)
+    scale = grouped.abs().amax(dim=-1).clamp_min(1e-12) / 127.0
+    quantized = (grouped / scale[..., None]).round().clamp(-127, 127).to(torch.int8).view_as(features)
+    return {"features": quantized.contiguous(), "scales": (scale[:, 0] if groups == 1 else scale).contiguous()}
 
 
 def _decode(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     features = tensors["features"]
     if features.dtype == torch.int8:
-        return features.float() * tensors["scales"][:, None]
+        scales = tensors["scales"]
+        scales = scales[:, None] if scales.dim() == 1 else scales
+        grouped = features.view(features.shape[0], scales.shape[1], -1).float() * scales[..., None]
+        return grouped.view(features.shape)
     return features.float()
 
 
@@ -111,7 +126,8 @@ def _describe_mismatch(found: dict, expected: dict) -> str:
     return details
 
 
-def expected_manifest(target: Target, examples: Sequence[dict], *, norm: str, storage: str, shard_size: int) -> dict:
+def expected_manifest(target: Target, examples: Sequence[dict], *, norm: str, storage: str, shard_size: int,
+                      aux_layers: Sequence[int] | None = None) -> dict:
     if storage not in STORAGE_DTYPES:
         raise ValueError(f"feature cache storage {storage!r}: choose one of {STORAGE_DTYPES}")
     if norm not in FEATURE_NORMS:
@@ -122,7 +138,8 @@ def expected_manifest(target: Target, examples: Sequence[dict], *, norm: str, st
         "version": CACHE_VERSION,
         "target": target.name,
         "target_fingerprint": target_fingerprint(target),
-        "feature": {"norm": norm, "layer": feature_layer(target)},
+        "feature": {"norm": norm, "layer": feature_layer(target),
+                    **({"aux_layers": [int(i) for i in aux_layers]} if aux_layers is not None else {})},
         "hidden_size": target.hidden_size,
         "storage": storage,
         "num_examples": len(examples),
@@ -139,7 +156,7 @@ def _check_manifest(cache_dir: Path, expected: dict) -> None:
     raise FeatureCacheMismatch(
         f"the feature cache at {cache_dir} was made for something else ({_describe_mismatch(found, expected)}). "
         "Features from another target, feature kind or dataset would train a wrong draft. Fix: point the cache path "
-        "(fspad.features.cache) at a new folder, or delete this one to rebuild it"
+        "(<recipe>.features.cache: fspad or eagle3) at a new folder, or delete this one to rebuild it"
     )
 
 
@@ -154,10 +171,14 @@ def build_feature_cache(
     batch_size: int = 8,
     pad_token_id: int = 0,
     progress: bool = True,
+    aux_layers: Sequence[int] | None = None,
 ) -> "FeatureCache":
-    """Compute the target's features for every example (`input_ids` lists) into `cache_dir`; resume if interrupted."""
+    """Compute the target's features for every example (`input_ids` lists) into `cache_dir`; resume if interrupted.
+    aux_layers: fused-layer features (see target_features)."""
     cache_dir = Path(cache_dir)
-    expected = expected_manifest(target, examples, norm=norm, storage=storage, shard_size=shard_size)
+    expected = expected_manifest(target, examples, norm=norm, storage=storage, shard_size=shard_size,
+                                 aux_layers=aux_layers)
+    groups = 1 if aux_layers is None else len(aux_layers) + 1
     cache_dir.mkdir(parents=True, exist_ok=True)
     if (cache_dir / _MANIFEST).is_file():
         _check_manifest(cache_dir, expected)
@@ -178,10 +199,10 @@ def build_feature_cache(
                 batch = collate([{"input_ids": examples[i]["input_ids"], "labels": examples[i]["input_ids"]}
                                  for i in batch_indices], pad_token_id=pad_token_id)
                 features = target_features(target, batch["input_ids"].to(device),
-                                           batch["attention_mask"].to(device), norm).cpu()
+                                           batch["attention_mask"].to(device), norm, aux_layers).cpu()
                 for row, index in enumerate(batch_indices):
                     length = len(examples[index]["input_ids"])
-                    for name, tensor in _encode(features[row, :length], storage).items():
+                    for name, tensor in _encode(features[row, :length], storage, groups).items():
                         tensors[f"{name}.{index}"] = tensor
                 bar.update(len(batch_indices))
             staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -199,7 +220,7 @@ class FeatureCache:
         path = self.cache_dir / _MANIFEST
         if not path.is_file():
             raise FileNotFoundError(f"no feature cache at {self.cache_dir} (no {_MANIFEST}). Fix: build it first "
-                                    "(fspad.stages=[features] with fspad.features.source=offline)")
+                                    "(<recipe>.stages=[features] with <recipe>.features.source=offline)")
         self.manifest = json.loads(path.read_text())
         if not self.manifest.get("complete"):
             raise DataError(f"the feature cache at {self.cache_dir} is incomplete (its build was interrupted). Fix: "

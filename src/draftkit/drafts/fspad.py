@@ -74,7 +74,10 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, rope_theta: float):
+    """Llama attention with RoPE. input_size: the width q/k/v read (default hidden_size; EAGLE-3's layer reads 2h)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, rope_theta: float,
+                 input_size: int | None = None):
         super().__init__()
         if hidden_size % num_heads or num_heads % num_kv_heads:
             raise ValueError(f"hidden_size={hidden_size} must divide by num_heads={num_heads}, and num_heads by "
@@ -82,12 +85,14 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = hidden_size // num_heads
         self.rope_theta = rope_theta
-        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
+        input_size = input_size or hidden_size
+        self.q_proj = nn.Linear(input_size, num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(input_size, num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(input_size, num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=False)
 
-    def forward(self, x, positions, attn_mask, cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
+    def project(self, x, positions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries [B, heads, T, d] and keys, values [B, kv_heads, T, d] of x [B, T, in] at positions [B, T] (RoPE)."""
         batch, length, _ = x.shape
 
         def heads(proj, n):
@@ -95,7 +100,11 @@ class Attention(nn.Module):
 
         q = rope(heads(self.q_proj, self.num_heads), positions, self.rope_theta)
         k = rope(heads(self.k_proj, self.num_kv_heads), positions, self.rope_theta)
-        v = heads(self.v_proj, self.num_kv_heads)
+        return q, k, heads(self.v_proj, self.num_kv_heads)
+
+    def forward(self, x, positions, attn_mask, cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
+        batch, length, _ = x.shape
+        q, k, v = self.project(x, positions)
         if cache is not None:
             k = torch.cat([cache.keys, k], dim=2)
             v = torch.cat([cache.values, v], dim=2)

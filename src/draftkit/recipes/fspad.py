@@ -162,10 +162,10 @@ def validate(cfg: DictConfig) -> list[str]:
     return stages
 
 
-def check_draft_vocab_size(size: int | None, target) -> None:
+def check_draft_vocab_size(size: int | None, target, key: str = "fspad.draft_vocab_size") -> None:
     """Before the (slow) self-distillation: a draft vocabulary must fit in the target's."""
     if size is not None and size > target.vocab_size:
-        raise ValueError(f"fspad.draft_vocab_size={size} is larger than the target's vocabulary of "
+        raise ValueError(f"{key}={size} is larger than the target's vocabulary of "
                          f"{target.vocab_size} tokens. Fix: choose at most {target.vocab_size}, or null for the whole "
                          "vocabulary")
 

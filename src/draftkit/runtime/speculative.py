@@ -49,35 +49,66 @@ class Drafter(Protocol):
 
 
 class FeatureDrafterProtocol(Drafter, Protocol):
-    """A drafter that also reads the target's hidden states (feature drafters: EAGLE, FSPAD). It declares which one
-    with `target_hidden` ("post_norm": the final norm's output, "pre_norm": its input), and after every target forward
-    the runtime hands it the states of the positions that stay valid, before calling `rollback`."""
+    """A drafter that also reads the target's hidden states (feature drafters: EAGLE, FSPAD, EAGLE-3). It declares which
+    with `target_hidden` ("post_norm": the final norm's output, "pre_norm": its input, or a tuple of layer ids
+    (l_1, ..., l_k): the residual streams entering those decoder layers, concatenated in that order, as EAGLE-3 fuses
+    them), and after every target forward the runtime hands it the states of the positions that stay valid, before
+    calling `rollback`."""
 
-    target_hidden: str
+    target_hidden: str | tuple[int, ...]
 
     def observe_target_hidden(self, hidden: torch.Tensor) -> None:
-        """hidden: [1, m, H], the target's states for the next m committed positions (in sequence order)."""
+        """hidden: [1, m, H] (k * H for k layer ids), the target's states for the next m committed positions."""
 
 
 @contextmanager
-def capture_target_hidden(target_model: nn.Module, which: str | None):
-    """While open, every forward of `target_model` leaves its last-layer states in the yielded dict under "hidden".
-    which=None captures nothing (plain drafters pay no hook)."""
-    box: dict[str, torch.Tensor] = {}
+def capture_target_hidden(target_model: nn.Module, which: str | tuple[int, ...] | None):
+    """While open, every forward of `target_model` leaves the states `which` names (FeatureDrafterProtocol) in the
+    yielded dict under "hidden". which=None captures nothing (plain drafters pay no hook)."""
+    box: dict = {}
     if which is None:
         yield box
         return
-    norm = target_model.get_decoder().norm
+    decoder = target_model.get_decoder()
+    norm = decoder.norm
     if which == "post_norm":
-        handle = norm.register_forward_hook(lambda _m, _i, output: box.__setitem__("hidden", output))
+        handles = [norm.register_forward_hook(lambda _m, _i, output: box.__setitem__("hidden", output))]
     elif which == "pre_norm":
-        handle = norm.register_forward_pre_hook(lambda _m, inputs: box.__setitem__("hidden", inputs[0]))
+        handles = [norm.register_forward_pre_hook(lambda _m, inputs: box.__setitem__("hidden", inputs[0]))]
+    elif isinstance(which, tuple) and which and all(isinstance(i, int) for i in which):
+        handles = _capture_layer_inputs(decoder, which, box)
     else:
-        raise ValueError(f"drafter asks for target_hidden={which!r}; the runtime offers post_norm and pre_norm")
+        raise ValueError(f"drafter asks for target_hidden={which!r}; the runtime offers post_norm, pre_norm and a "
+                         "tuple of decoder layer ids")
     try:
         yield box
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+
+
+def _capture_layer_inputs(decoder: nn.Module, layer_ids: tuple[int, ...], box: dict) -> list:
+    """Hooks that leave cat(hidden[l] for l in layer_ids) in box["hidden"] after each forward, hidden[l] being the
+    residual stream entering decoder layer l (0 = the embeddings; the number of layers = the final norm's input)."""
+    num_layers = len(decoder.layers)
+    if any(not 0 <= i <= num_layers for i in layer_ids):
+        raise ValueError(f"layer ids {list(layer_ids)} fall outside the target's 0..{num_layers}")
+    parts: dict[int, torch.Tensor] = {}
+
+    def keep(index: int):
+        def hook(_module, _inputs, output):
+            parts[index] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def fuse(_module, inputs):
+        if num_layers in layer_ids:
+            parts[num_layers] = inputs[0]
+        box["hidden"] = torch.cat([parts[i] for i in layer_ids], dim=-1)  # the norm runs after every layer
+
+    handles = [decoder.embed_tokens.register_forward_hook(keep(0))] if 0 in layer_ids else []
+    handles += [decoder.layers[i - 1].register_forward_hook(keep(i)) for i in layer_ids if 0 < i < num_layers]
+    handles.append(decoder.norm.register_forward_pre_hook(fuse))
+    return handles
 
 
 class Verifier(Protocol):

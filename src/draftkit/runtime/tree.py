@@ -5,14 +5,16 @@ Stable API (other draft families build on it; extend it, do not change it):
 * `DraftTree(tokens, parents, forwards)`: the candidates. `tokens[i]` is node i's token id, `parents[i]` its parent
   node (-1 = the root, i.e. the newest committed token). Parents come before their children. A chain is a tree whose
   node i has parent i - 1.
-* `TargetStep(sequence, hidden, prenorm_hidden, start)`: what the target computed for the tokens it committed since the
-  drafter was last asked. `sequence` [1, L] holds every committed token; the target's KV cache covers positions
+* `TargetStep(sequence, hidden, prenorm_hidden, start, aux_hidden)`: what the target computed for the tokens it
+  committed since the drafter was last asked. `sequence` [1, L] holds every committed token; the target's KV cache covers positions
   [0, L - 1) (the newest token came out of the target's logits and has not been fed yet). `hidden` [n, H] is the
   target's final hidden state after the final norm (what the LM head reads) at positions [start, L - 1), and
   `prenorm_hidden` the same positions before the final norm; `hidden[-1]` is the state whose logits produced
   `sequence[0, -1]`. Successive steps tile the positions: the next step's `start` is this step's `L - 1`. Only
   committed positions are ever reported, so a drafter with its own KV cache (an EAGLE-style feature drafter) crops
-  that cache back to `start` and feeds the new states.
+  that cache back to `start` and feeds the new states. `aux_hidden` [n, k * H] is filled only for a drafter whose
+  `target_hidden` is a tuple of layer ids (EAGLE-3): the residual streams entering those layers, concatenated
+  (runtime.speculative.capture_target_hidden), for the same positions; None otherwise.
 * `TreeDrafter` protocol: `reset()` before each generation, `propose_tree(step) -> DraftTree`, and `max_depth` (the
   deepest tree it proposes, which sizes the per-depth statistics).
 * Tree shapes: `StaticTree(paths)` (Medusa-style: each path lists, per depth, the rank of the candidate among its
@@ -58,6 +60,7 @@ from draftkit.runtime.speculative import (
     _eos_ids,
     _sampling_generator,
     _synchronize,
+    capture_target_hidden,
     new_cache,
 )
 
@@ -116,6 +119,7 @@ class TargetStep:
     hidden: torch.Tensor
     prenorm_hidden: torch.Tensor
     start: int
+    aux_hidden: torch.Tensor | None = None
 
 
 class TreeDrafter(Protocol):
@@ -480,9 +484,11 @@ def tree_generate(
     stats = GenerationStats(proposed_per_position=[0] * depth, accepted_per_position=[0] * depth)
     timed = StepTimer(stats, device, profile)
     generated: list[int] = []
+    fused_layers = getattr(drafter, "target_hidden", None)
+    fused_layers = fused_layers if isinstance(fused_layers, tuple) else None  # post/pre-norm states come anyway
     _synchronize(device)
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), capture_target_hidden(target_model, fused_layers) as captured:
         drafter.reset()
         cache = new_cache()
         sequence = input_ids
@@ -520,8 +526,9 @@ def tree_generate(
             rows = torch.tensor(list(range(suffix)) + [suffix + i for i in path], device=hidden.device)
             accepted = torch.tensor([tokens[i] for i in path] + [next_token], dtype=torch.long, device=device)
             sequence = torch.cat([sequence, accepted.view(1, -1)], dim=1)
+            aux = captured["hidden"][0].index_select(0, rows) if fused_layers is not None else None
             step = TargetStep(sequence=sequence, hidden=hidden.index_select(0, rows),
-                              prenorm_hidden=prenorm.index_select(0, rows), start=committed)
+                              prenorm_hidden=prenorm.index_select(0, rows), start=committed, aux_hidden=aux)
     _synchronize(device)
     stats.wall_time_s = time.perf_counter() - start
     return GenerationOutput(tokens=generated, stats=stats)

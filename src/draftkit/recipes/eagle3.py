@@ -1,0 +1,239 @@
+"""EAGLE-3: train a one-layer drafter on fused low/middle/high target layers with training-time test, measure it,
+export it for vLLM (speculators format) and SGLang.
+
+Stages as in recipes/fspad.py: `features` precomputes the target's fused-layer features (the aux layers and the
+post-norm last state, compressed like FSPAD's cache) into a sharded, resumable cache (only with
+eagle3.features.source=offline); `train` unrolls the drafter eagle3.ttt.steps times on its own states and sums the
+weighted soft cross-entropies (objectives/eagle3.py). Both paths compute features with one function. Acceptance is
+measured before and after training with runtime/eagle3.py's chain drafter (and its tree drafter), the same runtime
+`python -m draftkit.eval` uses.
+
+eagle3.feature_sampling and eagle3.partial_alignment are FSPAD's two parts on EAGLE-3 (drafts/eagle3.py); with either,
+the draft exports in draftkit's format only.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from draftkit.data.feature_cache import (
+    FeatureCache,
+    FeatureExamples,
+    build_feature_cache,
+    collate_with_features,
+    expected_manifest,
+    target_features,
+)
+from draftkit.drafts.eagle3 import Eagle3Drafter, eagle3_drafter
+from draftkit.engine.checkpoint import write_json_atomic, write_text_atomic
+from draftkit.engine.loop import stage_settings, train
+from draftkit.engine.run import record_run
+from draftkit.export.eagle3 import RUNTIME_FORMATS, export_eagle3, format_refusal
+from draftkit.objectives.eagle3 import eagle3_loss, step_weights, ttt_masks
+from draftkit.objectives.linear_logits import LinearLogits
+from draftkit.recipes.common import compare_markdown, draft_token_map, measure_acceptance
+from draftkit.recipes.fspad import SOURCES, STAGES, _rope_theta, check_draft_vocab_size, training_conversations
+from draftkit.runtime.eagle3 import Eagle3ChainDrafter, Eagle3TreeDrafter
+from draftkit.runtime.tree import tree_shape
+from draftkit.targets.hf import resolve_target_path
+
+
+def aux_layers(settings, num_layers: int) -> list[int]:
+    """The fused target layers: eagle3.aux_layers, or the references' low/middle/high default [2, L // 2, L - 3]
+    (vLLM, SGLang, speculators, SafeAILab EAGLE-3): ids of the residual streams entering those decoder layers."""
+    given = settings.aux_layers
+    layers = [2, num_layers // 2, num_layers - 3] if given is None else [int(i) for i in given]
+    where = "the default [2, L // 2, L - 3]" if given is None else f"eagle3.aux_layers={layers}"
+    if len(layers) < 2 or any(not 0 <= i <= num_layers for i in layers) or layers != sorted(set(layers)):
+        raise ValueError(f"{where} gives {layers} for a target of {num_layers} layers: EAGLE-3 needs at least two "
+                         f"distinct ascending layer ids in 0..{num_layers} (three in 1..{num_layers - 1} for vLLM and "
+                         "SGLang). Fix: set eagle3.aux_layers, e.g. [1, 2, 3]")
+    return layers
+
+
+def build_draft(target, settings, layers, token_map: torch.Tensor | None = None) -> Eagle3Drafter:
+    """The drafter for `target`: attention and MLP shapes copy the target's layers; its own norm starts as the target's
+    final norm. token_map: the draft vocabulary (recipes.common.draft_token_map), None for the whole vocabulary."""
+    text = target.config.get_text_config()
+    draft = eagle3_drafter(
+        embed_weight=target.embed_tokens.weight, lm_head_weight=target.lm_head.weight,
+        norm_weight=target.model.get_decoder().norm.weight, num_aux_layers=len(layers),
+        num_heads=text.num_attention_heads, num_kv_heads=getattr(text, "num_key_value_heads", text.num_attention_heads),
+        intermediate_size=text.intermediate_size, rope_theta=_rope_theta(text), rms_norm_eps=text.rms_norm_eps,
+        feature_sampling=settings.feature_sampling, partial_alignment=settings.partial_alignment,
+        norm_before_residual=settings.norm_before_residual, token_map=token_map, seed=settings.seed)
+    return draft.to(target.device)
+
+
+def _shifted(x: torch.Tensor, step: int, length: int) -> torch.Tensor:
+    """x[:, step + 1 + t] for t in 0..length-1, zero past the end (those positions are never counted)."""
+    part = x[:, step + 1: step + 1 + length]
+    pad = x.new_zeros(x.shape[0], length - part.shape[1], *x.shape[2:])
+    return torch.cat([part, pad], dim=1)
+
+
+def feature_step(model: Eagle3Drafter, batch: dict, features: torch.Tensor, *, steps: int, weights: list[float],
+                 regression_weight: float, loss_chunk_size: int | None = None):
+    """One loss on a batch whose features [B, T, (k + 1) h] are given (fused aux layers, then the post-norm last
+    state): the drafter unrolled `steps` times (training-time test), step j scored against the target's distribution
+    of x_{t+j+2}, both through the draft's frozen LM head (its draft vocabulary's rows)."""
+    fused_width = model.num_aux_layers * model.hidden_size
+    aux, last = features[..., :fused_width], features[..., fused_width:]
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    length = input_ids.shape[1] - 1
+    masks = ttt_masks(labels, steps)
+    outputs = model.unroll(aux[:, :-1], input_ids[:, 1:], steps)
+    fused_targets = model.hidden_input(aux).detach() if model.partial_alignment else None
+    draft_logits, teacher_logits, regress, regress_targets = [], [], [], []
+    for step, ((predict, fed_back), mask) in enumerate(zip(outputs, masks)):
+        # Only counted positions go through the head (the step's largest cost at a large vocabulary).
+        teacher_states = _shifted(last, step, length)[mask]
+        if loss_chunk_size is None:
+            with torch.no_grad():
+                teacher_logits.append(model.lm_head(teacher_states))
+            draft_logits.append(model.head_logits(predict[mask]))
+        else:
+            with torch.no_grad():
+                teacher_logits.append(LinearLogits(teacher_states, model.lm_head.weight, chunk_size=loss_chunk_size))
+            draft_logits.append(LinearLogits(model.head_input(predict[mask]), model.lm_head.weight,
+                                             chunk_size=loss_chunk_size))
+        if fused_targets is not None:
+            regress.append(fed_back[mask])
+            regress_targets.append(_shifted(fused_targets, step, length)[mask])
+    return eagle3_loss(draft_logits, teacher_logits, weights, regress=regress or None,
+                       regress_targets=regress_targets or None, regression_weight=regression_weight)
+
+
+def make_step(target, settings, layers: list[int]):
+    ttt = settings.ttt
+    weights = step_weights(ttt.steps, ttt.decay, None if ttt.step_weights is None else list(ttt.step_weights))
+    options = {"steps": ttt.steps, "weights": weights, "regression_weight": settings.regression_weight,
+               "loss_chunk_size": settings.loss_chunk_size}
+
+    def step(model, batch):
+        features = batch.get("features")
+        if features is None:  # online: the frozen target runs here, outside the trainable module
+            features = target_features(target, batch["input_ids"], batch["attention_mask"], aux_layers=layers)
+        return feature_step(model, batch, features.to(model.fc.weight.dtype), **options)
+
+    return step
+
+
+def validate(cfg: DictConfig) -> list[str]:
+    settings = cfg.eagle3
+    stages = list(settings.stages)
+    if not stages or any(s not in STAGES for s in stages):
+        raise ValueError(f"eagle3.stages={stages}: choose from {list(STAGES)}")
+    if settings.features.source not in SOURCES:
+        raise ValueError(f"eagle3.features.source={settings.features.source!r}: choose online or offline")
+    if settings.features.storage not in ("fp32", "bf16", "int8"):
+        raise ValueError(f"eagle3.features.storage={settings.features.storage!r}: choose fp32, bf16 or int8")
+    if settings.tree.kind not in ("none", "chain", "static", "topk"):
+        raise ValueError(f"eagle3.tree.kind={settings.tree.kind!r}: choose none, chain, static or topk")
+    size = settings.draft_vocab_size
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"eagle3.draft_vocab_size={size!r}: give a number of tokens >= 1, or null for the target's "
+                         "whole vocabulary")
+    ttt = settings.ttt
+    if isinstance(ttt.steps, bool) or not isinstance(ttt.steps, int) or ttt.steps < 1:
+        raise ValueError(f"eagle3.ttt.steps={ttt.steps!r}: give the number of unrolled draft steps, >= 1")
+    step_weights(ttt.steps, ttt.decay, None if ttt.step_weights is None else list(ttt.step_weights))
+    for fmt in settings.export.formats or ():
+        if fmt not in RUNTIME_FORMATS:
+            raise ValueError(f"eagle3.export.formats lists {fmt!r}: choose from {list(RUNTIME_FORMATS)}")
+    return stages
+
+
+def verifier_name_or_path(cfg: DictConfig) -> str | None:
+    """What a speculators config names as the verifier: eagle3.export.verifier, else the target's Hub id or the local
+    checkpoint it was loaded from (a GGUF's converted directory); None for a target built in-process."""
+    if cfg.eagle3.export.verifier:
+        return str(cfg.eagle3.export.verifier)
+    path = cfg.target.get("path")
+    if not path:
+        return None
+    resolved = resolve_target_path(str(path), cfg.target.get("gguf_file"))
+    return str(Path(resolved).resolve()) if Path(resolved).exists() else resolved
+
+
+def run(cfg: DictConfig, run_dir: Path) -> Path | None:
+    stages = validate(cfg)
+    settings = cfg.eagle3
+    offline = settings.features.source == "offline"
+    record_run(run_dir, cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    sink = instantiate(cfg.logger, _recursive_=False, run_dir=str(run_dir), run_config=config, run_name=run_dir.name)
+    engine = OmegaConf.to_container(cfg.engine, resolve=True)
+    target = instantiate(cfg.target)
+    layers = aux_layers(settings, target.num_layers)  # refused before any generation
+    check_draft_vocab_size(settings.draft_vocab_size, target, key="eagle3.draft_vocab_size")
+    if settings.export.formats:  # an explicit runtime format that cannot hold the draft is refused before training
+        arch = {"feature_sampling": settings.feature_sampling, "partial_alignment": settings.partial_alignment,
+                "aux_layers": layers, "norm_before_residual": settings.norm_before_residual}
+        for fmt in settings.export.formats:
+            why_not = format_refusal(fmt, arch, target.num_layers)
+            if why_not is not None:
+                raise ValueError(f"eagle3.export.formats asks for {fmt}, which cannot hold this draft: {why_not}")
+    chats = training_conversations(cfg, target, run_dir)
+    cache_dir = Path(settings.features.cache) if settings.features.cache else run_dir / "feature_cache"
+    cache_settings = dict(norm="post_norm", storage=settings.features.storage, shard_size=settings.features.shard_size,
+                          aux_layers=layers)
+
+    if "features" in stages and offline:
+        build_feature_cache(target, chats, cache_dir, batch_size=settings.features.batch_size,
+                            pad_token_id=target.tokenizer.pad_token_id, **cache_settings)
+    if "train" not in stages:
+        sink.finish()
+        print(f"Feature cache ready at {cache_dir}")
+        return None
+
+    dataset = chats
+    if offline:
+        cache = FeatureCache(cache_dir)
+        cache.check(expected_manifest(target, chats, **cache_settings))  # refused before any training starts
+        dataset = FeatureExamples(chats, cache)
+
+    token_map = draft_token_map(chats, settings.draft_vocab_size, target, run_dir)
+    draft = build_draft(target, settings, layers, token_map)
+    drafter = Eagle3ChainDrafter(draft, layers, name=f"{draft.variant} draft")
+    tree_drafter = None
+    if settings.tree.kind != "none":
+        shape = tree_shape(settings.tree.kind, settings.tree.depth, top_k=settings.tree.top_k,
+                           width=settings.tree.width, budget=settings.tree.budget)
+        tree_drafter = Eagle3TreeDrafter(draft, shape, layers, name=f"{draft.variant} draft (tree)")
+    before = measure_acceptance(target, drafter, cfg.eval, run_dir / "eval_before.json") if cfg.eval.get("before") else None
+    torch.manual_seed(cfg.engine.seed)
+    result = train(model=draft, step_fn=make_step(target, settings, layers), dataset=dataset,
+                   collate=partial(collate_with_features, pad_token_id=target.tokenizer.pad_token_id),
+                   settings=stage_settings(engine, **settings.train.engine), stage_dir=run_dir / "train", sink=sink,
+                   resume=cfg.resume, desc="train")
+    if result.resumed_from != result.steps:  # the draft changed: earlier reports are stale
+        (run_dir / "eval_after.json").unlink(missing_ok=True)
+        (run_dir / "eval_after_tree.json").unlink(missing_ok=True)
+    after = measure_acceptance(target, drafter, cfg.eval, run_dir / "eval_after.json")
+    after_tree = measure_acceptance(target, tree_drafter, cfg.eval, run_dir / "eval_after_tree.json") \
+        if tree_drafter is not None else None
+    table = compare_markdown({"before training": before, "after training (chain)": after,
+                              f"after training ({settings.tree.kind} tree, depth {settings.tree.depth})": after_tree})
+    write_text_atomic(run_dir / "summary.md", table + "\n")
+    exports = export_eagle3(
+        draft, run_dir / "export", aux_layers=layers, target_name=target.name, num_target_layers=target.num_layers,
+        max_position_embeddings=target.config.get_text_config().max_position_embeddings,
+        num_speculative_tokens=settings.export.num_speculative_tokens,
+        resolved_config_yaml=OmegaConf.to_yaml(cfg, resolve=True), verifier_name_or_path=verifier_name_or_path(cfg),
+        verifier_architectures=list(target.config.architectures or []), eval_table_md=table,
+        formats=None if settings.export.formats is None else list(settings.export.formats))
+    if after is not None:
+        sink.summary({"tau_before": before["overall"]["tau"] if before else None, "tau_after": after["overall"]["tau"]})
+    sink.finish()
+    write_json_atomic(run_dir / "result.json", {"exports": {k: str(v) for k, v in exports.items()},
+                                                 "variant": draft.variant, "aux_layers": layers,
+                                                 "features": settings.features.source, "before": before,
+                                                 "after": after, "after_tree": after_tree})
+    print(f"\n{table}\n\nDraft exported to {exports['draftkit']}")
+    return exports["draftkit"]
