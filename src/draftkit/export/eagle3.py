@@ -10,8 +10,10 @@ Layout of `<out>/` (written atomically: a staging folder, then one rename):
                  (vLLM maps those too).
 Both runtime folders hold fc.weight [h, k*h], the layer (q/k/v [.., 2h], o, gate/up/down, input_layernorm, hidden_norm,
 post_attention_layernorm), norm.weight, lm_head.weight [V_d, h] and, with a draft vocabulary, d2t (int64 [V_d],
-target id - draft id) and t2d (bool [V]). No embed_tokens: the runtimes share the target's, which is what the draft
-trained with (frozen). Only the plain variant (no feature sampling, no partial alignment) fits them; others export in
+target id - draft id) and t2d (bool [V]). speculators/ also holds embed_tokens.weight, a bf16 copy of the target's
+(frozen) embedding: speculators 0.9.0 fills a missing embedding from the verifier only where the fresh tensor holds a
+NaN, and under transformers 5.19 that tensor is uninitialised memory, so without the copy it loaded garbage in about
+half the loads we tried. sglang/ has none: SGLang replaces the draft's embedding with the target's (set_embed). Only the plain variant (no feature sampling, no partial alignment) fits them; others export in
 draftkit's format only, and draftkit.json says why. Every folder has manifest.json and its exact key set is checked
 when written and when loaded.
 
@@ -144,6 +146,8 @@ def expected_keys(arch: dict, fmt: str) -> dict[str, list[int]]:
     keys["lm_head.weight"] = [size if size is not None else arch["vocab_size"], h]
     if size is not None:
         keys.update({"d2t": [size], "t2d": [arch["vocab_size"]]})
+    if fmt == "speculators":
+        keys["embed_tokens.weight"] = [arch["vocab_size"], h]
     return keys
 
 
@@ -166,6 +170,8 @@ def runtime_tensors(draft: Eagle3Drafter, fmt: str) -> dict[str, torch.Tensor]:
             name = _LAYER_PREFIX[fmt] + name.removeprefix("layers.0.")
         tensors[name] = tensor.to(torch.bfloat16)
     tensors["lm_head.weight"] = draft.lm_head.weight.detach().to(torch.bfloat16).cpu().contiguous()
+    if fmt == "speculators":
+        tensors["embed_tokens.weight"] = draft.embed_tokens.weight.detach().to(torch.bfloat16).cpu().contiguous()
     if draft.token_map is not None:
         token_map = draft.token_map.detach().long().cpu()
         tensors["d2t"] = (token_map - torch.arange(token_map.numel())).contiguous()
@@ -320,7 +326,8 @@ def _serve_line(fmt: str, num_speculative_tokens: int, verifier: str | None) -> 
 def load_eagle3_drafter(folder: str | os.PathLike, *, embed_weight: torch.Tensor,
                         lm_head_weight: torch.Tensor) -> tuple[Eagle3Drafter, dict]:
     """Rebuild a drafter from any of the three formats around the target's embedding (and LM head, whose draft
-    vocabulary rows the draftkit format reuses). Returns (drafter in fp32, eval mode; the folder's draftkit.json)."""
+    vocabulary rows the draftkit format reuses); a folder's own embedding and LM head, where it has them, are used
+    instead, as a runtime would. Returns (drafter in fp32, eval mode; the folder's draftkit.json)."""
     folder = Path(folder)
     info = json.loads((folder / "draftkit.json").read_text())
     if info.get("family") != FAMILY:
@@ -339,8 +346,9 @@ def load_eagle3_drafter(folder: str | os.PathLike, *, embed_weight: torch.Tensor
         tensors.pop("t2d", None)
         token_map = None if d2t is None else (d2t.long() + torch.arange(d2t.numel()))
         head = tensors.pop("lm_head.weight")
+    embedding = tensors.pop("embed_tokens.weight", None)
     draft = eagle3_drafter(
-        embed_weight=embed_weight, lm_head_weight=lm_head_weight, norm_weight=torch.ones(arch["hidden_size"]),
+        embed_weight=embed_weight if embedding is None else embedding.float().to(embed_weight.device), lm_head_weight=lm_head_weight, norm_weight=torch.ones(arch["hidden_size"]),
         num_aux_layers=len(arch["aux_layers"]), num_heads=arch["num_attention_heads"],
         num_kv_heads=arch["num_key_value_heads"], intermediate_size=arch["intermediate_size"],
         rope_theta=arch["rope_theta"], rms_norm_eps=arch["rms_norm_eps"], feature_sampling=arch["feature_sampling"],
