@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 import torch
 
 from draftkit.drafts.vocab import draft_rows
+from draftkit.io import write_text_atomic
 from draftkit.runtime.evaluate import evaluate_draft, load_prompts, render_markdown
 from draftkit.targets.hf import BUILTIN_SMOLLM2, freeze, load_target
 
@@ -26,18 +25,6 @@ BUILTIN_PROMPTS = ("data", "builtin", "eval_prompts.jsonl")
 def builtin_prompts() -> Path | None:
     path = resources.files("draftkit").joinpath(*BUILTIN_PROMPTS)
     return Path(str(path)) if path.is_file() else None
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """A reader never sees a half-written report: write a sibling temp file, then rename over the target."""
-    fd, staging = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -265,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.out or Path(args.draft)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomically(out / "eval.json", json.dumps(report, indent=2) + "\n")
-    write_atomically(out / "eval.md", markdown)
+    write_text_atomic(out / "eval.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out / "eval.md", markdown)
     print(markdown)
     print(f"[draftkit] wrote {out / 'eval.json'} and {out / 'eval.md'}", file=sys.stderr)
     return 0

@@ -4,14 +4,12 @@ check that an artifact fits the target it is about to run with."""
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from draftkit.engine.checkpoint import replace_directory
+from draftkit.io import staged_directory
 
 
 class ArtifactError(ValueError):
@@ -59,9 +57,7 @@ def read_json(path: Path) -> dict:
 def write_dir(out_dir: Path, files: dict[str, object]) -> Path:
     """Write every file (.safetensors / .pt: tensors, else JSON) into a staging directory, then swap it in."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as staging:
         for name, payload in files.items():
             path = staging / name
             if name.endswith(".safetensors"):
@@ -70,9 +66,6 @@ def write_dir(out_dir: Path, files: dict[str, object]) -> Path:
                 torch.save(payload, path)
             else:
                 path.write_text(json.dumps(payload, indent=2) + "\n")
-        replace_directory(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 

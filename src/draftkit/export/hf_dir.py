@@ -7,14 +7,12 @@ resolved training config), and README.md, a model card holding the measured acce
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from draftkit.engine.checkpoint import replace_directory
 from draftkit.engine.distributed import is_main_process
+from draftkit.io import staged_directory
 
 CARD_TEMPLATE = """---
 library_name: transformers
@@ -73,9 +71,7 @@ def export_hf_draft(
     out_dir = Path(out_dir)
     if not is_main_process():  # in a multi-process job every rank holds the same draft; rank 0 writes it
         return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as staging:
         gen = draft.generation_config
         gen.num_assistant_tokens = num_assistant_tokens
         gen.num_assistant_tokens_schedule = "constant"
@@ -92,7 +88,4 @@ def export_hf_draft(
         (staging / "README.md").write_text(CARD_TEMPLATE.format(
             name=out_dir.name, target=target_name, recipe=recipe, vocab_size=target_vocab_size, params=params,
             eval_table=eval_table_md, gamma=num_assistant_tokens))
-        replace_directory(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir

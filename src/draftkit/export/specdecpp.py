@@ -15,7 +15,6 @@ it was trained for.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -23,9 +22,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from draftkit.drafts.specdecpp import AcceptanceHead, acceptance_head, draft_fingerprint
-from draftkit.engine.checkpoint import replace_directory, write_json_atomic
 from draftkit.export.artifact import ArtifactError, cast_tensors, load_exact, manifest, read_json, write_dir
 from draftkit.export.hf_dir import export_hf_draft
+from draftkit.io import staged_directory, write_json_atomic
 
 FAMILY = "specdecpp"
 HEAD_DIR = "acceptance_head"
@@ -74,9 +73,7 @@ def export_specdecpp(draft, head: AcceptanceHead, tokenizer, out_dir: Path, *, t
                      eval_table_md: str) -> Path:
     """Write the draft, the head and the policy into a staging directory, then swap it in as `out_dir`."""
     out_dir = Path(out_dir)
-    staging = out_dir.with_name(f".{out_dir.name}.specdecpp-staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with staged_directory(out_dir) as staging:
         export_hf_draft(draft, tokenizer, staging, target_name=target_name, target_vocab_size=target_vocab_size,
                         recipe=FAMILY, num_assistant_tokens=stop_policy["num_speculative_tokens"],
                         resolved_config_yaml=resolved_config_yaml, eval_table_md=eval_table_md)
@@ -84,7 +81,4 @@ def export_specdecpp(draft, head: AcceptanceHead, tokenizer, out_dir: Path, *, t
         write_json_atomic(staging / POLICY_FILE, stop_policy)
         write_json_atomic(staging / "draftkit.json", {"family": FAMILY, "head": HEAD_DIR, "stop_policy": POLICY_FILE,
                                                       "target": target_name})
-        replace_directory(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir

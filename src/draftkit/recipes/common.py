@@ -17,7 +17,7 @@ from draftkit.data.draft_vocab import label_counts
 from draftkit.data.selfdistill import prompts_from_records, regenerate_responses
 from draftkit.data.sources import builtin_path, load_records
 from draftkit.drafts.vocab import coverage, select_tokens
-from draftkit.engine.checkpoint import write_json_atomic, write_text_atomic
+from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.engine.distributed import as_settings, frozen_dtype, is_main_process, main_process_first
 from draftkit.engine.run import record_run
 from draftkit.runtime.evaluate import evaluate_draft, load_prompts

@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from draftkit.data.rollout import (PromptExamples, TeacherRollouts, assemble, collate_prompts, continuation_mask,
                                    prompt_reply_examples, sample_continuations)
 from draftkit.engine.batches import BatchStream
-from draftkit.engine.checkpoint import list_checkpoints, write_json_atomic, write_text_atomic
+from draftkit.engine.checkpoint import list_checkpoints
+from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.engine.distributed import process_index, world_size_from_env
 from draftkit.engine.loop import LoopSettings, stage_settings, train
 from draftkit.export.hf_dir import export_hf_draft

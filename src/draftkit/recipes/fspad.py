@@ -35,7 +35,7 @@ from draftkit.data.feature_cache import (
 from draftkit.data.selfdistill import prompts_from_records, regenerate_responses
 from draftkit.data.sources import load_records
 from draftkit.drafts.fspad import FeatureDrafter, feature_drafter
-from draftkit.engine.checkpoint import write_json_atomic, write_text_atomic
+from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.engine.loop import stage_settings, train
 from draftkit.engine.run import record_run
 from draftkit.export.eagle import EAGLE_FORMATS, export_feature_drafter, format_refusal

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from draftkit.data.collate import collate
 from draftkit.drafts.vocab import draft_index, draft_labels, draft_rows
-from draftkit.engine.checkpoint import write_json_atomic, write_text_atomic
+from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.engine.loop import stage_settings, train
 from draftkit.export.heads_dir import export_heads_dir
 from draftkit.recipes.common import (

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from draftkit.data.collate import collate
 from draftkit.drafts.medusa import MedusaWithTarget
-from draftkit.engine.checkpoint import write_json_atomic
+from draftkit.io import write_json_atomic
 from draftkit.engine.loop import stage_settings, train
 from draftkit.export.medusa import export_medusa_fasterdecoding, export_medusa_vllm
 from draftkit.objectives.ce import IGNORE_INDEX, next_token_ce

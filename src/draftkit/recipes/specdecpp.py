@@ -23,7 +23,7 @@ from draftkit.data.feature_cache import target_fingerprint
 from draftkit.data.selfdistill import prompts_from_records
 from draftkit.data.specdecpp_labels import build_acceptance_labels, check_label_settings, collate_labels
 from draftkit.drafts.specdecpp import acceptance_head, draft_fingerprint
-from draftkit.engine.checkpoint import write_json_atomic
+from draftkit.io import write_json_atomic
 from draftkit.engine.distributed import is_main_process, main_process_first
 from draftkit.engine.loop import stage_settings, train
 from draftkit.export.specdecpp import export_specdecpp, load_acceptance_head
