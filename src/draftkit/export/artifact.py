@@ -1,10 +1,20 @@
-"""What every draftkit artifact directory shares: atomic writes, a key/shape manifest, exact key-set checks, and the
-check that an artifact fits the target it is about to run with."""
+"""What every draftkit artifact directory shares: atomic writes, a key/shape manifest, exact key-set checks, the check
+that an artifact fits the target it is about to run with, and what a family's `load` returns.
+
+Each method `<m>` owns `draftkit.export.<m>`, which writes its artifacts and reads them back with
+
+    load(directory, target, dtype=torch.float32) -> LoadedDraft
+
+`draftkit.eval` finds that module from the `family` an artifact's draftkit.json records (a directory without one is a
+plain HF draft LM: family "lm"), then hands the result to `draftkit.runtime.<m>.drafting` (runtime/drafting.py).
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -14,6 +24,26 @@ from draftkit.io import staged_directory
 
 class ArtifactError(ValueError):
     pass
+
+
+PLAIN_HF_FAMILY = "lm"
+
+
+@dataclass
+class LoadedDraft:
+    """A family's trained module(s) on the target's device, the keyword arguments its runtime's `drafting` needs (what
+    the artifact records for decoding), and the artifact's draftkit.json (empty for a plain HF draft)."""
+
+    module: Any
+    settings: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+
+def artifact_family(directory) -> str:
+    """The family an artifact directory holds: draftkit.json's "family", or "lm" for a plain HF draft directory."""
+    info = Path(directory) / "draftkit.json"
+    family = json.loads(info.read_text()).get("family") if info.is_file() else None
+    return family or PLAIN_HF_FAMILY
 
 
 def check_key_set(found, expected: set[str], where: str) -> None:

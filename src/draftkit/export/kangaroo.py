@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
 from draftkit.drafts.kangaroo import KangarooAdapter
+from draftkit.export.artifact import LoadedDraft
 from draftkit.io import staged_directory
 
 FAMILY = "kangaroo"
@@ -106,3 +107,12 @@ def load_kangaroo(path: Path, target_shape: tuple[int, int] | None = None) -> tu
         )
     adapter.load_state_dict(tensors, strict=True)
     return adapter.float().eval(), meta
+
+
+def load(directory, target, dtype: torch.dtype = torch.float32) -> LoadedDraft:
+    """The adapter for `target` (checked against the depth and vocabulary it was trained for), in `dtype`; the runtime
+    needs the recorded exit layer and early-exit threshold."""
+    adapter, meta = load_kangaroo(directory, target_shape=(target.num_layers, target.vocab_size))
+    return LoadedDraft(adapter.to(device=target.device, dtype=dtype),
+                       settings={"exit_layer": meta["exit_layer"], "threshold": meta["threshold"]}, info=meta)
+

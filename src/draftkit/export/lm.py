@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel
 
 from draftkit.engine.distributed import is_main_process
+from draftkit.export.artifact import ArtifactError, LoadedDraft
 from draftkit.io import staged_directory
 
 CARD_TEMPLATE = """---
@@ -89,3 +91,20 @@ def export_hf_draft(
             name=out_dir.name, target=target_name, recipe=recipe, vocab_size=target_vocab_size, params=params,
             eval_table=eval_table_md, gamma=num_assistant_tokens))
     return out_dir
+
+
+def load(directory, target, dtype: torch.dtype = torch.float32) -> LoadedDraft:
+    """A draft LM directory (save_pretrained output) on the target's device, frozen; it must share the target's padded
+    vocabulary, or the runtime would compare token ids of two different tokenizers."""
+    from transformers import AutoModelForCausalLM
+
+    draft = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(target.device)
+    draft.requires_grad_(False).eval()
+    draft_vocab = draft.config.get_text_config().vocab_size
+    if draft_vocab != target.vocab_size:
+        raise ArtifactError(
+            f"draft {directory} has vocab_size={draft_vocab} but target {target.name} has {target.vocab_size}. Fix: "
+            "pass the --target this draft was trained for, or train a draft on this target (drafts must share the "
+            "target's padded vocabulary)")
+    return LoadedDraft(draft)
+

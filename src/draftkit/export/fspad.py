@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from draftkit.drafts.fspad import FeatureDrafter, feature_drafter
+from draftkit.export.artifact import ArtifactError, LoadedDraft
 from draftkit.io import staged_directory
 
 FAMILY = "fspad"
@@ -294,3 +295,22 @@ def _stored_token_map(folder: Path, info: dict, tensors: dict[str, torch.Tensor]
         raise ValueError(f"{folder}: expected a token_map of {size} ids, found "
                          f"{None if token_map is None else tuple(token_map.shape)}")
     return token_map
+
+
+def load(directory, target, dtype: torch.dtype = torch.float32) -> LoadedDraft:
+    """The drafter in any of the three formats around `target`'s embedding, LM head and final norm, in `dtype`; the
+    runtime needs the target feature it was trained on (recorded in draftkit.json)."""
+    try:
+        module, info = load_feature_drafter(directory, embed_weight=target.embed_tokens.weight,
+                                            lm_head_weight=target.lm_head.weight,
+                                            head_norm_weight=target.model.get_decoder().norm.weight)
+    except ArtifactError:
+        raise
+    except ValueError as error:  # wrong target or a tampered folder: a user's problem, not a bug
+        raise ArtifactError(str(error)) from None
+    if module.vocab_size != target.vocab_size:
+        raise ArtifactError(f"draft {directory} has vocab_size={module.vocab_size} but target {target.name} has "
+                            f"{target.vocab_size}. Fix: pass the --target this draft was trained for")
+    return LoadedDraft(module.to(dtype), settings={"feature_norm": info["target_feature"]["norm"],
+                                                   "name": str(directory)}, info=info)
+
