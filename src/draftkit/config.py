@@ -59,3 +59,15 @@ def compose(overrides: list[str]) -> DictConfig:
     with open_dict(cfg):
         del cfg["hydra"]  # what @hydra.main hands a task has no hydra node either
     return cfg
+
+
+def instantiate_draft(draft_cfg: DictConfig, target):
+    """The `draft` group instantiated for `target`: every builder receives the same call-site arguments (the target's
+    vocabulary and special ids, its embedding table and model, for drafts cut from or initialised by it)."""
+    from hydra.utils import instantiate
+
+    tokenizer = target.tokenizer
+    return instantiate(draft_cfg, vocab_size=target.vocab_size, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       target_embedding=target.embed_tokens.weight, target_model=target.model)
+

@@ -15,11 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 from draftkit.data.chat import tokenize_chat
 from draftkit.data.draft_vocab import label_counts
 from draftkit.data.selfdistill import prompts_from_records, regenerate_responses
-from draftkit.data.sources import builtin_path, load_records
+from draftkit.data.sources import load_records, prompt_file
 from draftkit.drafts.vocab import coverage, select_tokens
-from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.engine.distributed import as_settings, frozen_dtype, is_main_process, main_process_first
 from draftkit.engine.run import record_run
+from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.runtime.drafting import Drafting
 from draftkit.runtime.evaluate import evaluate_draft, load_prompts
 
@@ -68,14 +68,6 @@ def draft_token_map(chats, size: int | None, target, run_dir: Path):
     return token_map.to(target.device)
 
 
-def build_draft(draft_cfg: DictConfig, target):
-    """The `draft` group instantiated for `target`: every builder receives the same call-site arguments."""
-    tokenizer = target.tokenizer
-    return instantiate(draft_cfg, vocab_size=target.vocab_size, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                       target_embedding=target.embed_tokens.weight, target_model=target.model)
-
-
 def require_shared_vocabulary(draft, target) -> None:
     """A standalone draft LM must predict the target's padded vocabulary, id for id."""
     rows = draft.get_output_embeddings().weight.shape[0]
@@ -114,10 +106,6 @@ def dataset_chats(data_cfg: DictConfig, tokenizer) -> Dataset:
     """`data.prompts` records with the replies they carry (no regeneration), tokenized for training."""
     records = load_sources(data_cfg.prompts, data_cfg.prompts_limit)
     return tokenize_chat(records, tokenizer, max_length=data_cfg.max_length, too_long=data_cfg.too_long)
-
-
-def prompt_file(source: str) -> Path:
-    return builtin_path(source.removeprefix("builtin:")) if source.startswith("builtin:") else Path(source)
 
 
 def measure_acceptance(target, drafting: Drafting, eval_cfg: DictConfig, path: Path,

@@ -29,9 +29,9 @@ from draftkit.data.feature_cache import (
     target_features,
 )
 from draftkit.drafts.fspad import FeatureDrafter, feature_drafter
-from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.engine.loop import stage_settings, train
 from draftkit.export.fspad import EAGLE_FORMATS, export_feature_drafter, format_refusal
+from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.objectives.fspad import align_pairs, fspad_loss
 from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.recipes.common import (
@@ -75,6 +75,9 @@ def feature_step(model: FeatureDrafter, batch: dict, features: torch.Tensor, *, 
     is the target's distribution renormalised over the draft vocabulary, on both paths."""
     pairs = align_pairs(features, batch["input_ids"], batch["labels"])
     inputs = pairs.input_features
+    # The forward goes through the wrapper the loop hands over (DDP or DeepSpeed, for their gradient hooks); the frozen
+    # LM head is read from the drafter itself, which a DDP wrapper does not expose as attributes.
+    drafter = getattr(model, "module", model)
     if model.training and noise_amplitude > 0:  # noise on the inputs only, never on the regression target
         # Drawn from a seed taken off the CPU generator, which the loop checkpoints: resume stays exact on a GPU too.
         seed = int(torch.randint(0, 2**62, (1,)))
@@ -89,12 +92,12 @@ def feature_step(model: FeatureDrafter, batch: dict, features: torch.Tensor, *, 
     everywhere = torch.ones(predict.shape[0], dtype=torch.bool, device=predict.device)
     if loss_chunk_size is None:
         with torch.no_grad():
-            teacher_logits = model.head_logits(target)
-        draft_logits = model.head_logits(predict)
+            teacher_logits = drafter.head_logits(target)
+        draft_logits = drafter.head_logits(predict)
     else:  # both distributions computed inside the loss, loss_chunk_size positions at a time
         with torch.no_grad():
-            teacher_logits = LinearLogits(model.head_input(target), model.lm_head.weight, chunk_size=loss_chunk_size)
-        draft_logits = LinearLogits(model.head_input(predict), model.lm_head.weight, chunk_size=loss_chunk_size)
+            teacher_logits = LinearLogits(drafter.head_input(target), drafter.lm_head.weight, chunk_size=loss_chunk_size)
+        draft_logits = LinearLogits(drafter.head_input(predict), drafter.lm_head.weight, chunk_size=loss_chunk_size)
     return fspad_loss(draft_logits, regress, target, teacher_logits, everywhere,
                       regression_weight=regression_weight, ce_weight=ce_weight)
 
@@ -108,7 +111,8 @@ def make_step(target, settings):
         features = batch.get("features")
         if features is None:  # online: the frozen target runs here, outside the trainable module
             features = target_features(target, batch["input_ids"], batch["attention_mask"], norm)
-        return feature_step(model, batch, features.to(model.fc.weight.dtype), **weights)
+        dtype = getattr(model, "module", model).fc.weight.dtype
+        return feature_step(model, batch, features.to(dtype), **weights)
 
     return step
 

@@ -11,8 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from draftkit.data.collate import collate
 from draftkit.drafts.vocab import draft_index, draft_labels
-from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.engine.loop import stage_settings, train
+from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.recipes.common import (
     compare_markdown,
     dataset_chats,

@@ -23,9 +23,9 @@ from omegaconf import DictConfig
 from draftkit.data.collate import collate
 from draftkit.drafts.medusa import MedusaWithTarget
 from draftkit.drafts.vocab import draft_rows
-from draftkit.io import write_json_atomic
 from draftkit.engine.loop import stage_settings, train
 from draftkit.export.medusa import export_medusa_fasterdecoding, export_medusa_vllm
+from draftkit.io import write_json_atomic
 from draftkit.objectives.ce import IGNORE_INDEX, next_token_ce
 from draftkit.objectives.kl import forward_kl
 from draftkit.objectives.linear_logits import LinearLogits

@@ -28,14 +28,14 @@ Verification: `acceptance="greedy"` (the default) walks from the root, following
 target's argmax; it is lossless (output = the target's greedy output, tested in fp32). `acceptance="sampling"` is
 lossless at any temperature: each node's children are tried in order as point-mass proposals against the target's
 distribution with the rejected ones removed (tested against the target's exact distribution). `acceptance="typical"` is
-Medusa's typical acceptance (methods.md §2.4): a child is accepted when the target gives its token probability above
+Medusa's typical acceptance (Cai et al. 2024): a child is accepted when the target gives its token probability above
 min(posterior_threshold, posterior_alpha * exp(-entropy)), the deepest accepted node wins and the next token is
 sampled from the target at `temperature`. It is LOSSY: the output no longer follows the target's distribution.
 
 KV cache: the target sees the uncommitted suffix plus all tree nodes in one pass, with a tree attention mask (a node
 attends to the committed tokens and its ancestors) and position ids = position of the root + depth. Afterwards the
 accepted path's KV entries are copied into contiguous slots right after the committed ones and the rest is dropped
-(methods.md §4(b).15). The mask is an additive float mask, which the eager and SDPA attention paths of transformers
+(a pruned branch's entries would otherwise sit between committed ones). The mask is an additive float mask, which the eager and SDPA attention paths of transformers
 take as is; flash-attention kernels cannot express a tree mask.
 """
 
