@@ -34,9 +34,9 @@ sampled from the target at `temperature`. It is LOSSY: the output no longer foll
 
 KV cache: the target sees the uncommitted suffix plus all tree nodes in one pass, with a tree attention mask (a node
 attends to the committed tokens and its ancestors) and position ids = position of the root + depth. Afterwards the
-accepted path's KV entries are copied into contiguous slots right after the committed ones and the rest is dropped
-(a pruned branch's entries would otherwise sit between committed ones). The mask is an additive float mask, which the eager and SDPA attention paths of transformers
-take as is; flash-attention kernels cannot express a tree mask.
+accepted path's KV entries are copied into contiguous slots right after the committed ones and the rest is dropped (a
+pruned branch's entries would otherwise sit between committed ones). The mask is an additive float mask, which the eager
+and SDPA attention paths of transformers take as is; flash-attention kernels cannot express a tree mask.
 """
 
 from __future__ import annotations
