@@ -64,8 +64,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -73,8 +71,9 @@ import torch
 from safetensors.torch import load_file
 
 from draftkit.drafts.eagle3 import Eagle3Drafter, eagle3_drafter
-from draftkit.engine.checkpoint import replace_directory
-from draftkit.export.eagle import _write_dir, check_keys
+from draftkit.export.artifact import ArtifactError, LoadedDraft
+from draftkit.export.fspad import _write_dir, check_keys
+from draftkit.io import staged_directory
 
 FAMILY = "eagle3"
 FORMATS = ("draftkit", "speculators", "sglang")
@@ -280,10 +279,8 @@ def export_eagle3(
     base_info = {"family": FAMILY, "variant": draft.variant, "target": target_name, "aux_layers": arch["aux_layers"],
                  "architecture": arch, "num_speculative_tokens": num_speculative_tokens}
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     written = {"draftkit": out_dir}
-    try:
+    with staged_directory(out_dir) as staging:
         _write_dir(staging, draftkit_tensors(draft), expected_keys(arch, "draftkit"),
                    {**arch, "architectures": ["DraftkitEagle3Drafter"],
                     "max_position_embeddings": max_position_embeddings},
@@ -306,9 +303,6 @@ def export_eagle3(
         (staging / "README.md").write_text(CARD.format(
             name=out_dir.name, variant=draft.variant, target=target_name, layers=arch["aux_layers"],
             k=len(arch["aux_layers"]), vocab=vocab, params=params, eval_table=eval_table_md, runtime_lines="\n".join(lines)))
-        replace_directory(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return written
 
 
@@ -364,3 +358,20 @@ def load_eagle3_drafter(folder: str | os.PathLike, *, embed_weight: torch.Tensor
         with torch.no_grad():
             draft.lm_head.weight = torch.nn.Parameter(head.float().to(lm_head_weight.device), requires_grad=False)
     return draft.to(embed_weight.device).eval(), info
+
+
+def load(directory, target, dtype: torch.dtype = torch.float32) -> LoadedDraft:
+    """The drafter in any of the three formats around `target`'s embedding and LM head, in `dtype`; its runtime needs
+    the fused target layers (recorded in draftkit.json)."""
+    try:
+        module, info = load_eagle3_drafter(directory, embed_weight=target.embed_tokens.weight,
+                                           lm_head_weight=target.lm_head.weight)
+    except ArtifactError:
+        raise
+    except ValueError as error:  # wrong target or a tampered folder: a user's problem, not a bug
+        raise ArtifactError(str(error)) from None
+    if max(info["aux_layers"]) > target.num_layers:
+        raise ArtifactError(f"draft {directory} fuses target layers {info['aux_layers']}, but {target.name} has "
+                            f"{target.num_layers}. Fix: pass the --target this draft was trained for")
+    return LoadedDraft(module.to(dtype), settings={"aux_layers": info["aux_layers"], "name": str(directory)},
+                       info=info)

@@ -68,6 +68,20 @@ def draft_token_map(chats, size: int | None, target, run_dir: Path):
     return token_map.to(target.device)
 
 
+def rope_theta(text_config) -> float:
+    """The RoPE base of a transformers text config, wherever its version keeps it."""
+    params = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+    return float(params.get("rope_theta", getattr(text_config, "rope_theta", 10000.0)))
+
+
+def check_draft_vocab_size(size: int | None, target, key: str) -> None:
+    """Before the (slow) self-distillation: a draft vocabulary must fit in the target's."""
+    if size is not None and size > target.vocab_size:
+        raise ValueError(f"{key}={size} is larger than the target's vocabulary of "
+                         f"{target.vocab_size} tokens. Fix: choose at most {target.vocab_size}, or null for the whole "
+                         "vocabulary")
+
+
 def require_shared_vocabulary(draft, target) -> None:
     """A standalone draft LM must predict the target's padded vocabulary, id for id."""
     rows = draft.get_output_embeddings().weight.shape[0]

@@ -18,7 +18,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from draftkit.data.feature_cache import (
@@ -30,17 +29,26 @@ from draftkit.data.feature_cache import (
     target_features,
 )
 from draftkit.drafts.eagle3 import Eagle3Drafter, eagle3_drafter
-from draftkit.engine.checkpoint import write_json_atomic, write_text_atomic
 from draftkit.engine.loop import stage_settings, train
-from draftkit.engine.run import record_run
 from draftkit.export.eagle3 import RUNTIME_FORMATS, export_eagle3, format_refusal
+from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.objectives.eagle3 import eagle3_loss, step_weights, ttt_masks
 from draftkit.objectives.linear_logits import LinearLogits
-from draftkit.recipes.common import compare_markdown, draft_token_map, measure_acceptance
-from draftkit.recipes.fspad import SOURCES, STAGES, _rope_theta, check_draft_vocab_size, training_conversations
-from draftkit.runtime.eagle3 import Eagle3ChainDrafter, Eagle3TreeDrafter
-from draftkit.runtime.tree import tree_shape
+from draftkit.recipes.common import (
+    check_draft_vocab_size,
+    compare_markdown,
+    draft_token_map,
+    measure_acceptance,
+    rope_theta,
+    self_distilled_chats,
+    start_run,
+)
+from draftkit.runtime import eagle3 as eagle3_runtime
+from draftkit.runtime.drafting import DraftingOptions
 from draftkit.targets.hf import resolve_target_path
+
+STAGES = ("features", "train")
+SOURCES = ("online", "offline")
 
 
 def aux_layers(settings, num_layers: int) -> list[int]:
@@ -64,7 +72,7 @@ def build_draft(target, settings, layers, token_map: torch.Tensor | None = None)
         embed_weight=target.embed_tokens.weight, lm_head_weight=target.lm_head.weight,
         norm_weight=target.model.get_decoder().norm.weight, num_aux_layers=len(layers),
         num_heads=text.num_attention_heads, num_kv_heads=getattr(text, "num_key_value_heads", text.num_attention_heads),
-        intermediate_size=text.intermediate_size, rope_theta=_rope_theta(text), rms_norm_eps=text.rms_norm_eps,
+        intermediate_size=text.intermediate_size, rope_theta=rope_theta(text), rms_norm_eps=text.rms_norm_eps,
         feature_sampling=settings.feature_sampling, partial_alignment=settings.partial_alignment,
         norm_before_residual=settings.norm_before_residual, token_map=token_map, seed=settings.seed)
     return draft.to(target.device)
@@ -165,11 +173,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
     stages = validate(cfg)
     settings = cfg.eagle3
     offline = settings.features.source == "offline"
-    record_run(run_dir, cfg)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    sink = instantiate(cfg.logger, _recursive_=False, run_dir=str(run_dir), run_config=config, run_name=run_dir.name)
-    engine = OmegaConf.to_container(cfg.engine, resolve=True)
-    target = instantiate(cfg.target)
+    sink, engine, target = start_run(cfg, run_dir)
     layers = aux_layers(settings, target.num_layers)  # refused before any generation
     check_draft_vocab_size(settings.draft_vocab_size, target, key="eagle3.draft_vocab_size")
     if settings.export.formats:  # an explicit runtime format that cannot hold the draft is refused before training
@@ -179,7 +183,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
             why_not = format_refusal(fmt, arch, target.num_layers)
             if why_not is not None:
                 raise ValueError(f"eagle3.export.formats asks for {fmt}, which cannot hold this draft: {why_not}")
-    chats = training_conversations(cfg, target, run_dir)
+    chats = self_distilled_chats(cfg.data, target, run_dir, cfg.engine.seed)
     cache_dir = Path(settings.features.cache) if settings.features.cache else run_dir / "feature_cache"
     cache_settings = dict(norm="post_norm", storage=settings.features.storage, shard_size=settings.features.shard_size,
                           aux_layers=layers)
@@ -200,13 +204,15 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
 
     token_map = draft_token_map(chats, settings.draft_vocab_size, target, run_dir)
     draft = build_draft(target, settings, layers, token_map)
-    drafter = Eagle3ChainDrafter(draft, layers, name=f"{draft.variant} draft")
-    tree_drafter = None
+    chain = eagle3_runtime.drafting(draft, target, DraftingOptions(tree="chain"), layers, name=f"{draft.variant} draft")
+    tree = None
     if settings.tree.kind != "none":
-        shape = tree_shape(settings.tree.kind, settings.tree.depth, top_k=settings.tree.top_k,
-                           width=settings.tree.width, budget=settings.tree.budget)
-        tree_drafter = Eagle3TreeDrafter(draft, shape, layers, name=f"{draft.variant} draft (tree)")
-    before = measure_acceptance(target, drafter, cfg.eval, run_dir / "eval_before.json") if cfg.eval.get("before") else None
+        tree_cfg = settings.tree
+        options = DraftingOptions(tree=tree_cfg.kind, tree_depth=tree_cfg.depth, tree_top_k=tree_cfg.top_k,
+                                  tree_width=tree_cfg.width, tree_budget=tree_cfg.budget)
+        tree = eagle3_runtime.drafting(draft, target, options, layers, name=f"{draft.variant} draft (tree)")
+    before = (measure_acceptance(target, chain, cfg.eval, run_dir / "eval_before.json")
+              if cfg.eval.get("before") else None)
     torch.manual_seed(cfg.engine.seed)
     result = train(model=draft, step_fn=make_step(target, settings, layers), dataset=dataset,
                    collate=partial(collate_with_features, pad_token_id=target.tokenizer.pad_token_id),
@@ -215,9 +221,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
     if result.resumed_from != result.steps:  # the draft changed: earlier reports are stale
         (run_dir / "eval_after.json").unlink(missing_ok=True)
         (run_dir / "eval_after_tree.json").unlink(missing_ok=True)
-    after = measure_acceptance(target, drafter, cfg.eval, run_dir / "eval_after.json")
-    after_tree = measure_acceptance(target, tree_drafter, cfg.eval, run_dir / "eval_after_tree.json") \
-        if tree_drafter is not None else None
+    after = measure_acceptance(target, chain, cfg.eval, run_dir / "eval_after.json")
+    after_tree = measure_acceptance(target, tree, cfg.eval, run_dir / "eval_after_tree.json") if tree else None
     table = compare_markdown({"before training": before, "after training (chain)": after,
                               f"after training ({settings.tree.kind} tree, depth {settings.tree.depth})": after_tree})
     write_text_atomic(run_dir / "summary.md", table + "\n")

@@ -35,9 +35,11 @@ from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.objectives.fspad import align_pairs, fspad_loss
 from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.recipes.common import (
+    check_draft_vocab_size,
     compare_markdown,
     draft_token_map,
     measure_acceptance,
+    rope_theta,
     self_distilled_chats,
     start_run,
 )
@@ -56,15 +58,10 @@ def build_draft(target, settings, token_map: torch.Tensor | None = None) -> Feat
     draft = feature_drafter(
         embed_weight=target.embed_tokens.weight, lm_head_weight=target.lm_head.weight,
         num_heads=text.num_attention_heads, num_kv_heads=getattr(text, "num_key_value_heads", text.num_attention_heads),
-        intermediate_size=text.intermediate_size, rope_theta=_rope_theta(text), rms_norm_eps=text.rms_norm_eps,
+        intermediate_size=text.intermediate_size, rope_theta=rope_theta(text), rms_norm_eps=text.rms_norm_eps,
         feature_sampling=settings.feature_sampling, partial_alignment=settings.partial_alignment,
         fc_bias=settings.fc_bias, head_norm_weight=head_norm, token_map=token_map, seed=settings.seed)
     return draft.to(target.device)
-
-
-def _rope_theta(text_config) -> float:
-    params = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
-    return float(params.get("rope_theta", getattr(text_config, "rope_theta", 10000.0)))
 
 
 def feature_step(model: FeatureDrafter, batch: dict, features: torch.Tensor, *, noise_amplitude: float,
@@ -146,20 +143,12 @@ def validate(cfg: DictConfig) -> list[str]:
     return stages
 
 
-def check_draft_vocab_size(size: int | None, target, key: str = "fspad.draft_vocab_size") -> None:
-    """Before the (slow) self-distillation: a draft vocabulary must fit in the target's."""
-    if size is not None and size > target.vocab_size:
-        raise ValueError(f"{key}={size} is larger than the target's vocabulary of "
-                         f"{target.vocab_size} tokens. Fix: choose at most {target.vocab_size}, or null for the whole "
-                         "vocabulary")
-
-
 def run(cfg: DictConfig, run_dir: Path) -> Path | None:
     stages = validate(cfg)
     settings = cfg.fspad
     offline = settings.features.source == "offline"
     sink, engine, target = start_run(cfg, run_dir)
-    check_draft_vocab_size(settings.draft_vocab_size, target)
+    check_draft_vocab_size(settings.draft_vocab_size, target, key="fspad.draft_vocab_size")
     chats = self_distilled_chats(cfg.data, target, run_dir, cfg.engine.seed)
     cache_dir = Path(settings.features.cache) if settings.features.cache else run_dir / "feature_cache"
     cache_settings = dict(norm=settings.features.norm, storage=settings.features.storage,

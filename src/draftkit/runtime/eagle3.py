@@ -1,20 +1,20 @@
 """Chain and tree drafting with an EAGLE-3 drafter in draftkit's speculative runtime.
 
-The feature drafters' runtime (runtime/feature_drafter.py) carries over: the draft keeps a KV cache over its layer and
-the target's states of the committed positions, and within a proposal its own pre-norm output stands in for them.
-What EAGLE-3 changes is which target states it reads: `target_hidden` is the tuple of layer ids, so the runtime
-captures the residual streams entering those layers, concatenated (runtime.speculative.capture_target_hidden), and the
-draft's fc fuses them (it tells them from a fed-back state by their width). Lossless like every drafter: the target
-verifies every proposal (tested in fp32 on every test prompt, chain and tree).
+The feature drafters' runtime (runtime/fspad.py) carries over: the draft keeps a KV cache over its layer and the
+target's states of the committed positions, and within a proposal its own pre-norm output stands in for them. What
+EAGLE-3 changes is which target states it reads: `target_hidden` is the tuple of layer ids, so the runtime captures the
+residual streams entering those layers, concatenated (runtime.speculative.capture_target_hidden, TargetStep.aux_hidden),
+and the draft's fc fuses them (it tells them from a fed-back state by their width). Lossless like every drafter: the
+target verifies every proposal (tested in fp32 on every test prompt, chain and tree).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Sequence
 
 from draftkit.drafts.eagle3 import Eagle3Drafter
-from draftkit.runtime.feature_drafter import FeatureChainDrafter, FeatureTreeDrafter
+from draftkit.runtime.drafting import Drafting, DraftingOptions
+from draftkit.runtime.fspad import FeatureChainDrafter, FeatureTreeDrafter
 
 
 class Eagle3ChainDrafter(FeatureChainDrafter):
@@ -31,12 +31,14 @@ class Eagle3TreeDrafter(FeatureTreeDrafter):
         super().__init__(model, shape, target_hidden=_layer_ids(model, aux_layers),
                          name=name or f"{model.variant} drafter (tree)")
 
-    def propose_tree(self, step):
-        if step.aux_hidden is None:
-            raise RuntimeError("the tree runtime reported no fused-layer states; it captures them for a drafter whose "
-                               "target_hidden is a tuple of layer ids")
-        # The feature drafter feeds prenorm_hidden for any target_hidden but post_norm: hand it the fused states there.
-        return super().propose_tree(replace(step, prenorm_hidden=step.aux_hidden))
+
+def drafting(model: Eagle3Drafter, target, options: DraftingOptions, aux_layers: Sequence[int],
+             name: str | None = None) -> Drafting:
+    """A chain drafter (the default, and `options.tree == "chain"`), else a tree drafter options.tree_depth deep
+    (default 5). `aux_layers`: the target layers the model fuses, which an artifact records."""
+    if options.kind("chain") == "chain":
+        return Drafting(Eagle3ChainDrafter(model, aux_layers, name))
+    return Drafting(Eagle3TreeDrafter(model, options.shape(options.tree_depth or 5, "chain"), aux_layers, name))
 
 
 def _layer_ids(model: Eagle3Drafter, aux_layers: Sequence[int]) -> tuple[int, ...]:

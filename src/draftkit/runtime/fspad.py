@@ -136,12 +136,17 @@ class FeatureTreeDrafter(_ModuleModes):
     def reset(self) -> None:
         self.cache: KVCache | None = None
 
+    def target_states(self, step):
+        """The target's states of a TargetStep this drafter reads: post- or pre-norm, or fused layers (EAGLE-3)."""
+        if isinstance(self.target_hidden, tuple):
+            return step.aux_hidden
+        return step.hidden if self.target_hidden == "post_norm" else step.prenorm_hidden
+
     def propose_tree(self, step):
         from draftkit.runtime.tree import grow_tree
 
         device = self.model.fc.weight.device
-        hidden = step.hidden if self.target_hidden == "post_norm" else step.prenorm_hidden
-        hidden = hidden.to(device=device, dtype=self.model.fc.weight.dtype)[None]
+        hidden = self.target_states(step).to(device=device, dtype=self.model.fc.weight.dtype)[None]
         cache = self.cache.truncated(step.start) if self.cache is not None and step.start > 0 else None
         length = step.sequence.shape[1]
         ids = step.sequence[:, step.start + 1 : length].to(device)

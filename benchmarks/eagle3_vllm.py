@@ -1,0 +1,172 @@
+"""Does vLLM serve draftkit's EAGLE-3 exports by itself, and losslessly? (CPU check, tiny target.)
+
+Trains an EAGLE-3 draft briefly on an 8-layer random Llama (hidden 128, head_dim 64: vLLM's CPU attention refuses
+head_dim 8) until it is accepted on the check's prompts, exports it (speculators/ and sglang/ folders), then, in the
+interpreter given by --vllm-python (a venv with vLLM; its torch and transformers pins clash with draftkit's), runs
+plain greedy vLLM and vLLM with speculative_config {"method": "eagle3", "model": <folder>} on the same prompts and
+records whether the outputs are identical and vLLM's per-position acceptance counts next to draftkit's runtime's.
+
+    python benchmarks/eagle3_vllm.py --work /tmp/eagle3_vllm --vllm-python /work/vllm-venv/bin/python \\
+        --out benchmarks/results/eagle3_vllm_cpu_$(date +%F).json
+
+vLLM on CPU needs: VLLM_ENABLE_V1_MULTIPROCESSING=0 (set here), enforce_eager, a small gpu_memory_utilization.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROMPTS = [[1, 50, 60, 70], [1, 9, 8, 7, 6, 5, 4], [1, 100, 101, 102, 103], [1, 40, 41, 42]]
+LAYERS = [2, 4, 5]
+MAX_TOKENS = 24
+GAMMA = 3
+
+VLLM_SCRIPT = """
+import json, os, sys
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+import vllm
+from vllm import LLM, SamplingParams
+target, out, prompts, max_tokens, gamma = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+drafts = sys.argv[6:]
+params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+common = dict(enforce_eager=True, disable_log_stats=False, gpu_memory_utilization=0.1, max_model_len=256, seed=0,
+              dtype="float32")
+def run(**extra):
+    llm = LLM(model=target, **common, **extra)
+    res = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    metrics = {m.name: (list(m.values) if hasattr(m, "values") else getattr(m, "value", None))
+               for m in llm.get_metrics() if "spec_decode" in m.name}
+    return [list(r.outputs[0].token_ids) for r in res], metrics
+plain, _ = run()
+result = {"vllm": vllm.__version__, "plain": plain, "drafts": {}}
+for draft in drafts:
+    try:
+        spec, metrics = run(speculative_config={"method": "eagle3", "model": draft, "num_speculative_tokens": gamma})
+        result["drafts"][draft] = {"outputs": spec, "identical_to_plain": spec == plain, "metrics": metrics}
+    except Exception as error:
+        result["drafts"][draft] = {"error": repr(error)}
+json.dump(result, open(out, "w"), indent=1)
+"""
+
+
+def prepare(work: Path) -> dict:
+    """The target, a briefly trained draft, its exports, and draftkit's own decoding of the prompts."""
+    import torch
+
+    from draftkit.data.feature_cache import target_features
+    from draftkit.drafts.eagle3 import eagle3_drafter
+    from draftkit.export.eagle3 import export_eagle3, load_eagle3_drafter
+    from draftkit.objectives.ce import IGNORE_INDEX
+    from draftkit.recipes.eagle3 import feature_step
+    from draftkit.runtime.eagle3 import Eagle3ChainDrafter
+    from draftkit.runtime.speculative import speculative_generate
+    from draftkit.targets.tiny import tiny_target
+
+    target = tiny_target(num_layers=8, hidden_size=128, num_heads=2, num_kv_heads=1, intermediate_size=256)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # at the default init the tiny target only repeats its last token
+        for param in target.model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 1.0 / param.shape[1] ** 0.5, generator=generator)
+    target.model.save_pretrained(work / "target")
+    target.tokenizer.save_pretrained(work / "target")
+    # The draft learns the target's continuations of the check's own prompts: enough to be accepted there.
+    rows = [target.model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=30, pad_token_id=0)[0]
+            for p in PROMPTS]
+    length = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX)
+    for i, (row, prompt) in enumerate(zip(rows, PROMPTS)):
+        ids[i, : len(row)] = row
+        labels[i, len(prompt): len(row)] = row[len(prompt):]
+    features = target_features(target, ids, None, aux_layers=LAYERS)
+    token_map = torch.tensor(sorted(set(range(0, 320, 2)) | {1}))  # a draft vocabulary, so d2t/t2d are exercised
+    draft = eagle3_drafter(embed_weight=target.embed_tokens.weight, lm_head_weight=target.lm_head.weight,
+                           norm_weight=target.model.get_decoder().norm.weight, num_aux_layers=3, num_heads=2,
+                           num_kv_heads=1, intermediate_size=256, token_map=token_map).train()
+    optimizer = torch.optim.Adam([p for p in draft.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(200):
+        out = feature_step(draft, {"input_ids": ids, "labels": labels}, features, steps=3, weights=[1.0, 0.8, 0.64],
+                           regression_weight=1.0)
+        optimizer.zero_grad()
+        (out.loss_sum / out.count).backward()
+        optimizer.step()
+    exports = export_eagle3(draft.eval(), work / "export", aux_layers=LAYERS, target_name="tiny-llama-h128-l8",
+                            num_target_layers=8, max_position_embeddings=512, num_speculative_tokens=GAMMA,
+                            resolved_config_yaml="", verifier_name_or_path=str(work / "target"),
+                            verifier_architectures=["LlamaForCausalLM"])
+    ours = {}
+    for fmt in ("speculators", "sglang"):
+        module, _ = load_eagle3_drafter(exports[fmt], embed_weight=target.embed_tokens.weight,
+                                        lm_head_weight=target.lm_head.weight)
+        accepted, outputs, lossless = [0] * GAMMA, [], True
+        for prompt in PROMPTS:
+            run = speculative_generate(target.model, Eagle3ChainDrafter(module, LAYERS), torch.tensor([prompt]),
+                                       gamma=GAMMA, max_new_tokens=MAX_TOKENS)
+            reference = target.model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=MAX_TOKENS,
+                                              pad_token_id=0)[0, len(prompt):].tolist()
+            lossless &= run.tokens == reference
+            outputs.append(run.tokens)
+            accepted = [a + b for a, b in zip(accepted, run.stats.accepted_per_position)]
+        ours[str(exports[fmt])] = {"outputs": outputs, "lossless_vs_hf_greedy": lossless,
+                                   "accepted_per_position": accepted}
+    return {"exports": {k: str(v) for k, v in exports.items()}, "draftkit": ours}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--vllm-python", required=True, help="an interpreter with vLLM installed")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    prepared = prepare(args.work)
+    drafts = [prepared["exports"]["speculators"], prepared["exports"]["sglang"]]
+    served = args.work / "vllm.json"
+    subprocess.run([args.vllm_python, "-c", VLLM_SCRIPT, str(args.work / "target"), str(served), json.dumps(PROMPTS),
+                    str(MAX_TOKENS), str(GAMMA), *drafts], check=True)
+    vllm = json.loads(served.read_text())
+    rows = {}
+    for draft in drafts:
+        theirs, ours = vllm["drafts"][draft], prepared["draftkit"][draft]
+        rows[Path(draft).name] = {
+            "vllm_identical_to_plain_vllm": theirs.get("identical_to_plain"),
+            "vllm_error": theirs.get("error"),
+            "draftkit_identical_to_vllm": ours["outputs"] == vllm["plain"],
+            "draftkit_lossless": ours["lossless_vs_hf_greedy"],
+            "vllm_accepted_per_position": theirs.get("metrics", {}).get("vllm:spec_decode_num_accepted_tokens_per_pos"),
+            "vllm_drafts": theirs.get("metrics", {}).get("vllm:spec_decode_num_drafts"),
+            "draftkit_accepted_per_position": ours["accepted_per_position"],
+        }
+    import platform
+
+    import torch
+
+    report = {
+        "what": "vLLM serving draftkit's EAGLE-3 exports (speculators/ and sglang/ folders) by itself, greedy, fp32",
+        "command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/eagle3_vllm.py", *(argv or sys.argv[1:])]),
+        "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count(), "torch": torch.__version__},
+        "vllm_version": vllm["vllm"], "date": time.strftime("%Y-%m-%d"), "wall_s": round(time.time() - start, 1),
+        "target": "tiny random Llama, 8 layers, hidden 128, 2 heads (head_dim 64), vocab 320; aux layers [2, 4, 5]",
+        "draft": "EAGLE-3, 160-token draft vocabulary (d2t/t2d), 200 Adam steps on the target's continuations of the "
+                 "prompts (3 TTT steps)",
+        "prompts": PROMPTS, "max_tokens": MAX_TOKENS, "num_speculative_tokens": GAMMA,
+        "results": rows,
+        "notes": "draftkit drafts fewer tokens near max_tokens (it never drafts past the limit) while vLLM always drafts "
+                 "num_speculative_tokens, so vLLM's later-position counts can exceed draftkit's by those final steps.",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
