@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -233,6 +232,36 @@ def test_the_recipe_exports_and_eval_loads_the_artifact(eagle3_run, tmp_path):
     assert tree["overall"]["outputs_differing_from_ar"] == 0
 
 
+@pytest.mark.parametrize("tree", [None, "static"])
+def test_eval_cli_runs_the_recipe_export(eagle3_run, tmp_path, monkeypatch, tree):
+    from draftkit import eval as eval_module
+    from draftkit.eval import main as eval_main
+
+    monkeypatch.setattr(eval_module, "load_target", lambda *a, **k: tiny_target())
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"question_id": 1, "category": "qa", "turns": ["Hello there"]}) + "\n")
+    extra = ["--tree", tree] if tree else []
+    assert eval_main(["--draft", str(eagle3_run[1]), "--prompts", str(prompts), "--max-new-tokens", "8", "--gamma",
+                      "3", "--out", str(tmp_path / "eval"), "--no-progress", *extra]) == 0
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["overall"]["outputs_differing_from_ar"] == 0 and report["overall"]["new_tokens"] == 8
+    assert report["config"]["decoding"].startswith("tree") == (tree is not None)
+
+
+def test_eval_cli_runs_the_runtime_folders(exported, target, tmp_path, monkeypatch):
+    from draftkit import eval as eval_module
+    from draftkit.eval import main as eval_main
+
+    monkeypatch.setattr(eval_module, "load_target", lambda *a, **k: target)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"question_id": 1, "category": "qa", "turns": ["Hello there"]}) + "\n")
+    for fmt, folder in exported[1].items():
+        assert eval_main(["--draft", str(folder), "--prompts", str(prompts), "--max-new-tokens", "12", "--gamma", "3",
+                          "--out", str(tmp_path / fmt), "--no-progress"]) == 0
+        report = json.loads((tmp_path / fmt / "eval.json").read_text())
+        assert report["overall"]["outputs_differing_from_ar"] == 0, fmt
+
+
 def test_bad_settings_are_refused_before_work(tmp_path):
     with pytest.raises(ValueError, match=r"eagle3.aux_layers=\[2, 1\] gives \[2, 1\] .* Fix: set eagle3.aux_layers"):
         run_recipe(tmp_path / "a", "eagle3.aux_layers=[2,1]")
@@ -263,6 +292,52 @@ def test_greedy_chain_drafting_is_lossless(vocab, target, trained):
             accepted_any |= sum(out.stats.accepted_per_position) > 0
             rejected_any |= out.stats.draft_acceptance < 1.0
     assert accepted_any and rejected_any
+
+
+class CheckedChain(Eagle3ChainDrafter):
+    """Asserts that the fused states the runtime hands over are the target's, computed from scratch."""
+
+    def __init__(self, model, target):
+        super().__init__(model, LAYERS)
+        self.target, self.checked = target, 0
+
+    def propose(self, sequence, num_tokens, temperature, generator):
+        if self.features is not None:
+            expected = target_features(self.target, sequence[:, :-1], None, aux_layers=LAYERS)[..., : 3 * 32]
+            assert torch.allclose(self.features, expected, atol=1e-5)
+            self.checked += 1
+        return super().propose(sequence, num_tokens, temperature, generator)
+
+
+def test_the_runtime_hands_the_drafter_the_fused_target_layers(trained, target):
+    drafter = CheckedChain(trained, target)
+    out = speculative_generate(target.model, drafter, PROMPTS[1], gamma=3, max_new_tokens=20)
+    assert drafter.checked >= 4 and out.stats.tau > 1.0
+
+
+def test_speculative_sampling_with_eagle3_preserves_the_target_distribution():
+    from test_runtime import chi_square_p_value, micro_lm
+
+    model, vocab, temperature, runs = micro_lm(0, vocab_size=8), 8, 0.8, 600
+    layers = (0, 1)  # the micro LM's embeddings and first layer
+    draft = eagle3_drafter(embed_weight=model.get_input_embeddings().weight,
+                           lm_head_weight=model.get_output_embeddings().weight,
+                           norm_weight=model.get_decoder().norm.weight, num_aux_layers=2, num_heads=2, num_kv_heads=1,
+                           intermediate_size=32, token_map=torch.tensor([0, 2, 3, 5, 6])).eval()
+    prompt = torch.tensor([[3, 1, 4]])
+    with torch.inference_mode():
+        first = torch.softmax(model(prompt).logits[0, -1].double() / temperature, dim=-1)
+        extended = torch.cat([prompt.repeat(vocab, 1), torch.arange(vocab).view(vocab, 1)], dim=1)
+        second = torch.softmax(model(extended).logits[:, -1].double() / temperature, dim=-1)
+    counts = torch.zeros(vocab * vocab)
+    accepted = 0
+    for run in range(runs):
+        out = speculative_generate(model, Eagle3ChainDrafter(draft, layers), prompt, gamma=2, max_new_tokens=3,
+                                   temperature=temperature, generator=torch.Generator().manual_seed(run))
+        counts[out.tokens[0] * vocab + out.tokens[1]] += 1
+        accepted += sum(out.stats.accepted_per_position)
+    assert 0.1 * runs < accepted  # the draft is used, not just the target's own samples
+    assert chi_square_p_value(counts, (first[:, None] * second).flatten()) > 1e-4
 
 
 @pytest.mark.parametrize("kind", ["chain", "static", "topk"])

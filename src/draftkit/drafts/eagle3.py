@@ -28,8 +28,16 @@ import math
 import torch
 from torch import nn
 
-from draftkit.drafts.fspad import MLP, Attention, DraftOutput, FeatureSampling, KVCache, RMSNorm
-from draftkit.drafts.vocab import draft_rows, register_token_map
+from draftkit.drafts.fspad import (
+    MLP,
+    Attention,
+    DraftOutput,
+    FeatureSampling,
+    KVCache,
+    RMSNorm,
+    attach_frozen_vocabulary,
+    default_positions,
+)
 
 
 class Eagle3Layer(nn.Module):
@@ -82,19 +90,13 @@ class Eagle3Drafter(nn.Module):
     ):
         super().__init__()
         vocab_size, hidden_size = lm_head_weight.shape
-        if embed_weight.shape[1] != hidden_size:
-            raise ValueError(f"embedding width {embed_weight.shape[1]} != LM head width {hidden_size}")
         if num_aux_layers < 2:
             # The fused input is told from a fed-back draft state by its width (as SGLang's loader does).
             raise ValueError(f"EAGLE-3 fuses several target layers; got {num_aux_layers}. Give at least two layer ids")
         self.hidden_size, self.vocab_size, self.num_aux_layers = hidden_size, vocab_size, num_aux_layers
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.intermediate_size, self.rope_theta, self.rms_norm_eps = intermediate_size, rope_theta, rms_norm_eps
-        self.embed_tokens = nn.Embedding.from_pretrained(embed_weight.detach(), freeze=True)
-        self.draft_vocab_size = register_token_map(self, token_map, vocab_size)
-        # Meta first, so building the frozen head draws no random numbers (fspad.FeatureDrafter does the same).
-        self.lm_head = nn.Linear(hidden_size, self.draft_vocab_size, bias=False, device="meta")
-        self.lm_head.weight = nn.Parameter(draft_rows(lm_head_weight.detach(), self.token_map), requires_grad=False)
+        attach_frozen_vocabulary(self, embed_weight, lm_head_weight, token_map)
         self.fc = nn.Linear(num_aux_layers * hidden_size, hidden_size, bias=False)
         self.feature_sampling = FeatureSampling(hidden_size, intermediate_size, rms_norm_eps) if feature_sampling else None
         self.layers = nn.ModuleList([Eagle3Layer(hidden_size, num_heads, num_kv_heads, intermediate_size, rope_theta,
@@ -155,8 +157,7 @@ class Eagle3Drafter(nn.Module):
         (x_{t+1}) at draft positions `positions` [B, T] (default: after the cache). attn_mask: bool [T, S] or
         [B, 1, T, S] over cached + new positions; None is causal. predict feeds head_logits; regress is fed back."""
         if positions is None:
-            start = cache.length if cache is not None else 0
-            positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            positions = default_positions(input_ids, cache)
         embedded, hidden = self._layer_input(features, input_ids)
         out, new_cache = self.layers[0](embedded, hidden, positions, attn_mask, cache)
         predict, regress = self._split(out)

@@ -166,6 +166,28 @@ class FeatureSampling(nn.Module):
         return fused + self.down_proj(F.silu(self.gate_proj(embedded)) * self.up_proj(self.norm(fused)))
 
 
+def attach_frozen_vocabulary(module: nn.Module, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor,
+                             token_map: torch.Tensor | None) -> None:
+    """Give a feature drafter the target's embedding and LM head, frozen and sharing the target's storage (a tied
+    49k-token head would otherwise cost a copy per draft); with a `token_map` the head keeps only those rows."""
+    vocab_size, hidden_size = lm_head_weight.shape
+    if embed_weight.shape[1] != hidden_size:
+        raise ValueError(f"embedding width {embed_weight.shape[1]} != LM head width {hidden_size}")
+    module.embed_tokens = nn.Embedding.from_pretrained(embed_weight.detach(), freeze=True)
+    module.draft_vocab_size = register_token_map(module, token_map, vocab_size)
+    # On the meta device its own init draws no random numbers and allocates nothing: the target's rows (shared
+    # storage without a token_map) replace it, so a seed gives the trained layers the same start with or without
+    # a token_map.
+    module.lm_head = nn.Linear(hidden_size, module.draft_vocab_size, bias=False, device="meta")
+    module.lm_head.weight = nn.Parameter(draft_rows(lm_head_weight.detach(), module.token_map), requires_grad=False)
+
+
+def default_positions(input_ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    """Positions [B, T] of new draft positions that follow what `cache` holds."""
+    start = cache.length if cache is not None else 0
+    return torch.arange(start, start + input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+
+
 @dataclass
 class DraftOutput:
     """predict: [B, T, H] the half the LM head reads; regress: [B, T, H] the predicted target feature (fed back when
@@ -195,19 +217,10 @@ class FeatureDrafter(nn.Module):
     ):
         super().__init__()
         vocab_size, hidden_size = lm_head_weight.shape
-        if embed_weight.shape[1] != hidden_size:
-            raise ValueError(f"embedding width {embed_weight.shape[1]} != LM head width {hidden_size}")
         self.hidden_size, self.vocab_size = hidden_size, vocab_size
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.intermediate_size, self.rope_theta, self.rms_norm_eps = intermediate_size, rope_theta, rms_norm_eps
-        # Frozen and sharing the target's storage: a tied 49k-token head would otherwise cost a copy per draft.
-        self.embed_tokens = nn.Embedding.from_pretrained(embed_weight.detach(), freeze=True)
-        self.draft_vocab_size = register_token_map(self, token_map, vocab_size)
-        # On the meta device its own init draws no random numbers and allocates nothing: the target's rows (shared
-        # storage without a token_map) replace it, so a seed gives the trained layers the same start with or without
-        # a token_map.
-        self.lm_head = nn.Linear(hidden_size, self.draft_vocab_size, bias=False, device="meta")
-        self.lm_head.weight = nn.Parameter(draft_rows(lm_head_weight.detach(), self.token_map), requires_grad=False)
+        attach_frozen_vocabulary(self, embed_weight, lm_head_weight, token_map)
         # Pre-norm features need the target's final norm before its LM head; post-norm ones are what the head reads.
         self.head_norm = None
         if head_norm_weight is not None:
@@ -244,8 +257,7 @@ class FeatureDrafter(nn.Module):
         if features.shape[:2] != input_ids.shape:
             raise ValueError(f"features {tuple(features.shape)} and input_ids {tuple(input_ids.shape)} must align")
         if positions is None:
-            start = cache.length if cache is not None else 0
-            positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            positions = default_positions(input_ids, cache)
         embedded = self.embed_tokens(input_ids).to(features.dtype)
         fused = self.fc(torch.cat([embedded, features], dim=-1))
         if self.feature_sampling is not None:

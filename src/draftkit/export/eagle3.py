@@ -72,7 +72,7 @@ from safetensors.torch import load_file
 
 from draftkit.drafts.eagle3 import Eagle3Drafter, eagle3_drafter
 from draftkit.export.artifact import ArtifactError, LoadedDraft
-from draftkit.export.fspad import _write_dir, check_keys
+from draftkit.export.fspad import check_keys, draftkit_tensors, trained_tensors, write_format_dir
 from draftkit.io import staged_directory
 
 FAMILY = "eagle3"
@@ -150,21 +150,10 @@ def expected_keys(arch: dict, fmt: str) -> dict[str, list[int]]:
     return keys
 
 
-def _trained(draft: Eagle3Drafter) -> dict[str, torch.Tensor]:
-    return {name: p.detach().float().cpu().contiguous() for name, p in draft.named_parameters() if p.requires_grad}
-
-
-def draftkit_tensors(draft: Eagle3Drafter) -> dict[str, torch.Tensor]:
-    tensors = _trained(draft)
-    if draft.token_map is not None:
-        tensors["token_map"] = draft.token_map.detach().long().cpu().contiguous()
-    return tensors
-
-
 def runtime_tensors(draft: Eagle3Drafter, fmt: str) -> dict[str, torch.Tensor]:
     """The bf16 tensors of a runtime folder: layer names per format, the draft's LM head rows, d2t/t2d."""
     tensors = {}
-    for name, tensor in _trained(draft).items():
+    for name, tensor in trained_tensors(draft).items():
         if name.startswith("layers.0."):
             name = _LAYER_PREFIX[fmt] + name.removeprefix("layers.0.")
         tensors[name] = tensor.to(torch.bfloat16)
@@ -281,7 +270,7 @@ def export_eagle3(
     out_dir = Path(out_dir)
     written = {"draftkit": out_dir}
     with staged_directory(out_dir) as staging:
-        _write_dir(staging, draftkit_tensors(draft), expected_keys(arch, "draftkit"),
+        write_format_dir(staging, draftkit_tensors(draft), expected_keys(arch, "draftkit"),
                    {**arch, "architectures": ["DraftkitEagle3Drafter"],
                     "max_position_embeddings": max_position_embeddings},
                    {**base_info, "format": "draftkit", "runtime_exports": chosen,
@@ -293,7 +282,7 @@ def export_eagle3(
                                          verifier_name_or_path=verifier_name_or_path,
                                          verifier_architectures=verifier_architectures)
                       if fmt == "speculators" else sglang_config(arch, max_position_embeddings=max_position_embeddings))
-            _write_dir(staging / fmt, runtime_tensors(draft, fmt), expected_keys(arch, fmt), config,
+            write_format_dir(staging / fmt, runtime_tensors(draft, fmt), expected_keys(arch, fmt), config,
                        {**base_info, "format": fmt})
             written[fmt] = out_dir / fmt
             lines.append(_serve_line(fmt, num_speculative_tokens, verifier_name_or_path))

@@ -107,12 +107,14 @@ def check_keys(tensors: dict[str, torch.Tensor], expected: dict[str, list[int]],
                          f"shape {[(k, list(tensors[k].shape), expected[k]) for k in wrong]}")
 
 
-def _trained_tensors(draft: FeatureDrafter) -> dict[str, torch.Tensor]:
+def trained_tensors(draft: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every trained parameter of a feature drafter, fp32 on the CPU (the draftkit format's tensors)."""
     return {name: p.detach().float().cpu().contiguous() for name, p in draft.named_parameters() if p.requires_grad}
 
 
-def _draftkit_tensors(draft: FeatureDrafter) -> dict[str, torch.Tensor]:
-    tensors = _trained_tensors(draft)
+def draftkit_tensors(draft: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """trained_tensors plus the draft vocabulary's `token_map`, when the draft has one."""
+    tensors = trained_tensors(draft)
     if draft.token_map is not None:
         tensors["token_map"] = draft.token_map.detach().long().cpu().contiguous()
     return tensors
@@ -124,7 +126,7 @@ def eagle_tensors(draft: FeatureDrafter, fmt: str) -> dict[str, torch.Tensor]:
                              restricted_vocab=draft.token_map is not None)
     if why_not is not None:
         raise ValueError(f"the {draft.variant} draft cannot be written in the {fmt} format: {why_not}")
-    tensors = {k: v.to(torch.bfloat16) for k, v in _trained_tensors(draft).items() if k != "fc.bias"}
+    tensors = {k: v.to(torch.bfloat16) for k, v in trained_tensors(draft).items() if k != "fc.bias"}
     bias = draft.fc.bias.detach().float().cpu() if draft.fc.bias is not None else None
     if fmt == "eagle-vllm" and bias is not None and bias.abs().max() > 0:
         raise ValueError("this draft was trained with a non-zero fc bias, which vLLM's EAGLE loader cannot hold. "
@@ -147,7 +149,9 @@ def _llama_config(arch: dict, feature: dict, max_position_embeddings: int, fc_bi
     }
 
 
-def _write_dir(folder: Path, tensors: dict, expected: dict, config: dict, info: dict) -> None:
+def write_format_dir(folder: Path, tensors: dict, expected: dict, config: dict, info: dict) -> None:
+    """One format's folder: tensors checked against the exact key set, then model.safetensors, config.json, a
+    key/shape manifest.json and draftkit.json."""
     check_keys(tensors, expected, str(folder))
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "model.safetensors"))
@@ -210,7 +214,7 @@ def export_feature_drafter(
                  "architecture": arch, "num_speculative_tokens": num_speculative_tokens}
     reasons = "; ".join(dict.fromkeys(not_written.values()))
     with staged_directory(out_dir) as staging:
-        _write_dir(staging, _draftkit_tensors(draft), expected_keys(arch, "draftkit"),
+        write_format_dir(staging, draftkit_tensors(draft), expected_keys(arch, "draftkit"),
                    {**arch, "architectures": ["DraftkitFeatureDrafter"], "target_feature": feature,
                     "max_position_embeddings": max_position_embeddings},
                    {**base_info, "format": "draftkit", "eagle_exports": chosen or f"not written: {reasons}",
@@ -221,7 +225,7 @@ def export_feature_drafter(
             eagle_lines = [f"- no EAGLE folders: {reasons}."] if reasons else []
         for fmt in chosen:
             sglang_token_map = fmt == "eagle-sglang" and draft.token_map is not None
-            _write_dir(staging / fmt, eagle_tensors(draft, fmt), expected_keys(arch, fmt),
+            write_format_dir(staging / fmt, eagle_tensors(draft, fmt), expected_keys(arch, fmt),
                        _llama_config(arch, feature, max_position_embeddings, fc_bias=fmt == "eagle-sglang"),
                        {**base_info, "format": fmt, **({"token_map": SGLANG_TOKEN_MAP} if sglang_token_map else {})})
             if sglang_token_map:

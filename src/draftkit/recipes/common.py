@@ -14,13 +14,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from draftkit.data.chat import tokenize_chat
 from draftkit.data.draft_vocab import label_counts
+from draftkit.data.feature_cache import FeatureCache, FeatureExamples, build_feature_cache, expected_manifest
 from draftkit.data.selfdistill import prompts_from_records, regenerate_responses
 from draftkit.data.sources import load_records, prompt_file
 from draftkit.drafts.vocab import coverage, select_tokens
 from draftkit.engine.distributed import as_settings, frozen_dtype, is_main_process, main_process_first
 from draftkit.engine.run import record_run
 from draftkit.io import write_json_atomic, write_text_atomic
-from draftkit.runtime.drafting import Drafting
+from draftkit.runtime.drafting import Drafting, DraftingOptions
 from draftkit.runtime.evaluate import evaluate_draft, load_prompts
 
 
@@ -80,6 +81,54 @@ def check_draft_vocab_size(size: int | None, target, key: str) -> None:
         raise ValueError(f"{key}={size} is larger than the target's vocabulary of "
                          f"{target.vocab_size} tokens. Fix: choose at most {target.vocab_size}, or null for the whole "
                          "vocabulary")
+
+
+FEATURE_STAGES = ("features", "train")
+
+
+def check_feature_recipe(settings, name: str) -> list[str]:
+    """The settings a feature-drafter recipe (`name`: fspad, eagle3) shares, refused with the fix before any work;
+    returns its stages."""
+    stages = list(settings.stages)
+    if not stages or any(s not in FEATURE_STAGES for s in stages):
+        raise ValueError(f"{name}.stages={stages}: choose from {list(FEATURE_STAGES)}")
+    if settings.features.source not in ("online", "offline"):
+        raise ValueError(f"{name}.features.source={settings.features.source!r}: choose online or offline")
+    if settings.tree.kind not in ("none", "chain", "static", "topk"):
+        raise ValueError(f"{name}.tree.kind={settings.tree.kind!r}: choose none, chain, static or topk")
+    if settings.features.storage not in ("fp32", "bf16", "int8"):
+        raise ValueError(f"{name}.features.storage={settings.features.storage!r}: choose fp32, bf16 or int8")
+    size = settings.draft_vocab_size
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"{name}.draft_vocab_size={size!r}: give a number of tokens >= 1, or null for the target's "
+                         "whole vocabulary")
+    return stages
+
+
+def feature_training_data(target, chats, settings, stages: list[str], run_dir: Path, **cache_settings):
+    """The `features` stage (an offline cache, built or resumed) and then what `train` reads: the chats (online) or
+    the chats with their cached features, the cache refused unless it was made for exactly this target, feature and
+    dataset. None when the run only builds the cache. cache_settings: norm, aux_layers (feature_cache)."""
+    offline = settings.features.source == "offline"
+    cache_dir = Path(settings.features.cache) if settings.features.cache else run_dir / "feature_cache"
+    cache_settings = dict(storage=settings.features.storage, shard_size=settings.features.shard_size, **cache_settings)
+    if "features" in stages and offline:
+        build_feature_cache(target, chats, cache_dir, batch_size=settings.features.batch_size,
+                            pad_token_id=target.tokenizer.pad_token_id, **cache_settings)
+    if "train" not in stages:
+        print(f"Feature cache ready at {cache_dir}")
+        return None
+    if not offline:
+        return chats
+    cache = FeatureCache(cache_dir)
+    cache.check(expected_manifest(target, chats, **cache_settings))  # refused before any training starts
+    return FeatureExamples(chats, cache)
+
+
+def tree_options(tree_cfg) -> DraftingOptions:
+    """A recipe's `tree` settings (kind, depth, top_k, width, budget) as the runtime's drafting options."""
+    return DraftingOptions(tree=tree_cfg.kind, tree_depth=tree_cfg.depth, tree_top_k=tree_cfg.top_k,
+                           tree_width=tree_cfg.width, tree_budget=tree_cfg.budget)
 
 
 def require_shared_vocabulary(draft, target) -> None:

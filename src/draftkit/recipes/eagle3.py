@@ -20,14 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from draftkit.data.feature_cache import (
-    FeatureCache,
-    FeatureExamples,
-    build_feature_cache,
-    collate_with_features,
-    expected_manifest,
-    target_features,
-)
+from draftkit.data.feature_cache import collate_with_features, target_features
 from draftkit.drafts.eagle3 import Eagle3Drafter, eagle3_drafter
 from draftkit.engine.loop import stage_settings, train
 from draftkit.export.eagle3 import RUNTIME_FORMATS, export_eagle3, format_refusal
@@ -36,19 +29,19 @@ from draftkit.objectives.eagle3 import eagle3_loss, step_weights, ttt_masks
 from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.recipes.common import (
     check_draft_vocab_size,
+    check_feature_recipe,
     compare_markdown,
     draft_token_map,
+    feature_training_data,
     measure_acceptance,
     rope_theta,
     self_distilled_chats,
     start_run,
+    tree_options,
 )
 from draftkit.runtime import eagle3 as eagle3_runtime
 from draftkit.runtime.drafting import DraftingOptions
 from draftkit.targets.hf import resolve_target_path
-
-STAGES = ("features", "train")
-SOURCES = ("online", "offline")
 
 
 def aux_layers(settings, num_layers: int) -> list[int]:
@@ -134,19 +127,7 @@ def make_step(target, settings, layers: list[int]):
 
 def validate(cfg: DictConfig) -> list[str]:
     settings = cfg.eagle3
-    stages = list(settings.stages)
-    if not stages or any(s not in STAGES for s in stages):
-        raise ValueError(f"eagle3.stages={stages}: choose from {list(STAGES)}")
-    if settings.features.source not in SOURCES:
-        raise ValueError(f"eagle3.features.source={settings.features.source!r}: choose online or offline")
-    if settings.features.storage not in ("fp32", "bf16", "int8"):
-        raise ValueError(f"eagle3.features.storage={settings.features.storage!r}: choose fp32, bf16 or int8")
-    if settings.tree.kind not in ("none", "chain", "static", "topk"):
-        raise ValueError(f"eagle3.tree.kind={settings.tree.kind!r}: choose none, chain, static or topk")
-    size = settings.draft_vocab_size
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise ValueError(f"eagle3.draft_vocab_size={size!r}: give a number of tokens >= 1, or null for the target's "
-                         "whole vocabulary")
+    stages = check_feature_recipe(settings, "eagle3")
     ttt = settings.ttt
     if isinstance(ttt.steps, bool) or not isinstance(ttt.steps, int) or ttt.steps < 1:
         raise ValueError(f"eagle3.ttt.steps={ttt.steps!r}: give the number of unrolled draft steps, >= 1")
@@ -172,7 +153,6 @@ def verifier_name_or_path(cfg: DictConfig) -> str | None:
 def run(cfg: DictConfig, run_dir: Path) -> Path | None:
     stages = validate(cfg)
     settings = cfg.eagle3
-    offline = settings.features.source == "offline"
     sink, engine, target = start_run(cfg, run_dir)
     layers = aux_layers(settings, target.num_layers)  # refused before any generation
     check_draft_vocab_size(settings.draft_vocab_size, target, key="eagle3.draft_vocab_size")
@@ -184,33 +164,18 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
             if why_not is not None:
                 raise ValueError(f"eagle3.export.formats asks for {fmt}, which cannot hold this draft: {why_not}")
     chats = self_distilled_chats(cfg.data, target, run_dir, cfg.engine.seed)
-    cache_dir = Path(settings.features.cache) if settings.features.cache else run_dir / "feature_cache"
-    cache_settings = dict(norm="post_norm", storage=settings.features.storage, shard_size=settings.features.shard_size,
-                          aux_layers=layers)
-
-    if "features" in stages and offline:
-        build_feature_cache(target, chats, cache_dir, batch_size=settings.features.batch_size,
-                            pad_token_id=target.tokenizer.pad_token_id, **cache_settings)
-    if "train" not in stages:
+    dataset = feature_training_data(target, chats, settings, stages, run_dir, norm="post_norm", aux_layers=layers)
+    if dataset is None:
         sink.finish()
-        print(f"Feature cache ready at {cache_dir}")
         return None
-
-    dataset = chats
-    if offline:
-        cache = FeatureCache(cache_dir)
-        cache.check(expected_manifest(target, chats, **cache_settings))  # refused before any training starts
-        dataset = FeatureExamples(chats, cache)
 
     token_map = draft_token_map(chats, settings.draft_vocab_size, target, run_dir)
     draft = build_draft(target, settings, layers, token_map)
     chain = eagle3_runtime.drafting(draft, target, DraftingOptions(tree="chain"), layers, name=f"{draft.variant} draft")
     tree = None
     if settings.tree.kind != "none":
-        tree_cfg = settings.tree
-        options = DraftingOptions(tree=tree_cfg.kind, tree_depth=tree_cfg.depth, tree_top_k=tree_cfg.top_k,
-                                  tree_width=tree_cfg.width, tree_budget=tree_cfg.budget)
-        tree = eagle3_runtime.drafting(draft, target, options, layers, name=f"{draft.variant} draft (tree)")
+        tree = eagle3_runtime.drafting(draft, target, tree_options(settings.tree), layers,
+                                       name=f"{draft.variant} draft (tree)")
     before = (measure_acceptance(target, chain, cfg.eval, run_dir / "eval_before.json")
               if cfg.eval.get("before") else None)
     torch.manual_seed(cfg.engine.seed)

@@ -19,15 +19,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from draftkit.data.feature_cache import (
-    FeatureCache,
-    FeatureExamples,
-    build_feature_cache,
-    collate_with_features,
-    expected_manifest,
-    feature_layer,
-    target_features,
-)
+from draftkit.data.feature_cache import collate_with_features, feature_layer, target_features
 from draftkit.drafts.fspad import FeatureDrafter, feature_drafter
 from draftkit.engine.loop import stage_settings, train
 from draftkit.export.fspad import EAGLE_FORMATS, export_feature_drafter, format_refusal
@@ -36,18 +28,18 @@ from draftkit.objectives.fspad import align_pairs, fspad_loss
 from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.recipes.common import (
     check_draft_vocab_size,
+    check_feature_recipe,
     compare_markdown,
     draft_token_map,
+    feature_training_data,
     measure_acceptance,
     rope_theta,
     self_distilled_chats,
     start_run,
+    tree_options,
 )
 from draftkit.runtime import fspad as fspad_runtime
 from draftkit.runtime.drafting import DraftingOptions
-
-STAGES = ("features", "train")
-SOURCES = ("online", "offline")
 
 
 def build_draft(target, settings, token_map: torch.Tensor | None = None) -> FeatureDrafter:
@@ -117,21 +109,10 @@ def make_step(target, settings):
 
 def validate(cfg: DictConfig) -> list[str]:
     settings = cfg.fspad
-    stages = list(settings.stages)
-    if not stages or any(s not in STAGES for s in stages):
-        raise ValueError(f"fspad.stages={stages}: choose from {list(STAGES)}")
-    if settings.features.source not in SOURCES:
-        raise ValueError(f"fspad.features.source={settings.features.source!r}: choose online or offline")
+    stages = check_feature_recipe(settings, "fspad")
     if settings.features.norm not in ("post_norm", "pre_norm"):
         raise ValueError(f"fspad.features.norm={settings.features.norm!r}: choose post_norm or pre_norm")
-    if settings.tree.kind not in ("none", "chain", "static", "topk"):
-        raise ValueError(f"fspad.tree.kind={settings.tree.kind!r}: choose none, chain, static or topk")
-    if settings.features.storage not in ("fp32", "bf16", "int8"):
-        raise ValueError(f"fspad.features.storage={settings.features.storage!r}: choose fp32, bf16 or int8")
     size = settings.draft_vocab_size
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise ValueError(f"fspad.draft_vocab_size={size!r}: give a number of tokens >= 1, or null for the target's "
-                         "whole vocabulary")
     eagle_formats = settings.export.eagle_formats
     for fmt in eagle_formats if eagle_formats is not None else ():
         if fmt not in EAGLE_FORMATS:
@@ -146,27 +127,13 @@ def validate(cfg: DictConfig) -> list[str]:
 def run(cfg: DictConfig, run_dir: Path) -> Path | None:
     stages = validate(cfg)
     settings = cfg.fspad
-    offline = settings.features.source == "offline"
     sink, engine, target = start_run(cfg, run_dir)
     check_draft_vocab_size(settings.draft_vocab_size, target, key="fspad.draft_vocab_size")
     chats = self_distilled_chats(cfg.data, target, run_dir, cfg.engine.seed)
-    cache_dir = Path(settings.features.cache) if settings.features.cache else run_dir / "feature_cache"
-    cache_settings = dict(norm=settings.features.norm, storage=settings.features.storage,
-                          shard_size=settings.features.shard_size)
-
-    if "features" in stages and offline:
-        build_feature_cache(target, chats, cache_dir, batch_size=settings.features.batch_size,
-                            pad_token_id=target.tokenizer.pad_token_id, **cache_settings)
-    if "train" not in stages:
+    dataset = feature_training_data(target, chats, settings, stages, run_dir, norm=settings.features.norm)
+    if dataset is None:
         sink.finish()
-        print(f"Feature cache ready at {cache_dir}")
         return None
-
-    dataset = chats
-    if offline:
-        cache = FeatureCache(cache_dir)
-        cache.check(expected_manifest(target, chats, **cache_settings))  # refused before any training starts
-        dataset = FeatureExamples(chats, cache)
 
     token_map = draft_token_map(chats, settings.draft_vocab_size, target, run_dir)
     draft = build_draft(target, settings, token_map)
@@ -174,10 +141,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
                                    name=f"{draft.variant} draft")
     tree = None
     if settings.tree.kind != "none":
-        tree_cfg = settings.tree
-        options = DraftingOptions(tree=tree_cfg.kind, tree_depth=tree_cfg.depth, tree_top_k=tree_cfg.top_k,
-                                  tree_width=tree_cfg.width, tree_budget=tree_cfg.budget)
-        tree = fspad_runtime.drafting(draft, target, options, settings.features.norm,
+        tree = fspad_runtime.drafting(draft, target, tree_options(settings.tree), settings.features.norm,
                                       name=f"{draft.variant} draft (tree)")
     before = (measure_acceptance(target, chain, cfg.eval, run_dir / "eval_before.json")
               if cfg.eval.get("before") else None)
