@@ -168,7 +168,7 @@ def main() -> None:
         "runs": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"eagle3_vs_eagle1_smollm2_135m_{tag}_{date}"
+    stem = f"eagle3_vs_eagle1_{'tiny' if args.cpu_smoke else 'smollm2_135m'}_{tag}_{date}"
     (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = ["| run | chain τ | α@1..5 | tree τ | train tok/s |", "|---|---:|---|---:|---:|"]
     for name, row in results.items():

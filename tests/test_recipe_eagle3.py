@@ -491,3 +491,16 @@ def test_speculators_loads_the_export(exported, target, tmp_path):
     top = ours.topk(2, dim=-1).values
     clear = (top[..., 0] - top[..., 1]) > 1e-3
     assert torch.equal(torch.tensor(theirs["tokens"])[clear], ours.argmax(-1)[clear]) and clear.sum() > 20
+
+
+def test_two_ranks_train_eagle3_through_the_ddp_wrapper(tmp_path):
+    """The tiny recipe on 2 ranks: the training-time test runs through DDP's forward (its gradient hooks), the ranks
+    stay in step and rank 0 exports."""
+    from test_distributed import _torchrun
+
+    run_dir = tmp_path / "run"
+    _torchrun("-m", "draftkit.train", "+recipe=eagle3", "+debug=tiny", "eval=none", "eagle3.ttt.steps=2",
+              f"hydra.run.dir={run_dir}")
+    state = json.loads((run_dir / "train" / "checkpoints" / "step_000003" / "state.json").read_text())
+    assert state["world_size"] == 2
+    assert len(losses(run_dir)) == 3 and (run_dir / "export" / "draftkit.json").is_file()

@@ -152,10 +152,15 @@ class Eagle3Drafter(nn.Module):
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
-    ) -> DraftOutput:
+        ttt_steps: int | None = None,
+    ) -> DraftOutput | list[tuple[torch.Tensor, torch.Tensor]]:
         """features [B, T, k*h] (the target's fused layers at t) or [B, T, h] (draft states fed back), input_ids [B, T]
         (x_{t+1}) at draft positions `positions` [B, T] (default: after the cache). attn_mask: bool [T, S] or
-        [B, 1, T, S] over cached + new positions; None is causal. predict feeds head_logits; regress is fed back."""
+        [B, 1, T, S] over cached + new positions; None is causal. predict feeds head_logits; regress is fed back.
+        With ttt_steps, returns `unroll(features, input_ids, ttt_steps)` instead: training goes through forward, so a
+        DDP or DeepSpeed wrapper sees it."""
+        if ttt_steps is not None:
+            return self.unroll(features, input_ids, ttt_steps)
         if positions is None:
             positions = default_positions(input_ids, cache)
         embedded, hidden = self._layer_input(features, input_ids)

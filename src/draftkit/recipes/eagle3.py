@@ -83,26 +83,30 @@ def feature_step(model: Eagle3Drafter, batch: dict, features: torch.Tensor, *, s
     """One loss on a batch whose features [B, T, (k + 1) h] are given (fused aux layers, then the post-norm last
     state): the drafter unrolled `steps` times (training-time test), step j scored against the target's distribution
     of x_{t+j+2}, both through the draft's frozen LM head (its draft vocabulary's rows)."""
-    fused_width = model.num_aux_layers * model.hidden_size
+    # The unroll goes through the wrapper the loop hands over (DDP or DeepSpeed, for their gradient hooks); the frozen
+    # LM head and the sizes are read from the drafter itself, which a DDP wrapper does not expose as attributes.
+    drafter = getattr(model, "module", model)
+    fused_width = drafter.num_aux_layers * drafter.hidden_size
     aux, last = features[..., :fused_width], features[..., fused_width:]
     input_ids, labels = batch["input_ids"], batch["labels"]
     length = input_ids.shape[1] - 1
     masks = ttt_masks(labels, steps)
-    outputs = model.unroll(aux[:, :-1], input_ids[:, 1:], steps)
-    fused_targets = model.hidden_input(aux).detach() if model.partial_alignment else None
+    outputs = model(aux[:, :-1], input_ids[:, 1:], ttt_steps=steps)
+    with torch.no_grad():
+        fused_targets = drafter.hidden_input(aux) if drafter.partial_alignment else None
     draft_logits, teacher_logits, regress, regress_targets = [], [], [], []
     for step, ((predict, fed_back), mask) in enumerate(zip(outputs, masks)):
         # Only counted positions go through the head (the step's largest cost at a large vocabulary).
         teacher_states = _shifted(last, step, length)[mask]
         if loss_chunk_size is None:
             with torch.no_grad():
-                teacher_logits.append(model.lm_head(teacher_states))
-            draft_logits.append(model.head_logits(predict[mask]))
+                teacher_logits.append(drafter.lm_head(teacher_states))
+            draft_logits.append(drafter.head_logits(predict[mask]))
         else:
+            lm_head = drafter.lm_head.weight
             with torch.no_grad():
-                teacher_logits.append(LinearLogits(teacher_states, model.lm_head.weight, chunk_size=loss_chunk_size))
-            draft_logits.append(LinearLogits(model.head_input(predict[mask]), model.lm_head.weight,
-                                             chunk_size=loss_chunk_size))
+                teacher_logits.append(LinearLogits(teacher_states, lm_head, chunk_size=loss_chunk_size))
+            draft_logits.append(LinearLogits(drafter.head_input(predict[mask]), lm_head, chunk_size=loss_chunk_size))
         if fused_targets is not None:
             regress.append(fed_back[mask])
             regress_targets.append(_shifted(fused_targets, step, length)[mask])
@@ -120,7 +124,8 @@ def make_step(target, settings, layers: list[int]):
         features = batch.get("features")
         if features is None:  # online: the frozen target runs here, outside the trainable module
             features = target_features(target, batch["input_ids"], batch["attention_mask"], aux_layers=layers)
-        return feature_step(model, batch, features.to(model.fc.weight.dtype), **options)
+        dtype = getattr(model, "module", model).fc.weight.dtype
+        return feature_step(model, batch, features.to(dtype), **options)
 
     return step
 
