@@ -37,11 +37,16 @@ drafts = sys.argv[6:]
 params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 common = dict(enforce_eager=True, disable_log_stats=False, gpu_memory_utilization=0.1, max_model_len=256, seed=0,
               dtype="float32")
-def run(**extra):
-    llm = LLM(model=target, **common, **extra)
+def run(model=target, **extra):
+    llm = LLM(model=model, **common, **extra)
     res = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     metrics = {m.name: (list(m.values) if hasattr(m, "values") else getattr(m, "value", None))
                for m in llm.get_metrics() if "spec_decode" in m.name}
+    spec = llm.llm_engine.vllm_config.speculative_config
+    served = {"model": llm.llm_engine.vllm_config.model_config.model,
+              "speculative_config": None if spec is None else {"method": spec.method, "model": spec.model,
+                                                               "num_speculative_tokens": spec.num_speculative_tokens}}
+    metrics["served"] = served
     return [list(r.outputs[0].token_ids) for r in res], metrics
 plain, _ = run()
 result = {"vllm": vllm.__version__, "plain": plain, "drafts": {}}
@@ -51,6 +56,13 @@ for draft in drafts:
         result["drafts"][draft] = {"outputs": spec, "identical_to_plain": spec == plain, "metrics": metrics}
     except Exception as error:
         result["drafts"][draft] = {"error": repr(error)}
+# The speculators folder alone (`vllm serve <folder>`): vLLM reads the verifier, the method and the draft length from it.
+try:
+    spec, metrics = run(model=drafts[0])
+    result["one_argument"] = {"folder": drafts[0], "outputs": spec, "identical_to_plain": spec == plain,
+                              "metrics": metrics}
+except Exception as error:
+    result["one_argument"] = {"folder": drafts[0], "error": repr(error)}
 json.dump(result, open(out, "w"), indent=1)
 """
 
@@ -144,13 +156,22 @@ def main(argv=None) -> int:
             "vllm_accepted_per_position": theirs.get("metrics", {}).get("vllm:spec_decode_num_accepted_tokens_per_pos"),
             "vllm_drafts": theirs.get("metrics", {}).get("vllm:spec_decode_num_drafts"),
             "draftkit_accepted_per_position": ours["accepted_per_position"],
+            "vllm_served": theirs.get("metrics", {}).get("served"),
         }
+    alone = vllm.get("one_argument", {})
+    rows["speculators_folder_alone"] = {
+        "what": "LLM(model=<export>/speculators) with no speculative_config, as `vllm serve <folder>`",
+        "vllm_identical_to_plain_vllm": alone.get("identical_to_plain"), "vllm_error": alone.get("error"),
+        "vllm_served": alone.get("metrics", {}).get("served"),
+        "vllm_accepted_per_position": alone.get("metrics", {}).get("vllm:spec_decode_num_accepted_tokens_per_pos"),
+    }
     import platform
 
     import torch
 
     report = {
-        "what": "vLLM serving draftkit's EAGLE-3 exports (speculators/ and sglang/ folders) by itself, greedy, fp32",
+        "what": "vLLM serving draftkit's EAGLE-3 exports (speculators/ and sglang/ folders, and the speculators folder "
+                "as the only argument) by itself, greedy, fp32",
         "command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/eagle3_vllm.py", *(argv or sys.argv[1:])]),
         "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count(), "torch": torch.__version__},
         "vllm_version": vllm["vllm"], "date": time.strftime("%Y-%m-%d"), "wall_s": round(time.time() - start, 1),

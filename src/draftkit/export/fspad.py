@@ -251,6 +251,22 @@ def _serve_line(fmt: str, num_speculative_tokens: int, restricted_vocab: bool) -
             f"{token_map}`")
 
 
+def read_format_dir(folder: Path, family: str, expected_keys, embed_weight: torch.Tensor) -> tuple[dict, dict]:
+    """(draftkit.json, tensors) of one format's folder written by write_format_dir, refused unless it holds `family`,
+    exactly the key set `expected_keys(architecture, format)` gives, and the sizes of the target's embedding."""
+    info = json.loads((folder / "draftkit.json").read_text())
+    if info.get("family") != family:
+        raise ValueError(f"{folder} holds a {info.get('family')!r} draft, not a {family} drafter")
+    arch = info["architecture"]
+    tensors = load_file(str(folder / "model.safetensors"))
+    check_keys(tensors, expected_keys(arch, info["format"]), str(folder))
+    if list(embed_weight.shape) != [arch["vocab_size"], arch["hidden_size"]]:
+        raise ValueError(f"{folder} was trained for a target with vocab {arch['vocab_size']} and hidden size "
+                         f"{arch['hidden_size']}; this target's embedding is {list(embed_weight.shape)}. Fix: pass "
+                         f"the target it was trained for ({info.get('target')})")
+    return info, tensors
+
+
 def load_feature_drafter(folder: str | os.PathLike, *, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor,
                          head_norm_weight: torch.Tensor | None = None) -> tuple[FeatureDrafter, dict]:
     """Rebuild a drafter from any of the three formats around the target's embedding and LM head.
@@ -258,16 +274,8 @@ def load_feature_drafter(folder: str | os.PathLike, *, embed_weight: torch.Tenso
     Returns (drafter in fp32, eval mode; the folder's draftkit.json). The key set is checked exactly.
     """
     folder = Path(folder)
-    info = json.loads((folder / "draftkit.json").read_text())
-    if info.get("family") != FAMILY:
-        raise ValueError(f"{folder} holds a {info.get('family')!r} draft, not a feature drafter")
-    fmt, arch = info["format"], info["architecture"]
-    tensors = load_file(str(folder / "model.safetensors"))
-    check_keys(tensors, expected_keys(arch, fmt), str(folder))
-    if list(embed_weight.shape) != [arch["vocab_size"], arch["hidden_size"]]:
-        raise ValueError(f"{folder} was trained for a target with vocab {arch['vocab_size']} and hidden size "
-                         f"{arch['hidden_size']}; this target's embedding is {list(embed_weight.shape)}. Fix: pass "
-                         f"the target it was trained for ({info.get('target')})")
+    info, tensors = read_format_dir(folder, FAMILY, expected_keys, embed_weight)
+    arch = info["architecture"]
     if info["target_feature"]["norm"] == "pre_norm" and head_norm_weight is None:
         raise ValueError(f"{folder} reads pre-norm features: pass the target's final norm weight")
     tensors.pop("embed_tokens.weight", None)  # the target's own embedding is used

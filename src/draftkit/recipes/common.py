@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,11 +15,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from draftkit.data.chat import tokenize_chat
 from draftkit.data.draft_vocab import label_counts
-from draftkit.data.feature_cache import FeatureCache, FeatureExamples, build_feature_cache, expected_manifest
+from draftkit.data.feature_cache import (
+    FeatureCache,
+    FeatureExamples,
+    build_feature_cache,
+    collate_with_features,
+    expected_manifest,
+)
 from draftkit.data.selfdistill import prompts_from_records, regenerate_responses
 from draftkit.data.sources import load_records, prompt_file
 from draftkit.drafts.vocab import coverage, select_tokens
 from draftkit.engine.distributed import as_settings, frozen_dtype, is_main_process, main_process_first
+from draftkit.engine.loop import stage_settings, train
 from draftkit.engine.run import record_run
 from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.runtime.drafting import Drafting, DraftingOptions
@@ -129,6 +137,40 @@ def tree_options(tree_cfg) -> DraftingOptions:
     """A recipe's `tree` settings (kind, depth, top_k, width, budget) as the runtime's drafting options."""
     return DraftingOptions(tree=tree_cfg.kind, tree_depth=tree_cfg.depth, tree_top_k=tree_cfg.top_k,
                            tree_width=tree_cfg.width, tree_budget=tree_cfg.budget)
+
+
+def train_and_measure(cfg: DictConfig, run_dir: Path, *, sink, engine: dict, target, draft, step_fn, dataset,
+                      chain: Drafting, tree: Drafting | None, stage_engine: dict, tree_label: str):
+    """A feature drafter's run between its data and its export: acceptance before training (eval.before), the
+    resumable training stage, acceptance after (chain, and tree unless None; reports made before a resumed stage
+    changed the draft are dropped) and summary.md. Returns (before, after, after_tree, table)."""
+    before = (measure_acceptance(target, chain, cfg.eval, run_dir / "eval_before.json")
+              if cfg.eval.get("before") else None)
+    torch.manual_seed(cfg.engine.seed)  # the step's own randomness, whatever ran before (resume restores the state)
+    result = train(model=draft, step_fn=step_fn, dataset=dataset,
+                   collate=partial(collate_with_features, pad_token_id=target.tokenizer.pad_token_id),
+                   settings=stage_settings(engine, **stage_engine), stage_dir=run_dir / "train", sink=sink,
+                   resume=cfg.resume, desc="train")
+    if result.resumed_from != result.steps:  # the draft changed: earlier reports are stale
+        (run_dir / "eval_after.json").unlink(missing_ok=True)
+        (run_dir / "eval_after_tree.json").unlink(missing_ok=True)
+    after = measure_acceptance(target, chain, cfg.eval, run_dir / "eval_after.json")
+    after_tree = measure_acceptance(target, tree, cfg.eval, run_dir / "eval_after_tree.json") if tree else None
+    table = compare_markdown({"before training": before, "after training (chain)": after,
+                              f"after training ({tree_label})": after_tree})
+    write_text_atomic(run_dir / "summary.md", table + "\n")
+    return before, after, after_tree, table
+
+
+def finish_feature_run(run_dir: Path, sink, exports: dict, before, after, after_tree, table: str, **details) -> Path:
+    """The run's summary metrics, result.json (the exports, `details`, the reports) and the console table."""
+    if after is not None:
+        sink.summary({"tau_before": before["overall"]["tau"] if before else None, "tau_after": after["overall"]["tau"]})
+    sink.finish()
+    write_json_atomic(run_dir / "result.json", {"exports": {k: str(v) for k, v in exports.items()}, **details,
+                                                 "before": before, "after": after, "after_tree": after_tree})
+    print(f"\n{table}\n\nDraft exported to {exports['draftkit']}")
+    return exports["draftkit"]
 
 
 def require_shared_vocabulary(draft, target) -> None:

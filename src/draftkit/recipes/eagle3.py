@@ -14,29 +14,26 @@ the draft exports in draftkit's format only.
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from draftkit.data.feature_cache import collate_with_features, target_features
+from draftkit.data.feature_cache import target_features
 from draftkit.drafts.eagle3 import Eagle3Drafter, eagle3_drafter
-from draftkit.engine.loop import stage_settings, train
 from draftkit.export.eagle3 import RUNTIME_FORMATS, export_eagle3, format_refusal
-from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.objectives.eagle3 import eagle3_loss, step_weights, ttt_masks
 from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.recipes.common import (
     check_draft_vocab_size,
     check_feature_recipe,
-    compare_markdown,
     draft_token_map,
     feature_training_data,
-    measure_acceptance,
+    finish_feature_run,
     rope_theta,
     self_distilled_chats,
     start_run,
+    train_and_measure,
     tree_options,
 )
 from draftkit.runtime import eagle3 as eagle3_runtime
@@ -181,21 +178,10 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
     if settings.tree.kind != "none":
         tree = eagle3_runtime.drafting(draft, target, tree_options(settings.tree), layers,
                                        name=f"{draft.variant} draft (tree)")
-    before = (measure_acceptance(target, chain, cfg.eval, run_dir / "eval_before.json")
-              if cfg.eval.get("before") else None)
-    torch.manual_seed(cfg.engine.seed)
-    result = train(model=draft, step_fn=make_step(target, settings, layers), dataset=dataset,
-                   collate=partial(collate_with_features, pad_token_id=target.tokenizer.pad_token_id),
-                   settings=stage_settings(engine, **settings.train.engine), stage_dir=run_dir / "train", sink=sink,
-                   resume=cfg.resume, desc="train")
-    if result.resumed_from != result.steps:  # the draft changed: earlier reports are stale
-        (run_dir / "eval_after.json").unlink(missing_ok=True)
-        (run_dir / "eval_after_tree.json").unlink(missing_ok=True)
-    after = measure_acceptance(target, chain, cfg.eval, run_dir / "eval_after.json")
-    after_tree = measure_acceptance(target, tree, cfg.eval, run_dir / "eval_after_tree.json") if tree else None
-    table = compare_markdown({"before training": before, "after training (chain)": after,
-                              f"after training ({settings.tree.kind} tree, depth {settings.tree.depth})": after_tree})
-    write_text_atomic(run_dir / "summary.md", table + "\n")
+    before, after, after_tree, table = train_and_measure(
+        cfg, run_dir, sink=sink, engine=engine, target=target, draft=draft, step_fn=make_step(target, settings, layers),
+        dataset=dataset, chain=chain, tree=tree, stage_engine=settings.train.engine,
+        tree_label=f"{settings.tree.kind} tree, depth {settings.tree.depth}")
     exports = export_eagle3(
         draft, run_dir / "export", aux_layers=layers, target_name=target.name, num_target_layers=target.num_layers,
         max_position_embeddings=target.config.get_text_config().max_position_embeddings,
@@ -203,12 +189,5 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
         resolved_config_yaml=OmegaConf.to_yaml(cfg, resolve=True), verifier_name_or_path=verifier_name_or_path(cfg),
         verifier_architectures=list(target.config.architectures or []), eval_table_md=table,
         formats=None if settings.export.formats is None else list(settings.export.formats))
-    if after is not None:
-        sink.summary({"tau_before": before["overall"]["tau"] if before else None, "tau_after": after["overall"]["tau"]})
-    sink.finish()
-    write_json_atomic(run_dir / "result.json", {"exports": {k: str(v) for k, v in exports.items()},
-                                                 "variant": draft.variant, "aux_layers": layers,
-                                                 "features": settings.features.source, "before": before,
-                                                 "after": after, "after_tree": after_tree})
-    print(f"\n{table}\n\nDraft exported to {exports['draftkit']}")
-    return exports["draftkit"]
+    return finish_feature_run(run_dir, sink, exports, before, after, after_tree, table, variant=draft.variant,
+                              aux_layers=layers, features=settings.features.source)

@@ -13,29 +13,26 @@ vocabulary, and the runtime maps the draft's ids back to target ids.
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from draftkit.data.feature_cache import collate_with_features, feature_layer, target_features
+from draftkit.data.feature_cache import feature_layer, target_features
 from draftkit.drafts.fspad import FeatureDrafter, feature_drafter
-from draftkit.engine.loop import stage_settings, train
 from draftkit.export.fspad import EAGLE_FORMATS, export_feature_drafter, format_refusal
-from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.objectives.fspad import align_pairs, fspad_loss
 from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.recipes.common import (
     check_draft_vocab_size,
     check_feature_recipe,
-    compare_markdown,
     draft_token_map,
     feature_training_data,
-    measure_acceptance,
+    finish_feature_run,
     rope_theta,
     self_distilled_chats,
     start_run,
+    train_and_measure,
     tree_options,
 )
 from draftkit.runtime import fspad as fspad_runtime
@@ -143,21 +140,11 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
     if settings.tree.kind != "none":
         tree = fspad_runtime.drafting(draft, target, tree_options(settings.tree), settings.features.norm,
                                       name=f"{draft.variant} draft (tree)")
-    before = (measure_acceptance(target, chain, cfg.eval, run_dir / "eval_before.json")
-              if cfg.eval.get("before") else None)
-    torch.manual_seed(cfg.engine.seed)  # the feature noise, whatever ran before (resume restores the state itself)
-    result = train(model=draft, step_fn=make_step(target, settings), dataset=dataset,
-                   collate=partial(collate_with_features, pad_token_id=target.tokenizer.pad_token_id),
-                   settings=stage_settings(engine, **settings.train.engine), stage_dir=run_dir / "train", sink=sink,
-                   resume=cfg.resume, desc="train")
-    if result.resumed_from != result.steps:  # the draft changed: earlier reports are stale
-        (run_dir / "eval_after.json").unlink(missing_ok=True)
-        (run_dir / "eval_after_tree.json").unlink(missing_ok=True)
-    after = measure_acceptance(target, chain, cfg.eval, run_dir / "eval_after.json")
-    after_tree = measure_acceptance(target, tree, cfg.eval, run_dir / "eval_after_tree.json") if tree else None
-    table = compare_markdown({"before training": before, "after training (chain)": after,
-                              f"after training ({settings.tree.kind} tree, depth {settings.tree.depth})": after_tree})
-    write_text_atomic(run_dir / "summary.md", table + "\n")
+    # The step's noise is drawn after a reseed, whatever ran before (resume restores the state itself).
+    before, after, after_tree, table = train_and_measure(
+        cfg, run_dir, sink=sink, engine=engine, target=target, draft=draft, step_fn=make_step(target, settings),
+        dataset=dataset, chain=chain, tree=tree, stage_engine=settings.train.engine,
+        tree_label=f"{settings.tree.kind} tree, depth {settings.tree.depth}")
     exports = export_feature_drafter(
         draft, run_dir / "export", target_name=target.name, feature_norm=settings.features.norm,
         feature_layer=feature_layer(target), target_vocab_size=target.vocab_size,
@@ -165,11 +152,5 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
         num_speculative_tokens=settings.export.num_speculative_tokens,
         resolved_config_yaml=OmegaConf.to_yaml(cfg, resolve=True), eval_table_md=table,
         eagle_formats=None if settings.export.eagle_formats is None else list(settings.export.eagle_formats))
-    if after is not None:
-        sink.summary({"tau_before": before["overall"]["tau"] if before else None, "tau_after": after["overall"]["tau"]})
-    sink.finish()
-    write_json_atomic(run_dir / "result.json", {"exports": {k: str(v) for k, v in exports.items()},
-                                                 "variant": draft.variant, "features": settings.features.source,
-                                                 "before": before, "after": after, "after_tree": after_tree})
-    print(f"\n{table}\n\nDraft exported to {exports['draftkit']}")
-    return exports["draftkit"]
+    return finish_feature_run(run_dir, sink, exports, before, after, after_tree, table, variant=draft.variant,
+                              features=settings.features.source)
