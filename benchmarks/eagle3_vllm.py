@@ -8,6 +8,8 @@ records whether the outputs are identical and vLLM's per-position acceptance cou
 
     python benchmarks/eagle3_vllm.py --work /tmp/eagle3_vllm --vllm-python /work/vllm-venv/bin/python \\
         --out benchmarks/results/eagle3_vllm_cpu_$(date +%F).json
+    # a recipe's export on its real target instead (vLLM only: plain vs speculative, chat prompts):
+    ... --export runs/eagle3/<run>/export --target-dir <the target's HF directory>
 
 vLLM on CPU needs: VLLM_ENABLE_V1_MULTIPROCESSING=0 (set here), enforce_eager, a small gpu_memory_utilization.
 """
@@ -136,9 +138,13 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--vllm-python", required=True, help="an interpreter with vLLM installed")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--export", type=Path, help="a recipe's export folder, served on --target-dir (no tiny draft)")
+    parser.add_argument("--target-dir", type=Path, help="the HF directory of the target --export was trained for")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    if args.export:
+        return serve_export(args, start, argv)
     prepared = prepare(args.work)
     drafts = [prepared["exports"]["speculators"], prepared["exports"]["sglang"]]
     served = args.work / "vllm.json"
@@ -186,6 +192,44 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(rows, indent=2))
+    return 0
+
+
+def serve_export(args, start: float, argv) -> int:
+    """vLLM plain vs vLLM with the export's speculators and sglang folders on its real target, on chat prompts."""
+    import platform
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.target_dir)
+    questions = ["Name three colours.", "What is the capital of France?", "Write a haiku about the sea.",
+                 "Explain what a prime number is in one sentence."]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False) for q in questions]
+    prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
+    drafts = [str(args.export / fmt) for fmt in ("speculators", "sglang") if (args.export / fmt).is_dir()]
+    served = args.work / "vllm.json"
+    subprocess.run([args.vllm_python, "-c", VLLM_SCRIPT, str(args.target_dir), str(served), json.dumps(prompts),
+                    "48", str(GAMMA), *drafts], check=True)
+    vllm = json.loads(served.read_text())
+    report = {
+        "what": "vLLM serving a recipe's EAGLE-3 export on its real target, greedy, fp32",
+        "command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/eagle3_vllm.py", *(argv or sys.argv[1:])]),
+        "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count()},
+        "vllm_version": vllm["vllm"], "date": time.strftime("%Y-%m-%d"), "wall_s": round(time.time() - start, 1),
+        "target": str(args.target_dir), "export": str(args.export), "questions": questions, "max_tokens": 48,
+        "results": {Path(d).name: {"vllm_identical_to_plain_vllm": r.get("identical_to_plain"),
+                                   "vllm_error": r.get("error"),
+                                   "vllm_accepted_per_position":
+                                       r.get("metrics", {}).get("vllm:spec_decode_num_accepted_tokens_per_pos"),
+                                   "vllm_drafts": r.get("metrics", {}).get("vllm:spec_decode_num_drafts"),
+                                   "vllm_served": r.get("metrics", {}).get("served")}
+                    for d, r in vllm["drafts"].items()},
+        "speculators_folder_alone": vllm.get("one_argument"),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["results"], indent=2))
     return 0
 
 

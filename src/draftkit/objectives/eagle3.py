@@ -5,8 +5,8 @@ position t stands where a chain rooted at t stands at depth j + 1: it reads x_{t
 teacher is the target's distribution at position t + j + 1. It counts where x_{t+j+2} is a trained token
 (labels[t + j + 2] != IGNORE_INDEX), so later steps count fewer positions at the end of each reply.
 
-Loss: Σ_j w_j · Σ_counted softCE(draft_j, target_{t+j+1}), with w_j = decay^j (EAGLE-3's reference trainer,
-SafeAILab/EAGLE eagle/traineagle3/main.py: 7 steps, 0.8^j) unless the weights are given. The count is step 0's, so
+Loss: Σ_j w_j · Σ_counted softCE(draft_j, target_{t+j+1}), with w_j = decay^j (the EAGLE-3 reference trainer unrolls
+7 steps weighted 0.8^j) unless the weights are given. The count is step 0's, so
 loss / count is the weighted sum of the per-step means up to the shorter tails. FSPAD's partial alignment adds
 regression_weight · SmoothL1(regress_j, g_{t+j+1}) on the same positions: the fed-back half is pulled toward the fused
 target feature it stands in for (objectives/fspad.py's regression, detached target).
