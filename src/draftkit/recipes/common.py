@@ -80,9 +80,9 @@ def load_sources(sources, limit) -> Dataset:
     return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
-def self_distilled_chats(data_cfg: DictConfig, target, run_dir: Path, seed: int) -> Dataset:
-    """`data.prompts` answered by the target (cached in run_dir/selfdistill.jsonl), tokenized for training: the
-    loss falls on the target's own replies."""
+def self_distilled_conversations(data_cfg: DictConfig, target, run_dir: Path, seed: int) -> list[list[dict]]:
+    """`data.prompts` answered by the target (cached in run_dir/selfdistill.jsonl): the chats, untokenized. A finished
+    run's cache holds every reply, so reading it again (benchmarks/reference_parity.py) generates nothing."""
     gen = data_cfg.selfdistill
     tokenizer = target.tokenizer
     prompts = prompts_from_records(load_sources(data_cfg.prompts, data_cfg.prompts_limit),
@@ -90,11 +90,17 @@ def self_distilled_chats(data_cfg: DictConfig, target, run_dir: Path, seed: int)
     random.Random(seed).shuffle(prompts)  # mix the sources before taking num_prompts
     prompts = prompts[: gen.num_prompts]
     with main_process_first():  # rank 0 generates; the other ranks then read its cache
-        conversations = regenerate_responses(
+        return regenerate_responses(
             target.model, tokenizer, prompts, cache_file=Path(run_dir) / "selfdistill.jsonl",
             max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
             batch_size=gen.batch_size, seed=seed)
-    return tokenize_chat(Dataset.from_list([{"messages": c} for c in conversations]), tokenizer,
+
+
+def self_distilled_chats(data_cfg: DictConfig, target, run_dir: Path, seed: int) -> Dataset:
+    """`data.prompts` answered by the target (cached in run_dir/selfdistill.jsonl), tokenized for training: the
+    loss falls on the target's own replies."""
+    conversations = self_distilled_conversations(data_cfg, target, run_dir, seed)
+    return tokenize_chat(Dataset.from_list([{"messages": c} for c in conversations]), target.tokenizer,
                          max_length=data_cfg.max_length, too_long=data_cfg.too_long)
 
 
