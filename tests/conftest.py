@@ -19,3 +19,15 @@ torch.set_num_threads(1)
 def _seeded():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory):
+    """The tiny target saved as an HF directory (for CLIs that take --target) and the Target it was saved from."""
+    from draftkit.targets.tiny import tiny_target
+
+    directory = tmp_path_factory.mktemp("target")
+    target = tiny_target()
+    target.model.save_pretrained(directory)
+    target.tokenizer.save_pretrained(directory)
+    return directory, target

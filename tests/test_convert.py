@@ -21,16 +21,6 @@ from draftkit.drafts.medusa import medusa_heads
 from draftkit.export import fspad as fspad_export
 from draftkit.export import hydra_heads as hydra_export
 from draftkit.export import medusa as medusa_export
-from draftkit.targets.tiny import tiny_target
-
-
-@pytest.fixture(scope="module")
-def target_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("target")
-    target = tiny_target()
-    target.model.save_pretrained(directory)
-    target.tokenizer.save_pretrained(directory)
-    return directory, target
 
 
 def randomised(module):
