@@ -182,6 +182,7 @@ def run_logged(command: list[str], log_file: Path, *, env: dict | None = None, c
     """Run in its own process group (so a timeout also ends DataLoader workers and torchrun's children); output to
     log_file. Returns the command, wall time, exit code and whether the wall-clock budget ended it."""
     log(f"+ {shlex.join(command)}  (log: {log_file})")
+    log_file.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log_file, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
@@ -363,14 +364,15 @@ def train_eagle1(tree: Path, work: Path, data: Path, target_dir: Path, budget: d
     features = out / "features"
     start = time.perf_counter()
     records = {}
-    if not (features / "done").is_file():
+    finished = out / "features.done"  # beside the folder: main.py loads every file under it as a sample
+    if not finished.is_file():
         shutil.rmtree(features, ignore_errors=True)
         records["data"] = run_logged(
             [sys.executable, "eagle/ge_data/ge_data_all_qwen2.py", "--start", "0", "--end", str(conversations),
              "--index", "0", "--outdir", str(features)], out / "ge_data.log", env=env, cwd=tree, timeout_s=timeout_s)
         if records["data"]["timed_out"]:
             return {**records, "timed_out": True}
-        (features / "done").write_text("")
+        finished.write_text("")
     config = eagle_config(target_dir, out / "eagle_config.json")
     view = eagle_target_view(target_dir, work / "target_eagle_view")
     train_config = {"max_steps": budget["steps"], "num_epochs": 10**6, "num_warmup_steps": budget["warmup"],
