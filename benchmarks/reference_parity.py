@@ -516,20 +516,28 @@ def evaluate(draft: Path, out: Path, budget: dict, decode: str, target_path: str
 # ------------------------------------------------------------------------------------------------------------- report
 
 def markdown(result: dict) -> str:
+    settings, m = result["settings"], result["machine"]
+    where = m.get("gpu") or f"CPU ({m['platform']})"
     lines = [f"# Reference parity ({result['budget']} budget, {result['date']})", "",
-             f"Machine: {result['machine']}. Steps {result['settings']['steps']}, micro-batch "
-             f"{result['settings']['micro_batch']}, lr {result['settings']['lr']}, warmup {result['settings']['warmup']},"
-             f" max length {result['settings']['max_length']}, {result['data'].get('written')} conversations. "
-             f"Eval: Spec-Bench {CATEGORIES}, {result['settings']['eval']}.", ""]
+             f"{where}, torch {m['torch']}. Both sides: {settings['steps']} steps, micro-batch {settings['micro_batch']}, "
+             f"lr {settings['lr']}, warmup {settings['warmup']}, max length {settings['max_length']}, "
+             f"{result['data'].get('written')} self-distilled conversations. Evaluation: draftkit's runtime, greedy, "
+             f"Spec-Bench {CATEGORIES} ({settings['eval']['limit_per_category']} per category, "
+             f"{settings['eval']['max_new_tokens']} new tokens).", ""]
     if result["budget"] == "cpu-smoke":
-        lines += ["**CPU smoke budget: these numbers prove the pipeline runs, not the quality of either side.**", ""]
-    lines += ["| family | decode | draftkit τ | reference τ | prompts | reference | patches |", "|---|---|---|---|---|---|---|"]
+        lines += ["**CPU smoke budget: these numbers prove that the pipeline runs, not the quality of either side.**", ""]
+    lines += ["| family | decode | draftkit τ | reference τ | prompts | reference (commit, patches) | reference train s | "
+              "import check max abs diff |", "|---|---|---|---|---|---|---|---|"]
     for family, row in result["families"].items():
-        ref = REFERENCES[family]
+        ref, train = REFERENCES[family], row.get("reference_train") or {}
+        wall = sum(r["wall_s"] for r in train.values() if isinstance(r, dict) and "wall_s" in r)
+        check = (row.get("import_check") or {}).get("max_abs_diff", "–")
         for decode, pair in row.get("eval", {}).items():
             d, r = pair.get("draftkit") or {}, pair.get("reference") or {}
-            lines.append(f"| {family} | {decode} | {d.get('tau', '–') if d else '–'} | {r.get('tau', '–') if r else '–'} "
-                         f"| {d.get('prompts', '–')} | {ref.repo}@{ref.commit[:7]} | {len(row.get('patches', []))} |")
+            cell = lambda x: f"{x['tau']:.3f}" if x else "–"  # noqa: E731
+            lines.append(f"| {family} | {decode} | {cell(d)} | {cell(r)} | {d.get('prompts', '–')} | {ref.repo}@"
+                         f"{ref.commit[:7]}, {len(row.get('patches', []))} | {wall:.0f}"
+                         f"{' (timed out)' if train.get('timed_out') else ''} | {check} |")
     lines += ["", "Every patch applied is in the JSON (`families.<f>.patches`, with its text) and in "
               "benchmarks/reference_patches/."]
     return "\n".join(lines) + "\n"
