@@ -230,6 +230,15 @@ def test_bad_stage_is_a_clear_error(tmp_path):
         run_recipe(tmp_path, "fspad.stages=[trian]")
 
 
+def test_labels_from_the_data_skip_self_distillation(tmp_path, chats_with_replies):
+    run_recipe(tmp_path / "run", "fspad.labels=data", f"data.prompts=[{chats_with_replies}]", "eval=none")
+    assert losses(tmp_path / "run") == pytest.approx([1.0500, 1.0431, 1.0387], abs=1e-4)
+    assert not (tmp_path / "run" / "selfdistill.jsonl").exists()
+    with pytest.raises(ValueError, match="fspad.labels='gold': choose 'selfdistill'.* or 'data'"):
+        run_recipe(tmp_path / "bad", "fspad.labels=gold")
+    assert not (tmp_path / "bad").exists()
+
+
 # ---------------------------------------------------------------- feature cache
 
 

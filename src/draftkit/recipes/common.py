@@ -108,6 +108,18 @@ def dataset_chats(data_cfg: DictConfig, tokenizer) -> Dataset:
     return tokenize_chat(records, tokenizer, max_length=data_cfg.max_length, too_long=data_cfg.too_long)
 
 
+LABEL_SOURCES = ("selfdistill", "data")
+
+
+def training_chats(cfg: DictConfig, target, run_dir: Path, labels: str, seed: int):
+    """Self-distilled replies (the target answers data.prompts) or the replies the data carries."""
+    if labels not in LABEL_SOURCES:
+        raise ValueError(f"labels={labels!r}: choose 'selfdistill' (the target answers the prompts) or 'data'")
+    if labels == "selfdistill":
+        return self_distilled_chats(cfg.data, target, run_dir, seed)
+    return dataset_chats(cfg.data, target.tokenizer)
+
+
 def measure_acceptance(target, drafting: Drafting, eval_cfg: DictConfig, path: Path,
                        extra_settings: dict | None = None, acceptance: str = "greedy", **evaluate_args) -> dict | None:
     """Evaluate the drafting a family's runtime built (`draftkit.runtime.<family>.drafting`, the same function

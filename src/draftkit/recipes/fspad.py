@@ -1,4 +1,5 @@
-"""FSPAD / EAGLE-1: train a one-layer feature drafter on the target's own answers, measure it, export it.
+"""FSPAD / EAGLE-1: train a one-layer feature drafter on the target's own answers (`fspad.labels=selfdistill`, the
+default) or on the data's replies (`data`), measure it, export it.
 
 Stages: `features` precomputes the target's features into a sharded, resumable cache (only with
 fspad.features.source=offline); `train` trains the drafter, reading features from the cache (offline) or running the
@@ -35,11 +36,12 @@ from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.objectives.fspad import align_pairs, fspad_loss
 from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.recipes.common import (
+    LABEL_SOURCES,
     compare_markdown,
     draft_token_map,
     measure_acceptance,
-    self_distilled_chats,
     start_run,
+    training_chats,
 )
 from draftkit.runtime import fspad as fspad_runtime
 from draftkit.runtime.drafting import DraftingOptions
@@ -122,6 +124,9 @@ def validate(cfg: DictConfig) -> list[str]:
     stages = list(settings.stages)
     if not stages or any(s not in STAGES for s in stages):
         raise ValueError(f"fspad.stages={stages}: choose from {list(STAGES)}")
+    if settings.labels not in LABEL_SOURCES:
+        raise ValueError(f"fspad.labels={settings.labels!r}: choose 'selfdistill' (the target answers the prompts) or "
+                         "'data' (the replies the data carries)")
     if settings.features.source not in SOURCES:
         raise ValueError(f"fspad.features.source={settings.features.source!r}: choose online or offline")
     if settings.features.norm not in ("post_norm", "pre_norm"):
@@ -159,7 +164,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
     offline = settings.features.source == "offline"
     sink, engine, target = start_run(cfg, run_dir)
     check_draft_vocab_size(settings.draft_vocab_size, target)
-    chats = self_distilled_chats(cfg.data, target, run_dir, cfg.engine.seed)
+    chats = training_chats(cfg, target, run_dir, settings.labels, cfg.engine.seed)
     cache_dir = Path(settings.features.cache) if settings.features.cache else run_dir / "feature_cache"
     cache_settings = dict(norm=settings.features.norm, storage=settings.features.storage,
                           shard_size=settings.features.shard_size)
