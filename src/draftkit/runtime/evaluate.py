@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable
@@ -98,15 +99,56 @@ def eos_token_ids(target: Target) -> list[int]:
     return sorted(ids)
 
 
+# The interval every report states for tau and alpha: a percentile interval over resamples of the prompts.
+BOOTSTRAP = {"method": "per-prompt bootstrap, percentile interval", "level": 0.95, "resamples": 1000}
+
+
+def bootstrap_ratios(numerators: list[list[float]], denominators: list[list[float]], *, seed: int = 0,
+                     resamples: int = BOOTSTRAP["resamples"], level: float = BOOTSTRAP["level"]
+                     ) -> list[list[float] | None]:
+    """Percentile intervals of pooled ratios sum(numerator) / sum(denominator), one per column, resampling the rows
+    (prompts) with replacement: rows[i][j] is prompt i's count for ratio j (tau: new tokens over target forwards; alpha
+    at position j: accepted over reached). Pooling whole prompts keeps each prompt's steps together, so the interval
+    reflects how much tau varies between prompts, not just between steps. A resample whose denominator is 0 (a position
+    none of its prompts reached) does not count for that ratio; fewer than two prompts, or a ratio no resample defines,
+    give None. The resamples are drawn by Python's own seeded generator, so a table gives the same interval anywhere."""
+    count = len(numerators)
+    columns = len(numerators[0]) if count else 0
+    if count < 2:
+        return [None] * columns
+    rng = random.Random(seed)
+    picked = torch.tensor([rng.choices(range(count), k=count) for _ in range(resamples)])  # [resamples, prompts]
+    top = torch.tensor(numerators, dtype=torch.float64)[picked].sum(dim=1)  # [resamples, columns]
+    bottom = torch.tensor(denominators, dtype=torch.float64)[picked].sum(dim=1)
+    tail = (1.0 - level) / 2
+    quantiles = torch.tensor([tail, 1.0 - tail], dtype=torch.float64)
+    intervals: list[list[float] | None] = []
+    for column in range(columns):
+        defined = bottom[:, column] > 0
+        ratios = top[defined, column] / bottom[defined, column]
+        intervals.append(torch.quantile(ratios, quantiles).tolist() if ratios.numel() else None)
+    return intervals
+
+
+def _intervals(rows: list[dict], gamma: int, seed: int) -> tuple[list[float] | None, list[list[float] | None]]:
+    """The bootstrap interval of tau and of alpha at each position, pooled per prompt the way _summarize pools."""
+    numerators = [[r["new_tokens"]] + [r["accepted_per_position"][i] for i in range(gamma)] for r in rows]
+    denominators = [[r["target_forwards"]] + [r["proposed_per_position"][i] for i in range(gamma)] for r in rows]
+    intervals = bootstrap_ratios(numerators, denominators, seed=seed)
+    return intervals[0], intervals[1:]
+
+
 def _summarize(rows: list[dict], gamma: int, measure_speedup: bool, greedy: bool, profile: bool = False,
-               chain: bool = True, static_tree: StaticTree | None = None) -> dict:
-    """Pool per-prompt counters (Spec-Bench pools accepted lengths over all steps, and tokens/s over all time)."""
+               chain: bool = True, static_tree: StaticTree | None = None, seed: int = 0) -> dict:
+    """Pool per-prompt counters (Spec-Bench pools accepted lengths over all steps, and tokens/s over all time), with
+    bootstrap intervals over the prompts for tau and alpha (BOOTSTRAP, seeded with `seed`)."""
     new_tokens = sum(r["new_tokens"] for r in rows)
     target_forwards = sum(r["target_forwards"] for r in rows)
     drafted = sum(r["drafted_tokens"] for r in rows)
     proposed = [sum(r["proposed_per_position"][i] for r in rows) for i in range(gamma)]
     accepted = [sum(r["accepted_per_position"][i] for r in rows) for i in range(gamma)]
     time_s = sum(r["time_s"] for r in rows)
+    tau_ci, alpha_ci = _intervals(rows, gamma, seed)
     summary = {
         "prompts": len(rows),
         "new_tokens": new_tokens,
@@ -115,7 +157,9 @@ def _summarize(rows: list[dict], gamma: int, measure_speedup: bool, greedy: bool
         "drafted_tokens": drafted,
         "accepted_draft_tokens": sum(accepted),
         "tau": new_tokens / target_forwards if target_forwards else None,
+        "tau_ci": tau_ci,
         "alpha": [a / p if p else None for a, p in zip(accepted, proposed)],
+        "alpha_ci": alpha_ci,
         "draft_acceptance": sum(accepted) / drafted if drafted else None,
         "time_s": time_s,
         "tokens_per_s": new_tokens / time_s if time_s else None,
@@ -321,11 +365,13 @@ def evaluate_draft(
             "device": str(device),
             "target_dtype": str(next(target.model.parameters()).dtype).removeprefix("torch."),
             "draft_dtype": draft_dtype(draft),
+            "interval": {**BOOTSTRAP, "seed": seed},
         },
-        "overall": _summarize(rows, gamma, measure_speedup, greedy, profile, chain=not is_tree, static_tree=static_tree),
+        "overall": _summarize(rows, gamma, measure_speedup, greedy, profile, chain=not is_tree, static_tree=static_tree,
+                              seed=seed),
         "categories": {
             name: _summarize(category_rows, gamma, measure_speedup, greedy, profile, chain=not is_tree,
-                             static_tree=static_tree)
+                             static_tree=static_tree, seed=seed)
             for name, category_rows in by_category.items()
         },
         "prompts": rows,
@@ -340,12 +386,33 @@ def _cell(value, digits: int = 2, suffix: str = "") -> str:
     return "–" if value is None else f"{value:.{digits}f}{suffix}"
 
 
+def interval_cell(interval: list[float] | None, digits: int = 2) -> str:
+    """"[low, high]", or "–" where no interval exists (one prompt, or a report made before intervals were kept)."""
+    return "–" if not interval else f"[{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+
+
+def interval_label(config: dict) -> str:
+    """The column header of a report's tau interval, e.g. "τ 95% CI"."""
+    level = (config.get("interval") or BOOTSTRAP)["level"]
+    return f"{level:.0%} CI"
+
+
+def interval_note(config: dict) -> str:
+    """One sentence saying how the intervals were made, for a table's footnote."""
+    interval = config.get("interval")
+    if not interval:
+        return "This report predates confidence intervals."
+    return (f"{interval['level']:.0%} CI: {interval['method']} of tau over {interval['resamples']} resamples of the "
+            f"prompts (seed {interval['seed']}), pooled as the table pools; it is wide when prompts are few.")
+
+
 def render_markdown(report: dict) -> str:
     """One table, a row per category plus the overall row: tau, alpha@1..gamma, tok/s and (if measured) speedup."""
     config = report["config"]
     gamma = config["gamma"]
     speedup = config["measure_speedup"]
-    header = ["category", "prompts", "tau"] + [f"alpha@{i}" for i in range(1, gamma + 1)] + ["tok/s"]
+    header = (["category", "prompts", "tau", f"tau {interval_label(config)}"] + [f"alpha@{i}" for i in range(1, gamma + 1)]
+              + ["tok/s"])
     if speedup:
         header += ["AR tok/s", "speedup"]
     lines = [
@@ -359,7 +426,7 @@ def render_markdown(report: dict) -> str:
     ]
     named = list(report["categories"].items()) + [("**overall**", report["overall"])]
     for name, summary in named:
-        cells = [name, str(summary["prompts"]), _cell(summary["tau"])]
+        cells = [name, str(summary["prompts"]), _cell(summary["tau"]), interval_cell(summary.get("tau_ci"))]
         cells += [_cell(a) for a in summary["alpha"]]
         cells.append(_cell(summary["tokens_per_s"], 1))
         if speedup:
@@ -371,6 +438,7 @@ def render_markdown(report: dict) -> str:
         f"tau = tokens per target forward (accepted draft tokens + 1, Spec-Bench); "
         f"draft-token acceptance {_cell(overall['draft_acceptance'])}; "
         f"{overall['new_tokens']} new tokens in {overall['target_forwards']} target forwards.",
+        interval_note(config),
     ]
     predicted = overall.get("prediction")
     if predicted:
