@@ -11,9 +11,11 @@ from draftkit.runtime.heads import MedusaDrafter
 from draftkit.runtime.speculative import autoregressive_generate
 from draftkit.runtime.tree import (
     DraftTree,
+    DynamicTree,
     StaticTree,
     TargetStep,
     TopKTree,
+    confidence_ranks,
     grow_tree,
     tree_attention_mask,
     tree_generate,
@@ -181,6 +183,70 @@ def test_topk_tree_keeps_the_budget_best_nodes_as_a_tree():
     # Best cumulative scores: 10 (-.1), 20 under it (-.3), 30 under that (-.6), 11 (-1.1), 21 (-1.3), 21 under 11 ...
     assert tree.tokens[:2].tolist() == [10, 11]
     assert tree.depth == 3
+
+
+class HandExpander:
+    """A hand-built draft: each token's children with their log-probabilities, best first (token 0 = the root)."""
+
+    children = {0: [(1, -1.0), (2, -2.0)],
+                1: [(3, -1.0), (4, -3.0)], 2: [(5, -0.5), (6, -4.0)],
+                3: [(7, -1.0), (8, -5.0)], 5: [(9, -0.25), (10, -3.0)], 4: [(11, -0.1), (12, -1.0)]}
+
+    def expand(self, tree, frontier, depth, k):
+        rows = [self.children[tree.tokens[f].item() if f >= 0 else 0][:k] for f in frontier]
+        return (torch.tensor([[t for t, _ in row] for row in rows]),
+                torch.tensor([[lp for _, lp in row] for row in rows]))
+
+
+def test_dynamic_tree_reranks_by_path_confidence_and_keeps_the_best_total_tokens():
+    # Path log-probabilities: 1: -1, 2: -2, 3: -2, 4: -4, 5: -2.5, 6: -6. Depth 3 expands the two most confident of
+    # depth 2 (3 and 5, not 4 under the likelier 1): 7: -3, 8: -7, 9: -2.75, 10: -5.5.
+    tree = grow_tree(DynamicTree(depth=3, top_k=2, total_tokens=6), HandExpander())
+    assert tree.tokens.tolist() == [1, 2, 3, 5, 7, 9]  # 5 under the less likely 2 beats 4 under 1; 2 ties 3, kept first
+    assert tree.parents == [-1, -1, 0, 1, 2, 3]
+    assert tree.scores.tolist() == [-1.0, -2.0, -2.0, -2.5, -3.0, -2.75]
+    assert tree.forwards == 3
+    # Ranks of the path 1 -> 3 -> 7 among the nodes of depth <= 1, <= 2, <= 3.
+    assert confidence_ranks(tree, [0, 2, 4], max_depth=4) == [[0], [0, 2], [0, 2, 5], [0, 2, 5]]
+    assert grow_tree(DynamicTree(depth=3, top_k=2, total_tokens=3), HandExpander()).tokens.tolist() == [1, 2, 3]
+    for budget in range(1, 12):
+        small = grow_tree(DynamicTree(depth=3, top_k=2, total_tokens=budget), HandExpander())
+        assert small.size == min(budget, 10)  # 2 + 4 + 4 drafted nodes
+        assert all(p < i for i, p in enumerate(small.parents))
+    assert tree_shape("dynamic", 6) == DynamicTree(6, 4, 16)
+    with pytest.raises(ValueError, match="must all be >= 1"):
+        DynamicTree(depth=2, top_k=0)
+
+
+class PathExpander:
+    """A draft whose distribution depends on the whole path (like a feature drafter): pseudo-random per path."""
+
+    def expand(self, tree, frontier, depth, k):
+        ids, logps = [], []
+        for node in frontier:
+            path = tuple(tree.tokens[n].item() for n in tree.path_to(node)) if node >= 0 else ()
+            generator = torch.Generator().manual_seed(hash(path) % 2**31)
+            top = torch.log_softmax(torch.randn(50, generator=generator) * 2, dim=-1).topk(k)
+            ids.append(top.indices)
+            logps.append(top.values)
+        return torch.stack(ids), torch.stack(logps)
+
+
+def token_paths(tree, nodes=None):
+    return {tuple(tree.tokens[n].item() for n in tree.path_to(i)) for i in (range(tree.size) if nodes is None else nodes)}
+
+
+def test_smaller_dynamic_trees_are_the_best_ranked_nodes_of_a_larger_one():
+    """What lets one measurement price every (depth, total_tokens) below it: the smaller tree keeps exactly the nodes
+    of depth <= d whose confidence rank among those is below its total_tokens."""
+    big = grow_tree(DynamicTree(depth=4, top_k=3, total_tokens=30), PathExpander())
+    depths = big.depths
+    for depth in (1, 2, 3, 4):
+        for total in (1, 2, 5, 11, 30):
+            small = grow_tree(DynamicTree(depth=depth, top_k=3, total_tokens=total), PathExpander())
+            shallow = [n for n in range(big.size) if depths[n] <= depth]
+            ranks = confidence_ranks(big, shallow, max_depth=depth)[-1]
+            assert token_paths(small) == token_paths(big, [n for n, r in zip(shallow, ranks) if r < total])
 
 
 def test_evaluate_draft_reports_tree_decoding_per_depth(target):
