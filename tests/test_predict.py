@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from test_runtime import SPEC_BENCH_RECORDS, perturbed_copy, sharpen
+from test_tree import LMTreeDrafter
 
 from draftkit.runtime.evaluate import evaluate_draft, render_markdown
 from draftkit.runtime.predict import (
@@ -183,33 +184,6 @@ def test_dynamic_tree_curve_prices_every_depth_and_total_from_one_measurement():
         dynamic_tree_curve(accepted_by_rank, 10, [4], [1], lambda size: 1.0, lambda depth: 0.0)
     with pytest.raises(ValueError, match="no tree verification"):
         dynamic_tree_curve(accepted_by_rank, 0, [1], [1], lambda size: 1.0, lambda depth: 0.0)
-
-
-class LMTreeDrafter:
-    """A draft LM drafting a tree without a cache (each node's distribution from a full forward over its path): draft
-    confidences that depend on the whole path, like a feature drafter's."""
-
-    def __init__(self, model, shape):
-        self.model, self.shape, self.max_depth = model, shape, shape.depth
-
-    def reset(self):
-        pass
-
-    def propose_tree(self, step):
-        from draftkit.runtime.tree import grow_tree
-
-        self.sequence = step.sequence[0]
-        return grow_tree(self.shape, self)
-
-    def expand(self, tree, frontier, depth, k):
-        import torch
-
-        rows = []
-        for node in frontier:
-            path = tree.tokens[tree.path_to(node)] if node >= 0 else tree.tokens[:0]
-            logits = self.model(torch.cat([self.sequence, path])[None]).logits[0, -1]
-            rows.append(torch.log_softmax(logits.float(), dim=-1).topk(k))
-        return torch.stack([r.indices for r in rows]), torch.stack([r.values for r in rows])
 
 
 @pytest.fixture(scope="module")

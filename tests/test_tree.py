@@ -34,6 +34,27 @@ def target():
     return target
 
 
+class LMTreeDrafter:
+    """A draft LM drafting a tree without a cache (each depth one forward over every frontier node's whole path): draft
+    confidences that depend on the whole path, like a feature drafter's."""
+
+    def __init__(self, model, shape):
+        self.model, self.shape, self.max_depth = model, shape, shape.depth
+
+    def reset(self):
+        pass
+
+    def propose_tree(self, step):
+        self.sequence = step.sequence[0]
+        return grow_tree(self.shape, self)
+
+    def expand(self, tree, frontier, depth, k):
+        paths = [tree.tokens[tree.path_to(node)] if node >= 0 else tree.tokens[:0] for node in frontier]
+        batch = torch.stack([torch.cat([self.sequence, path]) for path in paths])  # one depth: equal lengths
+        top = torch.log_softmax(self.model(batch).logits[:, -1].float(), dim=-1).topk(k)
+        return top.indices, top.values
+
+
 def reference(target, prompt, n=MAX_NEW):
     return autoregressive_generate(target.model, prompt, max_new_tokens=n).tokens
 
@@ -283,7 +304,8 @@ def test_tree_decoding_reproduces_the_real_target():
         assert max(out.stats.accepted_lengths) == (5 if miss_depth is None else 3)
 
 
-def test_tree_sampling_preserves_the_target_distribution():
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+def test_tree_sampling_preserves_the_target_distribution(kind):
     """Lossless tree sampling. Token 1 comes from the prefill, token 2 from the first tree level (an accepted
     candidate or the residual draw), token 3 from the second level or the next step's tree: the laws of (t1, t2) and
     of (t2, t3) must both be the target's. Checked by hand with these 1500 runs: accepting a candidate with p(c)
@@ -303,13 +325,16 @@ def test_tree_sampling_preserves_the_target_distribution():
     exact_12 = (first[:, None] * second).flatten()
     exact_23 = (first[:, None, None] * second[:, :, None] * third).sum(0).flatten()  # t1 marginalised out
 
-    torch.manual_seed(5)
-    heads = medusa_heads(16, vocab, num_heads=2, num_layers=1)
-    for stack in heads.blocks:  # candidates that often, but not always, agree with the target
-        for layer in stack.layers:
-            torch.nn.init.normal_(layer.weight, std=0.5)
-    shape = StaticTree.from_paths([(0,), (1,), (2,), (0, 0), (0, 1), (1, 0)])
-    drafter = MedusaDrafter(heads.eval(), shape, shared_lm_head=model.lm_head.weight)
+    if kind == "static":
+        torch.manual_seed(5)
+        heads = medusa_heads(16, vocab, num_heads=2, num_layers=1)
+        for stack in heads.blocks:  # candidates that often, but not always, agree with the target
+            for layer in stack.layers:
+                torch.nn.init.normal_(layer.weight, std=0.5)
+        shape = StaticTree.from_paths([(0,), (1,), (2,), (0, 0), (0, 1), (1, 0)])
+        drafter = MedusaDrafter(heads.eval(), shape, shared_lm_head=model.lm_head.weight)
+    else:  # another micro LM: candidates that depend on their path and often, but not always, agree with the target
+        drafter = LMTreeDrafter(micro_lm(1, vocab), DynamicTree(depth=2, top_k=3, total_tokens=5))
     counts_12, counts_23 = torch.zeros(vocab * vocab), torch.zeros(vocab * vocab)
     accepted = 0
     for run in range(runs):
