@@ -310,7 +310,11 @@ def test_tree_sampling_preserves_the_target_distribution(kind):
     candidate or the residual draw), token 3 from the second level or the next step's tree: the laws of (t1, t2) and
     of (t2, t3) must both be the target's. Checked by hand with these 1500 runs: accepting a candidate with p(c)
     instead of the renormalised p'(c) gives p = 3e-7 on (t1, t2); drawing the residual from p instead of p' gives
-    p < 1e-36 on both; the sampler below gives p = 0.31 and 0.66."""
+    p < 1e-36 on both; the sampler below gives p = 0.31 and 0.66 (static tree). The dynamic tree (EAGLE-2's) picks its
+    candidates by the draft's confidence, reranks and prunes them: still fixed candidates given the context, so the same
+    rule stays lossless (EAGLE-2's own accepts each candidate with the renormalised target probability, q = 1). There
+    the sampler gives p = 0.75 and 0.04, a residual drawn from p gives p < 1e-40; accepting with p(c) only reaches
+    p = 0.005 with this drafter, which the static case catches."""
     from test_runtime import chi_square_p_value, micro_lm
 
     vocab, temperature, runs = 8, 0.8, 1500
