@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from draftkit.engine.batches import BatchStream
-from draftkit.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, write_json_atomic
+from draftkit.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from draftkit.engine.distributed import (
     AccelerateRuntime,
     DeepSpeedRuntime,
@@ -29,6 +29,7 @@ from draftkit.engine.distributed import (
     world_size_from_env,
 )
 from draftkit.engine.log import NullSink
+from draftkit.io import write_json_atomic
 from draftkit.objectives.types import LossOutput
 
 StepFn = Callable[[nn.Module, dict], LossOutput]
