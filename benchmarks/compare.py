@@ -40,8 +40,9 @@ FAMILIES = {
     "hydra_plus_plus": (["+recipe=hydra_heads", "hydra_heads.teacher_weight=1", "hydra_heads.lm_weight=0",
                          "hydra_heads.heads.prefix_layer=true", "hydra_heads.heads.num_layers=4"], "hydra_heads", "tree"),
     "clover2": (["+recipe=clover"], "clover", "tree"),
-    "eagle1": (["+recipe=fspad", *EAGLE1], "train", "chain"),
-    "fspad": (["+recipe=fspad"], "train", "chain"),
+    # Feature drafters decode with EAGLE-2's dynamic tree, as draftkit.eval does by default.
+    "eagle1": (["+recipe=fspad", *EAGLE1], "train", "dynamic tree"),
+    "fspad": (["+recipe=fspad"], "train", "dynamic tree"),
     "kangaroo": (["+recipe=kangaroo"], "adapter", "chain"),
     # An acceptance head on the FastDraft family's draft (trained above when fastdraft is in the run; otherwise on the
     # recipe's default, the untrained 2-layer cut), decoded with its adaptive stop.
@@ -165,7 +166,7 @@ def evaluate_all(run_dirs: dict[str, Path], budget: dict, target_path: str | Non
     for family, run_dir in run_dirs.items():
         _, _, decoding = FAMILIES[family]
         export = artifact(run_dir)
-        tree = ["--tree", "static"] if decoding == "tree" else []
+        tree = {"tree": ["--tree", "static"], "dynamic tree": ["--tree", "dynamic"]}.get(decoding, [])
         drafting = load_draft(parse_args(["--draft", str(export), *tree, "--no-progress"]), target)
 
         def measure(gamma: int, t: float, drafting=drafting):
@@ -210,6 +211,8 @@ def recommendation(predicted: dict) -> str:
     if "recommended_tree_size" in predicted:
         size = predicted["recommended_tree_size"]
         return f"{size} node{'' if size == 1 else 's'}"
+    if "recommended_total_tokens" in predicted:
+        return f"depth {predicted['recommended_depth']}, {predicted['recommended_total_tokens']} tokens"
     return "–"
 
 
@@ -224,7 +227,8 @@ def markdown(result: dict) -> str:
     lines = [f"Target {settings['target']}, {result['machine'].get('gpu', 'CPU')}, {result['date']}: "
              f"{settings['steps']} training steps per family on the same data; Spec-Bench "
              f"{settings['limit_per_category']} questions per category, {settings['max_new_tokens']} new tokens, "
-             f"γ = {gamma} (chain) or a static tree, fp32 evaluation.", "",
+             f"γ = {gamma} (chain), a static tree (heads) or EAGLE-2's dynamic tree (feature drafters), fp32 "
+             "evaluation.", "",
              "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for family, entry in result["families"].items():
         greedy, sampling = entry["greedy"], entry.get("sampling")
@@ -253,7 +257,8 @@ def markdown(result: dict) -> str:
               "pooled as τ is; two families differ beyond noise only where their intervals do not overlap (– : a "
               "result made before intervals were kept)."]
     lines += ["", "speedup: measured tokens/s over one autoregressive baseline of the same target and prompts; predicted: "
-              "draftkit.runtime.predict from the measured τ and step costs; best γ or tree: the chain length, or the "
+              "draftkit.runtime.predict from the measured τ and step costs; best γ or tree: the chain length, the dynamic "
+              "tree's depth and total tokens, or the "
               "subtree of the static tree, with the highest predicted speedup."]
     return "\n".join(lines) + "\n"
 

@@ -74,4 +74,4 @@ def test_write_merged_writes_the_table_json_and_plots(tmp_path):
     merged = json.loads((tmp_path / "out" / f"{stem}.json").read_text())
     assert list(merged["families"]) == ["medusa", "fspad"]
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == sorted(merged["plots"])
-    assert "| fspad (chain) |" in (tmp_path / "out" / f"{stem}.md").read_text()
+    assert "| fspad (dynamic tree) |" in (tmp_path / "out" / f"{stem}.md").read_text()

@@ -43,6 +43,7 @@ from draftkit.recipes.common import (
 )
 from draftkit.runtime import fspad as fspad_runtime
 from draftkit.runtime.drafting import DraftingOptions
+from draftkit.runtime.tree import TREE_KINDS
 
 STAGES = ("features", "train")
 SOURCES = ("online", "offline")
@@ -127,8 +128,8 @@ def validate(cfg: DictConfig) -> list[str]:
         raise ValueError(f"fspad.features.source={settings.features.source!r}: choose online or offline")
     if settings.features.norm not in ("post_norm", "pre_norm"):
         raise ValueError(f"fspad.features.norm={settings.features.norm!r}: choose post_norm or pre_norm")
-    if settings.tree.kind not in ("none", "chain", "static", "topk"):
-        raise ValueError(f"fspad.tree.kind={settings.tree.kind!r}: choose none, chain, static or topk")
+    if settings.tree.kind not in ("none", *TREE_KINDS):
+        raise ValueError(f"fspad.tree.kind={settings.tree.kind!r}: choose none, {', '.join(TREE_KINDS)}")
     if settings.features.storage not in ("fp32", "bf16", "int8"):
         raise ValueError(f"fspad.features.storage={settings.features.storage!r}: choose fp32, bf16 or int8")
     size = settings.draft_vocab_size
