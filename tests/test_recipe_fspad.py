@@ -450,23 +450,10 @@ def test_greedy_tree_drafting_is_lossless(kind, switches):
     assert accepted > 0
 
 
-class BudgetedDrafter:
-    """FeatureTreeDrafter recording the size of every tree it proposes."""
-
-    def __init__(self, drafter):
-        self.drafter, self.max_depth, self.sizes = drafter, drafter.max_depth, []
-
-    def reset(self):
-        self.drafter.reset()
-
-    def propose_tree(self, step):
-        tree = self.drafter.propose_tree(step)
-        self.sizes.append(tree.size)
-        return tree
-
-
 @pytest.mark.parametrize("switches", [(False, False), (True, True)], ids=["eagle1", "fspad"])
 def test_dynamic_tree_drafting_is_lossless_and_within_its_budget(switches):
+    from test_vocab_heads import ProposalLog
+
     from draftkit.runtime.fspad import FeatureTreeDrafter
     from draftkit.runtime.tree import DynamicTree, tree_generate
 
@@ -476,11 +463,11 @@ def test_dynamic_tree_drafting_is_lossless_and_within_its_budget(switches):
     for prompt in (torch.tensor([[1]]), torch.tensor([[1, 50, 60, 70]]), torch.tensor([[1, 9, 8, 7, 6, 5, 4]])):
         reference = target.model.generate(prompt, do_sample=False, max_new_tokens=20, pad_token_id=0)
         for depth, top_k, total in ((4, 3, 1), (4, 3, 5), (3, 4, 12), (4, 3, 40)):
-            drafter = BudgetedDrafter(FeatureTreeDrafter(draft, DynamicTree(depth, top_k, total)))
+            drafter = ProposalLog(FeatureTreeDrafter(draft, DynamicTree(depth, top_k, total)))
             out = tree_generate(target.model, drafter, prompt, max_new_tokens=20)
             assert out.tokens == reference[0, prompt.shape[1]:].tolist(), (total, prompt.tolist())
             drafted = top_k + (depth - 1) * top_k * top_k
-            assert drafter.sizes and all(size == min(total, drafted) for size in drafter.sizes)
+            assert drafter.trees and all(tree.size == min(total, drafted) for tree in drafter.trees)
             deepest = max(deepest, max(out.stats.accepted_lengths))
     assert deepest >= 3  # some trees were accepted two levels deep
 
