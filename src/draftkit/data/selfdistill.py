@@ -1,8 +1,8 @@
 """Self-distillation data: the frozen target answers the prompts, and a draft then learns from its answers.
 
-Drafts trained on the target's own outputs match its distribution better than drafts trained on
-dataset answers (Medusa-2's self-distillation, FastDraft's fine-tuning stage). Generation is slow, so every finished batch is appended to a
-JSON Lines cache and a rerun only generates what the cache lacks.
+Drafts trained on the target's own outputs match its distribution better than drafts trained on dataset answers
+(Medusa-2's self-distillation, FastDraft's fine-tuning stage). Generation is slow, so every finished batch is appended
+to a JSON Lines cache and a rerun only generates what the cache lacks.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from draftkit.engine.distributed import as_settings, frozen_dtype, is_main_proce
 from draftkit.engine.run import record_run
 from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.runtime.drafting import Drafting
-from draftkit.runtime.evaluate import evaluate_draft, load_prompts
+from draftkit.runtime.evaluate import evaluate_draft, interval_cell, interval_label, interval_note, load_prompts
 
 
 def start_run(cfg: DictConfig, run_dir: Path):
@@ -151,17 +151,19 @@ def measure_acceptance(target, drafting: Drafting, eval_cfg: DictConfig, path: P
 
 
 def compare_markdown(reports: dict[str, dict | None]) -> str:
-    """One row per named report: overall tau, alpha by position, tokens/s and speedup over autoregressive."""
+    """One row per named report: its prompt count, overall tau with its bootstrap interval, alpha by position, tokens/s
+    and speedup over autoregressive. Two rows differ meaningfully only where their intervals say so."""
     measured = {name: r for name, r in reports.items() if r is not None}
     if not measured:
         return "(acceptance not measured: eval.enabled=false)"
     gamma = max(r["config"]["gamma"] for r in measured.values())
     any_report = next(iter(measured.values()))
-    header = ["", "τ"] + [f"α@{i}" for i in range(1, gamma + 1)] + ["tok/s", "AR tok/s", "speedup"]
+    config = any_report["config"]
+    header = (["", "prompts", "τ", f"τ {interval_label(config)}"] + [f"α@{i}" for i in range(1, gamma + 1)]
+              + ["tok/s", "AR tok/s", "speedup"])
     lines = [
-        f"Target {any_report['config']['target']}, {any_report['overall']['prompts']} prompts, γ={gamma}, "
-        f"temperature={any_report['config']['temperature']}, max_new_tokens={any_report['config']['max_new_tokens']}, "
-        f"device={any_report['config']['device']}",
+        f"Target {config['target']}, γ={gamma}, temperature={config['temperature']}, "
+        f"max_new_tokens={config['max_new_tokens']}, device={config['device']}",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
@@ -173,9 +175,10 @@ def compare_markdown(reports: dict[str, dict | None]) -> str:
     for name, report in measured.items():
         o = report["overall"]
         alphas = list(o["alpha"]) + [None] * (gamma - len(o["alpha"]))
-        row = [name, cell(o["tau"])] + [cell(a) for a in alphas]
+        row = [name, str(o["prompts"]), cell(o["tau"]), interval_cell(o.get("tau_ci"))] + [cell(a) for a in alphas]
         row += [cell(o["tokens_per_s"], 1), cell(o.get("ar_tokens_per_s"), 1), cell(o.get("speedup"), suffix="x")]
         lines.append("| " + " | ".join(row) + " |")
+    lines += ["", interval_note(config)]
     return "\n".join(lines)
 
 

@@ -45,6 +45,7 @@ from draftkit.recipes.common import (
 )
 from draftkit.runtime import fspad as fspad_runtime
 from draftkit.runtime.drafting import DraftingOptions
+from draftkit.runtime.tree import TREE_KINDS
 
 STAGES = ("features", "train")
 SOURCES = ("online", "offline")
@@ -97,9 +98,10 @@ def feature_step(model: FeatureDrafter, batch: dict, features: torch.Tensor, *, 
             teacher_logits = drafter.head_logits(target)
         draft_logits = drafter.head_logits(predict)
     else:  # both distributions computed inside the loss, loss_chunk_size positions at a time
+        lm_head = drafter.lm_head.weight
         with torch.no_grad():
-            teacher_logits = LinearLogits(drafter.head_input(target), drafter.lm_head.weight, chunk_size=loss_chunk_size)
-        draft_logits = LinearLogits(drafter.head_input(predict), drafter.lm_head.weight, chunk_size=loss_chunk_size)
+            teacher_logits = LinearLogits(drafter.head_input(target), lm_head, chunk_size=loss_chunk_size)
+        draft_logits = LinearLogits(drafter.head_input(predict), lm_head, chunk_size=loss_chunk_size)
     return fspad_loss(draft_logits, regress, target, teacher_logits, everywhere,
                       regression_weight=regression_weight, ce_weight=ce_weight)
 
@@ -131,8 +133,8 @@ def validate(cfg: DictConfig) -> list[str]:
         raise ValueError(f"fspad.features.source={settings.features.source!r}: choose online or offline")
     if settings.features.norm not in ("post_norm", "pre_norm"):
         raise ValueError(f"fspad.features.norm={settings.features.norm!r}: choose post_norm or pre_norm")
-    if settings.tree.kind not in ("none", "chain", "static", "topk"):
-        raise ValueError(f"fspad.tree.kind={settings.tree.kind!r}: choose none, chain, static or topk")
+    if settings.tree.kind not in ("none", *TREE_KINDS):
+        raise ValueError(f"fspad.tree.kind={settings.tree.kind!r}: choose none, {', '.join(TREE_KINDS)}")
     if settings.features.storage not in ("fp32", "bf16", "int8"):
         raise ValueError(f"fspad.features.storage={settings.features.storage!r}: choose fp32, bf16 or int8")
     size = settings.draft_vocab_size
@@ -189,11 +191,13 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
                                    name=f"{draft.variant} draft")
     tree = None
     if settings.tree.kind != "none":
-        options = DraftingOptions(tree=settings.tree.kind, tree_depth=settings.tree.depth, tree_top_k=settings.tree.top_k,
-                                  tree_width=settings.tree.width, tree_budget=settings.tree.budget)
+        tree_cfg = settings.tree
+        options = DraftingOptions(tree=tree_cfg.kind, tree_depth=tree_cfg.depth, tree_top_k=tree_cfg.top_k,
+                                  tree_width=tree_cfg.width, tree_budget=tree_cfg.budget)
         tree = fspad_runtime.drafting(draft, target, options, settings.features.norm,
                                       name=f"{draft.variant} draft (tree)")
-    before = measure_acceptance(target, chain, cfg.eval, run_dir / "eval_before.json") if cfg.eval.get("before") else None
+    before = (measure_acceptance(target, chain, cfg.eval, run_dir / "eval_before.json")
+              if cfg.eval.get("before") else None)
     torch.manual_seed(cfg.engine.seed)  # the feature noise, whatever ran before (resume restores the state itself)
     result = train(model=draft, step_fn=make_step(target, settings), dataset=dataset,
                    collate=partial(collate_with_features, pad_token_id=target.tokenizer.pad_token_id),
