@@ -8,21 +8,36 @@ from omegaconf import DictConfig, open_dict
 
 CONFIG_MODULE = "draftkit.conf"
 PRIMARY_CONFIG = "train"
-# Groups that refine whatever a recipe set up; they must merge after `+recipe=`.
-OVERLAY_GROUPS = ("debug",)
+# Groups that refine whatever a recipe set up; they must merge after `+recipe=`, in this order (a debug overlay
+# shrinks whatever budget was chosen).
+OVERLAY_GROUPS = ("budget", "debug")
 
 
 class ConfigError(ValueError):
     pass
 
 
-def available_recipes() -> list[str]:
-    folder = importlib.resources.files(CONFIG_MODULE) / "recipe"
+def available_options(group: str) -> list[str]:
+    folder = importlib.resources.files(CONFIG_MODULE) / group
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def available_recipes() -> list[str]:
+    return available_options("recipe")
 
 
 def _group_of(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
+
+
+def _budget_overrides(budget: str, recipe: str) -> list[str]:
+    """`budget=<b>` merges conf/budget/<b>.yaml (what every recipe shares: data and evaluation sizes, precision) and
+    then, when it exists, conf/budget/<b>/<recipe>.yaml (the recipe's own steps and learning rate for that budget)."""
+    known = available_options("budget")
+    if budget not in known:
+        raise ConfigError(f"unknown budget {budget!r}; available budgets: {', '.join(known)}")
+    per_recipe = importlib.resources.files(CONFIG_MODULE) / "budget" / budget / f"{recipe}.yaml"
+    return [f"+budget={budget}"] + ([f"+budget/{budget}@_global_={recipe}"] if per_recipe.is_file() else [])
 
 
 def prepare_overrides(overrides: list[str]) -> list[str]:
@@ -41,8 +56,12 @@ def prepare_overrides(overrides: list[str]) -> list[str]:
         name = o.split("=", 1)[1]
         if name not in known:
             raise ConfigError(f"unknown recipe {name!r}; available recipes: {', '.join(known)}")
-    overlays = [o for o in overrides if _group_of(o) in OVERLAY_GROUPS]
-    normalized = ["+" + o.lstrip("+") for o in overlays]
+    recipe = recipes[-1].split("=", 1)[1]
+    normalized = []
+    for group in OVERLAY_GROUPS:
+        for o in (o for o in overrides if _group_of(o) == group):
+            choice = o.split("=", 1)[1]
+            normalized += _budget_overrides(choice, recipe) if group == "budget" else ["+" + o.lstrip("+")]
     rest = [o for o in overrides if _group_of(o) not in OVERLAY_GROUPS]
     return rest + normalized
 
@@ -59,3 +78,15 @@ def compose(overrides: list[str]) -> DictConfig:
     with open_dict(cfg):
         del cfg["hydra"]  # what @hydra.main hands a task has no hydra node either
     return cfg
+
+
+def instantiate_draft(draft_cfg: DictConfig, target):
+    """The `draft` group instantiated for `target`: every builder receives the same call-site arguments (the target's
+    vocabulary and special ids, its embedding table and model, for drafts cut from or initialised by it)."""
+    from hydra.utils import instantiate
+
+    tokenizer = target.tokenizer
+    return instantiate(draft_cfg, vocab_size=target.vocab_size, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       target_embedding=target.embed_tokens.weight, target_model=target.model)
+

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.engine.distributed import is_main_process
+from draftkit.io import write_json_atomic, write_text_atomic
 
 _PACKAGES = ("draftkit", "torch", "transformers", "accelerate", "peft", "datasets", "hydra-core", "omegaconf",
              "wandb", "deepspeed", "safetensors", "gguf", "tokenizers")

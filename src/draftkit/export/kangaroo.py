@@ -7,7 +7,7 @@ Layout:
   draftkit.json       {"family": "kangaroo", target, target_num_layers, target_hidden_size, target_vocab_size,
                        exit_layer, threshold, max_draft_tokens, tensors: {name: shape}}
   README.md           model card with the measured acceptance table
-No serving runtime loads Kangaroo adapters (formats.md §(a2)); `python -m draftkit.eval --draft <dir>` runs them.
+No serving runtime (vLLM, SGLang, TRT-LLM) loads Kangaroo adapters; `python -m draftkit.eval --draft <dir>` runs them.
 """
 
 from __future__ import annotations

@@ -15,13 +15,13 @@ from omegaconf import DictConfig, OmegaConf
 from draftkit.data.chat import tokenize_chat
 from draftkit.data.draft_vocab import label_counts
 from draftkit.data.selfdistill import prompts_from_records, regenerate_responses
-from draftkit.data.sources import builtin_path, load_records
+from draftkit.data.sources import load_records, prompt_file
 from draftkit.drafts.vocab import coverage, select_tokens
-from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.engine.distributed import as_settings, frozen_dtype, is_main_process, main_process_first
 from draftkit.engine.run import record_run
+from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.runtime.drafting import Drafting
-from draftkit.runtime.evaluate import evaluate_draft, load_prompts
+from draftkit.runtime.evaluate import evaluate_draft, interval_cell, interval_label, interval_note, load_prompts
 
 
 def start_run(cfg: DictConfig, run_dir: Path):
@@ -66,14 +66,6 @@ def draft_token_map(chats, size: int | None, target, run_dir: Path):
     print(f"[draftkit] draft vocabulary: {size} of {target.vocab_size} tokens, covering {share:.1%} of the "
           f"{int(counts.sum())} training labels")
     return token_map.to(target.device)
-
-
-def build_draft(draft_cfg: DictConfig, target):
-    """The `draft` group instantiated for `target`: every builder receives the same call-site arguments."""
-    tokenizer = target.tokenizer
-    return instantiate(draft_cfg, vocab_size=target.vocab_size, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                       target_embedding=target.embed_tokens.weight, target_model=target.model)
 
 
 def require_shared_vocabulary(draft, target) -> None:
@@ -122,8 +114,16 @@ def dataset_chats(data_cfg: DictConfig, tokenizer) -> Dataset:
     return tokenize_chat(records, tokenizer, max_length=data_cfg.max_length, too_long=data_cfg.too_long)
 
 
-def prompt_file(source: str) -> Path:
-    return builtin_path(source.removeprefix("builtin:")) if source.startswith("builtin:") else Path(source)
+LABEL_SOURCES = ("selfdistill", "data")
+
+
+def training_chats(cfg: DictConfig, target, run_dir: Path, labels: str, seed: int):
+    """Self-distilled replies (the target answers data.prompts) or the replies the data carries."""
+    if labels not in LABEL_SOURCES:
+        raise ValueError(f"labels={labels!r}: choose 'selfdistill' (the target answers the prompts) or 'data'")
+    if labels == "selfdistill":
+        return self_distilled_chats(cfg.data, target, run_dir, seed)
+    return dataset_chats(cfg.data, target.tokenizer)
 
 
 def measure_acceptance(target, drafting: Drafting, eval_cfg: DictConfig, path: Path,
@@ -157,17 +157,19 @@ def measure_acceptance(target, drafting: Drafting, eval_cfg: DictConfig, path: P
 
 
 def compare_markdown(reports: dict[str, dict | None]) -> str:
-    """One row per named report: overall tau, alpha by position, tokens/s and speedup over autoregressive."""
+    """One row per named report: its prompt count, overall tau with its bootstrap interval, alpha by position, tokens/s
+    and speedup over autoregressive. Two rows differ meaningfully only where their intervals say so."""
     measured = {name: r for name, r in reports.items() if r is not None}
     if not measured:
         return "(acceptance not measured: eval.enabled=false)"
     gamma = max(r["config"]["gamma"] for r in measured.values())
     any_report = next(iter(measured.values()))
-    header = ["", "τ"] + [f"α@{i}" for i in range(1, gamma + 1)] + ["tok/s", "AR tok/s", "speedup"]
+    config = any_report["config"]
+    header = (["", "prompts", "τ", f"τ {interval_label(config)}"] + [f"α@{i}" for i in range(1, gamma + 1)]
+              + ["tok/s", "AR tok/s", "speedup"])
     lines = [
-        f"Target {any_report['config']['target']}, {any_report['overall']['prompts']} prompts, γ={gamma}, "
-        f"temperature={any_report['config']['temperature']}, max_new_tokens={any_report['config']['max_new_tokens']}, "
-        f"device={any_report['config']['device']}",
+        f"Target {config['target']}, γ={gamma}, temperature={config['temperature']}, "
+        f"max_new_tokens={config['max_new_tokens']}, device={config['device']}",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
@@ -179,9 +181,10 @@ def compare_markdown(reports: dict[str, dict | None]) -> str:
     for name, report in measured.items():
         o = report["overall"]
         alphas = list(o["alpha"]) + [None] * (gamma - len(o["alpha"]))
-        row = [name, cell(o["tau"])] + [cell(a) for a in alphas]
+        row = [name, str(o["prompts"]), cell(o["tau"]), interval_cell(o.get("tau_ci"))] + [cell(a) for a in alphas]
         row += [cell(o["tokens_per_s"], 1), cell(o.get("ar_tokens_per_s"), 1), cell(o.get("speedup"), suffix="x")]
         lines.append("| " + " | ".join(row) + " |")
+    lines += ["", interval_note(config)]
     return "\n".join(lines)
 
 

@@ -3,7 +3,7 @@
 Each micro-batch of prompts is continued either by the draft (probability λ = distillspec.lambda_on_policy) or by
 the off-policy source (the target: sequence-level KD; or the dataset's own replies), per batch or per sequence. Both
 models then score the continuation, and the divergence between their next-token distributions is minimised on the
-continuation tokens only (methods.md §2.2, pitfalls §4(b).4, .6, .7, .14).
+continuation tokens only (prompt tokens carry no draft decision; scoring them dilutes the loss).
 """
 
 from __future__ import annotations
@@ -16,18 +16,18 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from draftkit.config import instantiate_draft
 from draftkit.data.rollout import (PromptExamples, TeacherRollouts, assemble, collate_prompts, continuation_mask,
                                    prompt_reply_examples, sample_continuations)
 from draftkit.engine.batches import BatchStream
 from draftkit.engine.checkpoint import list_checkpoints
-from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.engine.distributed import process_index, world_size_from_env
 from draftkit.engine.loop import LoopSettings, stage_settings, train
 from draftkit.export.lm import export_hf_draft
+from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.objectives.kl import DIVERGENCES, divergence
 from draftkit.objectives.types import LossOutput
 from draftkit.recipes.common import (
-    build_draft,
     compare_markdown,
     load_sources,
     measure_acceptance,
@@ -240,14 +240,15 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     _validate(settings)
     sink, engine, target = start_run(cfg, run_dir)
     tokenizer = target.tokenizer
-    draft = build_draft(cfg.draft, target)
+    draft = instantiate_draft(cfg.draft, target)
     require_shared_vocabulary(draft, target)
     examples = _prompt_examples(cfg, tokenizer, engine["seed"])
     draft = _apply_lora(draft, settings.lora)
     draft.to(target.device)
 
     drafting = lm_runtime.drafting(draft, target, DraftingOptions())
-    before = measure_acceptance(target, drafting, cfg.eval, run_dir / "eval_before.json") if cfg.eval.get("before") else None
+    before = (measure_acceptance(target, drafting, cfg.eval, run_dir / "eval_before.json")
+              if cfg.eval.get("before") else None)
 
     loop_settings = stage_settings(engine)
     stage_dir = run_dir / "distill"

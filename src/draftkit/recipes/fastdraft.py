@@ -12,13 +12,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from draftkit.config import instantiate_draft
 from draftkit.data.collate import collate
 from draftkit.data.packing import pack_texts
 from draftkit.engine.loop import stage_settings, train
 from draftkit.export.lm import export_hf_draft
 from draftkit.objectives.ce import next_token_ce
 from draftkit.recipes.common import (
-    build_draft,
     compare_markdown,
     finish_run,
     load_sources,
@@ -44,12 +44,13 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
         raise ValueError(f"fastdraft.stages={stages}: choose from {list(STAGES)}")
     sink, engine, target = start_run(cfg, run_dir)
     tokenizer = target.tokenizer
-    draft = build_draft(cfg.draft, target)
+    draft = instantiate_draft(cfg.draft, target)
     draft.to(target.device)
     batch_collate = partial(collate, pad_token_id=tokenizer.pad_token_id)
 
     drafting = lm_runtime.drafting(draft, target, DraftingOptions())
-    before = measure_acceptance(target, drafting, cfg.eval, run_dir / "eval_before.json") if cfg.eval.get("before") else None
+    before = (measure_acceptance(target, drafting, cfg.eval, run_dir / "eval_before.json")
+              if cfg.eval.get("before") else None)
 
     results = []
     if "pretrain" in stages:

@@ -1,4 +1,5 @@
-"""FSPAD / EAGLE-1: train a one-layer feature drafter on the target's own answers, measure it, export it.
+"""FSPAD / EAGLE-1: train a one-layer feature drafter on the target's own answers (`fspad.labels=selfdistill`, the
+default) or on the data's replies (`data`), measure it, export it.
 
 Stages: `features` precomputes the target's features into a sharded, resumable cache (only with
 fspad.features.source=offline); `train` trains the drafter, reading features from the cache (offline) or running the
@@ -29,20 +30,22 @@ from draftkit.data.feature_cache import (
     target_features,
 )
 from draftkit.drafts.fspad import FeatureDrafter, feature_drafter
-from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.engine.loop import stage_settings, train
 from draftkit.export.fspad import EAGLE_FORMATS, export_feature_drafter, format_refusal
+from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.objectives.fspad import align_pairs, fspad_loss
 from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.recipes.common import (
+    LABEL_SOURCES,
     compare_markdown,
     draft_token_map,
     measure_acceptance,
-    self_distilled_chats,
     start_run,
+    training_chats,
 )
 from draftkit.runtime import fspad as fspad_runtime
 from draftkit.runtime.drafting import DraftingOptions
+from draftkit.runtime.tree import TREE_KINDS
 
 STAGES = ("features", "train")
 SOURCES = ("online", "offline")
@@ -75,6 +78,9 @@ def feature_step(model: FeatureDrafter, batch: dict, features: torch.Tensor, *, 
     is the target's distribution renormalised over the draft vocabulary, on both paths."""
     pairs = align_pairs(features, batch["input_ids"], batch["labels"])
     inputs = pairs.input_features
+    # The forward goes through the wrapper the loop hands over (DDP or DeepSpeed, for their gradient hooks); the frozen
+    # LM head is read from the drafter itself, which a DDP wrapper does not expose as attributes.
+    drafter = getattr(model, "module", model)
     if model.training and noise_amplitude > 0:  # noise on the inputs only, never on the regression target
         # Drawn from a seed taken off the CPU generator, which the loop checkpoints: resume stays exact on a GPU too.
         seed = int(torch.randint(0, 2**62, (1,)))
@@ -89,12 +95,13 @@ def feature_step(model: FeatureDrafter, batch: dict, features: torch.Tensor, *, 
     everywhere = torch.ones(predict.shape[0], dtype=torch.bool, device=predict.device)
     if loss_chunk_size is None:
         with torch.no_grad():
-            teacher_logits = model.head_logits(target)
-        draft_logits = model.head_logits(predict)
+            teacher_logits = drafter.head_logits(target)
+        draft_logits = drafter.head_logits(predict)
     else:  # both distributions computed inside the loss, loss_chunk_size positions at a time
+        lm_head = drafter.lm_head.weight
         with torch.no_grad():
-            teacher_logits = LinearLogits(model.head_input(target), model.lm_head.weight, chunk_size=loss_chunk_size)
-        draft_logits = LinearLogits(model.head_input(predict), model.lm_head.weight, chunk_size=loss_chunk_size)
+            teacher_logits = LinearLogits(drafter.head_input(target), lm_head, chunk_size=loss_chunk_size)
+        draft_logits = LinearLogits(drafter.head_input(predict), lm_head, chunk_size=loss_chunk_size)
     return fspad_loss(draft_logits, regress, target, teacher_logits, everywhere,
                       regression_weight=regression_weight, ce_weight=ce_weight)
 
@@ -108,7 +115,8 @@ def make_step(target, settings):
         features = batch.get("features")
         if features is None:  # online: the frozen target runs here, outside the trainable module
             features = target_features(target, batch["input_ids"], batch["attention_mask"], norm)
-        return feature_step(model, batch, features.to(model.fc.weight.dtype), **weights)
+        dtype = getattr(model, "module", model).fc.weight.dtype
+        return feature_step(model, batch, features.to(dtype), **weights)
 
     return step
 
@@ -118,12 +126,15 @@ def validate(cfg: DictConfig) -> list[str]:
     stages = list(settings.stages)
     if not stages or any(s not in STAGES for s in stages):
         raise ValueError(f"fspad.stages={stages}: choose from {list(STAGES)}")
+    if settings.labels not in LABEL_SOURCES:
+        raise ValueError(f"fspad.labels={settings.labels!r}: choose 'selfdistill' (the target answers the prompts) or "
+                         "'data' (the replies the data carries)")
     if settings.features.source not in SOURCES:
         raise ValueError(f"fspad.features.source={settings.features.source!r}: choose online or offline")
     if settings.features.norm not in ("post_norm", "pre_norm"):
         raise ValueError(f"fspad.features.norm={settings.features.norm!r}: choose post_norm or pre_norm")
-    if settings.tree.kind not in ("none", "chain", "static", "topk"):
-        raise ValueError(f"fspad.tree.kind={settings.tree.kind!r}: choose none, chain, static or topk")
+    if settings.tree.kind not in ("none", *TREE_KINDS):
+        raise ValueError(f"fspad.tree.kind={settings.tree.kind!r}: choose none, {', '.join(TREE_KINDS)}")
     if settings.features.storage not in ("fp32", "bf16", "int8"):
         raise ValueError(f"fspad.features.storage={settings.features.storage!r}: choose fp32, bf16 or int8")
     size = settings.draft_vocab_size
@@ -155,7 +166,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
     offline = settings.features.source == "offline"
     sink, engine, target = start_run(cfg, run_dir)
     check_draft_vocab_size(settings.draft_vocab_size, target)
-    chats = self_distilled_chats(cfg.data, target, run_dir, cfg.engine.seed)
+    chats = training_chats(cfg, target, run_dir, settings.labels, cfg.engine.seed)
     cache_dir = Path(settings.features.cache) if settings.features.cache else run_dir / "feature_cache"
     cache_settings = dict(norm=settings.features.norm, storage=settings.features.storage,
                           shard_size=settings.features.shard_size)
@@ -180,11 +191,13 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
                                    name=f"{draft.variant} draft")
     tree = None
     if settings.tree.kind != "none":
-        options = DraftingOptions(tree=settings.tree.kind, tree_depth=settings.tree.depth, tree_top_k=settings.tree.top_k,
-                                  tree_width=settings.tree.width, tree_budget=settings.tree.budget)
+        tree_cfg = settings.tree
+        options = DraftingOptions(tree=tree_cfg.kind, tree_depth=tree_cfg.depth, tree_top_k=tree_cfg.top_k,
+                                  tree_width=tree_cfg.width, tree_budget=tree_cfg.budget)
         tree = fspad_runtime.drafting(draft, target, options, settings.features.norm,
                                       name=f"{draft.variant} draft (tree)")
-    before = measure_acceptance(target, chain, cfg.eval, run_dir / "eval_before.json") if cfg.eval.get("before") else None
+    before = (measure_acceptance(target, chain, cfg.eval, run_dir / "eval_before.json")
+              if cfg.eval.get("before") else None)
     torch.manual_seed(cfg.engine.seed)  # the feature noise, whatever ran before (resume restores the state itself)
     result = train(model=draft, step_fn=make_step(target, settings), dataset=dataset,
                    collate=partial(collate_with_features, pad_token_id=target.tokenizer.pad_token_id),

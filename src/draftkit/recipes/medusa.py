@@ -23,22 +23,15 @@ from omegaconf import DictConfig
 from draftkit.data.collate import collate
 from draftkit.drafts.medusa import MedusaWithTarget
 from draftkit.drafts.vocab import draft_rows
-from draftkit.io import write_json_atomic
 from draftkit.engine.loop import stage_settings, train
 from draftkit.export.medusa import export_medusa_fasterdecoding, export_medusa_vllm
+from draftkit.io import write_json_atomic
 from draftkit.objectives.ce import IGNORE_INDEX, next_token_ce
 from draftkit.objectives.kl import forward_kl
 from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.objectives.medusa import medusa2_loss, medusa_loss
-from draftkit.recipes.common import draft_token_map, frozen_weight
-from draftkit.recipes.heads_common import (
-    LABEL_SOURCES,
-    label_mapper,
-    measure_after_training,
-    measure_heads,
-    start_run,
-    training_chats,
-)
+from draftkit.recipes.common import LABEL_SOURCES, draft_token_map, frozen_weight, start_run, training_chats
+from draftkit.recipes.heads_common import label_mapper, measure_after_training, measure_heads
 from draftkit.runtime import medusa as medusa_runtime
 
 TARGET_LOSSES = ("lm", "kl")

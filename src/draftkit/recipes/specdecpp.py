@@ -18,31 +18,31 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from draftkit.config import instantiate_draft
 from draftkit.data.chat import prompt_ids
 from draftkit.data.feature_cache import target_fingerprint
 from draftkit.data.selfdistill import prompts_from_records
+from draftkit.data.sources import prompt_file
 from draftkit.data.specdecpp_labels import build_acceptance_labels, check_label_settings, collate_labels
 from draftkit.drafts.specdecpp import acceptance_head, draft_fingerprint
-from draftkit.io import write_json_atomic
 from draftkit.engine.distributed import is_main_process, main_process_first
 from draftkit.engine.loop import stage_settings, train
 from draftkit.export.specdecpp import export_specdecpp, load_acceptance_head
+from draftkit.io import write_json_atomic
 from draftkit.objectives.specdecpp import acceptance_bce
 from draftkit.objectives.types import LossOutput
 from draftkit.recipes.common import (
-    build_draft,
     compare_markdown,
     finish_run,
     load_sources,
     measure_acceptance,
-    prompt_file,
     require_shared_vocabulary,
     start_run,
 )
-from draftkit.runtime.evaluate import autoregressive_baseline, eos_token_ids, load_prompts
 from draftkit.runtime import lm as lm_runtime
 from draftkit.runtime import specdecpp as specdecpp_runtime
 from draftkit.runtime.drafting import DraftingOptions
+from draftkit.runtime.evaluate import autoregressive_baseline, eos_token_ids, load_prompts
 from draftkit.runtime.specdecpp import forward_cost_ratio, stop_policy
 from draftkit.targets.hf import freeze
 
@@ -175,7 +175,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     validate(settings)
     sink, engine, target = start_run(cfg, run_dir)
     tokenizer = target.tokenizer
-    draft = build_draft(cfg.draft, target)
+    draft = instantiate_draft(cfg.draft, target)
     require_shared_vocabulary(draft, target)
     draft = freeze(draft.to(target.device))
     fingerprint = draft_fingerprint(draft)
