@@ -257,15 +257,23 @@ def draftkit_artifact(run_dir: Path) -> Path:
 
 
 def training_conversations(run_dir: Path) -> list[list[dict]]:
-    """What the draftkit run trained on: its prompts with the target's cached answers (nothing is generated)."""
+    """What the draftkit run trained on: its prompts with the target's cached answers (nothing is generated), read with
+    the data layer's own self-distillation function and the run's recorded config."""
+    from datasets import concatenate_datasets
     from omegaconf import OmegaConf
 
-    from draftkit.recipes.common import self_distilled_conversations
+    from draftkit.data.selfdistill import answered_prompts
+    from draftkit.data.sources import load_records
     from draftkit.targets.hf import load_target
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
     target = load_target(cfg.target.path, dtype="float32", device="cpu")
-    return self_distilled_conversations(cfg.data, target, run_dir, cfg.engine.seed)
+    records = concatenate_datasets([load_records(src, limit=cfg.data.prompts_limit) for src in cfg.data.prompts])
+    gen = cfg.data.selfdistill
+    return answered_prompts(records, target.model, target.tokenizer, num_prompts=gen.num_prompts,
+                            max_prompt_tokens=gen.max_prompt_tokens, cache_file=run_dir / "selfdistill.jsonl",
+                            max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+                            batch_size=gen.batch_size, seed=cfg.engine.seed)
 
 
 def hf_dir(target_path: str | None) -> Path:
