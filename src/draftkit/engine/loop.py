@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,6 +29,7 @@ from draftkit.engine.distributed import (
     prepare_frozen,
     world_size_from_env,
 )
+from draftkit.engine.flops import StepFlops
 from draftkit.engine.log import NullSink
 from draftkit.io import write_json_atomic
 from draftkit.objectives.types import LossOutput
@@ -64,12 +66,19 @@ class LoopSettings:
     seed: int = 0
     group_by_length: bool = False
     """micro-batches of similar lengths (less padding; engine/batches.py), instead of a plain shuffle"""
+    count_flops: bool = False
+    """count the model FLOPs of the first micro-step (engine/flops.py); log FLOPs per token and achieved TFLOP/s"""
+    peak_tflops: float | None = None
+    """one device's peak TFLOP/s in the training precision: with count_flops, also log MFU"""
     distributed: DistributedSettings = field(default_factory=DistributedSettings)
     """the `dist` group: accelerate (one process / DDP) or DeepSpeed ZeRO 1-3"""
 
     def __post_init__(self):
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"engine.precision={self.precision!r}: use fp32 or bf16")
+        if self.peak_tflops is not None and (not self.count_flops or self.peak_tflops <= 0):
+            raise ValueError(f"engine.peak_tflops={self.peak_tflops}: MFU needs the step's FLOPs counted and a peak "
+                             "above 0. Fix: engine.count_flops=true and the device's peak, or engine.peak_tflops=null")
         self.distributed = as_settings(self.distributed)
 
     def deepspeed_config(self, world_size: int | None = None) -> dict:
@@ -220,6 +229,7 @@ def train(
                dynamic_ncols=True)
 
     grad_norm_measured = dist.backend != "deepspeed" or bool(settings.max_grad_norm)
+    flops = StepFlops(runtime.num_processes, settings.peak_tflops) if settings.count_flops else None
 
     def flush(step: int) -> None:
         """One host sync per log interval: turn the pending loss tensors into numbers, check them, log them."""
@@ -248,6 +258,8 @@ def train(
         # padding_fraction: the share of computed positions that are padding (time spent on no token)
         logged = {**{k: v for k, v in last.items() if k != "step"}, "lr": scheduler.get_last_lr()[0],
                   "tokens_per_s": tokens_per_s, "padding_fraction": 1 - tokens_since_log / max(positions_since_log, 1)}
+        if flops is not None:
+            logged.update(flops.rates(tokens_per_s))
         if torch.cuda.is_available():
             logged["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         if runtime.is_main_process:
@@ -262,11 +274,14 @@ def train(
         metric_sums: dict[str, torch.Tensor] = {}
         for micro in range(settings.grad_accum):
             batch = stream.next()
-            tokens_since_log += int(batch["attention_mask"].sum()) * runtime.num_processes  # on the host: no sync
+            tokens = int(batch["attention_mask"].sum())  # on the host: no sync
+            tokens_since_log += tokens * runtime.num_processes
             positions_since_log += batch["attention_mask"].numel() * runtime.num_processes
             batch = _move(batch, runtime.device)
             last = micro == settings.grad_accum - 1
-            with runtime.micro_context(last), runtime.autocast():
+            # The first micro-step of the run is counted (from shapes: no sync); it runs a little slower for it.
+            counting = flops.counting(tokens) if flops is not None and flops.per_token is None else nullcontext()
+            with runtime.micro_context(last), runtime.autocast(), counting:
                 out = step_fn(model, batch)
                 runtime.backward(out.loss_sum, last)
             loss_sum += out.loss_sum.detach().float()

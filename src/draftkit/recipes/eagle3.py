@@ -31,9 +31,9 @@ from draftkit.recipes.common import (
     feature_training_data,
     finish_feature_run,
     rope_theta,
-    self_distilled_chats,
     start_run,
     train_and_measure,
+    training_chats,
     tree_options,
 )
 from draftkit.runtime import eagle3 as eagle3_runtime
@@ -165,7 +165,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
             why_not = format_refusal(fmt, arch, target.num_layers)
             if why_not is not None:
                 raise ValueError(f"eagle3.export.formats asks for {fmt}, which cannot hold this draft: {why_not}")
-    chats = self_distilled_chats(cfg.data, target, run_dir, cfg.engine.seed)
+    chats = training_chats(cfg, target, run_dir, settings.labels, cfg.engine.seed)
     dataset = feature_training_data(target, chats, settings, stages, run_dir, norm="post_norm", aux_layers=layers)
     if dataset is None:
         sink.finish()

@@ -1,4 +1,5 @@
-"""FSPAD / EAGLE-1: train a one-layer feature drafter on the target's own answers, measure it, export it.
+"""FSPAD / EAGLE-1: train a one-layer feature drafter on the target's own answers (`fspad.labels=selfdistill`, the
+default) or on the data's replies (`data`), measure it, export it.
 
 Stages: `features` precomputes the target's features into a sharded, resumable cache (only with
 fspad.features.source=offline); `train` trains the drafter, reading features from the cache (offline) or running the
@@ -30,9 +31,9 @@ from draftkit.recipes.common import (
     feature_training_data,
     finish_feature_run,
     rope_theta,
-    self_distilled_chats,
     start_run,
     train_and_measure,
+    training_chats,
     tree_options,
 )
 from draftkit.runtime import fspad as fspad_runtime
@@ -126,7 +127,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
     settings = cfg.fspad
     sink, engine, target = start_run(cfg, run_dir)
     check_draft_vocab_size(settings.draft_vocab_size, target, key="fspad.draft_vocab_size")
-    chats = self_distilled_chats(cfg.data, target, run_dir, cfg.engine.seed)
+    chats = training_chats(cfg, target, run_dir, settings.labels, cfg.engine.seed)
     dataset = feature_training_data(target, chats, settings, stages, run_dir, norm=settings.features.norm)
     if dataset is None:
         sink.finish()

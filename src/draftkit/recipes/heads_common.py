@@ -1,5 +1,5 @@
-"""Steps the draft-head recipes (medusa, hydra_heads, clover) share: their training chats and their acceptance
-measured twice, with a chain (top-1 per head) and with a tree."""
+"""Steps the draft-head recipes (medusa, hydra_heads, clover) share: their acceptance measured twice, with a chain
+(top-1 per head) and with a tree, and the train-measure-export sequence."""
 
 from __future__ import annotations
 
@@ -13,25 +13,8 @@ from draftkit.data.collate import collate
 from draftkit.drafts.vocab import draft_index, draft_labels
 from draftkit.engine.loop import stage_settings, train
 from draftkit.io import write_json_atomic, write_text_atomic
-from draftkit.recipes.common import (
-    compare_markdown,
-    dataset_chats,
-    measure_acceptance,
-    self_distilled_chats,
-    start_run,
-)
+from draftkit.recipes.common import compare_markdown, measure_acceptance
 from draftkit.runtime.drafting import Drafting, DraftingOptions
-
-LABEL_SOURCES = ("selfdistill", "data")
-
-
-def training_chats(cfg: DictConfig, target, run_dir: Path, labels: str, seed: int):
-    """Self-distilled replies (the target answers data.prompts) or the replies the data carries."""
-    if labels not in LABEL_SOURCES:
-        raise ValueError(f"labels={labels!r}: choose 'selfdistill' (the target answers the prompts) or 'data'")
-    if labels == "selfdistill":
-        return self_distilled_chats(cfg.data, target, run_dir, seed)
-    return dataset_chats(cfg.data, target.tokenizer)
 
 
 def label_mapper(token_map, vocab_size: int) -> Callable:

@@ -1,8 +1,9 @@
 """Kangaroo: train an adapter on the target's early exit to match the full model's next-token distribution.
 
-Data: the target's own answers to the data group's prompts (self-distillation), loss on the answer tokens. Each step
-runs the frozen target once (its early-exit hidden state and its logits), the adapter on the early exit, and the
-target's frozen LM head on the adapter's output; the loss is soft cross entropy to the full model (objectives/kangaroo.py).
+Data: the target's own answers to the data group's prompts (self-distillation, `kangaroo.labels=selfdistill`) or the
+replies the data carries (`data`), loss on the answer tokens. Each step runs the frozen target once (its early-exit
+hidden state and its logits), the adapter on the early exit, and the target's frozen LM head on the adapter's output;
+the loss is soft cross entropy to the full model (objectives/kangaroo.py).
 Acceptance is measured with Kangaroo's own runtime (runtime/kangaroo.py) before and after training.
 """
 
@@ -22,7 +23,7 @@ from draftkit.engine.run import record_run
 from draftkit.export.kangaroo import export_kangaroo
 from draftkit.objectives.kangaroo import kangaroo_loss
 from draftkit.objectives.linear_logits import LinearLogits
-from draftkit.recipes.common import compare_markdown, finish_run, measure_acceptance, self_distilled_chats
+from draftkit.recipes.common import LABEL_SOURCES, compare_markdown, finish_run, measure_acceptance, training_chats
 from draftkit.runtime import kangaroo as kangaroo_runtime
 from draftkit.runtime.drafting import DraftingOptions
 from draftkit.targets.hf import Target, causal_mask
@@ -67,6 +68,9 @@ def build_adapter(target: Target, exit_layer: int, init: str, seed: int):
 
 def run(cfg: DictConfig, run_dir: Path) -> Path:
     settings = cfg.kangaroo
+    if settings.labels not in LABEL_SOURCES:
+        raise ValueError(f"kangaroo.labels={settings.labels!r}: choose 'selfdistill' (the target answers the prompts) "
+                         "or 'data' (the replies the data carries)")
     target = instantiate(cfg.target)
     adapter = build_adapter(target, settings.exit_layer, settings.init, cfg.engine.seed).to(target.device)
     record_run(run_dir, cfg)
@@ -80,7 +84,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
         return measure_acceptance(target, drafting, cfg.eval, path)
 
     before = measure(run_dir / "eval_before.json") if cfg.eval.get("before") else None
-    chats = self_distilled_chats(cfg.data, target, run_dir, engine["seed"])
+    chats = training_chats(cfg, target, run_dir, settings.labels, engine["seed"])
     result = train(model=adapter, step_fn=kangaroo_step(target, settings.exit_layer, settings.loss_chunk_size),
                    dataset=chats,
                    collate=partial(collate, pad_token_id=target.tokenizer.pad_token_id),

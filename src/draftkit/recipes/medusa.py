@@ -30,15 +30,8 @@ from draftkit.objectives.ce import IGNORE_INDEX, next_token_ce
 from draftkit.objectives.kl import forward_kl
 from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.objectives.medusa import medusa2_loss, medusa_loss
-from draftkit.recipes.common import draft_token_map, frozen_weight
-from draftkit.recipes.heads_common import (
-    LABEL_SOURCES,
-    label_mapper,
-    measure_after_training,
-    measure_heads,
-    start_run,
-    training_chats,
-)
+from draftkit.recipes.common import LABEL_SOURCES, draft_token_map, frozen_weight, start_run, training_chats
+from draftkit.recipes.heads_common import label_mapper, measure_after_training, measure_heads
 from draftkit.runtime import medusa as medusa_runtime
 
 TARGET_LOSSES = ("lm", "kl")

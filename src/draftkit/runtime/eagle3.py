@@ -34,11 +34,12 @@ class Eagle3TreeDrafter(FeatureTreeDrafter):
 
 def drafting(model: Eagle3Drafter, target, options: DraftingOptions, aux_layers: Sequence[int],
              name: str | None = None) -> Drafting:
-    """A chain drafter (the default, and `options.tree == "chain"`), else a tree drafter options.tree_depth deep
-    (default 5). `aux_layers`: the target layers the model fuses, which an artifact records."""
-    if options.kind("chain") == "chain":
+    """As runtime.fspad.drafting: by default EAGLE-2's dynamic tree (how EAGLE-3 decodes), `options.tree == "chain"`
+    the chain drafter (greedy and lossless speculative sampling), static and topk trees as runtime.tree builds them.
+    `aux_layers`: the target layers the model fuses, which an artifact records."""
+    if options.kind("dynamic") == "chain":
         return Drafting(Eagle3ChainDrafter(model, aux_layers, name))
-    return Drafting(Eagle3TreeDrafter(model, options.shape(options.tree_depth or 5, "chain"), aux_layers, name))
+    return Drafting(Eagle3TreeDrafter(model, options.shape(None, "dynamic"), aux_layers, name))
 
 
 def _layer_ids(model: Eagle3Drafter, aux_layers: Sequence[int]) -> tuple[int, ...]:
