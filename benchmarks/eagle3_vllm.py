@@ -1,7 +1,8 @@
 """Does vLLM serve draftkit's EAGLE-3 exports by itself, and losslessly? (CPU check, tiny target.)
 
-Trains an EAGLE-3 draft briefly on an 8-layer random Llama (hidden 128, head_dim 64: vLLM's CPU attention refuses
-head_dim 8) until it is accepted on the check's prompts, exports it (speculators/ and sglang/ folders), then, in the
+Trains an EAGLE-3 draft with the eagle3 recipe (+debug=tiny, 100 steps, a 160-token draft vocabulary) on an 8-layer
+random Llama (hidden 128, head_dim 64: vLLM's CPU attention refuses head_dim 8), which exports it (speculators/ and
+sglang/ folders, the verifier named as the saved target), then, in the
 interpreter given by --vllm-python (a venv with vLLM; its torch and transformers pins clash with draftkit's), runs
 plain greedy vLLM and vLLM with speculative_config {"method": "eagle3", "model": <folder>} on the same prompts and
 records whether the outputs are identical and vLLM's per-position acceptance counts next to draftkit's runtime's.
@@ -24,8 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-PROMPTS = [[1, 50, 60, 70], [1, 9, 8, 7, 6, 5, 4], [1, 100, 101, 102, 103], [1, 40, 41, 42]]
+QUESTIONS = ["Hello there", "Name three colours.", "What is two plus two?", "Tell me a short story."]
 LAYERS = [2, 4, 5]
+TARGET = {"num_layers": 8, "hidden_size": 128, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 256}
 MAX_TOKENS = 24
 GAMMA = 3
 
@@ -70,57 +72,41 @@ json.dump(result, open(out, "w"), indent=1)
 
 
 def prepare(work: Path) -> dict:
-    """The target, a briefly trained draft, its exports, and draftkit's own decoding of the prompts."""
+    """The target, a draft trained by the eagle3 recipe on it, its exports, and draftkit's own decoding of the prompts."""
     import torch
 
-    from draftkit.data.feature_cache import target_features
-    from draftkit.drafts.eagle3 import eagle3_drafter
-    from draftkit.export.eagle3 import export_eagle3, load_eagle3_drafter
-    from draftkit.objectives.ce import IGNORE_INDEX
-    from draftkit.recipes.eagle3 import feature_step
+    from draftkit.export.eagle3 import load_eagle3_drafter
     from draftkit.runtime.eagle3 import Eagle3ChainDrafter
     from draftkit.runtime.speculative import speculative_generate
     from draftkit.targets.tiny import tiny_target
+    from draftkit.train import run_recipe
 
-    target = tiny_target(num_layers=8, hidden_size=128, num_heads=2, num_kv_heads=1, intermediate_size=256)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # at the default init the tiny target only repeats its last token
-        for param in target.model.parameters():
-            if param.dim() == 2:
-                param.normal_(0.0, 1.0 / param.shape[1] ** 0.5, generator=generator)
+    # The recipe builds the same target from the same seed; vLLM reads this copy of it.
+    target = tiny_target(**TARGET)
     target.model.save_pretrained(work / "target")
     target.tokenizer.save_pretrained(work / "target")
-    # The draft learns the target's continuations of the check's own prompts: enough to be accepted there.
-    rows = [target.model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=30, pad_token_id=0)[0]
-            for p in PROMPTS]
-    length = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), length, dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE_INDEX)
-    for i, (row, prompt) in enumerate(zip(rows, PROMPTS)):
-        ids[i, : len(row)] = row
-        labels[i, len(prompt): len(row)] = row[len(prompt):]
-    features = target_features(target, ids, None, aux_layers=LAYERS)
-    token_map = torch.tensor(sorted(set(range(0, 320, 2)) | {1}))  # a draft vocabulary, so d2t/t2d are exercised
-    draft = eagle3_drafter(embed_weight=target.embed_tokens.weight, lm_head_weight=target.lm_head.weight,
-                           norm_weight=target.model.get_decoder().norm.weight, num_aux_layers=3, num_heads=2,
-                           num_kv_heads=1, intermediate_size=256, token_map=token_map).train()
-    optimizer = torch.optim.Adam([p for p in draft.parameters() if p.requires_grad], lr=3e-3)
-    for _ in range(200):
-        out = feature_step(draft, {"input_ids": ids, "labels": labels}, features, steps=3, weights=[1.0, 0.8, 0.64],
-                           regression_weight=1.0)
-        optimizer.zero_grad()
-        (out.loss_sum / out.count).backward()
-        optimizer.step()
-    exports = export_eagle3(draft.eval(), work / "export", aux_layers=LAYERS, target_name="tiny-llama-h128-l8",
-                            num_target_layers=8, max_position_embeddings=512, num_speculative_tokens=GAMMA,
-                            resolved_config_yaml="", verifier_name_or_path=str(work / "target"),
-                            verifier_architectures=["LlamaForCausalLM"])
+    # The draft learns the target's own answers to the check's questions (self-distillation), so it is accepted there.
+    (work / "prompts.jsonl").write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n"
+                                                for q in QUESTIONS))
+    prompts = [list(target.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                         tokenize=True, return_dict=True)["input_ids"])
+               for q in QUESTIONS]
+    # conf/target/tiny.yaml sets num_layers and hidden_size; the other sizes are tiny_target's arguments.
+    sizes = [f"{'' if key in ('num_layers', 'hidden_size') else '+'}target.{key}={value}" for key, value in TARGET.items()]
+    run_recipe(["+recipe=eagle3", "+debug=tiny", *sizes,
+                f"eagle3.aux_layers=[{','.join(map(str, LAYERS))}]", "eagle3.draft_vocab_size=160",
+                f"data.prompts=[{work / 'prompts.jsonl'}]", f"data.selfdistill.num_prompts={len(QUESTIONS)}",
+                f"data.selfdistill.max_new_tokens={MAX_TOKENS + 8}", "eagle3.ttt.steps=3",
+                "engine.max_steps_per_stage=100", "engine.lr=3e-3", "eval=none",
+                f"eagle3.export.num_speculative_tokens={GAMMA}", f"eagle3.export.verifier={work / 'target'}"],
+               work / "run")
+    exports = {fmt: work / "run" / "export" / fmt for fmt in ("speculators", "sglang")}
     ours = {}
     for fmt in ("speculators", "sglang"):
         module, _ = load_eagle3_drafter(exports[fmt], embed_weight=target.embed_tokens.weight,
                                         lm_head_weight=target.lm_head.weight)
         accepted, outputs, lossless = [0] * GAMMA, [], True
-        for prompt in PROMPTS:
+        for prompt in prompts:
             run = speculative_generate(target.model, Eagle3ChainDrafter(module, LAYERS), torch.tensor([prompt]),
                                        gamma=GAMMA, max_new_tokens=MAX_TOKENS)
             reference = target.model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=MAX_TOKENS,
@@ -130,7 +116,7 @@ def prepare(work: Path) -> dict:
             accepted = [a + b for a, b in zip(accepted, run.stats.accepted_per_position)]
         ours[str(exports[fmt])] = {"outputs": outputs, "lossless_vs_hf_greedy": lossless,
                                    "accepted_per_position": accepted}
-    return {"exports": {k: str(v) for k, v in exports.items()}, "draftkit": ours}
+    return {"exports": {k: str(v) for k, v in exports.items()}, "draftkit": ours, "prompts": prompts}
 
 
 def main(argv=None) -> int:
@@ -148,8 +134,8 @@ def main(argv=None) -> int:
     prepared = prepare(args.work)
     drafts = [prepared["exports"]["speculators"], prepared["exports"]["sglang"]]
     served = args.work / "vllm.json"
-    subprocess.run([args.vllm_python, "-c", VLLM_SCRIPT, str(args.work / "target"), str(served), json.dumps(PROMPTS),
-                    str(MAX_TOKENS), str(GAMMA), *drafts], check=True)
+    subprocess.run([args.vllm_python, "-c", VLLM_SCRIPT, str(args.work / "target"), str(served),
+                    json.dumps(prepared["prompts"]), str(MAX_TOKENS), str(GAMMA), *drafts], check=True)
     vllm = json.loads(served.read_text())
     rows = {}
     for draft in drafts:
@@ -181,10 +167,12 @@ def main(argv=None) -> int:
         "command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/eagle3_vllm.py", *(argv or sys.argv[1:])]),
         "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count(), "torch": torch.__version__},
         "vllm_version": vllm["vllm"], "date": time.strftime("%Y-%m-%d"), "wall_s": round(time.time() - start, 1),
-        "target": "tiny random Llama, 8 layers, hidden 128, 2 heads (head_dim 64), vocab 320; aux layers [2, 4, 5]",
-        "draft": "EAGLE-3, 160-token draft vocabulary (d2t/t2d), 200 Adam steps on the target's continuations of the "
-                 "prompts (3 TTT steps)",
-        "prompts": PROMPTS, "max_tokens": MAX_TOKENS, "num_speculative_tokens": GAMMA,
+        "target": "tiny random Llama (draftkit.targets.tiny, seed 0), 8 layers, hidden 128, 2 heads (head_dim 64), "
+                  "vocab 320; aux layers [2, 4, 5]",
+        "draft": "the eagle3 recipe with +debug=tiny on the target's own answers to the questions: 100 steps (3 TTT "
+                 "steps, lr 3e-3), 160-token draft vocabulary (d2t/t2d)",
+        "questions": QUESTIONS, "prompts": prepared["prompts"], "max_tokens": MAX_TOKENS,
+        "num_speculative_tokens": GAMMA,
         "results": rows,
         "notes": "draftkit drafts fewer tokens near max_tokens (it never drafts past the limit) while vLLM always drafts "
                  "num_speculative_tokens, so vLLM's later-position counts can exceed draftkit's by those final steps.",

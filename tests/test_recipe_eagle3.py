@@ -232,7 +232,7 @@ def test_the_recipe_exports_and_eval_loads_the_artifact(eagle3_run, tmp_path):
     assert tree["overall"]["outputs_differing_from_ar"] == 0
 
 
-@pytest.mark.parametrize("tree", [None, "static"])
+@pytest.mark.parametrize("tree", [None, "chain"])  # None: the family's default, EAGLE-2's dynamic tree
 def test_eval_cli_runs_the_recipe_export(eagle3_run, tmp_path, monkeypatch, tree):
     from draftkit import eval as eval_module
     from draftkit.eval import main as eval_main
@@ -245,7 +245,7 @@ def test_eval_cli_runs_the_recipe_export(eagle3_run, tmp_path, monkeypatch, tree
                       "3", "--out", str(tmp_path / "eval"), "--no-progress", *extra]) == 0
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert report["overall"]["outputs_differing_from_ar"] == 0 and report["overall"]["new_tokens"] == 8
-    assert report["config"]["decoding"].startswith("tree") == (tree is not None)
+    assert report["config"]["decoding"].startswith("tree") == (tree != "chain")
 
 
 def test_eval_cli_runs_the_runtime_folders(exported, target, tmp_path, monkeypatch):
