@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from draftkit.drafts.fspad import FeatureDrafter, feature_drafter
 from draftkit.export.artifact import (
@@ -265,7 +265,7 @@ def read_format_dir(folder: Path, family: str, expected_keys, embed_weight: torc
     if info.get("family") != family:
         raise ValueError(f"{folder} holds a {info.get('family')!r} draft, not a {family} drafter")
     arch = info["architecture"]
-    tensors = load_file(str(folder / "model.safetensors"))
+    tensors = read_tensor_file(folder / "model.safetensors")
     check_keys(tensors, expected_keys(arch, info["format"]), str(folder))
     if list(embed_weight.shape) != [arch["vocab_size"], arch["hidden_size"]]:
         raise ValueError(f"{folder} was trained for a target with vocab {arch['vocab_size']} and hidden size "
@@ -408,7 +408,7 @@ def import_eagle1(source: str | os.PathLike, out_dir: Path, target, *, config_pa
             num_kv_heads=config.get("num_key_value_heads") or heads, intermediate_size=config["intermediate_size"],
             rope_theta=_eagle1_rope_theta(config, str(config_path)), rms_norm_eps=config.get("rms_norm_eps", 1e-6),
             feature_sampling=False, partial_alignment=False, fc_bias="fc.bias" in tensors)
-        check_keys(tensors, {k: list(v.shape) for k, v in _trained_tensors(draft).items()}, where)
+        check_keys(tensors, {k: list(v.shape) for k, v in trained_tensors(draft).items()}, where)
     except ValueError as error:
         raise ArtifactError(f"{error}. Fix: pass the config.json this checkpoint was trained with") from None
     draft.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
