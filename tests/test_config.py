@@ -89,7 +89,7 @@ def test_a_typo_in_a_target_argument_is_caught():
 def test_each_recipe_has_its_module_card_and_test():
     for path in RECIPE_FILES:
         module = importlib.import_module(f"draftkit.recipes.{path.stem}")
-        assert callable(module.run)
+        assert callable(module.run) and callable(module.validate)
         assert (ROOT / "recipes" / f"{path.stem}.md").is_file()
         assert (ROOT / "tests" / f"test_recipe_{path.stem}.py").is_file()
 
@@ -97,7 +97,7 @@ def test_each_recipe_has_its_module_card_and_test():
 def test_recipe_errors_name_the_fix():
     with pytest.raises(ConfigError, match="available recipes: .*fastdraft"):
         prepare_overrides(["+recipe=nope"])
-    with pytest.raises(ConfigError, match=r"Add \+recipe=<name>"):
+    with pytest.raises(ConfigError, match=r"Fix: add \+recipe=<name>"):
         prepare_overrides(["engine.lr=1"])
     with pytest.raises(ConfigError, match=r"\+recipe=<name>"):
         prepare_overrides(["recipe=fastdraft"])

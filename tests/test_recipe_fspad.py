@@ -226,7 +226,7 @@ def test_eval_cli_evaluates_the_artifact(eagle_run, tmp_path, monkeypatch, capsy
 
 
 def test_bad_stage_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match=r"fspad.stages=\['trian'\]: choose from \['features', 'train'\]"):
+    with pytest.raises(ValueError, match=r"fspad.stages=\['trian'\] names no known stage. Fix: choose from \['features', 'train'\]"):
         run_recipe(tmp_path, "fspad.stages=[trian]")
 
 
@@ -312,8 +312,12 @@ def test_cache_for_another_target_or_layer_is_refused(tmp_path, examples):
 
 def test_recipe_refuses_a_cache_made_for_another_target_before_training(tmp_path):
     run_recipe(tmp_path, "fspad.features.source=offline", "fspad.stages=[features]", "eval=none")
-    with pytest.raises(FeatureCacheMismatch, match="was made for something else"):
+    with pytest.raises(ValueError, match=r"another config \(target.seed: 0 -> 1\).*resume=force"):
         run_recipe(tmp_path, "fspad.features.source=offline", "fspad.stages=[train]", "eval=none", "target.seed=1")
+    # forced past the run directory's config check, the cache's own check still refuses it
+    with pytest.raises(FeatureCacheMismatch, match="was made for something else"):
+        run_recipe(tmp_path, "fspad.features.source=offline", "fspad.stages=[train]", "eval=none", "target.seed=1",
+                   "resume=force")
     assert not (tmp_path / "train").exists()
 
 

@@ -207,7 +207,7 @@ def test_export_with_an_unknown_or_missing_tensor_is_refused(finished_run, tmp_p
 
 
 def test_exit_layer_outside_the_target_is_refused_before_training(tmp_path):
-    with pytest.raises(ValueError, match=r"kangaroo exit_layer=4 is outside the target's depth.*choose 1..3"):
+    with pytest.raises(ValueError, match=r"kangaroo.exit_layer=4 is outside the target's depth.*choose 1..3"):
         run_recipe(tmp_path, "kangaroo.exit_layer=4")
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "selfdistill.jsonl").exists()
 

@@ -23,6 +23,8 @@ from typing import Iterator
 
 import datasets
 
+from draftkit.errors import UserError
+
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 _BUILTIN_FILES = {
     "pretrain": "pretrain.jsonl.gz",
@@ -46,7 +48,7 @@ _EXCLUDED_STDLIB_DIRS = frozenset({"test", "tests", "idle_test", "site-packages"
 _NORMALIZATION_VERSION = "1"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data: the message names the file (and line) or the fix."""
 
 
@@ -82,12 +84,43 @@ def load_records(source: str | os.PathLike, *, limit: int | None = None, split: 
     return _load_file(Path(source).expanduser(), limit)
 
 
+def check_source_list(name: str, sources) -> None:
+    """`sources` (the setting `name`) is a non-empty list of sources, each of which exists (hf: ones are not looked up)."""
+    if isinstance(sources, str) or not isinstance(sources, (list, tuple)) or not sources:
+        raise DataError(f"{name}={sources!r}: must be a list of sources. Fix: write it in brackets, quoted for the "
+                        f"shell: '{name}=[{sources if isinstance(sources, str) else 'builtin:prompts'}]'")
+    for source in sources:
+        check_source(name, source)
+
+
+def check_source(name: str, source) -> None:
+    """One source of the setting `name`: a known builtin, a well-formed hf: name, or a local file of a supported type
+    that exists. Cheap: nothing is read."""
+    if not isinstance(source, str):
+        raise DataError(f"{name} lists {source!r}, which is not a source. Fix: give file paths, hf:<dataset> or "
+                        "builtin:<name>")
+    if source.startswith("hf:"):
+        parse_hf_source(source)
+    elif source == "builtin:code":
+        return
+    elif source.startswith("builtin:"):
+        builtin_path(source.removeprefix("builtin:"))
+    else:
+        path = Path(source).expanduser()
+        if not path.name.endswith(_SUFFIXES):
+            raise DataError(f"{name}: {path} is not a supported data file. Fix: give a {', '.join(_SUFFIXES)} file "
+                            "(records of one of the formats in the README)")
+        if not path.is_file():
+            raise DataFileNotFoundError(f"{name}: data file not found: {path}. Fix: check the path (relative paths "
+                                        f"start at {Path.cwd()})")
+
+
 def builtin_path(name: str) -> Path:
     """The shipped file behind `builtin:<name>` (all but `code`, which reads the interpreter's stdlib)."""
     if name not in _BUILTIN_FILES:
         raise DataFileNotFoundError(
-            f"unknown builtin source builtin:{name}; available: " + ", ".join(f"builtin:{n}" for n in BUILTIN_SOURCES)
-        )
+            f"unknown builtin source builtin:{name}. Fix: use one of "
+            + ", ".join(f"builtin:{n}" for n in BUILTIN_SOURCES))
     return BUILTIN_DIR / _BUILTIN_FILES[name]
 
 
@@ -95,7 +128,7 @@ def parse_hf_source(source: str) -> tuple[str, str | None]:
     """`hf:<dataset>[:config]` -> (dataset, config or None)."""
     name, _, config = source.removeprefix("hf:").partition(":")
     if not name:
-        raise DataError(f"{source!r} names no dataset; write hf:<dataset>[:config], e.g. hf:openai/gsm8k:main")
+        raise DataError(f"{source!r} names no dataset. Fix: write hf:<dataset>[:config], e.g. hf:openai/gsm8k:main")
     return name, config or None
 
 
@@ -292,8 +325,10 @@ def _generate_code_records(paths: list[str], limit: int | None) -> Iterator[dict
 
 def _load_stdlib_code(limit: int | None) -> datasets.Dataset:
     paths = [str(p) for p in stdlib_python_files()]
-    fingerprint = _fingerprint("stdlib", sys.version, [(p, os.path.getsize(p)) for p in paths], limit)
-    return _from_generator(_generate_code_records, {"paths": paths, "limit": limit}, fingerprint)
+    # "one shard": datasets built before the limit held per shard (below) must not be reused from the cache.
+    fingerprint = _fingerprint("stdlib", "one shard", sys.version, [(p, os.path.getsize(p)) for p in paths], limit)
+    # A tuple, not a list: datasets splits list arguments into shards and runs the generator (and its limit) per shard.
+    return _from_generator(_generate_code_records, {"paths": tuple(paths), "limit": limit}, fingerprint)
 
 
 def _normalize_hub_batch(batch: dict, indices: list[int], origin: str, shape: str) -> dict:

@@ -21,10 +21,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from draftkit.errors import UserError
+
 BACKENDS = ("accelerate", "deepspeed")
 
 
-class DistributedConfigError(ValueError):
+class DistributedConfigError(UserError):
     """A distributed setting that cannot work; raised before any model is built or any step is taken."""
 
 

@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import save_file
 
 from draftkit.engine.checkpoint import replace_directory
+from draftkit.errors import UserError
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UserError):
     pass
 
 

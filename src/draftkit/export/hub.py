@@ -10,10 +10,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from draftkit.errors import UserError
+
 ARTIFACT_DIR = "export"
 
 
-class HubExportError(ValueError):
+class HubExportError(UserError):
     pass
 
 

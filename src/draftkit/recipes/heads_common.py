@@ -13,6 +13,7 @@ from draftkit.data.collate import collate
 from draftkit.drafts.vocab import draft_index, draft_labels, draft_rows
 from draftkit.engine.checkpoint import write_json_atomic, write_text_atomic
 from draftkit.engine.loop import stage_settings, train
+from draftkit.errors import ConfigError
 from draftkit.export.heads_dir import export_heads_dir
 from draftkit.recipes.common import (
     compare_markdown,
@@ -22,7 +23,7 @@ from draftkit.recipes.common import (
     self_distilled_chats,
     start_run,
 )
-from draftkit.runtime.tree import TreeDrafter, TreeShape, tree_shape
+from draftkit.runtime.tree import TreeDrafter, TreeShape, check_tree_fits_vocabulary, tree_shape
 
 LABEL_SOURCES = ("selfdistill", "data")
 
@@ -30,7 +31,8 @@ LABEL_SOURCES = ("selfdistill", "data")
 def training_chats(cfg: DictConfig, target, run_dir: Path, labels: str, seed: int):
     """Self-distilled replies (the target answers data.prompts) or the replies the data carries."""
     if labels not in LABEL_SOURCES:
-        raise ValueError(f"labels={labels!r}: choose 'selfdistill' (the target answers the prompts) or 'data'")
+        raise ConfigError(f"labels={labels!r} is not a label source. Fix: choose 'selfdistill' (the target answers the "
+                          "prompts) or 'data'")
     if labels == "selfdistill":
         return self_distilled_chats(cfg.data, target, run_dir, seed)
     return dataset_chats(cfg.data, target.tokenizer)
@@ -68,6 +70,25 @@ def eval_shapes(tree_cfg: DictConfig, num_heads: int) -> dict[str, TreeShape]:
     shape = tree_shape(tree_cfg.kind, depth, top_k=tree_cfg.top_k, width=tree_cfg.width, budget=tree_cfg.budget,
                        paths=tree_cfg.get("paths"))
     return {"chain": tree_shape("chain", depth), "tree": shape}
+
+
+def check_heads_settings(name: str, settings: DictConfig, num_heads: int) -> None:
+    """Before any model is loaded: the label source, and the trees the heads are measured with (including that each
+    fits a draft vocabulary: `<name>.draft_vocab_size`)."""
+    if settings.labels not in LABEL_SOURCES:
+        raise ConfigError(f"{name}.labels={settings.labels!r} is not a label source. Fix: choose 'selfdistill' (the "
+                          "target answers the prompts) or 'data'")
+    size = settings.get("draft_vocab_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ConfigError(f"{name}.draft_vocab_size={size!r}: must be a number of tokens >= 1. Fix: e.g. "
+                          f"{name}.draft_vocab_size=8192, or null for the target's whole vocabulary")
+    try:
+        for shape in eval_shapes(settings.tree, num_heads).values():
+            if size is not None:
+                check_tree_fits_vocabulary(shape, size)
+    except ValueError as error:
+        fix = "" if "Fix:" in str(error) else f". Fix: check {name}.tree (kind, depth, top_k, width, budget)"
+        raise ConfigError(f"{name}.tree: {str(error).replace('<recipe>', name)}{fix}") from None
 
 
 def measure_heads(target, make_drafter: Callable[[TreeShape], TreeDrafter], module, cfg: DictConfig,

@@ -26,6 +26,7 @@ from draftkit.drafts.specdecpp import acceptance_head, draft_fingerprint
 from draftkit.engine.checkpoint import write_json_atomic
 from draftkit.engine.distributed import is_main_process, main_process_first
 from draftkit.engine.loop import stage_settings, train
+from draftkit.errors import ConfigError
 from draftkit.export.specdecpp import export_specdecpp, load_acceptance_head
 from draftkit.objectives.specdecpp import acceptance_bce
 from draftkit.objectives.types import LossOutput
@@ -44,7 +45,8 @@ from draftkit.runtime.specdecpp import SpecDecDrafter, forward_cost_ratio, stop_
 from draftkit.targets.hf import freeze
 
 
-def validate(settings: DictConfig) -> None:
+def validate(cfg: DictConfig) -> None:
+    settings = cfg.specdecpp
     problems = []
     threshold = settings.stop.threshold
     if threshold is not None and not 0.0 <= threshold <= 1.0:
@@ -65,7 +67,7 @@ def validate(settings: DictConfig) -> None:
     except ValueError as error:
         problems.append(str(error))
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ConfigError("; ".join(problems) + ". Fix: choose values in those ranges")
 
 
 def draft_states(draft, batch: dict) -> torch.Tensor:
@@ -122,7 +124,7 @@ def split_prompts(cfg: DictConfig, tokenizer, seed: int) -> tuple[list[list[int]
     heldout = conversations[:labels.heldout_prompts]
     training = conversations[labels.heldout_prompts:labels.heldout_prompts + labels.num_prompts]
     if not training:
-        raise ValueError(f"{len(conversations)} usable prompts in {list(cfg.data.prompts)}: none left for training "
+        raise ConfigError(f"{len(conversations)} usable prompts in {list(cfg.data.prompts)}: none left for training "
                          f"after specdecpp.labels.heldout_prompts={labels.heldout_prompts}. Fix: lower it, or add "
                          "prompts (data.prompts, data.prompts_limit)")
     return [prompt_ids(c, tokenizer) for c in heldout], [prompt_ids(c, tokenizer) for c in training]
@@ -169,7 +171,7 @@ def summary_markdown(reports: dict[str, dict | None], heldout: dict) -> str:
 
 def run(cfg: DictConfig, run_dir: Path) -> Path:
     settings = cfg.specdecpp
-    validate(settings)
+    validate(cfg)
     sink, engine, target = start_run(cfg, run_dir)
     tokenizer = target.tokenizer
     draft = build_draft(cfg.draft, target)
