@@ -1,5 +1,6 @@
 """Every config composes, every `_target_` binds its arguments, overlays work in either order."""
 
+import dataclasses
 import importlib
 import inspect
 import subprocess
@@ -12,10 +13,12 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from draftkit.config import ConfigError, available_recipes, compose, prepare_overrides
+from draftkit.engine.loop import LoopSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE_FILES = sorted((ROOT / "conf" / "recipe").glob("*.yaml"))
-GROUP_FILES = sorted(p for p in (ROOT / "conf").glob("*/*.yaml") if p.parent.name not in ("recipe", "debug"))
+GROUP_FILES = sorted(p for p in (ROOT / "conf").glob("*/*.yaml") if p.parent.name not in ("recipe", "debug", "budget"))
+BUDGETS = sorted(p.stem for p in (ROOT / "conf" / "budget").glob("*.yaml"))
 
 
 def test_recipes_are_discovered_from_the_conf_tree():
@@ -31,6 +34,46 @@ def test_debug_overlay_wins_in_either_order(recipe, debug_first):
     assert cfg.target._target_.endswith("tiny_target")
     assert cfg.engine.max_steps_per_stage == 3
     assert cfg.logger._target_.endswith("NullSink")
+
+
+def _leaf_keys(node, path="") -> set[str]:
+    if isinstance(node, dict):
+        return set().union(*(_leaf_keys(v, f"{path}.{k}" if path else k) for k, v in node.items())) if node else {path}
+    return {path}
+
+
+@pytest.mark.parametrize("recipe", [p.stem for p in RECIPE_FILES])
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_a_budget_only_changes_settings_the_recipe_has(recipe, budget):
+    """A budget file sets values, never new keys: a misspelt key would otherwise be recorded and silently unused. A
+    stage's `engine` mapping may set any engine setting (the loop's fields)."""
+    plain = OmegaConf.to_container(compose([f"+recipe={recipe}"]), resolve=False)
+    budgeted = OmegaConf.to_container(compose([f"budget={budget}", f"+recipe={recipe}"]), resolve=False)
+    engine_fields = {f.name for f in dataclasses.fields(LoopSettings)}
+    new = {k for k in _leaf_keys(budgeted) - _leaf_keys(plain)
+           if not (k.split(".")[-2:-1] == ["engine"] and k.split(".")[-1] in engine_fields)}
+    assert new == set()
+    assert budgeted != plain
+
+
+def test_gpu30_merges_the_recipes_own_budget_after_the_shared_one_and_typed_values_win():
+    cfg = compose(["+recipe=fspad", "budget=gpu30"])
+    assert cfg.fspad.train.engine.steps == 5000 and cfg.data.selfdistill.num_prompts == 8192
+    assert cfg.engine.precision == "bf16"
+    typed = compose(["+recipe=fspad", "budget=gpu30", "fspad.train.engine.steps=7", "engine.precision=fp32"])
+    assert typed.fspad.train.engine.steps == 7 and typed.engine.precision == "fp32"
+    assert compose(["+recipe=medusa", "+budget=gpu30"]).engine.steps == 7000
+
+
+def test_debug_shrinks_a_budget_in_either_order():
+    for overrides in (["+debug=tiny", "budget=gpu30", "+recipe=medusa"], ["+recipe=medusa", "budget=gpu30", "+debug=tiny"]):
+        cfg = compose(overrides)
+        assert cfg.engine.max_steps_per_stage == 3 and cfg.data.selfdistill.num_prompts == 6
+
+
+def test_an_unknown_budget_names_the_known_ones():
+    with pytest.raises(ConfigError, match="unknown budget 'gpu3'; available budgets: gpu30, smoke"):
+        prepare_overrides(["+recipe=medusa", "budget=gpu3"])
 
 
 def _targets(node, path=""):

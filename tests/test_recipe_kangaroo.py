@@ -178,7 +178,7 @@ def test_recipe_trains_with_pinned_losses_and_measures_acceptance(finished_run):
     assert [h["loss"] for h in history] == pytest.approx([5.7618, 5.7616, 5.7616], abs=1e-4)
     assert all(0 < h["alpha_hat"] <= 1 for h in history)
     result = json.loads((run_dir / "result.json").read_text())
-    assert result["after"]["overall"]["tau"] >= 1.0 and result["before"] is not None
+    assert result["after"]["overall"]["outputs_differing_from_ar"] == 0 and result["before"] is not None
     assert "| after training |" in (run_dir / "summary.md").read_text()
 
 

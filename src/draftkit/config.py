@@ -12,16 +12,22 @@ from draftkit.errors import ConfigError
 
 CONFIG_MODULE = "draftkit.conf"
 PRIMARY_CONFIG = "train"
-# Groups that refine whatever a recipe set up; they must merge after `+recipe=`.
-OVERLAY_GROUPS = ("debug",)
+# Groups that refine whatever a recipe set up; they must merge after `+recipe=`, in this order (a debug overlay
+# shrinks whatever budget was chosen).
+OVERLAY_GROUPS = ("budget", "debug")
 RESUME_CHOICES = (True, False, "force")
 
-__all__ = ["ConfigError", "available_recipes", "prepare_overrides", "compose", "apply_precedence", "validate"]
+__all__ = ["ConfigError", "available_recipes", "prepare_overrides", "compose", "apply_precedence", "validate",
+           "instantiate_draft"]
+
+
+def available_options(group: str) -> list[str]:
+    folder = importlib.resources.files(CONFIG_MODULE) / group
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
 def available_recipes() -> list[str]:
-    folder = importlib.resources.files(CONFIG_MODULE) / "recipe"
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return available_options("recipe")
 
 
 def config_groups() -> set[str]:
@@ -31,6 +37,23 @@ def config_groups() -> set[str]:
 
 def _group_of(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
+
+
+def _is_group_choice(override: str, groups: set[str]) -> bool:
+    """`target=hf`, `+recipe=x`, `+budget/gpu30@_global_=x`: a choice of config files, not a typed value."""
+    key = _group_of(override)
+    return "." not in key.split("@")[0] and key.split("@")[0].split("/")[0] in groups
+
+
+def _budget_overrides(budget: str, recipe: str) -> list[str]:
+    """`budget=<b>` merges conf/budget/<b>.yaml (what every recipe shares: data and evaluation sizes, precision) and
+    then, when it exists, conf/budget/<b>/<recipe>.yaml (the recipe's own steps and learning rate for that budget)."""
+    known = available_options("budget")
+    if budget not in known:
+        raise ConfigError(f"unknown budget {budget!r}; available budgets: {', '.join(known)}. Fix: budget=<one of "
+                          "them>")
+    per_recipe = importlib.resources.files(CONFIG_MODULE) / "budget" / budget / f"{recipe}.yaml"
+    return [f"+budget={budget}"] + ([f"+budget/{budget}@_global_={recipe}"] if per_recipe.is_file() else [])
 
 
 def prepare_overrides(overrides: list[str]) -> list[str]:
@@ -51,8 +74,12 @@ def prepare_overrides(overrides: list[str]) -> list[str]:
         if name not in known:
             raise ConfigError(f"unknown recipe {name!r}; available recipes: {', '.join(known)}. Fix: "
                               "+recipe=<one of them>")
-    overlays = [o for o in overrides if _group_of(o) in OVERLAY_GROUPS]
-    normalized = ["+" + o.lstrip("+") for o in overlays]
+    recipe = recipes[-1].split("=", 1)[1]
+    normalized = []
+    for group in OVERLAY_GROUPS:
+        for o in (o for o in overrides if _group_of(o) == group):
+            choice = o.split("=", 1)[1]
+            normalized += _budget_overrides(choice, recipe) if group == "budget" else ["+" + o.lstrip("+")]
     rest = [o for o in overrides if _group_of(o) not in OVERLAY_GROUPS]
     return rest + normalized
 
@@ -74,7 +101,7 @@ def typed_values(overrides: list[str]) -> dict[str, object]:
     typed = {}
     for override in _parsed(overrides):
         key = override.key_or_group
-        if override.is_delete() or key in groups or key.startswith("hydra.") or key == "hydra":
+        if override.is_delete() or _is_group_choice(key + "=", groups) or key.split(".")[0] == "hydra":
             continue
         typed[key] = override.value()
     return typed
@@ -190,7 +217,7 @@ def compose(overrides: list[str]) -> DictConfig:
 
     overrides = prepare_overrides(overrides)
     groups = config_groups()
-    choices = [o for o in overrides if _group_of(o) in groups]  # what decides which settings exist, and defaults
+    choices = [o for o in overrides if _is_group_choice(o, groups)]  # what decides which settings exist, and defaults
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
             defaults = hydra_compose(PRIMARY_CONFIG, overrides=choices, return_hydra_config=True)
@@ -241,3 +268,14 @@ def validate(cfg: DictConfig) -> None:
     run_dir = cfg.get("run_dir")
     if run_dir and Path(run_dir).exists() and not Path(run_dir).is_dir():
         raise ConfigError(f"the run directory {run_dir} is a file. Fix: point hydra.run.dir at a directory")
+
+
+def instantiate_draft(draft_cfg: DictConfig, target):
+    """The `draft` group instantiated for `target`: every builder receives the same call-site arguments (the target's
+    vocabulary and special ids, its embedding table and model, for drafts cut from or initialised by it)."""
+    from hydra.utils import instantiate
+
+    tokenizer = target.tokenizer
+    return instantiate(draft_cfg, vocab_size=target.vocab_size, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       target_embedding=target.embed_tokens.weight, target_model=target.model)

@@ -19,13 +19,15 @@ from draftkit.engine.loop import stage_settings
 from draftkit.errors import reported
 
 
-def _enabled_keys(node, name: str, path=""):
+def _offline_feature_keys(node, path=""):
+    """Every `<...>.features.source` set to offline: recipes that train on cached target features (fspad)."""
     if isinstance(node, dict):
         for key, value in node.items():
             where = f"{path}.{key}" if path else key
-            if key == name and value not in (None, False, "none", "", 0):
-                yield where
-            yield from _enabled_keys(value, name, where)
+            if key == "features" and isinstance(value, dict) and value.get("source") == "offline":
+                yield f"{where}.source"
+            else:
+                yield from _offline_feature_keys(value, where)
 
 
 def check_job(cfg: DictConfig, world_size: int) -> list[str]:
@@ -41,12 +43,12 @@ def check_job(cfg: DictConfig, world_size: int) -> list[str]:
         if dist.backend == "deepspeed":
             settings.deepspeed_config(world_size)
             if dist.zero_stage == 3:
-                caches = list(_enabled_keys(config, "feature_cache"))
+                caches = list(_offline_feature_keys(config))
                 if caches:
                     raise DistributedConfigError(
-                        f"dist=zero3 partitions the target across ranks, but {caches[0]} is enabled: a feature cache "
+                        f"dist=zero3 partitions the target across ranks, but {caches[0]}=offline: a feature cache "
                         "is built from whole target activations on one rank and cannot be sharded. Fix: set "
-                        f"{caches[0]}=false (features are then computed online from the sharded target), or use "
+                        f"{caches[0]}=online (features are then computed from the sharded target), or use "
                         "dist=zero2 with the target replicated")
         lines.append(f"{where}: {dist.backend}{f' ZeRO-{dist.zero_stage}' if dist.zero_stage else ''}, "
                      f"micro-batch {settings.micro_batch_size} x accumulation {settings.grad_accum} x {world_size} "

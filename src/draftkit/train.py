@@ -69,6 +69,17 @@ def _run(cfg: DictConfig) -> None:
             print(f"Uploaded to https://huggingface.co/{cfg.push_to_hub} ({url})")
 
 
+def run_recipe(overrides: list[str], run_dir: str | Path) -> Path | None:
+    """Run a recipe in this process, as `python -m draftkit.train <overrides> hydra.run.dir=<run_dir>` would (for
+    benchmarks and notebooks); returns the export directory. Running the same command on the same directory resumes."""
+    cfg = compose([*overrides, f"hydra.run.dir={run_dir}"])
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+    check(cfg)
+    name = HydraConfig.get().runtime.choices["recipe"]
+    return importlib.import_module(f"draftkit.recipes.{name}").run(cfg, Path(run_dir))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     overrides = [a for a in args if "=" in a and not a.startswith("-")]

@@ -1,7 +1,7 @@
 """Self-distillation data: the frozen target answers the prompts, and a draft then learns from its answers.
 
 Drafts trained on the target's own outputs match its distribution better than drafts trained on
-dataset answers (methods.md §4(b) item 3). Generation is slow, so every finished batch is appended to a
+dataset answers (Medusa-2's self-distillation, FastDraft's fine-tuning stage). Generation is slow, so every finished batch is appended to a
 JSON Lines cache and a rerun only generates what the cache lacks.
 """
 

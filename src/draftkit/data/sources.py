@@ -359,3 +359,9 @@ def _load_hub(name: str, config: str | None, *, split: str, limit: int | None) -
     if len(dataset) == 0:
         raise DataError(f"{origin}: empty dataset, no records with content")
     return dataset
+
+
+def prompt_file(source: str) -> Path:
+    """An evaluation prompt file: `builtin:<name>` (shipped with draftkit) or a path."""
+    return builtin_path(source.removeprefix("builtin:")) if source.startswith("builtin:") else Path(source)
+

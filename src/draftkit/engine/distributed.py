@@ -6,7 +6,7 @@ recipe runs unchanged under each of them. Checkpoints hold full, unsharded tenso
 different number of ranks or switch between DDP and ZeRO.
 
 DeepSpeed is driven directly (`deepspeed.initialize`), not through accelerate's DeepSpeed plugin: on CPU that
-plugin silently falls back to DDP or mis-counts processes (measured, machine.md §1), and the frozen target
+plugin silently falls back to DDP or mis-counts processes (measured on this project's CPU machines), and the frozen target
 needs an engine of its own for ZeRO-3 partitioning, which the plugin does not give a closure-held module.
 """
 
@@ -325,7 +325,7 @@ class AccelerateRuntime(Runtime):
 
 def _skip_shm_comm_build() -> None:
     # On the CPU accelerator, DeepSpeed JIT-compiles its shared-memory collective op on the first
-    # init_distributed (~85 s, machine.md §1); gloo does the same job. The switch is a private dict.
+    # init_distributed (~85 s measured on a 2-core machine); gloo does the same job. The switch is a private dict.
     try:
         import deepspeed.ops
 

@@ -7,9 +7,9 @@ import json
 import os
 from pathlib import Path
 
-from draftkit.engine.checkpoint import write_text_atomic
 from draftkit.engine.distributed import is_main_process
 from draftkit.engine.run import git_state
+from draftkit.io import write_text_atomic
 
 
 class NullSink:

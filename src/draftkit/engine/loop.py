@@ -24,7 +24,6 @@ from draftkit.engine.checkpoint import (
     newest_intact_checkpoint,
     remove_staging,
     save_checkpoint,
-    write_json_atomic,
 )
 from draftkit.engine.distributed import (
     AccelerateRuntime,
@@ -38,6 +37,7 @@ from draftkit.engine.distributed import (
 )
 from draftkit.engine.log import NullSink
 from draftkit.errors import ConfigError, UserError
+from draftkit.io import write_json_atomic
 from draftkit.objectives.types import LossOutput
 
 StepFn = Callable[[nn.Module, dict], LossOutput]

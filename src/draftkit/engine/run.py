@@ -19,9 +19,9 @@ from typing import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-from draftkit.engine.checkpoint import write_json_atomic, write_text_atomic
 from draftkit.engine.distributed import is_main_process
 from draftkit.errors import UserError
+from draftkit.io import write_json_atomic, write_text_atomic
 
 LOCK_FILE = ".draftkit.lock"
 # What a run writes before it has done any work: a directory holding only these has nothing to continue.

@@ -13,16 +13,12 @@ vocabulary, and the runtime maps the draft's ids back to target ids.
 
 from __future__ import annotations
 
-import random
 from functools import partial
 from pathlib import Path
 
 import torch
-from datasets import Dataset, concatenate_datasets
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from draftkit.data.chat import tokenize_chat
 from draftkit.data.feature_cache import (
     FeatureCache,
     FeatureExamples,
@@ -32,18 +28,22 @@ from draftkit.data.feature_cache import (
     feature_layer,
     target_features,
 )
-from draftkit.data.selfdistill import prompts_from_records, regenerate_responses
-from draftkit.data.sources import load_records
 from draftkit.drafts.fspad import FeatureDrafter, feature_drafter
-from draftkit.engine.checkpoint import write_json_atomic, write_text_atomic
 from draftkit.engine.loop import stage_settings, train
-from draftkit.engine.run import record_run
 from draftkit.errors import ConfigError
-from draftkit.export.eagle import EAGLE_FORMATS, export_feature_drafter, format_refusal
+from draftkit.export.fspad import EAGLE_FORMATS, export_feature_drafter, format_refusal
+from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.objectives.fspad import align_pairs, fspad_loss
 from draftkit.objectives.linear_logits import LinearLogits
-from draftkit.recipes.common import compare_markdown, draft_token_map, measure_acceptance
-from draftkit.runtime.feature_drafter import FeatureChainDrafter, FeatureTreeDrafter
+from draftkit.recipes.common import (
+    compare_markdown,
+    draft_token_map,
+    measure_acceptance,
+    self_distilled_chats,
+    start_run,
+)
+from draftkit.runtime import fspad as fspad_runtime
+from draftkit.runtime.drafting import DraftingOptions
 from draftkit.runtime.tree import check_tree_fits_vocabulary, tree_shape
 
 STAGES = ("features", "train")
@@ -77,6 +77,9 @@ def feature_step(model: FeatureDrafter, batch: dict, features: torch.Tensor, *, 
     is the target's distribution renormalised over the draft vocabulary, on both paths."""
     pairs = align_pairs(features, batch["input_ids"], batch["labels"])
     inputs = pairs.input_features
+    # The forward goes through the wrapper the loop hands over (DDP or DeepSpeed, for their gradient hooks); the frozen
+    # LM head is read from the drafter itself, which a DDP wrapper does not expose as attributes.
+    drafter = getattr(model, "module", model)
     if model.training and noise_amplitude > 0:  # noise on the inputs only, never on the regression target
         # Drawn from a seed taken off the CPU generator, which the loop checkpoints: resume stays exact on a GPU too.
         seed = int(torch.randint(0, 2**62, (1,)))
@@ -91,12 +94,12 @@ def feature_step(model: FeatureDrafter, batch: dict, features: torch.Tensor, *, 
     everywhere = torch.ones(predict.shape[0], dtype=torch.bool, device=predict.device)
     if loss_chunk_size is None:
         with torch.no_grad():
-            teacher_logits = model.head_logits(target)
-        draft_logits = model.head_logits(predict)
+            teacher_logits = drafter.head_logits(target)
+        draft_logits = drafter.head_logits(predict)
     else:  # both distributions computed inside the loss, loss_chunk_size positions at a time
         with torch.no_grad():
-            teacher_logits = LinearLogits(model.head_input(target), model.lm_head.weight, chunk_size=loss_chunk_size)
-        draft_logits = LinearLogits(model.head_input(predict), model.lm_head.weight, chunk_size=loss_chunk_size)
+            teacher_logits = LinearLogits(drafter.head_input(target), drafter.lm_head.weight, chunk_size=loss_chunk_size)
+        draft_logits = LinearLogits(drafter.head_input(predict), drafter.lm_head.weight, chunk_size=loss_chunk_size)
     return fspad_loss(draft_logits, regress, target, teacher_logits, everywhere,
                       regression_weight=regression_weight, ce_weight=ce_weight)
 
@@ -110,29 +113,10 @@ def make_step(target, settings):
         features = batch.get("features")
         if features is None:  # online: the frozen target runs here, outside the trainable module
             features = target_features(target, batch["input_ids"], batch["attention_mask"], norm)
-        return feature_step(model, batch, features.to(model.fc.weight.dtype), **weights)
+        dtype = getattr(model, "module", model).fc.weight.dtype
+        return feature_step(model, batch, features.to(dtype), **weights)
 
     return step
-
-
-def _records(sources, limit):
-    parts = [load_records(src, limit=limit) for src in sources]
-    return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-
-
-def training_conversations(cfg: DictConfig, target, run_dir: Path):
-    """The prompts answered by the target (self-distillation, cached), tokenized with the assistant turns as labels."""
-    gen = cfg.data.selfdistill
-    tokenizer = target.tokenizer
-    prompts = prompts_from_records(_records(cfg.data.prompts, cfg.data.prompts_limit),
-                                   max_prompt_tokens=gen.max_prompt_tokens, tokenizer=tokenizer)
-    random.Random(cfg.engine.seed).shuffle(prompts)
-    prompts = prompts[: gen.num_prompts]
-    conversations = regenerate_responses(
-        target.model, tokenizer, prompts, cache_file=run_dir / "selfdistill.jsonl", max_new_tokens=gen.max_new_tokens,
-        temperature=gen.temperature, top_p=gen.top_p, batch_size=gen.batch_size, seed=cfg.engine.seed)
-    return tokenize_chat(Dataset.from_list([{"messages": c} for c in conversations]), tokenizer,
-                         max_length=cfg.data.max_length, too_long=cfg.data.too_long)
 
 
 def validate(cfg: DictConfig) -> list[str]:
@@ -176,21 +160,17 @@ def check_draft_vocab_size(size: int | None, target) -> None:
     """Before the (slow) self-distillation: a draft vocabulary must fit in the target's."""
     if size is not None and size > target.vocab_size:
         raise ConfigError(f"fspad.draft_vocab_size={size} is larger than the target's vocabulary of "
-                         f"{target.vocab_size} tokens. Fix: choose at most {target.vocab_size}, or null for the whole "
-                         "vocabulary")
+                          f"{target.vocab_size} tokens. Fix: choose at most {target.vocab_size}, or null for the whole "
+                          "vocabulary")
 
 
 def run(cfg: DictConfig, run_dir: Path) -> Path | None:
     stages = validate(cfg)
     settings = cfg.fspad
     offline = settings.features.source == "offline"
-    record_run(run_dir, cfg)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    sink = instantiate(cfg.logger, _recursive_=False, run_dir=str(run_dir), run_config=config, run_name=run_dir.name)
-    engine = OmegaConf.to_container(cfg.engine, resolve=True)
-    target = instantiate(cfg.target)
+    sink, engine, target = start_run(cfg, run_dir)
     check_draft_vocab_size(settings.draft_vocab_size, target)
-    chats = training_conversations(cfg, target, run_dir)
+    chats = self_distilled_chats(cfg.data, target, run_dir, cfg.engine.seed)
     cache_dir = Path(settings.features.cache) if settings.features.cache else run_dir / "feature_cache"
     cache_settings = dict(norm=settings.features.norm, storage=settings.features.storage,
                           shard_size=settings.features.shard_size)
@@ -211,24 +191,25 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
 
     token_map = draft_token_map(chats, settings.draft_vocab_size, target, run_dir)
     draft = build_draft(target, settings, token_map)
-    drafter = FeatureChainDrafter(draft, target_hidden=settings.features.norm, name=f"{draft.variant} draft")
-    tree_drafter = None
+    chain = fspad_runtime.drafting(draft, target, DraftingOptions(tree="chain"), settings.features.norm,
+                                   name=f"{draft.variant} draft")
+    tree = None
     if settings.tree.kind != "none":
-        shape = tree_shape(settings.tree.kind, settings.tree.depth, top_k=settings.tree.top_k,
-                           width=settings.tree.width, budget=settings.tree.budget)
-        tree_drafter = FeatureTreeDrafter(draft, shape, settings.features.norm, name=f"{draft.variant} draft (tree)")
-    before = measure_acceptance(target, drafter, cfg.eval, run_dir / "eval_before.json") if cfg.eval.get("before") else None
+        options = DraftingOptions(tree=settings.tree.kind, tree_depth=settings.tree.depth, tree_top_k=settings.tree.top_k,
+                                  tree_width=settings.tree.width, tree_budget=settings.tree.budget)
+        tree = fspad_runtime.drafting(draft, target, options, settings.features.norm,
+                                      name=f"{draft.variant} draft (tree)")
+    before = measure_acceptance(target, chain, cfg.eval, run_dir / "eval_before.json") if cfg.eval.get("before") else None
     torch.manual_seed(cfg.engine.seed)  # the feature noise, whatever ran before (resume restores the state itself)
     result = train(model=draft, step_fn=make_step(target, settings), dataset=dataset,
                    collate=partial(collate_with_features, pad_token_id=target.tokenizer.pad_token_id),
-                   settings=stage_settings(engine, "fspad.train.engine", **settings.train.engine), stage_dir=run_dir / "train", sink=sink,
-                   resume=cfg.resume, desc="train")
+                   settings=stage_settings(engine, "fspad.train.engine", **settings.train.engine),
+                   stage_dir=run_dir / "train", sink=sink, resume=cfg.resume, desc="train")
     if result.resumed_from != result.steps:  # the draft changed: earlier reports are stale
         (run_dir / "eval_after.json").unlink(missing_ok=True)
         (run_dir / "eval_after_tree.json").unlink(missing_ok=True)
-    after = measure_acceptance(target, drafter, cfg.eval, run_dir / "eval_after.json")
-    after_tree = measure_acceptance(target, tree_drafter, cfg.eval, run_dir / "eval_after_tree.json") \
-        if tree_drafter is not None else None
+    after = measure_acceptance(target, chain, cfg.eval, run_dir / "eval_after.json")
+    after_tree = measure_acceptance(target, tree, cfg.eval, run_dir / "eval_after_tree.json") if tree else None
     table = compare_markdown({"before training": before, "after training (chain)": after,
                               f"after training ({settings.tree.kind} tree, depth {settings.tree.depth})": after_tree})
     write_text_atomic(run_dir / "summary.md", table + "\n")

@@ -22,7 +22,8 @@ from draftkit.export.kangaroo import export_kangaroo
 from draftkit.objectives.kangaroo import kangaroo_loss
 from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.recipes.common import compare_markdown, finish_run, measure_acceptance, self_distilled_chats, start_run
-from draftkit.runtime.kangaroo import KangarooDecoder
+from draftkit.runtime import kangaroo as kangaroo_runtime
+from draftkit.runtime.drafting import DraftingOptions
 from draftkit.targets.hf import Target, causal_mask
 
 INITS = ("target", "random")
@@ -85,10 +86,11 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     settings = cfg.kangaroo
     sink, engine, target = start_run(cfg, run_dir)
     adapter = build_adapter(target, settings.exit_layer, settings.init, engine["seed"]).to(target.device)
-    decoder = KangarooDecoder(target, adapter, settings.exit_layer, settings.threshold)
+    drafting = kangaroo_runtime.drafting(adapter, target, DraftingOptions(), exit_layer=settings.exit_layer,
+                                         threshold=settings.threshold)
 
     def measure(path: Path):
-        return measure_acceptance(target, decoder, cfg.eval, path, verifier=decoder)
+        return measure_acceptance(target, drafting, cfg.eval, path)
 
     before = measure(run_dir / "eval_before.json") if cfg.eval.get("before") else None
     chats = self_distilled_chats(cfg.data, target, run_dir, engine["seed"])

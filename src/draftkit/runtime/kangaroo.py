@@ -5,7 +5,7 @@ One object is both the Drafter and the Verifier of `speculative_generate`, becau
     and drafted) and layers l..N-1 only for tokens verified so far; drafting writes the shallow entries the target
     would have written itself, so verification never recomputes them;
   * `exited` [1, L, H] keeps hidden[l] of every token the shallow layers have seen; verification runs layers l..N-1
-    on the exited states of the tokens the deep layers have not seen (methods.md §4(b).16);
+    on the exited states of the tokens the deep layers have not seen (never the shallow layers again);
   * the adapter has its own cache over the exited states; after a full acceptance it lacks the last draft token,
     which the next proposal feeds from `exited` together with the newer ones.
 All three are cut back to the accepted prefix after each verification.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from draftkit.drafts.kangaroo import KangarooAdapter
+from draftkit.runtime.drafting import Drafting, DraftingOptions
 from draftkit.runtime.speculative import DraftProposal, choose_token
 from draftkit.targets.hf import LayerCache, Target, causal_mask
 
@@ -102,3 +103,11 @@ class KangarooDecoder:
         self.cache.truncate(num_valid_tokens)
         self.adapter_cache.truncate(num_valid_tokens)
         self.exited = self.exited[:, :num_valid_tokens]
+
+
+def drafting(adapter: KangarooAdapter, target: Target, options: DraftingOptions, *, exit_layer: int,
+             threshold: float) -> Drafting:
+    """Self-drafting: the decoder drafts over the target's first `exit_layer` layers and verifies over the rest, so it
+    is both the drafter and the verifier. `options` has nothing for it: Kangaroo drafts a chain."""
+    decoder = KangarooDecoder(target, adapter.to(target.device), exit_layer, threshold)
+    return Drafting(decoder, verifier=decoder)

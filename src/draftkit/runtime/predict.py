@@ -1,6 +1,6 @@
 """Predict speculative decoding's speedup from acceptance and step costs, and recommend a draft length.
 
-The model (Leviathan et al. 2023; OSD's cost_model.py, methods.md §1): one decoding step drafts, then runs the target
+The model (Leviathan et al. 2023; the same cost model as OSD's cost_model.py): one decoding step drafts, then runs the target
 once over the draft. With alpha[i] the probability that draft position i is accepted given every earlier one was
 (what GenerationStats.alpha measures), the expected tokens per step for a chain of gamma is
 

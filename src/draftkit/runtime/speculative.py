@@ -5,7 +5,7 @@ model's KV cache covers a prefix of it, and a model's next forward starts by fee
 cache always ends exactly one token short of `sequence`: the newest committed token came out of the target's own
 logits and has not been fed back yet. The first verification therefore doubles as the prompt prefill.
 
-Statistics follow Spec-Bench (methods.md §1): every target forward yields `accepted draft tokens + 1` tokens (the
+Statistics follow Spec-Bench's definitions: every target forward yields `accepted draft tokens + 1` tokens (the
 correction or bonus token), tau is the mean of that, and alpha_i counts draft position i only when positions < i were
 accepted.
 """

@@ -28,14 +28,14 @@ Verification: `acceptance="greedy"` (the default) walks from the root, following
 target's argmax; it is lossless (output = the target's greedy output, tested in fp32). `acceptance="sampling"` is
 lossless at any temperature: each node's children are tried in order as point-mass proposals against the target's
 distribution with the rejected ones removed (tested against the target's exact distribution). `acceptance="typical"` is
-Medusa's typical acceptance (methods.md §2.4): a child is accepted when the target gives its token probability above
+Medusa's typical acceptance (Cai et al. 2024): a child is accepted when the target gives its token probability above
 min(posterior_threshold, posterior_alpha * exp(-entropy)), the deepest accepted node wins and the next token is
 sampled from the target at `temperature`. It is LOSSY: the output no longer follows the target's distribution.
 
 KV cache: the target sees the uncommitted suffix plus all tree nodes in one pass, with a tree attention mask (a node
 attends to the committed tokens and its ancestors) and position ids = position of the root + depth. Afterwards the
 accepted path's KV entries are copied into contiguous slots right after the committed ones and the rest is dropped
-(methods.md §4(b).15). The mask is an additive float mask, which the eager and SDPA attention paths of transformers
+(a pruned branch's entries would otherwise sit between committed ones). The mask is an additive float mask, which the eager and SDPA attention paths of transformers
 take as is; flash-attention kernels cannot express a tree mask.
 """
 
@@ -216,6 +216,15 @@ def check_tree_fits_vocabulary(shape: TreeShape, draft_vocab_size: int) -> None:
     if shape.candidates > draft_vocab_size:
         raise ValueError(f"this tree reads the top {shape.candidates} candidates of a node, but the draft scores only "
                          f"{draft_vocab_size} tokens. Fix: a larger <recipe>.draft_vocab_size, or a narrower tree")
+
+
+def check_scoring_rows(lm_head_weight: torch.Tensor | None, module) -> None:
+    """A shared LM head must have one row per draft id: a full head on a restricted draft would propose ids past the
+    token_map, and a sliced one on a full draft would propose the wrong tokens."""
+    if lm_head_weight is not None and lm_head_weight.shape[0] != module.draft_vocab_size:
+        raise ValueError(f"the shared LM head has {lm_head_weight.shape[0]} rows but the draft scores "
+                         f"{module.draft_vocab_size} tokens. Fix: pass the LM head's token_map rows "
+                         "(drafts.vocab.draft_rows(weight, module.token_map))")
 
 
 def tree_shape(kind: str, depth: int, *, top_k: int = 4, width: int = 4, budget: int = 16,
