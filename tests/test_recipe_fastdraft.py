@@ -98,3 +98,11 @@ def test_more_steps_on_a_finished_run_continue_training_and_remeasure(tmp_path, 
     assert len(losses(tmp_path / "run", "finetune")) == 5
     assert losses(tmp_path / "run", "finetune")[:3] == losses(run_dir, "finetune")
     assert "stale_marker" not in report.read_text()
+
+
+def test_a_typed_engine_value_beats_the_stages_own_and_the_run_records_what_it_used(tmp_path):
+    run_recipe(tmp_path, "fastdraft.stages=[pretrain]", "eval=none", "engine.lr=0.0123", "engine.warmup_steps=0")
+    used = json.loads((tmp_path / "pretrain" / "settings.json").read_text())
+    assert (used["lr"], used["warmup_steps"], used["steps"]) == (0.0123, 0, 3)  # steps: the +debug=tiny cap
+    assert "pretrain:\n    seq_len: 256\n    engine:\n      steps: 120\n      lr: 0.0123\n      warmup_steps: 0" in \
+        (tmp_path / "config.yaml").read_text()

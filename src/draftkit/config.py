@@ -3,6 +3,7 @@ the user typed several, and the checks every config passes before any model is l
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 from pathlib import Path
 
@@ -174,7 +175,7 @@ def check_typed_values(defaults: DictConfig, overrides: list[str]) -> None:
     """Each typed value must have the type of the setting's default: `engine.steps=abc` or `data.pretrain=x.jsonl` (a
     list setting given one string) are refused here, by name, instead of failing later inside a loader."""
     for key, value in typed_values(overrides).items():
-        if key == "resume" and value in RESUME_CHOICES:  # a switch that also takes a word
+        if key == "resume":  # a switch that also takes a word: validate() names its choices
             continue
         default = OmegaConf.select(defaults, key, default=None, throw_on_resolution_failure=False)
         kind = _kind(default)
@@ -188,7 +189,7 @@ def check_typed_values(defaults: DictConfig, overrides: list[str]) -> None:
 
 
 def _hydra_message(error: Exception) -> str:
-    """One line, with the fix, for what Hydra reports in several (an unknown key, an unknown group option, bad syntax)."""
+    """One line, with the fix, for what Hydra reports in several: an unknown key, an unknown group option, bad syntax."""
     text = str(error)
     cause = str(error.__cause__ or "")
     if "is not in struct" in text + cause and "Could not override '" in text:
@@ -206,6 +207,16 @@ def _hydra_message(error: Exception) -> str:
     return f"{' '.join(kept)}. Fix: check the override's spelling and value (--cfg job prints the composed config)"
 
 
+@functools.lru_cache(maxsize=16)
+def _defaults(choices: tuple[str, ...]) -> DictConfig:
+    """The config the group choices alone compose to: what each typed value's type is checked against (read only)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return hydra_compose(PRIMARY_CONFIG, overrides=list(choices), return_hydra_config=True)
+
+
 def compose(overrides: list[str]) -> DictConfig:
     """The config `python -m draftkit.train <overrides>` would run with, typed values checked and precedence applied
     (apply_precedence); HydraConfig.get() describes the run."""
@@ -217,10 +228,10 @@ def compose(overrides: list[str]) -> DictConfig:
 
     overrides = prepare_overrides(overrides)
     groups = config_groups()
-    choices = [o for o in overrides if _is_group_choice(o, groups)]  # what decides which settings exist, and defaults
+    choices = tuple(o for o in overrides if _is_group_choice(o, groups))  # what decides the settings and defaults
     try:
+        defaults = _defaults(choices)
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-            defaults = hydra_compose(PRIMARY_CONFIG, overrides=choices, return_hydra_config=True)
             cfg = hydra_compose(PRIMARY_CONFIG, overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as error:
         raise ConfigError(_hydra_message(error)) from None
@@ -232,6 +243,27 @@ def compose(overrides: list[str]) -> DictConfig:
         del cfg["hydra"]  # what @hydra.main hands a task has no hydra node either
     apply_precedence(cfg, overrides)
     return cfg
+
+
+def _check_model_path(group: str, node) -> None:
+    """`<group>.path`, where the group has one: set, and present when it names a local file or directory (a Hub id is
+    looked up when the model loads)."""
+    if not isinstance(node, DictConfig) or "path" not in node.keys():  # `in` is False for a missing (???) value
+        return
+    if OmegaConf.is_missing(node, "path"):
+        raise ConfigError(f"{group}.path is not set. Fix: {group}.path=<local directory | .gguf file | Hub id>")
+    path = str(node.path)
+    from draftkit.targets.hf import BUILTIN_SMOLLM2, builtin_smollm2_gguf
+
+    if path == BUILTIN_SMOLLM2:
+        builtin_smollm2_gguf()  # the package that ships it is installed
+        return
+    local = path.startswith(("/", "./", "../", "~")) or path.endswith(".gguf") or Path(path).exists()
+    gguf_file = node.get("gguf_file")
+    where = Path(path).expanduser() / gguf_file if gguf_file else Path(path).expanduser()
+    if local and not where.exists():
+        raise ConfigError(f"{group}.path={path}: {where} does not exist. Fix: give an existing HF model directory or "
+                          ".gguf file, or a Hub id (online)")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -265,6 +297,8 @@ def validate(cfg: DictConfig) -> None:
                 raise ConfigError(f"eval.{key}={value!r}: must be a whole number >= 1. Fix: e.g. eval.{key}=4, or "
                                   "eval=none to skip the measurement")
     check_prompt_sources("data.prompts", list(data.prompts), data.prompts_limit)
+    for group in ("target", "draft"):
+        _check_model_path(group, cfg.get(group))
     run_dir = cfg.get("run_dir")
     if run_dir and Path(run_dir).exists() and not Path(run_dir).is_dir():
         raise ConfigError(f"the run directory {run_dir} is a file. Fix: point hydra.run.dir at a directory")

@@ -1,4 +1,4 @@
-"""`python -m draftkit.train +recipe=<name> [overrides]`: compose the config, check it, then run the recipe's `run(cfg)`.
+"""`python -m draftkit.train +recipe=<name> [overrides]`: compose the config, check it, then run the recipe.
 
 Recipes are found by convention: conf/recipe/<name>.yaml pairs with draftkit.recipes.<name>, whose `validate(cfg)`
 checks the recipe's settings before any model is loaded. A mistake in the input ends as one line,

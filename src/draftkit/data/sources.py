@@ -68,14 +68,14 @@ def load_records(source: str | os.PathLike, *, limit: int | None = None, split: 
     """
     source = os.fspath(source)
     if limit is not None and limit < 1:
-        raise DataError(f"limit must be a positive number of records, got {limit}")
+        raise DataError(f"limit must be a positive number of records, got {limit}. Fix: a limit >= 1, or none")
     if source.startswith("hf:"):
         name, config = parse_hf_source(source)
         return _load_hub(name, config, split=split, limit=limit)
     if split != "train":
         raise DataError(
             f"{source} holds a single split, so split={split!r} is not available; "
-            "hold out validation records with Dataset.train_test_split instead"
+            "Fix: hold out validation records with Dataset.train_test_split instead"
         )
     if source == "builtin:code":
         return _load_stdlib_code(limit)
@@ -85,7 +85,7 @@ def load_records(source: str | os.PathLike, *, limit: int | None = None, split: 
 
 
 def check_source_list(name: str, sources) -> None:
-    """`sources` (the setting `name`) is a non-empty list of sources, each of which exists (hf: ones are not looked up)."""
+    """`sources` (the setting `name`) is a non-empty list of sources that exist (hf: ones are not looked up)."""
     if isinstance(sources, str) or not isinstance(sources, (list, tuple)) or not sources:
         raise DataError(f"{name}={sources!r}: must be a list of sources. Fix: write it in brackets, quoted for the "
                         f"shell: '{name}=[{sources if isinstance(sources, str) else 'builtin:prompts'}]'")
@@ -201,7 +201,7 @@ def _normalized_stream(records: Iterator[tuple[str, object]], limit: int | None)
         try:
             record = _normalize_record(raw)
         except _RecordError as e:
-            raise DataError(f"{location}: {e}") from None
+            raise DataError(f"{location}: {e}. Fix: write every record in one of the supported formats") from None
         if record.get("messages") == []:
             continue
         shape = next(iter(record))
@@ -210,7 +210,7 @@ def _normalized_stream(records: Iterator[tuple[str, object]], limit: int | None)
         elif shape != first_shape[0]:
             raise DataError(
                 f"{location}: a {shape!r} record, but {first_shape[1]} was a {first_shape[0]!r} record; "
-                "one source must hold either plain text or chat records"
+                "one source must hold either plain text or chat records. Fix: split them into two sources"
             )
         yield record
         count += 1
@@ -229,13 +229,14 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, object]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                raise DataError(f"{location}: not UTF-8 text") from None
+                raise DataError(f"{location}: not UTF-8 text. Fix: save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 yield location, json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{location}: malformed JSON line ({e.msg} at column {e.colno})") from None
+                raise DataError(f"{location}: malformed JSON line ({e.msg} at column {e.colno}). Fix: one JSON "
+                                "object per line") from None
 
 
 def _json_list_records(path: Path) -> Iterator[tuple[str, object]]:
@@ -243,11 +244,13 @@ def _json_list_records(path: Path) -> Iterator[tuple[str, object]]:
         try:
             records = json.loads(f.read().decode("utf-8"))
         except UnicodeDecodeError:
-            raise DataError(f"{path}: not UTF-8 text") from None
+            raise DataError(f"{path}: not UTF-8 text. Fix: save the file as UTF-8") from None
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}). Fix: repair the "
+                            "file, or write one record per line as .jsonl") from None
     if not isinstance(records, list):
-        raise DataError(f"{path}: a .json file must hold a list of records (or write one record per line as .jsonl)")
+        raise DataError(f"{path}: a .json file must hold a list of records. Fix: wrap the records in [...], or write "
+                        "one record per line as .jsonl")
     for index, record in enumerate(records):
         yield f"{path}: record {index}", record
 
@@ -261,10 +264,11 @@ def _generate_file_records(path: str, limit: int | None) -> Iterator[dict]:
             empty = False
             yield record
     except (OSError, EOFError) as e:  # a corrupt or cut .gz surfaces only while reading
-        raise DataError(f"{path}: cannot read the file ({e})") from None
+        raise DataError(f"{path}: cannot read the file ({e}). Fix: check that it is readable and not damaged") from None
     if empty:
         raise DataError(
-            f"{path}: empty dataset, no records with content (blank lines and empty conversations are skipped)"
+            f"{path}: empty dataset, no records with content (blank lines and empty conversations are skipped). Fix: "
+            "give a file with records"
         )
 
 
@@ -292,9 +296,9 @@ def _from_generator(generator, gen_kwargs: dict, fingerprint: str) -> datasets.D
 
 def _load_file(path: Path, limit: int | None) -> datasets.Dataset:
     if not path.name.endswith(_SUFFIXES):
-        raise DataError(f"{path}: unsupported file type; supported: {', '.join(_SUFFIXES)}")
+        raise DataError(f"{path}: unsupported file type. Fix: give one of {', '.join(_SUFFIXES)}")
     if not path.is_file():
-        raise DataFileNotFoundError(f"data file not found: {path}")
+        raise DataFileNotFoundError(f"data file not found: {path}. Fix: check the path")
     fingerprint = _fingerprint("file", _sha256_file(path), path.name, limit)
     return _from_generator(_generate_file_records, {"path": str(path), "limit": limit}, fingerprint)
 
@@ -343,21 +347,21 @@ def _load_hub(name: str, config: str | None, *, split: str, limit: int | None) -
     try:
         raw = datasets.load_dataset(name, config, split=split_spec)
     except Exception as e:  # offline mode, unknown name, missing config or split: all surface here
-        offline = (" HF_HUB_OFFLINE=1 is set: unset it, or use a local file or a builtin: source."
-                   if datasets.config.HF_HUB_OFFLINE else "")
+        offline = (" HF_HUB_OFFLINE=1 is set. Fix: unset it, or use a local file or a builtin: source."
+                   if datasets.config.HF_HUB_OFFLINE else " Fix: check the name, config and split, and the network.")
         raise DataError(
             f"{origin}: cannot load split {split_spec!r} from the Hub ({type(e).__name__}: {e}).{offline}"
         ) from e
     if len(raw) == 0:
-        raise DataError(f"{origin}: empty dataset (split {split_spec!r})")
+        raise DataError(f"{origin}: empty dataset (split {split_spec!r}). Fix: choose another split or config")
     try:  # every row has the same columns, so row 0 tells the shape of all
         shape = next(iter(_normalize_record(raw[0])))
     except _RecordError as e:
-        raise DataError(f"{origin} row 0: {e}") from None
+        raise DataError(f"{origin} row 0: {e}. Fix: a dataset with records in one of the supported formats") from None
     dataset = raw.map(_normalize_hub_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
                       fn_kwargs={"origin": origin, "shape": shape}, desc=f"normalizing {origin}")
     if len(dataset) == 0:
-        raise DataError(f"{origin}: empty dataset, no records with content")
+        raise DataError(f"{origin}: empty dataset, no records with content. Fix: choose a dataset with content")
     return dataset
 
 

@@ -374,38 +374,40 @@ def train(
         pending.clear()
         tokens_since_log, positions_since_log, t_log = 0, 0, time.perf_counter()
 
-    for step in range(start_step, settings.steps):
-        loss_sum = torch.zeros((), device=runtime.device)
-        count = torch.zeros((), device=runtime.device)
-        metric_sums: dict[str, torch.Tensor] = {}
-        for micro in range(settings.grad_accum):
-            batch = stream.next()
-            tokens_since_log += int(batch["attention_mask"].sum()) * runtime.num_processes  # on the host: no sync
-            positions_since_log += batch["attention_mask"].numel() * runtime.num_processes
-            batch = _move(batch, runtime.device)
-            last = micro == settings.grad_accum - 1
-            with runtime.micro_context(last), runtime.autocast():
-                out = step_fn(model, batch)
-                runtime.backward(out.loss_sum, last)
-            loss_sum += out.loss_sum.detach().float()
-            count += out.count
-            for k, v in out.metrics.items():
-                metric_sums[k] = metric_sums.get(k, 0) + v.detach()
-        global_count = runtime.reduce_sum(count)
-        global_loss = runtime.reduce_sum(loss_sum)
-        scale = runtime.num_processes / global_count.clamp(min=1)
-        grad_norm = runtime.optimizer_step(params, scale, settings.max_grad_norm)
-        scheduler.step()
-        extra = {k: runtime.reduce_sum(v) / global_count.clamp(min=1) for k, v in metric_sums.items()}
-        extra["tokens"] = global_count
-        pending.append((step + 1, global_loss / global_count.clamp(min=1), grad_norm.detach().float(), extra))
-        bar.update(1)
-        done = step + 1 == settings.steps
-        if (step + 1) % settings.log_every == 0 or done or (step + 1) % settings.save_every == 0:
-            flush(step + 1)  # also validates every loss since the last flush before a checkpoint is written
-        if (step + 1) % settings.save_every == 0 or done:
-            save(step + 1)
-    bar.close()
+    try:
+        for step in range(start_step, settings.steps):
+            loss_sum = torch.zeros((), device=runtime.device)
+            count = torch.zeros((), device=runtime.device)
+            metric_sums: dict[str, torch.Tensor] = {}
+            for micro in range(settings.grad_accum):
+                batch = stream.next()
+                tokens_since_log += int(batch["attention_mask"].sum()) * runtime.num_processes  # on the host: no sync
+                positions_since_log += batch["attention_mask"].numel() * runtime.num_processes
+                batch = _move(batch, runtime.device)
+                last = micro == settings.grad_accum - 1
+                with runtime.micro_context(last), runtime.autocast():
+                    out = step_fn(model, batch)
+                    runtime.backward(out.loss_sum, last)
+                loss_sum += out.loss_sum.detach().float()
+                count += out.count
+                for k, v in out.metrics.items():
+                    metric_sums[k] = metric_sums.get(k, 0) + v.detach()
+            global_count = runtime.reduce_sum(count)
+            global_loss = runtime.reduce_sum(loss_sum)
+            scale = runtime.num_processes / global_count.clamp(min=1)
+            grad_norm = runtime.optimizer_step(params, scale, settings.max_grad_norm)
+            scheduler.step()
+            extra = {k: runtime.reduce_sum(v) / global_count.clamp(min=1) for k, v in metric_sums.items()}
+            extra["tokens"] = global_count
+            pending.append((step + 1, global_loss / global_count.clamp(min=1), grad_norm.detach().float(), extra))
+            bar.update(1)
+            done = step + 1 == settings.steps
+            if (step + 1) % settings.log_every == 0 or done or (step + 1) % settings.save_every == 0:
+                flush(step + 1)  # also validates every loss since the last flush before a checkpoint is written
+            if (step + 1) % settings.save_every == 0 or done:
+                save(step + 1)
+    finally:  # the bar ends its line before any error message is printed
+        bar.close()
     if runtime.is_main_process:
         write_json_atomic(stage_dir / "history.json", history)
     runtime.finish()

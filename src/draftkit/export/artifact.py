@@ -68,6 +68,36 @@ def load_exact(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where:
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
 
 
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; ArtifactError naming the file when it is missing, cut short or damaged
+    (safetensors checks that its header covers the file exactly)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing. Fix: export the draft again, or copy the whole export directory")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise ArtifactError(f"{path} cannot be read ({error}): the file is cut short or damaged. Fix: export the "
+                            "draft again, or copy the file again") from None
+
+
+def check_manifest(directory: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """The tensors of `directory` against its manifest.json (names, shapes, dtypes), when it has one."""
+    path = Path(directory) / "manifest.json"
+    if not path.is_file():
+        return
+    recorded = json.loads(path.read_text())
+    check_key_set(tensors, set(recorded), str(directory))
+    wrong = [f"{k}: {list(t.shape)} {str(t.dtype).removeprefix('torch.')} vs {recorded[k]['shape']} "
+             f"{recorded[k]['dtype']}" for k, t in tensors.items()
+             if list(t.shape) != recorded[k]["shape"] or str(t.dtype).removeprefix("torch.") != recorded[k]["dtype"]]
+    if wrong:
+        raise ArtifactError(f"{directory}: tensors differ from manifest.json ({wrong[:4]}). Fix: export the draft again")
+
+
 def manifest(tensors: dict[str, torch.Tensor]) -> dict:
     return {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
             for name, t in sorted(tensors.items())}

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from draftkit.drafts.medusa import MedusaHeads
 from draftkit.export.artifact import (
@@ -34,6 +33,7 @@ from draftkit.export.artifact import (
     check_matches_target,
     manifest,
     read_json,
+    read_tensors,
     write_dir,
 )
 
@@ -151,7 +151,7 @@ def export_medusa_fasterdecoding(heads: MedusaHeads, out_dir: Path, *, target_na
 
 def _load_vllm(directory: Path, config: dict) -> tuple[MedusaHeads, torch.Tensor | None]:
     check_vllm_config(config)
-    tensors = load_file(str(directory / VLLM_WEIGHTS))
+    tensors = read_tensors(directory / VLLM_WEIGHTS)
     K, L, bias = config["num_heads"], config["num_hidden_layers"], config.get("medusa_fc_bias", True)
     original = bool(config.get("original_lm_head", False))
     truncated = config.get("truncated_vocab_size") not in (None, config["vocab_size"])
@@ -173,7 +173,7 @@ def _load_vllm(directory: Path, config: dict) -> tuple[MedusaHeads, torch.Tensor
 
 def _load_fasterdecoding(directory: Path, config: dict, info: dict | None) -> tuple[MedusaHeads, None]:
     path = directory / FD_WEIGHTS
-    tensors = load_file(str(path)) if path.is_file() else torch.load(directory / FD_PICKLE, map_location="cpu",
+    tensors = read_tensors(path) if path.is_file() else torch.load(directory / FD_PICKLE, map_location="cpu",
                                                                      weights_only=True)
     K, L = config["medusa_num_heads"], config["medusa_num_layers"]
     own = any(k == f"0.{L}.weight" for k in tensors)

