@@ -1,3 +1,4 @@
+import json
 import os
 
 # Offline and quiet by construction: no Hub, no W&B account, DeepSpeed on the CPU accelerator.
@@ -39,3 +40,13 @@ def user_error(capsys):
         assert sum(line.startswith("draftkit.") for line in lines) == 1, err[-3000:]
         return lines[-1]
     return call
+
+
+@pytest.fixture
+def chats_with_replies(tmp_path):
+    """A chat file whose replies are the labels (`<recipe>.labels=data`): four questions and their answers."""
+    path = tmp_path / "chats.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"question {i}"},
+                          {"role": "assistant", "content": f"the answer is {i * 7} because it is"}]} for i in range(4)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path

@@ -66,7 +66,8 @@ def test_gpu30_merges_the_recipes_own_budget_after_the_shared_one_and_typed_valu
 
 
 def test_debug_shrinks_a_budget_in_either_order():
-    for overrides in (["+debug=tiny", "budget=gpu30", "+recipe=medusa"], ["+recipe=medusa", "budget=gpu30", "+debug=tiny"]):
+    for overrides in (["+debug=tiny", "budget=gpu30", "+recipe=medusa"],
+                      ["+recipe=medusa", "budget=gpu30", "+debug=tiny"]):
         cfg = compose(overrides)
         assert cfg.engine.max_steps_per_stage == 3 and cfg.data.selfdistill.num_prompts == 6
 

@@ -100,3 +100,10 @@ def test_recipes_never_import_each_other():
             violations += [f"{name} imports {m}" for m in modules
                            if m.startswith("draftkit.recipes.") and m.split(".")[2] in recipes - {name}]
     assert not violations, violations
+
+
+def test_benchmarks_use_public_entry_points_only():
+    """Benchmarks run recipes through draftkit.train (run_recipe or the CLI), never through a recipe's internals."""
+    offenders = [f"{path.name} imports draftkit.recipes" for path in (ROOT / "benchmarks").glob("*.py")
+                 if "recipes" in set(_draftkit_imports(path)) or "from draftkit import recipes" in path.read_text()]
+    assert not offenders, offenders

@@ -360,3 +360,62 @@ def test_a_resumed_run_logs_each_step_once(tmp_path):
           sink=JsonlSink(run_dir=str(tmp_path)))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 6, 8]  # 4 and 5 of the first attempt replaced/rewound
+
+
+def test_counted_flops_of_a_linear_layer_forward_and_backward_are_six_n_k_m():
+    from draftkit.engine.flops import count_flops
+
+    x = torch.randn(5, 7, requires_grad=True)
+    w = torch.randn(3, 7, requires_grad=True)
+    assert count_flops(lambda: torch.nn.functional.linear(x, w).sum().backward()) == 6 * 5 * 7 * 3
+
+
+def test_counted_attention_treats_grouped_kv_heads_as_full_heads():
+    from draftkit.engine.flops import count_flops
+
+    q = torch.randn(1, 4, 6, 8, requires_grad=True)
+    kv = torch.randn(1, 2, 6, 8, requires_grad=True)
+    full = torch.randn(1, 4, 6, 8, requires_grad=True)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    grouped = count_flops(lambda: sdpa(q, kv, kv, is_causal=True, enable_gqa=True).sum().backward())
+    assert grouped == count_flops(lambda: sdpa(q, full, full, is_causal=True).sum().backward())
+    # Forward: QK^T and AV over the full square, 4·heads·T²·d; backward 2.5x that (the fused kernel recomputes QK^T).
+    assert grouped == 3.5 * 4 * 4 * 6 * 6 * 8
+
+
+def test_the_loop_counts_the_first_micro_steps_flops_and_logs_achieved_tflops_and_mfu(tmp_path):
+    """Embedding -> linear: the linear's forward, weight gradient and input gradient are 2·H·V each per token; the
+    embedding lookup and the loss are no matmuls. Every later log carries the same count, from the same one step."""
+    class Records:
+        def __init__(self):
+            self.rows = []
+
+        def log(self, metrics, step):
+            self.rows.append(metrics)
+
+    hidden, steps = 8, 4
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(VOCAB, hidden), torch.nn.Linear(hidden, VOCAB, bias=False))
+
+    def step(model, batch):
+        return next_token_ce(model(batch["input_ids"]), batch["labels"])
+
+    data = [{"input_ids": [3 + i] * 6, "labels": [3 + i] * 6} for i in range(8)]  # fixed length: no padding
+    sink = Records()
+    train(model=model, step_fn=step, dataset=data, collate=collate0, sink=sink, stage_dir=tmp_path, resume=False,
+          settings=LoopSettings(steps=steps, micro_batch_size=2, grad_accum=2, log_every=2, save_every=steps,
+                                warmup_steps=1, count_flops=True, peak_tflops=2.0), desc="test")
+    assert len(sink.rows) == 2
+    for row in sink.rows:
+        assert row["test/flops_per_token"] == 6 * hidden * VOCAB
+        achieved = row["test/flops_per_token"] * row["test/tokens_per_s"]
+        assert row["test/tflops_per_device"] == pytest.approx(achieved / 1e12)
+        assert row["test/mfu"] == pytest.approx(achieved / 2e12)
+
+
+def test_flop_counting_is_off_by_default_and_a_peak_needs_it():
+    assert not LoopSettings().count_flops
+    with pytest.raises(ValueError, match="engine.peak_tflops=989.*Fix: engine.count_flops=true"):
+        LoopSettings(peak_tflops=989)
+    with pytest.raises(ValueError, match="engine.peak_tflops=0"):
+        LoopSettings(count_flops=True, peak_tflops=0)

@@ -212,6 +212,16 @@ def test_exit_layer_outside_the_target_is_refused_before_training(tmp_path):
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "selfdistill.jsonl").exists()
 
 
+def test_labels_from_the_data_skip_self_distillation(tmp_path, chats_with_replies):
+    run_recipe(tmp_path / "run", "kangaroo.labels=data", f"data.prompts=[{chats_with_replies}]", "eval=none")
+    history = json.loads((tmp_path / "run" / "adapter" / "history.json").read_text())
+    assert [h["loss"] for h in history] == pytest.approx([5.7617, 5.7616, 5.7615], abs=1e-4)
+    assert not (tmp_path / "run" / "selfdistill.jsonl").exists()
+    with pytest.raises(ValueError, match="kangaroo.labels='gold': choose 'selfdistill'.* or 'data'"):
+        run_recipe(tmp_path / "bad", "kangaroo.labels=gold")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_rerun_resumes_without_retraining(finished_run):
     run_dir, export = finished_run
     history = (run_dir / "adapter" / "history.json").read_text()

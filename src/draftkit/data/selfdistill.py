@@ -1,8 +1,8 @@
 """Self-distillation data: the frozen target answers the prompts, and a draft then learns from its answers.
 
-Drafts trained on the target's own outputs match its distribution better than drafts trained on
-dataset answers (Medusa-2's self-distillation, FastDraft's fine-tuning stage). Generation is slow, so every finished batch is appended to a
-JSON Lines cache and a rerun only generates what the cache lacks.
+Drafts trained on the target's own outputs match its distribution better than drafts trained on dataset answers
+(Medusa-2's self-distillation, FastDraft's fine-tuning stage). Generation is slow, so every finished batch is appended
+to a JSON Lines cache and a rerun only generates what the cache lacks.
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ def prompts_from_records(
     if max_prompt_tokens is not None and tokenizer is None:
         raise ValueError("max_prompt_tokens needs the tokenizer that renders the prompts")
     if isinstance(records, datasets.Dataset) and "messages" not in records.column_names:
-        raise DataError(f"prompts come from chat records (a `messages` column), got columns {records.column_names}")
+        hint = ("; examples already in token ids (synthetic:) have no prompts to answer: train on them as they are "
+                "with the recipe's labels=data" if "input_ids" in records.column_names else "")
+        raise DataError(f"prompts come from chat records (a `messages` column), got columns {records.column_names}"
+                        + hint)
     prompts = []
     for record in records:
         found = first_prompt(record["messages"])
@@ -46,10 +49,11 @@ def prompts_from_records(
 
 def check_prompt_sources(name: str, sources: list[str], limit: int | None) -> None:
     """Before any model is loaded: the local and builtin sources of the setting `name` hold chat records, and at least
-    one has a user turn with text (hf: sources are read later, when they are loaded)."""
+    one has a user turn with text (hf: sources are read later, when they are loaded; synthetic: ones hold no prompts,
+    only training examples for <recipe>.labels=data)."""
     from draftkit.data.sources import load_records
 
-    local = [s for s in sources if not s.startswith("hf:")]
+    local = [s for s in sources if not s.startswith(("hf:", "synthetic:"))]
     if not local:
         return
     usable, read = 0, 0

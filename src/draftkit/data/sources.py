@@ -1,12 +1,15 @@
 """Load records from local files, the Hugging Face Hub or the data shipped with draftkit.
 
-Every source comes out in one of two shapes, so the rest of the package never sees a raw format:
+Every source comes out in one of three shapes, so the rest of the package never sees a raw format:
   * `{"text": str}`: plain text for pretraining (`draftkit.data.packing.pack_texts`);
   * `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`: chat
-    (`draftkit.data.chat.tokenize_chat`, `draftkit.data.selfdistill`).
+    (`draftkit.data.chat.tokenize_chat`, `draftkit.data.selfdistill`);
+  * `{"input_ids": [int], "labels": [int]}`: training examples already in token ids (`synthetic:`), which
+    `tokenize_chat` passes through.
 
-Sources: a path to `.jsonl`/`.json` (optionally `.gz`), `hf:<dataset>[:config]`, or `builtin:<name>` with
-name in `BUILTIN_SOURCES`. `builtin:eval_prompts` holds Spec-Bench questions and is for evaluation only.
+Sources: a path to `.jsonl`/`.json` (optionally `.gz`), `hf:<dataset>[:config]`, `builtin:<name>` with
+name in `BUILTIN_SOURCES`, or `synthetic:<count>x<length>:<ids>` (random token ids, for throughput measurements).
+`builtin:eval_prompts` holds Spec-Bench questions and is for evaluation only.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 import datasets
+import torch
 
 from draftkit.errors import UserError
 
@@ -69,6 +73,8 @@ def load_records(source: str | os.PathLike, *, limit: int | None = None, split: 
     source = os.fspath(source)
     if limit is not None and limit < 1:
         raise DataError(f"limit must be a positive number of records, got {limit}. Fix: a limit >= 1, or none")
+    if source.startswith("synthetic:"):
+        return synthetic_examples(*parse_synthetic_source(source), limit=limit)
     if source.startswith("hf:"):
         name, config = parse_hf_source(source)
         return _load_hub(name, config, split=split, limit=limit)
@@ -101,6 +107,8 @@ def check_source(name: str, source) -> None:
                         "builtin:<name>")
     if source.startswith("hf:"):
         parse_hf_source(source)
+    elif source.startswith("synthetic:"):
+        parse_synthetic_source(source)
     elif source == "builtin:code":
         return
     elif source.startswith("builtin:"):
@@ -130,6 +138,31 @@ def parse_hf_source(source: str) -> tuple[str, str | None]:
     if not name:
         raise DataError(f"{source!r} names no dataset. Fix: write hf:<dataset>[:config], e.g. hf:openai/gsm8k:main")
     return name, config or None
+
+
+def parse_synthetic_source(source: str) -> tuple[int, int, int]:
+    """`synthetic:<count>x<length>:<ids>` -> (count, length, ids)."""
+    shape, _, ids = source.removeprefix("synthetic:").partition(":")
+    count, _, length = shape.partition("x")
+    try:
+        numbers = int(count), int(length), int(ids)
+    except ValueError:
+        numbers = (0,)
+    if min(numbers) < 1:
+        raise DataError(f"{source!r} is not a synthetic source. Fix: write synthetic:<count>x<length>:<ids>, e.g. "
+                        "synthetic:64x2048:128256 (64 examples of 2048 random token ids below 128256, every position a "
+                        "label)")
+    return numbers
+
+
+def synthetic_examples(count: int, length: int, ids: int, *, seed: int = 0,
+                       limit: int | None = None) -> datasets.Dataset:
+    """`count` examples of `length` token ids drawn uniformly below `ids` (seeded), every position a label: a
+    workload whose cost is set by its shape alone (no padding, nothing masked), for measuring training throughput.
+    `ids` must not exceed the target's vocabulary (nor a draft vocabulary's size, so that every label is scored)."""
+    rows = min(count, limit or count)  # the first rows of the full draw: torch fills it row by row
+    drawn = torch.randint(0, ids, (rows, length), generator=torch.Generator().manual_seed(seed)).tolist()
+    return datasets.Dataset.from_dict({"input_ids": drawn, "labels": drawn})
 
 
 def _normalize_record(record: object) -> dict:

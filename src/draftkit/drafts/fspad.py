@@ -13,8 +13,8 @@ target's next feature f_{t+1}, whose LM-head distribution is the draft distribut
 drafting feeds back as the next step's feature. The embedding and LM head are the target's tensors, frozen and shared
 (not copied). With a `token_map` (drafts/vocab.py) the head keeps only those rows (a frozen copy of size x H), so the
 draft scores its draft vocabulary (draft id i = target id token_map[i]); the embedding stays the target's full one,
-since the tokens fed back are target ids. Parameter names follow the EAGLE checkpoint layout (`fc`, `layers.0.*`) so the EAGLE-1 variant exports by
-name; FSPAD's extra tensors live under `feature_sampling.*`.
+since the tokens fed back are target ids. Parameter names follow the EAGLE checkpoint layout (`fc`, `layers.0.*`) so the
+EAGLE-1 variant exports by name; FSPAD's extra tensors live under `feature_sampling.*`.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ recipe runs unchanged under each of them. Checkpoints hold full, unsharded tenso
 (trainable parameters by name, a torch-AdamW-shaped optimizer state), which is what lets a run resume on a
 different number of ranks or switch between DDP and ZeRO.
 
-DeepSpeed is driven directly (`deepspeed.initialize`), not through accelerate's DeepSpeed plugin: on CPU that
-plugin silently falls back to DDP or mis-counts processes (measured on this project's CPU machines), and the frozen target
+DeepSpeed is driven directly (`deepspeed.initialize`), not through accelerate's DeepSpeed plugin: on CPU that plugin
+silently falls back to DDP or mis-counts processes (measured on this project's CPU machines), and the frozen target
 needs an engine of its own for ZeRO-3 partitioning, which the plugin does not give a closure-held module.
 """
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -35,6 +36,7 @@ from draftkit.engine.distributed import (
     prepare_frozen,
     world_size_from_env,
 )
+from draftkit.engine.flops import StepFlops
 from draftkit.engine.log import NullSink
 from draftkit.errors import ConfigError, UserError
 from draftkit.io import write_json_atomic
@@ -73,11 +75,18 @@ class LoopSettings:
     seed: int = 0
     group_by_length: bool = False
     """micro-batches of similar lengths (less padding; engine/batches.py), instead of a plain shuffle"""
+    count_flops: bool = False
+    """count the model FLOPs of the first micro-step (engine/flops.py); log FLOPs per token and achieved TFLOP/s"""
+    peak_tflops: float | None = None
+    """one device's peak TFLOP/s in the training precision: with count_flops, also log MFU"""
     distributed: DistributedSettings = field(default_factory=DistributedSettings)
     """the `dist` group: accelerate (one process / DDP) or DeepSpeed ZeRO 1-3"""
 
     def __post_init__(self):
         check_loop_values({k: getattr(self, k) for k in _RULES if k in self.__dataclass_fields__})
+        if self.peak_tflops is not None and not self.count_flops:
+            raise ConfigError(f"engine.peak_tflops={self.peak_tflops}: MFU needs the step's FLOPs counted. Fix: "
+                              "engine.count_flops=true and the device's peak, or engine.peak_tflops=null")
         self.betas = tuple(self.betas)
         self.distributed = as_settings(self.distributed)
 
@@ -119,6 +128,8 @@ _RULES = {
     "keep_checkpoints": (*_whole(0), 2),
     "seed": (*_whole(0), 0),
     "group_by_length": (lambda v: isinstance(v, bool), "true or false", "true"),
+    "count_flops": (lambda v: isinstance(v, bool), "true or false", "true"),
+    "peak_tflops": (lambda v: v is None or (_number(0.0)[0](v) and v > 0), "a number > 0, or null", 989),
     "max_steps_per_stage": (lambda v: v is None or _whole(1)[0](v), "a whole number >= 1, or null", 3),
 }
 
@@ -162,7 +173,7 @@ class TrainResult:
 def _changed_settings(saved: dict, settings: LoopSettings) -> list[str]:
     """`key old -> new` for each setting (cadences and the distributed backend aside) that differs from a checkpoint's."""
     now = json.loads(json.dumps(asdict(settings), default=str))
-    quiet = {"distributed", "log_every", "save_every", "keep_checkpoints"}
+    quiet = {"distributed", "log_every", "save_every", "keep_checkpoints", "count_flops", "peak_tflops"}
     return [f"{k} {saved[k]} -> {now[k]}" for k in now if k not in quiet and k in saved and saved[k] != now[k]]
 
 
@@ -341,6 +352,7 @@ def train(
                dynamic_ncols=True)
 
     grad_norm_measured = dist.backend != "deepspeed" or bool(settings.max_grad_norm)
+    flops = StepFlops(runtime.num_processes, settings.peak_tflops) if settings.count_flops else None
 
     def flush(step: int) -> None:
         """One host sync per log interval: turn the pending loss tensors into numbers, check them, log them."""
@@ -366,6 +378,8 @@ def train(
         # padding_fraction: the share of computed positions that are padding (time spent on no token)
         logged = {**{k: v for k, v in last.items() if k != "step"}, "lr": scheduler.get_last_lr()[0],
                   "tokens_per_s": tokens_per_s, "padding_fraction": 1 - tokens_since_log / max(positions_since_log, 1)}
+        if flops is not None:
+            logged.update(flops.rates(tokens_per_s))
         if torch.cuda.is_available():
             logged["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         if runtime.is_main_process:
@@ -381,11 +395,14 @@ def train(
             metric_sums: dict[str, torch.Tensor] = {}
             for micro in range(settings.grad_accum):
                 batch = stream.next()
-                tokens_since_log += int(batch["attention_mask"].sum()) * runtime.num_processes  # on the host: no sync
+                tokens = int(batch["attention_mask"].sum())  # on the host: no sync
+                tokens_since_log += tokens * runtime.num_processes
                 positions_since_log += batch["attention_mask"].numel() * runtime.num_processes
                 batch = _move(batch, runtime.device)
                 last = micro == settings.grad_accum - 1
-                with runtime.micro_context(last), runtime.autocast():
+                # The first micro-step of the run is counted (from shapes: no sync); it runs a little slower for it.
+                counting = flops.counting(tokens) if flops is not None and flops.per_token is None else nullcontext()
+                with runtime.micro_context(last), runtime.autocast(), counting:
                     out = step_fn(model, batch)
                     runtime.backward(out.loss_sum, last)
                 loss_sum += out.loss_sum.detach().float()

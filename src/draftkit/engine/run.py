@@ -35,7 +35,7 @@ SAFE_TO_CHANGE_ON_RESUME = (
     "*.engine.log_every", "engine.save_every", "*.engine.save_every", "engine.keep_checkpoints",
     "*.engine.keep_checkpoints", "eval.enabled", "eval.before", "eval.limit_per_category", "eval.max_new_tokens",
     "eval.measure_speedup", "eval.gamma", "eval.prompts", "data.eval_prompts", "*.stages", "*.export.*", "*.tree.*",
-    "data.selfdistill.batch_size",
+    "data.selfdistill.batch_size", "engine.count_flops", "engine.peak_tflops",
 )
 
 

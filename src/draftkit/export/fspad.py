@@ -4,8 +4,9 @@ Layout of `<out>/` (written atomically: a staging folder, then one rename):
   config.json, model.safetensors, manifest.json, draftkit.json, draftkit_config.yaml, README.md
       draftkit format: every trained tensor (FSPAD's `feature_sampling.*` and 2h `down_proj` included) in fp32, plus the
       architecture, the switches and which target feature (norm, layer) the draft reads.
-  eagle-vllm/    (EAGLE-1 on post-norm features only) vLLM's llama_eagle.py layout: `fc.weight` without bias (vLLM V1 builds fc
-                 with bias=False and loads strictly), layers.0.* without input_layernorm, embed_tokens.weight; bf16.
+  eagle-vllm/    (EAGLE-1 on post-norm features only) vLLM's llama_eagle.py layout: `fc.weight` without bias (vLLM V1
+                 builds fc with bias=False and loads strictly), layers.0.* without input_layernorm, embed_tokens.weight;
+                 bf16.
   eagle-sglang/  the same plus an all-zero `fc.bias` (SGLang's LlamaForCausalLMEagle builds fc with a bias).
 A draft with a restricted draft vocabulary (drafts/vocab.py) also stores `token_map` (int64 [size], ascending target
 ids) in draftkit's model.safetensors, and eagle-sglang/ gets `token_map.pt` for SGLang's FR-Spec flag

@@ -1,8 +1,9 @@
 """Export a standalone draft LM as a Hugging Face directory that HF, vLLM and SGLang load as a draft model.
 
-Layout (what HF assisted generation, vLLM's draft_model and SGLang's STANDALONE drafts load): config.json with the target's padded vocab_size, model.safetensors, the target's
-tokenizer files, generation_config.json with the assisted-generation knobs, draftkit_config.yaml (the
-resolved training config), and README.md, a model card holding the measured acceptance table.
+Layout (what HF assisted generation, vLLM's draft_model and SGLang's STANDALONE drafts load): config.json with the
+target's padded vocab_size, model.safetensors, the target's tokenizer files, generation_config.json with the
+assisted-generation knobs, draftkit_config.yaml (the resolved training config), and README.md, a model card holding the
+measured acceptance table.
 """
 
 from __future__ import annotations

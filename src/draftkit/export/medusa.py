@@ -1,4 +1,5 @@
-"""Medusa heads as artifacts: vLLM's format (vllm/model_executor/models/medusa.py) and FasterDecoding's original format (medusa/model/medusa_model.py).
+"""Medusa heads as artifacts: vLLM's format (vllm/model_executor/models/medusa.py) and FasterDecoding's original
+format (medusa/model/medusa_model.py).
 
 Both directories hold config.json, the weights as safetensors, manifest.json (every tensor's name, shape and dtype) and
 draftkit.json (family "medusa", the format, the target's name, hidden size and vocabulary, the heads' settings), which

@@ -19,9 +19,10 @@ from draftkit.data.sources import load_records, prompt_file
 from draftkit.drafts.vocab import coverage, select_tokens
 from draftkit.engine.distributed import as_settings, frozen_dtype, is_main_process, main_process_first
 from draftkit.engine.run import record_run
+from draftkit.errors import ConfigError
 from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.runtime.drafting import Drafting
-from draftkit.runtime.evaluate import evaluate_draft, load_prompts
+from draftkit.runtime.evaluate import evaluate_draft, interval_cell, interval_label, interval_note, load_prompts
 
 
 def start_run(cfg: DictConfig, run_dir: Path):
@@ -108,6 +109,24 @@ def dataset_chats(data_cfg: DictConfig, tokenizer) -> Dataset:
     return tokenize_chat(records, tokenizer, max_length=data_cfg.max_length, too_long=data_cfg.too_long)
 
 
+LABEL_SOURCES = ("selfdistill", "data")
+
+
+def check_label_source(setting: str, labels: str) -> None:
+    """`<recipe>.labels` (the name of the setting): where a recipe's training replies come from."""
+    if labels not in LABEL_SOURCES:
+        raise ConfigError(f"{setting}={labels!r} is not a label source. Fix: choose 'selfdistill' (the target "
+                          "answers the prompts) or 'data' (the replies the data carries)")
+
+
+def training_chats(cfg: DictConfig, target, run_dir: Path, labels: str, seed: int):
+    """Self-distilled replies (the target answers data.prompts) or the replies the data carries."""
+    check_label_source("labels", labels)
+    if labels == "selfdistill":
+        return self_distilled_chats(cfg.data, target, run_dir, seed)
+    return dataset_chats(cfg.data, target.tokenizer)
+
+
 def measure_acceptance(target, drafting: Drafting, eval_cfg: DictConfig, path: Path,
                        extra_settings: dict | None = None, acceptance: str = "greedy", **evaluate_args) -> dict | None:
     """Evaluate the drafting a family's runtime built (`draftkit.runtime.<family>.drafting`, the same function
@@ -139,17 +158,19 @@ def measure_acceptance(target, drafting: Drafting, eval_cfg: DictConfig, path: P
 
 
 def compare_markdown(reports: dict[str, dict | None]) -> str:
-    """One row per named report: overall tau, alpha by position, tokens/s and speedup over autoregressive."""
+    """One row per named report: its prompt count, overall tau with its bootstrap interval, alpha by position, tokens/s
+    and speedup over autoregressive. Two rows differ meaningfully only where their intervals say so."""
     measured = {name: r for name, r in reports.items() if r is not None}
     if not measured:
         return "(acceptance not measured: eval.enabled=false)"
     gamma = max(r["config"]["gamma"] for r in measured.values())
     any_report = next(iter(measured.values()))
-    header = ["", "τ"] + [f"α@{i}" for i in range(1, gamma + 1)] + ["tok/s", "AR tok/s", "speedup"]
+    config = any_report["config"]
+    header = (["", "prompts", "τ", f"τ {interval_label(config)}"] + [f"α@{i}" for i in range(1, gamma + 1)]
+              + ["tok/s", "AR tok/s", "speedup"])
     lines = [
-        f"Target {any_report['config']['target']}, {any_report['overall']['prompts']} prompts, γ={gamma}, "
-        f"temperature={any_report['config']['temperature']}, max_new_tokens={any_report['config']['max_new_tokens']}, "
-        f"device={any_report['config']['device']}",
+        f"Target {config['target']}, γ={gamma}, temperature={config['temperature']}, "
+        f"max_new_tokens={config['max_new_tokens']}, device={config['device']}",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
@@ -161,9 +182,10 @@ def compare_markdown(reports: dict[str, dict | None]) -> str:
     for name, report in measured.items():
         o = report["overall"]
         alphas = list(o["alpha"]) + [None] * (gamma - len(o["alpha"]))
-        row = [name, cell(o["tau"])] + [cell(a) for a in alphas]
+        row = [name, str(o["prompts"]), cell(o["tau"]), interval_cell(o.get("tau_ci"))] + [cell(a) for a in alphas]
         row += [cell(o["tokens_per_s"], 1), cell(o.get("ar_tokens_per_s"), 1), cell(o.get("speedup"), suffix="x")]
         lines.append("| " + " | ".join(row) + " |")
+    lines += ["", interval_note(config)]
     return "\n".join(lines)
 
 

@@ -250,7 +250,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     draft.to(target.device)
 
     drafting = lm_runtime.drafting(draft, target, DraftingOptions())
-    before = measure_acceptance(target, drafting, cfg.eval, run_dir / "eval_before.json") if cfg.eval.get("before") else None
+    before = (measure_acceptance(target, drafting, cfg.eval, run_dir / "eval_before.json")
+              if cfg.eval.get("before") else None)
 
     loop_settings = stage_settings(engine)
     stage_dir = run_dir / "distill"

@@ -54,7 +54,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     batch_collate = partial(collate, pad_token_id=tokenizer.pad_token_id)
 
     drafting = lm_runtime.drafting(draft, target, DraftingOptions())
-    before = measure_acceptance(target, drafting, cfg.eval, run_dir / "eval_before.json") if cfg.eval.get("before") else None
+    before = (measure_acceptance(target, drafting, cfg.eval, run_dir / "eval_before.json")
+              if cfg.eval.get("before") else None)
 
     results = []
     if "pretrain" in stages:

@@ -1,4 +1,5 @@
-"""FSPAD / EAGLE-1: train a one-layer feature drafter on the target's own answers, measure it, export it.
+"""FSPAD / EAGLE-1: train a one-layer feature drafter on the target's own answers (`fspad.labels=selfdistill`, the
+default) or on the data's replies (`data`), measure it, export it.
 
 Stages: `features` precomputes the target's features into a sharded, resumable cache (only with
 fspad.features.source=offline); `train` trains the drafter, reading features from the cache (offline) or running the
@@ -36,15 +37,16 @@ from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.objectives.fspad import align_pairs, fspad_loss
 from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.recipes.common import (
+    check_label_source,
     compare_markdown,
     draft_token_map,
     measure_acceptance,
-    self_distilled_chats,
     start_run,
+    training_chats,
 )
 from draftkit.runtime import fspad as fspad_runtime
 from draftkit.runtime.drafting import DraftingOptions
-from draftkit.runtime.tree import check_tree_fits_vocabulary, tree_shape
+from draftkit.runtime.tree import TREE_KINDS, check_tree_fits_vocabulary, tree_shape
 
 STAGES = ("features", "train")
 SOURCES = ("online", "offline")
@@ -97,9 +99,10 @@ def feature_step(model: FeatureDrafter, batch: dict, features: torch.Tensor, *, 
             teacher_logits = drafter.head_logits(target)
         draft_logits = drafter.head_logits(predict)
     else:  # both distributions computed inside the loss, loss_chunk_size positions at a time
+        lm_head = drafter.lm_head.weight
         with torch.no_grad():
-            teacher_logits = LinearLogits(drafter.head_input(target), drafter.lm_head.weight, chunk_size=loss_chunk_size)
-        draft_logits = LinearLogits(drafter.head_input(predict), drafter.lm_head.weight, chunk_size=loss_chunk_size)
+            teacher_logits = LinearLogits(drafter.head_input(target), lm_head, chunk_size=loss_chunk_size)
+        draft_logits = LinearLogits(drafter.head_input(predict), lm_head, chunk_size=loss_chunk_size)
     return fspad_loss(draft_logits, regress, target, teacher_logits, everywhere,
                       regression_weight=regression_weight, ce_weight=ce_weight)
 
@@ -124,12 +127,13 @@ def validate(cfg: DictConfig) -> list[str]:
     stages = list(settings.stages)
     if not stages or any(s not in STAGES for s in stages):
         raise ConfigError(f"fspad.stages={stages} names no known stage. Fix: choose from {list(STAGES)}")
+    check_label_source("fspad.labels", settings.labels)
     if settings.features.source not in SOURCES:
         raise ConfigError(f"fspad.features.source={settings.features.source!r}. Fix: choose online or offline")
     if settings.features.norm not in ("post_norm", "pre_norm"):
         raise ConfigError(f"fspad.features.norm={settings.features.norm!r}. Fix: choose post_norm or pre_norm")
-    if settings.tree.kind not in ("none", "chain", "static", "topk"):
-        raise ConfigError(f"fspad.tree.kind={settings.tree.kind!r}. Fix: choose none, chain, static or topk")
+    if settings.tree.kind not in ("none", *TREE_KINDS):
+        raise ConfigError(f"fspad.tree.kind={settings.tree.kind!r}. Fix: choose none, {', '.join(TREE_KINDS)}")
     if settings.features.storage not in ("fp32", "bf16", "int8"):
         raise ConfigError(f"fspad.features.storage={settings.features.storage!r}. Fix: choose fp32, bf16 or int8")
     size = settings.draft_vocab_size
@@ -170,7 +174,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
     offline = settings.features.source == "offline"
     sink, engine, target = start_run(cfg, run_dir)
     check_draft_vocab_size(settings.draft_vocab_size, target)
-    chats = self_distilled_chats(cfg.data, target, run_dir, cfg.engine.seed)
+    chats = training_chats(cfg, target, run_dir, settings.labels, cfg.engine.seed)
     cache_dir = Path(settings.features.cache) if settings.features.cache else run_dir / "feature_cache"
     cache_settings = dict(norm=settings.features.norm, storage=settings.features.storage,
                           shard_size=settings.features.shard_size)
@@ -195,11 +199,13 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
                                    name=f"{draft.variant} draft")
     tree = None
     if settings.tree.kind != "none":
-        options = DraftingOptions(tree=settings.tree.kind, tree_depth=settings.tree.depth, tree_top_k=settings.tree.top_k,
-                                  tree_width=settings.tree.width, tree_budget=settings.tree.budget)
+        tree_cfg = settings.tree
+        options = DraftingOptions(tree=tree_cfg.kind, tree_depth=tree_cfg.depth, tree_top_k=tree_cfg.top_k,
+                                  tree_width=tree_cfg.width, tree_budget=tree_cfg.budget)
         tree = fspad_runtime.drafting(draft, target, options, settings.features.norm,
                                       name=f"{draft.variant} draft (tree)")
-    before = measure_acceptance(target, chain, cfg.eval, run_dir / "eval_before.json") if cfg.eval.get("before") else None
+    before = (measure_acceptance(target, chain, cfg.eval, run_dir / "eval_before.json")
+              if cfg.eval.get("before") else None)
     torch.manual_seed(cfg.engine.seed)  # the feature noise, whatever ran before (resume restores the state itself)
     result = train(model=draft, step_fn=make_step(target, settings), dataset=dataset,
                    collate=partial(collate_with_features, pad_token_id=target.tokenizer.pad_token_id),

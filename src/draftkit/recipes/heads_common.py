@@ -1,5 +1,5 @@
-"""Steps the draft-head recipes (medusa, hydra_heads, clover) share: their training chats and their acceptance
-measured twice, with a chain (top-1 per head) and with a tree."""
+"""Steps the draft-head recipes (medusa, hydra_heads, clover) share: their acceptance measured twice, with a chain
+(top-1 per head) and with a tree, and the train-measure-export sequence."""
 
 from __future__ import annotations
 
@@ -14,27 +14,9 @@ from draftkit.drafts.vocab import draft_index, draft_labels
 from draftkit.engine.loop import stage_settings, train
 from draftkit.errors import ConfigError
 from draftkit.io import write_json_atomic, write_text_atomic
-from draftkit.recipes.common import (
-    compare_markdown,
-    dataset_chats,
-    measure_acceptance,
-    self_distilled_chats,
-    start_run,
-)
+from draftkit.recipes.common import check_label_source, compare_markdown, measure_acceptance
 from draftkit.runtime.drafting import Drafting, DraftingOptions
 from draftkit.runtime.tree import check_tree_fits_vocabulary
-
-LABEL_SOURCES = ("selfdistill", "data")
-
-
-def training_chats(cfg: DictConfig, target, run_dir: Path, labels: str, seed: int):
-    """Self-distilled replies (the target answers data.prompts) or the replies the data carries."""
-    if labels not in LABEL_SOURCES:
-        raise ConfigError(f"labels={labels!r} is not a label source. Fix: choose 'selfdistill' (the target answers the "
-                          "prompts) or 'data'")
-    if labels == "selfdistill":
-        return self_distilled_chats(cfg.data, target, run_dir, seed)
-    return dataset_chats(cfg.data, target.tokenizer)
 
 
 def label_mapper(token_map, vocab_size: int) -> Callable:
@@ -69,9 +51,7 @@ def eval_options(tree_cfg: DictConfig, num_heads: int) -> dict[str, DraftingOpti
 def check_heads_settings(name: str, settings: DictConfig, num_heads: int) -> None:
     """Before any model is loaded: the label source, and the trees the heads are measured with (including that each
     fits a draft vocabulary: `<name>.draft_vocab_size`)."""
-    if settings.labels not in LABEL_SOURCES:
-        raise ConfigError(f"{name}.labels={settings.labels!r} is not a label source. Fix: choose 'selfdistill' (the "
-                          "target answers the prompts) or 'data'")
+    check_label_source(f"{name}.labels", settings.labels)
     size = settings.get("draft_vocab_size")
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise ConfigError(f"{name}.draft_vocab_size={size!r}: must be a number of tokens >= 1. Fix: e.g. "

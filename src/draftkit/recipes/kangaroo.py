@@ -1,8 +1,9 @@
 """Kangaroo: train an adapter on the target's early exit to match the full model's next-token distribution.
 
-Data: the target's own answers to the data group's prompts (self-distillation), loss on the answer tokens. Each step
-runs the frozen target once (its early-exit hidden state and its logits), the adapter on the early exit, and the
-target's frozen LM head on the adapter's output; the loss is soft cross entropy to the full model (objectives/kangaroo.py).
+Data: the target's own answers to the data group's prompts (self-distillation, `kangaroo.labels=selfdistill`) or the
+replies the data carries (`data`), loss on the answer tokens. Each step runs the frozen target once (its early-exit
+hidden state and its logits), the adapter on the early exit, and the target's frozen LM head on the adapter's output;
+the loss is soft cross entropy to the full model (objectives/kangaroo.py).
 Acceptance is measured with Kangaroo's own runtime (runtime/kangaroo.py) before and after training.
 """
 
@@ -21,7 +22,14 @@ from draftkit.errors import ConfigError
 from draftkit.export.kangaroo import export_kangaroo
 from draftkit.objectives.kangaroo import kangaroo_loss
 from draftkit.objectives.linear_logits import LinearLogits
-from draftkit.recipes.common import compare_markdown, finish_run, measure_acceptance, self_distilled_chats, start_run
+from draftkit.recipes.common import (
+    check_label_source,
+    compare_markdown,
+    finish_run,
+    measure_acceptance,
+    start_run,
+    training_chats,
+)
 from draftkit.runtime import kangaroo as kangaroo_runtime
 from draftkit.runtime.drafting import DraftingOptions
 from draftkit.targets.hf import Target, causal_mask
@@ -54,6 +62,7 @@ def kangaroo_step(target: Target, exit_layer: int, loss_chunk_size: int | None =
 
 def validate(cfg: DictConfig) -> None:
     settings = cfg.kangaroo
+    check_label_source("kangaroo.labels", settings.labels)
     if settings.init not in INITS:
         raise ConfigError(f"kangaroo.init={settings.init!r} is not an initialisation. Fix: choose from {list(INITS)}")
     exit_layer = settings.exit_layer
@@ -93,7 +102,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
         return measure_acceptance(target, drafting, cfg.eval, path)
 
     before = measure(run_dir / "eval_before.json") if cfg.eval.get("before") else None
-    chats = self_distilled_chats(cfg.data, target, run_dir, engine["seed"])
+    chats = training_chats(cfg, target, run_dir, settings.labels, engine["seed"])
     result = train(model=adapter, step_fn=kangaroo_step(target, settings.exit_layer, settings.loss_chunk_size),
                    dataset=chats,
                    collate=partial(collate, pad_token_id=target.tokenizer.pad_token_id),

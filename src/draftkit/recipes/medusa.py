@@ -31,15 +31,8 @@ from draftkit.objectives.kl import forward_kl
 from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.objectives.medusa import medusa2_loss, medusa_loss
 from draftkit.errors import ConfigError
-from draftkit.recipes.common import draft_token_map, frozen_weight
-from draftkit.recipes.heads_common import (
-    check_heads_settings,
-    label_mapper,
-    measure_after_training,
-    measure_heads,
-    start_run,
-    training_chats,
-)
+from draftkit.recipes.common import draft_token_map, frozen_weight, start_run, training_chats
+from draftkit.recipes.heads_common import check_heads_settings, label_mapper, measure_after_training, measure_heads
 from draftkit.runtime import medusa as medusa_runtime
 
 TARGET_LOSSES = ("lm", "kl")
