@@ -217,7 +217,7 @@ def test_labels_from_the_data_skip_self_distillation(tmp_path, chats_with_replie
     history = json.loads((tmp_path / "run" / "adapter" / "history.json").read_text())
     assert [h["loss"] for h in history] == pytest.approx([5.7617, 5.7616, 5.7615], abs=1e-4)
     assert not (tmp_path / "run" / "selfdistill.jsonl").exists()
-    with pytest.raises(ValueError, match="kangaroo.labels='gold': choose 'selfdistill'.* or 'data'"):
+    with pytest.raises(ValueError, match="kangaroo.labels='gold' is not a label source. Fix: choose 'selfdistill'.* or 'data'"):
         run_recipe(tmp_path / "bad", "kangaroo.labels=gold")
     assert not (tmp_path / "bad").exists()
 

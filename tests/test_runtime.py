@@ -343,7 +343,7 @@ def test_load_prompts_filters_and_errors(tmp_path):
     assert [r["question_id"] for r in load_prompts(path)] == [1, 2, 3]
     assert [r["question_id"] for r in load_prompts(path, limit_per_category=1)] == [1, 3]
     assert [r["question_id"] for r in load_prompts(path, categories=["math_reasoning"])] == [3]
-    with pytest.raises(ValueError, match="available"):
+    with pytest.raises(ValueError, match=r"Fix: choose from \["):
         load_prompts(path, categories=["coding"])
 
     broken = tmp_path / "broken.jsonl"

@@ -28,6 +28,7 @@ import datasets
 import torch
 
 from draftkit.errors import UserError
+from draftkit.io import sha256_file
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 _BUILTIN_FILES = {
@@ -305,14 +306,6 @@ def _generate_file_records(path: str, limit: int | None) -> Iterator[dict]:
         )
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fingerprint(*parts: object) -> str:
     return hashlib.sha256(json.dumps([_NORMALIZATION_VERSION, *parts]).encode()).hexdigest()[:32]
 
@@ -332,7 +325,7 @@ def _load_file(path: Path, limit: int | None) -> datasets.Dataset:
         raise DataError(f"{path}: unsupported file type. Fix: give one of {', '.join(_SUFFIXES)}")
     if not path.is_file():
         raise DataFileNotFoundError(f"data file not found: {path}. Fix: check the path")
-    fingerprint = _fingerprint("file", _sha256_file(path), path.name, limit)
+    fingerprint = _fingerprint("file", sha256_file(path), path.name, limit)
     return _from_generator(_generate_file_records, {"path": str(path), "limit": limit}, fingerprint)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -13,7 +12,7 @@ from pathlib import Path
 import torch
 
 from draftkit.errors import UserError
-from draftkit.io import make_staging_dir, write_json_atomic
+from draftkit.io import make_staging_dir, sha256_file, write_json_atomic
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -29,14 +28,6 @@ def _fsync_directory(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def remove_staging(directory: Path) -> None:
@@ -66,7 +57,7 @@ def save_checkpoint(directory: Path, step: int, tensors: dict[str, object], stat
                 torch.save(obj, f)
                 f.flush()
                 os.fsync(f.fileno())
-            files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
         write_json_atomic(staging / "state.json", {**state, "files": files})
         _fsync_directory(staging)
         if final.exists():  # a checkpoint the resume skipped as damaged
@@ -109,7 +100,7 @@ def checkpoint_problem(path: Path) -> str | None:
             return f"{name} missing"
         if file.stat().st_size != expected["bytes"]:
             return f"{name} has {file.stat().st_size} bytes, {expected['bytes']} were written"
-        if _sha256(file) != expected["sha256"]:
+        if sha256_file(file) != expected["sha256"]:
             return f"{name} does not match its recorded checksum"
     return None
 

@@ -8,7 +8,6 @@ Hidden-state convention, used by every draft family:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from draftkit.errors import UserError
-from draftkit.io import make_staging_dir
+from draftkit.io import make_staging_dir, sha256_file
 
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 
@@ -236,14 +235,6 @@ def builtin_smollm2_gguf() -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     """Dequantize a GGUF file once into an HF checkpoint cached under its sha256; return the directory.
 
@@ -257,7 +248,7 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     if not gguf_path.is_file():
         raise TargetNotFoundError(f"GGUF file not found: {gguf_path}. Fix: check target.path (and target.gguf_file)")
     cache_dir = Path(cache_dir) if cache_dir else cache_root() / "gguf"
-    out = cache_dir / f"{gguf_path.stem}-{_sha256(gguf_path)[:16]}"
+    out = cache_dir / f"{gguf_path.stem}-{sha256_file(gguf_path)[:16]}"
     if (out / "config.json").is_file():
         return out
     cache_dir.mkdir(parents=True, exist_ok=True)
