@@ -107,10 +107,11 @@ PROBES = [
     ("label source", "train", ["+recipe=medusa", "medusa.labels=gold"],
      r"medusa\.labels='gold' is not a label source\. Fix: choose 'selfdistill'", "traceback (ValueError), exit 1"),
     ("exit layer outside the target", "train", ["+recipe=kangaroo", "kangaroo.exit_layer=2"],
-     r"kangaroo\.exit_layer=2 is outside the target's depth.*Fix: choose 1\.\.1",
+     r"kangaroo\.exit_layer=2 is outside the target's depth.*Fix: kangaroo\.exit_layer=1 for this 2-layer target",
      "traceback (ValueError) after loading the target"),
     ("divergence", "train", ["+recipe=distillspec", "distillspec.divergence=l2"],
-     r"distillspec\.divergence='l2'.*Fix:", "traceback (ValueError), exit 1"),
+     r"distillspec\.divergence='l2': choose one of fkl, rkl, jsd, tvd\. Fix: give each setting named a value as "
+     r"stated", "traceback (ValueError), exit 1"),
     ("stop threshold", "train", ["+recipe=specdecpp", "specdecpp.stop.threshold=2"],
      r"specdecpp\.stop\.threshold=2 must lie in \[0, 1\].*Fix:", "traceback (ValueError), exit 1"),
     ("target path missing", "train", ["+recipe=fastdraft", "target=hf", "target.path=/nonexistent/model"],

@@ -172,7 +172,7 @@ def validate(cfg: DictConfig) -> None:
         problems.append(f"distillspec.generation.teacher_batch_size={teacher_batch} must be at least 1 "
                         "(or null: the target continues each micro-batch when it is drawn)")
     if problems:
-        raise ConfigError("; ".join(problems) + ". Fix: choose values in those ranges")
+        raise ConfigError("; ".join(problems) + ". Fix: give each setting named a value as stated")
 
 
 def _prompt_examples(cfg: DictConfig, tokenizer, seed: int) -> list[dict]:

@@ -71,8 +71,9 @@ def validate(cfg: DictConfig) -> None:
                           "Fix: e.g. kangaroo.exit_layer=2")
     layers = cfg.target.get("num_layers")  # known before loading for the built-in random targets
     if isinstance(layers, int) and exit_layer >= layers:
+        choice = "kangaroo.exit_layer=1" if layers == 2 else f"choose 1..{layers - 1}"
         raise ConfigError(f"kangaroo.exit_layer={exit_layer} is outside the target's depth: verification needs at "
-                          f"least one deep layer. Fix: choose 1..{layers - 1} for this {layers}-layer target")
+                          f"least one deep layer. Fix: {choice} for this {layers}-layer target")
     if not 0.0 <= settings.threshold <= 1.0:
         raise ConfigError(f"kangaroo.threshold={settings.threshold}: a probability. Fix: a value in [0, 1] (0: never "
                           "stop early)")

@@ -70,7 +70,7 @@ def validate(cfg: DictConfig) -> None:
     except ValueError as error:
         problems.append(str(error))
     if problems:
-        raise ConfigError("; ".join(problems) + ". Fix: choose values in those ranges")
+        raise ConfigError("; ".join(problems) + ". Fix: give each setting named a value as stated")
 
 
 def draft_states(draft, batch: dict) -> torch.Tensor:
