@@ -342,14 +342,15 @@ def test_ctrl_c_prints_how_to_continue(inputs, tmp_path, monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("draftkit.recipes.fastdraft.run", interrupted)
-    run_dir = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)  # the default run directory, relative: runs/<recipe>/<date>_<time>
     with pytest.raises(SystemExit) as stop:
-        train_cli.main(["+recipe=fastdraft", "+debug=tiny", "engine.lr=0.002", f"hydra.run.dir={run_dir}"])
+        train_cli.main(["+recipe=fastdraft", "+debug=tiny", "engine.lr=0.002"])
     err = capsys.readouterr().err
     assert stop.value.code == 130 and "Traceback" not in err
+    run_dir = next((tmp_path / "runs" / "fastdraft").iterdir())
     assert err.strip().splitlines()[-1] == (
         "draftkit.train: interrupted. To continue from its newest checkpoint, run: python -m draftkit.train "
-        f"+recipe=fastdraft +debug=tiny engine.lr=0.002 hydra.run.dir={run_dir}")
+        f"+recipe=fastdraft +debug=tiny engine.lr=0.002 hydra.run.dir=runs/fastdraft/{run_dir.name}")
 
 
 def test_an_unknown_error_keeps_its_traceback_and_a_switch_shows_it_for_user_errors(inputs, tmp_path, monkeypatch,

@@ -60,7 +60,8 @@ def _run(cfg: DictConfig) -> None:
         apply_precedence(cfg, list(hydra_cfg.overrides.task))
         if not _job["checked"]:  # a multirun job: each of its runs is checked here
             check(cfg)
-        locked = _job["run_dir"] == cfg.run_dir  # main() holds this directory's lock already
+        # main() holds this directory's lock already (Hydra's output_dir is absolute, the configured one may not be)
+        locked = _job["run_dir"] is not None and Path(_job["run_dir"]).resolve() == Path(cfg.run_dir).resolve()
         with run_dir_lock(Path(cfg.run_dir)) if not locked else nullcontext():
             recipe = importlib.import_module(f"draftkit.recipes.{name}")
             export_dir = recipe.run(cfg, Path(cfg.run_dir))

@@ -79,15 +79,14 @@ def _flat(node, prefix: str = "") -> dict:
 
 
 def config_changes(old: dict, new: dict) -> list[str]:
-    """`key: old -> new` for every setting that differs and is not safe to change on resume."""
+    """`key: old -> new` for every setting both configs have that differs and is not safe to change on resume (a key
+    only one of them has is a setting another draftkit version added or removed, not a change the user made)."""
     before, after = _flat(old), _flat(new)
     changes = []
-    for key in sorted(set(before) | set(after)):
-        if before.get(key, "(absent)") == after.get(key, "(absent)"):
+    for key in sorted(set(before) & set(after)):
+        if before[key] == after[key] or any(fnmatch.fnmatchcase(key, p) for p in SAFE_TO_CHANGE_ON_RESUME):
             continue
-        if any(fnmatch.fnmatchcase(key, pattern) for pattern in SAFE_TO_CHANGE_ON_RESUME):
-            continue
-        changes.append(f"{key}: {before.get(key, '(absent)')} -> {after.get(key, '(absent)')}")
+        changes.append(f"{key}: {before[key]} -> {after[key]}")
     return changes
 
 
