@@ -50,3 +50,15 @@ def chats_with_replies(tmp_path):
                           {"role": "assistant", "content": f"the answer is {i * 7} because it is"}]} for i in range(4)]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory):
+    """The tiny target saved as an HF directory (for CLIs that take --target) and the Target it was saved from."""
+    from draftkit.targets.tiny import tiny_target
+
+    directory = tmp_path_factory.mktemp("target")
+    target = tiny_target()
+    target.model.save_pretrained(directory)
+    target.tokenizer.save_pretrained(directory)
+    return directory, target

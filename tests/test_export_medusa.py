@@ -17,7 +17,6 @@ from draftkit.export.medusa import (
     export_medusa_vllm,
     load_medusa,
 )
-from draftkit.targets.tiny import tiny_target
 
 H, V = 8, 16
 
@@ -101,15 +100,6 @@ def test_vllm_config_keys_that_vllm_would_rename_are_refused():
         check_vllm_config({"num_heads": 4, "num_attention_heads": 9})
     with pytest.raises(ArtifactError, match="medusa_num_layers"):
         check_vllm_config({"num_hidden_layers": 1, "medusa_num_layers": 1})
-
-
-@pytest.fixture(scope="module")
-def target_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("target")
-    target = tiny_target()
-    target.model.save_pretrained(directory)
-    target.tokenizer.save_pretrained(directory)
-    return directory, target
 
 
 def test_eval_cli_measures_a_heads_artifact_with_chain_and_tree(tmp_path, target_dir):

@@ -29,7 +29,6 @@ from draftkit.runtime.hydra_heads import HydraDrafter
 from draftkit.runtime.medusa import MedusaDrafter
 from draftkit.runtime.speculative import autoregressive_generate
 from draftkit.runtime.tree import tree_generate, tree_shape
-from test_export_medusa import target_dir  # noqa: F401  (the recipes' tiny target, saved for draftkit-eval)
 from test_runtime import target  # noqa: F401  (a sharpened tiny target: greedy comparisons are not trivial)
 
 I = IGNORE_INDEX

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 from pathlib import Path
 from typing import Iterable
 
@@ -178,3 +179,16 @@ def regenerate_responses(
             bar.update(len(batch_keys))
     return [conversation + [{"role": "assistant", "content": responses[key]}]
             for conversation, key in zip(conversations, keys)]
+
+
+def answered_prompts(records, model, tokenizer, *, num_prompts: int, max_prompt_tokens: int | None, cache_file,
+                     max_new_tokens: int, temperature: float, top_p: float, batch_size: int,
+                     seed: int) -> list[list[dict]]:
+    """Self-distillation data: the chat `records` cut to their first prompt, shuffled with `seed` (mixing the sources),
+    the first `num_prompts` of them, each with the target's reply (regenerate_responses: cached, resumable). With a
+    finished cache nothing is generated, so this also reads back exactly what a run trained on."""
+    prompts = prompts_from_records(records, max_prompt_tokens=max_prompt_tokens, tokenizer=tokenizer)
+    random.Random(seed).shuffle(prompts)
+    return regenerate_responses(model, tokenizer, prompts[:num_prompts], cache_file=cache_file,
+                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                batch_size=batch_size, seed=seed)

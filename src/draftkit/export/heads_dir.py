@@ -24,7 +24,7 @@ from draftkit.export.artifact import (
     load_exact,
     manifest,
     read_json,
-    read_tensors,
+    read_tensor_file,
     write_dir,
 )
 
@@ -51,7 +51,7 @@ def load_heads_dir(directory: str | Path, build: Callable[..., nn.Module], *, fa
     info = read_json(directory / "draftkit.json")
     if info.get("family") != family:
         raise ArtifactError(f"{directory} holds a {info.get('family')!r} artifact, not {family!r}")
-    tensors = read_tensors(directory / WEIGHTS)
+    tensors = read_tensor_file(directory / WEIGHTS)
     size = info.get("draft_vocab_size")
     if size is not None:
         token_map = tensors.get("token_map")

@@ -36,13 +36,13 @@ def check_tensors(artifact: Path) -> str:
     (a file cut short is refused by name), checked against the manifest.json next to it, and a draft LM (a folder whose
     config.json names a transformers architecture, without a manifest) loaded and checked tensor by tensor against its
     config. Raises ArtifactError; returns a one-line summary."""
-    from draftkit.export.artifact import check_manifest, read_tensors
+    from draftkit.export.artifact import check_manifest, read_tensor_file
     from draftkit.export.lm import read_draft
 
     files = sorted(Path(artifact).rglob("*.safetensors"))
     count = 0
     for path in files:
-        tensors = read_tensors(path)
+        tensors = read_tensor_file(path)
         check_manifest(path.parent, tensors)
         count += len(tensors)
     for folder in sorted({path.parent for path in files}):

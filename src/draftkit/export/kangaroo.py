@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig
 
 from draftkit.drafts.kangaroo import KangarooAdapter
-from draftkit.export.artifact import ArtifactError, LoadedDraft, read_tensors
+from draftkit.export.artifact import ArtifactError, LoadedDraft, read_tensor_file
 from draftkit.io import staged_directory
 
 FAMILY = "kangaroo"
@@ -95,7 +95,7 @@ def load_kangaroo(path: Path, target_shape: tuple[int, int] | None = None) -> tu
     adapter = KangarooAdapter(LlamaConfig.from_json_file(path / "config.json"))
     adapter.config._attn_implementation = "sdpa"
     expected = expected_keys(adapter)
-    tensors = read_tensors(path / "model.safetensors")
+    tensors = read_tensor_file(path / "model.safetensors")
     found = {k: list(v.shape) for k, v in tensors.items()}
     if found != expected or meta.get("tensors") != expected:
         missing = sorted(set(expected) - set(found))

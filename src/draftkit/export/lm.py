@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedModel
 
 from draftkit.engine.distributed import is_main_process
-from draftkit.export.artifact import ArtifactError, LoadedDraft, read_tensors
+from draftkit.export.artifact import ArtifactError, LoadedDraft, read_tensor_file
 from draftkit.io import staged_directory
 
 CARD_TEMPLATE = """---
@@ -107,7 +107,7 @@ def read_draft(directory, dtype: torch.dtype | str = "auto") -> PreTrainedModel:
         raise ArtifactError(f"{directory} holds no draft LM (config.json and *.safetensors). Fix: pass the export/ "
                             "directory a recipe wrote")
     for path in weights:
-        read_tensors(path)
+        read_tensor_file(path)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report is multi-line; the problem is reported below, in one line
     try:

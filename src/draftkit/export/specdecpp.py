@@ -29,7 +29,7 @@ from draftkit.export.artifact import (
     load_exact,
     manifest,
     read_json,
-    read_tensors,
+    read_tensor_file,
     write_dir,
 )
 from draftkit.export.lm import export_hf_draft
@@ -71,7 +71,7 @@ def load_acceptance_head(head_dir: str | Path, draft: nn.Module | None = None) -
         raise ArtifactError(f"{head_dir} holds a {info.get('family')!r} artifact, not a SpecDec++ acceptance head")
     config = read_json(head_dir / "config.json")
     head = acceptance_head(config["hidden_size"], config["num_layers"])
-    load_exact(head, read_tensors(head_dir / WEIGHTS), str(head_dir), "its config.json. Fix: re-export the head")
+    load_exact(head, read_tensor_file(head_dir / WEIGHTS), str(head_dir), "its config.json. Fix: re-export the head")
     if draft is not None:
         check_head_matches_draft(info, draft, str(head_dir))
     return head.float().eval(), info

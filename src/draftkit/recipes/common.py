@@ -4,7 +4,6 @@ and tabulating before/after results."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from draftkit.data.chat import tokenize_chat
 from draftkit.data.draft_vocab import label_counts
-from draftkit.data.selfdistill import prompts_from_records, regenerate_responses
+from draftkit.data.selfdistill import answered_prompts
 from draftkit.data.sources import load_records, prompt_file
 from draftkit.drafts.vocab import coverage, select_tokens
 from draftkit.engine.distributed import as_settings, frozen_dtype, is_main_process, main_process_first
@@ -85,21 +84,22 @@ def load_sources(sources, limit) -> Dataset:
     return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
+def self_distilled_conversations(data_cfg: DictConfig, target, run_dir: Path, seed: int) -> list[list[dict]]:
+    """`data.prompts` answered by the target (cached in run_dir/selfdistill.jsonl): the chats, untokenized."""
+    gen = data_cfg.selfdistill
+    with main_process_first():  # rank 0 generates; the other ranks then read its cache
+        return answered_prompts(
+            load_sources(data_cfg.prompts, data_cfg.prompts_limit), target.model, target.tokenizer,
+            num_prompts=gen.num_prompts, max_prompt_tokens=gen.max_prompt_tokens,
+            cache_file=Path(run_dir) / "selfdistill.jsonl", max_new_tokens=gen.max_new_tokens,
+            temperature=gen.temperature, top_p=gen.top_p, batch_size=gen.batch_size, seed=seed)
+
+
 def self_distilled_chats(data_cfg: DictConfig, target, run_dir: Path, seed: int) -> Dataset:
     """`data.prompts` answered by the target (cached in run_dir/selfdistill.jsonl), tokenized for training: the
     loss falls on the target's own replies."""
-    gen = data_cfg.selfdistill
-    tokenizer = target.tokenizer
-    prompts = prompts_from_records(load_sources(data_cfg.prompts, data_cfg.prompts_limit),
-                                   max_prompt_tokens=gen.max_prompt_tokens, tokenizer=tokenizer)
-    random.Random(seed).shuffle(prompts)  # mix the sources before taking num_prompts
-    prompts = prompts[: gen.num_prompts]
-    with main_process_first():  # rank 0 generates; the other ranks then read its cache
-        conversations = regenerate_responses(
-            target.model, tokenizer, prompts, cache_file=Path(run_dir) / "selfdistill.jsonl",
-            max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
-            batch_size=gen.batch_size, seed=seed)
-    return tokenize_chat(Dataset.from_list([{"messages": c} for c in conversations]), tokenizer,
+    conversations = self_distilled_conversations(data_cfg, target, run_dir, seed)
+    return tokenize_chat(Dataset.from_list([{"messages": c} for c in conversations]), target.tokenizer,
                          max_length=data_cfg.max_length, too_long=data_cfg.too_long)
 
 
