@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from draftkit.drafts.fspad import FeatureDrafter, feature_drafter
 from draftkit.export.artifact import (
@@ -265,7 +265,7 @@ def load_feature_drafter(folder: str | os.PathLike, *, embed_weight: torch.Tenso
     if info.get("family") != FAMILY:
         raise ValueError(f"{folder} holds a {info.get('family')!r} draft, not a feature drafter")
     fmt, arch = info["format"], info["architecture"]
-    tensors = load_file(str(folder / "model.safetensors"))
+    tensors = read_tensor_file(folder / "model.safetensors")
     check_keys(tensors, expected_keys(arch, fmt), str(folder))
     if list(embed_weight.shape) != [arch["vocab_size"], arch["hidden_size"]]:
         raise ValueError(f"{folder} was trained for a target with vocab {arch['vocab_size']} and hidden size "

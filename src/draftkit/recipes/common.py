@@ -18,6 +18,7 @@ from draftkit.data.sources import load_records, prompt_file
 from draftkit.drafts.vocab import coverage, select_tokens
 from draftkit.engine.distributed import as_settings, frozen_dtype, is_main_process, main_process_first
 from draftkit.engine.run import record_run
+from draftkit.errors import ConfigError
 from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.runtime.drafting import Drafting
 from draftkit.runtime.evaluate import evaluate_draft, interval_cell, interval_label, interval_note, load_prompts
@@ -71,7 +72,7 @@ def require_shared_vocabulary(draft, target) -> None:
     """A standalone draft LM must predict the target's padded vocabulary, id for id."""
     rows = draft.get_output_embeddings().weight.shape[0]
     if rows != target.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"the draft predicts {rows} token ids but the target {target.name} has vocab_size={target.vocab_size}; "
             "the draft's tokens are checked against the target's id by id, so the draft must use the target's (padded) "
             "vocabulary. Fix: start from draft=from_target, a FastDraft export for this target, or a draft whose "
@@ -111,10 +112,16 @@ def dataset_chats(data_cfg: DictConfig, tokenizer) -> Dataset:
 LABEL_SOURCES = ("selfdistill", "data")
 
 
+def check_label_source(setting: str, labels: str) -> None:
+    """`<recipe>.labels` (the name of the setting): where a recipe's training replies come from."""
+    if labels not in LABEL_SOURCES:
+        raise ConfigError(f"{setting}={labels!r} is not a label source. Fix: choose 'selfdistill' (the target "
+                          "answers the prompts) or 'data' (the replies the data carries)")
+
+
 def training_chats(cfg: DictConfig, target, run_dir: Path, labels: str, seed: int):
     """Self-distilled replies (the target answers data.prompts) or the replies the data carries."""
-    if labels not in LABEL_SOURCES:
-        raise ValueError(f"labels={labels!r}: choose 'selfdistill' (the target answers the prompts) or 'data'")
+    check_label_source("labels", labels)
     if labels == "selfdistill":
         return self_distilled_chats(cfg.data, target, run_dir, seed)
     return dataset_chats(cfg.data, target.tokenizer)

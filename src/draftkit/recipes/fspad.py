@@ -31,12 +31,13 @@ from draftkit.data.feature_cache import (
 )
 from draftkit.drafts.fspad import FeatureDrafter, feature_drafter
 from draftkit.engine.loop import stage_settings, train
+from draftkit.errors import ConfigError
 from draftkit.export.fspad import EAGLE_FORMATS, export_feature_drafter, format_refusal
 from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.objectives.fspad import align_pairs, fspad_loss
 from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.recipes.common import (
-    LABEL_SOURCES,
+    check_label_source,
     compare_markdown,
     draft_token_map,
     measure_acceptance,
@@ -45,7 +46,7 @@ from draftkit.recipes.common import (
 )
 from draftkit.runtime import fspad as fspad_runtime
 from draftkit.runtime.drafting import DraftingOptions
-from draftkit.runtime.tree import TREE_KINDS
+from draftkit.runtime.tree import TREE_KINDS, check_tree_fits_vocabulary, tree_shape
 
 STAGES = ("features", "train")
 SOURCES = ("online", "offline")
@@ -125,39 +126,46 @@ def validate(cfg: DictConfig) -> list[str]:
     settings = cfg.fspad
     stages = list(settings.stages)
     if not stages or any(s not in STAGES for s in stages):
-        raise ValueError(f"fspad.stages={stages}: choose from {list(STAGES)}")
-    if settings.labels not in LABEL_SOURCES:
-        raise ValueError(f"fspad.labels={settings.labels!r}: choose 'selfdistill' (the target answers the prompts) or "
-                         "'data' (the replies the data carries)")
+        raise ConfigError(f"fspad.stages={stages} names no known stage. Fix: choose from {list(STAGES)}")
+    check_label_source("fspad.labels", settings.labels)
     if settings.features.source not in SOURCES:
-        raise ValueError(f"fspad.features.source={settings.features.source!r}: choose online or offline")
+        raise ConfigError(f"fspad.features.source={settings.features.source!r}. Fix: choose online or offline")
     if settings.features.norm not in ("post_norm", "pre_norm"):
-        raise ValueError(f"fspad.features.norm={settings.features.norm!r}: choose post_norm or pre_norm")
+        raise ConfigError(f"fspad.features.norm={settings.features.norm!r}. Fix: choose post_norm or pre_norm")
     if settings.tree.kind not in ("none", *TREE_KINDS):
-        raise ValueError(f"fspad.tree.kind={settings.tree.kind!r}: choose none, {', '.join(TREE_KINDS)}")
+        raise ConfigError(f"fspad.tree.kind={settings.tree.kind!r}. Fix: choose none, {', '.join(TREE_KINDS)}")
     if settings.features.storage not in ("fp32", "bf16", "int8"):
-        raise ValueError(f"fspad.features.storage={settings.features.storage!r}: choose fp32, bf16 or int8")
+        raise ConfigError(f"fspad.features.storage={settings.features.storage!r}. Fix: choose fp32, bf16 or int8")
     size = settings.draft_vocab_size
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise ValueError(f"fspad.draft_vocab_size={size!r}: give a number of tokens >= 1, or null for the target's "
-                         "whole vocabulary")
+        raise ConfigError(f"fspad.draft_vocab_size={size!r}: must be a number of tokens >= 1. Fix: e.g. "
+                          "fspad.draft_vocab_size=8192, or null for the target's whole vocabulary")
+    if settings.tree.kind != "none":
+        try:
+            shape = tree_shape(settings.tree.kind, settings.tree.depth, top_k=settings.tree.top_k,
+                               width=settings.tree.width, budget=settings.tree.budget)
+            if size is not None:
+                check_tree_fits_vocabulary(shape, size)
+        except ValueError as error:
+            fix = "" if "Fix:" in str(error) else ". Fix: check fspad.tree (kind, depth, top_k, width, budget)"
+            raise ConfigError(f"fspad.tree: {str(error).replace('<recipe>', 'fspad')}{fix}") from None
     eagle_formats = settings.export.eagle_formats
     for fmt in eagle_formats if eagle_formats is not None else ():
         if fmt not in EAGLE_FORMATS:
-            raise ValueError(f"fspad.export.eagle_formats lists {fmt!r}: choose from {list(EAGLE_FORMATS)}")
+            raise ConfigError(f"fspad.export.eagle_formats lists {fmt!r}. Fix: choose from {list(EAGLE_FORMATS)}")
         why_not = format_refusal(fmt, eagle1=not settings.feature_sampling and not settings.partial_alignment,
                                  feature_norm=settings.features.norm, restricted_vocab=size is not None)
         if why_not is not None:  # refused here, not after training
-            raise ValueError(f"fspad.export.eagle_formats asks for {fmt}, which cannot hold this draft: {why_not}")
+            raise ConfigError(f"fspad.export.eagle_formats asks for {fmt}, which cannot hold this draft: {why_not}")
     return stages
 
 
 def check_draft_vocab_size(size: int | None, target) -> None:
     """Before the (slow) self-distillation: a draft vocabulary must fit in the target's."""
     if size is not None and size > target.vocab_size:
-        raise ValueError(f"fspad.draft_vocab_size={size} is larger than the target's vocabulary of "
-                         f"{target.vocab_size} tokens. Fix: choose at most {target.vocab_size}, or null for the whole "
-                         "vocabulary")
+        raise ConfigError(f"fspad.draft_vocab_size={size} is larger than the target's vocabulary of "
+                          f"{target.vocab_size} tokens. Fix: choose at most {target.vocab_size}, or null for the whole "
+                          "vocabulary")
 
 
 def run(cfg: DictConfig, run_dir: Path) -> Path | None:
@@ -201,8 +209,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
     torch.manual_seed(cfg.engine.seed)  # the feature noise, whatever ran before (resume restores the state itself)
     result = train(model=draft, step_fn=make_step(target, settings), dataset=dataset,
                    collate=partial(collate_with_features, pad_token_id=target.tokenizer.pad_token_id),
-                   settings=stage_settings(engine, **settings.train.engine), stage_dir=run_dir / "train", sink=sink,
-                   resume=cfg.resume, desc="train")
+                   settings=stage_settings(engine, "fspad.train.engine", **settings.train.engine),
+                   stage_dir=run_dir / "train", sink=sink, resume=cfg.resume, desc="train")
     if result.resumed_from != result.steps:  # the draft changed: earlier reports are stale
         (run_dir / "eval_after.json").unlink(missing_ok=True)
         (run_dir / "eval_after_tree.json").unlink(missing_ok=True)
