@@ -206,8 +206,10 @@ def markdown(result: dict) -> str:
     for family, row in result["families"].items():
         ci = row["tau_ci"]
         alphas = (list(row["alpha"]) + [None] * 3)[:3]
-        tree = row.get("tree") or "chain"
-        tree = tree if isinstance(tree, str) else json.dumps(tree)[:40]
+        tree = row.get("tree") or {"kind": "chain"}
+        if isinstance(tree, dict):  # e.g. "dynamic tree, 59 tokens, depth 6"
+            nodes = tree.get("total_tokens") or tree.get("size")
+            tree = f"{tree['kind']}" + (f" tree, {nodes} tokens, depth {tree.get('depth')}" if nodes else "")
         lines.append(f"| {family} | {row['train_steps']} | {cell(row['tau'])} | "
                      f"{'–' if not ci else f'{ci[0]:.2f}–{ci[1]:.2f}'} | " + " | ".join(cell(a) for a in alphas)
                      + f" | {row['prompts']} | {tree} |")
