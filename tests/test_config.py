@@ -133,7 +133,7 @@ def test_a_typo_in_a_target_argument_is_caught():
 def test_each_recipe_has_its_module_card_and_test():
     for path in RECIPE_FILES:
         module = importlib.import_module(f"draftkit.recipes.{path.stem}")
-        assert callable(module.run)
+        assert callable(module.run) and callable(module.validate)
         assert (ROOT / "recipes" / f"{path.stem}.md").is_file()
         assert (ROOT / "tests" / f"test_recipe_{path.stem}.py").is_file()
 
@@ -141,7 +141,7 @@ def test_each_recipe_has_its_module_card_and_test():
 def test_recipe_errors_name_the_fix():
     with pytest.raises(ConfigError, match="available recipes: .*fastdraft"):
         prepare_overrides(["+recipe=nope"])
-    with pytest.raises(ConfigError, match=r"Add \+recipe=<name>"):
+    with pytest.raises(ConfigError, match=r"Fix: add \+recipe=<name>"):
         prepare_overrides(["engine.lr=1"])
     with pytest.raises(ConfigError, match=r"\+recipe=<name>"):
         prepare_overrides(["recipe=fastdraft"])
@@ -171,3 +171,39 @@ def test_cfg_job_prints_the_composed_config_with_overlays_in_any_order():
     assert proc.returncode == 0, proc.stderr[-1500:]
     assert "_target_: draftkit.targets.tiny.tiny_target" in proc.stdout
     assert "max_steps_per_stage: 3" in proc.stdout
+
+
+def _stage(cfg, path):
+    from draftkit.engine.loop import stage_settings
+
+    engine = OmegaConf.to_container(cfg.engine, resolve=True)
+    return stage_settings(engine, path, **OmegaConf.to_container(OmegaConf.select(cfg, path), resolve=True))
+
+
+def test_a_typed_engine_value_reaches_every_stage_unless_the_stage_key_is_typed_too():
+    untyped = compose(["+recipe=fastdraft"])
+    assert (_stage(untyped, "fastdraft.pretrain.engine").steps, _stage(untyped, "fastdraft.pretrain.engine").lr) == \
+        (120, 3e-3)
+    cfg = compose(["+recipe=fastdraft", "engine.steps=5000", "engine.lr=1e-5"])
+    for stage in ("fastdraft.pretrain.engine", "fastdraft.finetune.engine"):
+        assert (_stage(cfg, stage).steps, _stage(cfg, stage).lr) == (5000, 1e-5)
+        assert OmegaConf.select(cfg, f"{stage}.lr") == 1e-5  # recorded as used: config.yaml is this config
+    assert _stage(cfg, "fastdraft.pretrain.engine").warmup_steps == 12  # untyped keys keep the stage's own value
+    both = compose(["+recipe=fastdraft", "engine.lr=1e-4", "fastdraft.pretrain.engine.lr=3e-3"])
+    assert (_stage(both, "fastdraft.pretrain.engine").lr, _stage(both, "fastdraft.finetune.engine").lr) == (3e-3, 1e-4)
+    assert _stage(compose(["+recipe=fspad", "engine.steps=500"]), "fspad.train.engine").steps == 500
+    # a budget's per-stage steps are defaults too: what the user typed wins over them
+    budgeted = compose(["+recipe=fastdraft", "budget=gpu30", "engine.steps=7"])
+    assert _stage(budgeted, "fastdraft.finetune.engine").steps == 7
+
+
+def test_typed_values_are_checked_against_their_settings_type():
+    with pytest.raises(ConfigError, match=r"engine\.steps=2\.5: must be a whole number"):
+        compose(["+recipe=fastdraft", "engine.steps=2.5"])
+    with pytest.raises(ConfigError, match=r"engine\.group_by_length=1: must be true or false"):
+        compose(["+recipe=fastdraft", "engine.group_by_length=1"])
+    with pytest.raises(ConfigError, match=r"fastdraft\.stages='pretrain': must be a list"):
+        compose(["+recipe=fastdraft", "fastdraft.stages=pretrain"])
+    assert compose(["+recipe=fastdraft", "engine.lr=1"]).engine.lr == 1  # an int where a float is expected is fine
+    assert compose(["+recipe=fastdraft", "engine.max_grad_norm=null"]).engine.max_grad_norm is None
+    assert compose(["+recipe=fastdraft", "resume=force"]).resume == "force"

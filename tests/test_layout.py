@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "draftkit"
 
 # Modules every layer may import: leaf helpers that import no other draftkit module.
-SHARED_BY_ALL = {"io"}
+SHARED_BY_ALL = {"io", "errors"}
 
 # layer -> draftkit layers it may import
 ALLOWED = {
@@ -43,6 +43,11 @@ def test_imports_run_one_way():
                 if imported != layer and imported not in allowed | SHARED_BY_ALL:
                     violations.append(f"{path.relative_to(SRC)} imports draftkit.{imported}")
     assert not violations, violations
+
+
+def test_shared_modules_import_nothing_of_draftkit():
+    for name in SHARED_BY_ALL:
+        assert not set(_draftkit_imports(SRC / f"{name}.py")), name
 
 
 def test_nothing_outside_the_cli_imports_recipes():

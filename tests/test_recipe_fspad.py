@@ -223,7 +223,8 @@ def test_tampered_export_is_refused(eagle_run, tmp_path):
         load_feature_drafter(folder, embed_weight=target.embed_tokens.weight, lm_head_weight=target.lm_head.weight)
 
 
-def test_eval_cli_runs_the_feature_drafter_as_a_dynamic_tree_by_default(eagle_run, tmp_path, monkeypatch, capsys):
+def test_eval_cli_runs_the_feature_drafter_as_a_dynamic_tree_by_default(eagle_run, tmp_path, monkeypatch, capsys,
+                                                                         user_error):
     from draftkit import eval as eval_module
 
     _, export = eagle_run
@@ -250,16 +251,14 @@ def test_eval_cli_runs_the_feature_drafter_as_a_dynamic_tree_by_default(eagle_ru
     assert [c["tree"]["top_k"] for c in choice["calibrations"]] == [2, 3]
     assert chosen["config"]["tree"] == choice["chosen"] and choice["chosen"]["total_tokens"] <= 10
     assert "Tree chosen by the predictor" in (tmp_path / "auto" / "eval.md").read_text()
-    with pytest.raises(SystemExit, match="add --tree dynamic"):
-        evaluate("refused", "--tree", "static", "--tree-budget", "auto")
-    with pytest.raises(SystemExit, match="greedy acceptance"):
-        evaluate("refused", "--tree-budget", "auto", "--temperature", "0.7")
-    with pytest.raises(SystemExit, match="needs --tree-budget auto"):
-        evaluate("refused", "--tree-top-k", "2,3")
+    refused = ["--draft", str(export / "eagle-sglang"), "--prompts", str(prompts), "--no-progress"]
+    assert "Fix: add --tree dynamic" in user_error(eval_main, [*refused, "--tree", "static", "--tree-budget", "auto"])
+    assert "greedy acceptance" in user_error(eval_main, [*refused, "--tree-budget", "auto", "--temperature", "0.7"])
+    assert "needs --tree-budget auto" in user_error(eval_main, [*refused, "--tree-top-k", "2,3"])
 
 
 def test_bad_stage_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match=r"fspad.stages=\['trian'\]: choose from \['features', 'train'\]"):
+    with pytest.raises(ValueError, match=r"fspad.stages=\['trian'\] names no known stage. Fix: choose from \['features', 'train'\]"):
         run_recipe(tmp_path, "fspad.stages=[trian]")
 
 
@@ -267,7 +266,7 @@ def test_labels_from_the_data_skip_self_distillation(tmp_path, chats_with_replie
     run_recipe(tmp_path / "run", "fspad.labels=data", f"data.prompts=[{chats_with_replies}]", "eval=none")
     assert losses(tmp_path / "run") == pytest.approx([1.0500, 1.0431, 1.0387], abs=1e-4)
     assert not (tmp_path / "run" / "selfdistill.jsonl").exists()
-    with pytest.raises(ValueError, match="fspad.labels='gold': choose 'selfdistill'.* or 'data'"):
+    with pytest.raises(ValueError, match="fspad.labels='gold' is not a label source. Fix: choose 'selfdistill'.* or 'data'"):
         run_recipe(tmp_path / "bad", "fspad.labels=gold")
     assert not (tmp_path / "bad").exists()
 
@@ -354,8 +353,12 @@ def test_cache_for_another_target_or_layer_is_refused(tmp_path, examples):
 
 def test_recipe_refuses_a_cache_made_for_another_target_before_training(tmp_path):
     run_recipe(tmp_path, "fspad.features.source=offline", "fspad.stages=[features]", "eval=none")
-    with pytest.raises(FeatureCacheMismatch, match="was made for something else"):
+    with pytest.raises(ValueError, match=r"another config \(target.seed: 0 -> 1\).*resume=force"):
         run_recipe(tmp_path, "fspad.features.source=offline", "fspad.stages=[train]", "eval=none", "target.seed=1")
+    # forced past the run directory's config check, the cache's own check still refuses it
+    with pytest.raises(FeatureCacheMismatch, match="was made for something else"):
+        run_recipe(tmp_path, "fspad.features.source=offline", "fspad.stages=[train]", "eval=none", "target.seed=1",
+                   "resume=force")
     assert not (tmp_path / "train").exists()
 
 

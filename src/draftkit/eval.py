@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from draftkit.errors import UserError, reported
 from draftkit.export.artifact import ArtifactError, artifact_family
 from draftkit.io import write_text_atomic
 from draftkit.runtime.drafting import TREE_KINDS, Drafting, DraftingOptions
@@ -41,7 +42,7 @@ def builtin_prompts() -> Path | None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="draftkit-eval",
+        prog="draftkit.eval",
         description="Speculative decoding of a target with a trained draft: tau, alpha per position, speedup vs AR.",
     )
     parser.add_argument("--draft", required=True, help="draft model directory (save_pretrained output)")
@@ -101,9 +102,10 @@ def _integer(text: str, flag: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise SystemExit(f"draftkit-eval: {flag} {text!r} is not a number") from None
+        raise UserError(f"{flag} {text!r} is not a number. Fix: give a whole number >= 1") from None
     if value < 1:
-        raise SystemExit(f"draftkit-eval: {flag} must be >= 1; got {value}")
+        raise UserError(f"{flag} {value}: must be at least 1. Fix: leave it out for the default, or give a positive "
+                        "number")
     return value
 
 
@@ -111,15 +113,15 @@ def auto_budget(args: argparse.Namespace) -> bool:
     """Whether the predictor chooses the tree (--tree-budget auto); refuses combinations it cannot serve."""
     if args.tree_budget != "auto":
         if args.tree_top_k is not None and "," in args.tree_top_k:
-            raise SystemExit("draftkit-eval: a list of --tree-top-k values needs --tree-budget auto (which calibrates "
-                             "each); otherwise give one number")
+            raise UserError("a list of --tree-top-k values needs --tree-budget auto (which calibrates each). Fix: give "
+                            "one number, or add --tree-budget auto")
         return False
     if args.temperature != 0.0:
-        raise SystemExit("draftkit-eval: --tree-budget auto chooses the tree from greedy acceptance. Fix: "
-                         "--temperature 0, or give --tree-budget a number")
+        raise UserError("--tree-budget auto chooses the tree from greedy acceptance. Fix: --temperature 0, or give "
+                        "--tree-budget a number")
     if args.no_speedup:
-        raise SystemExit("draftkit-eval: --tree-budget auto prices trees against the autoregressive baseline. Fix: "
-                         "drop --no-speedup, or give --tree-budget a number")
+        raise UserError("--tree-budget auto prices trees against the autoregressive baseline. Fix: drop "
+                        "--no-speedup, or give --tree-budget a number")
     return True
 
 
@@ -139,13 +141,10 @@ def load_artifact(args: argparse.Namespace, target):
     family = artifact_family(args.draft)
     modules = [f"draftkit.{layer}.{family}" for layer in ("export", "runtime")]
     if not family.isidentifier() or any(importlib.util.find_spec(name) is None for name in modules):
-        raise SystemExit(f"draftkit-eval: {args.draft} holds a {family!r} draft, which this draftkit cannot run. Fix: "
-                         "install the draftkit version that exported it")
+        raise ArtifactError(f"{args.draft} holds a {family!r} draft, which this draftkit cannot run. Fix: install the "
+                            "draftkit version that exported it")
     exporter, runtime = (importlib.import_module(name) for name in modules)
-    try:
-        return runtime, exporter.load(args.draft, target, dtype=getattr(torch, args.dtype))
-    except ArtifactError as error:  # wrong target or a tampered folder: one line, no traceback
-        raise SystemExit(f"draftkit-eval: {error}") from None
+    return runtime, exporter.load(args.draft, target, dtype=getattr(torch, args.dtype))
 
 
 def load_draft(args: argparse.Namespace, target) -> Drafting:
@@ -158,8 +157,11 @@ def load_draft(args: argparse.Namespace, target) -> Drafting:
 def _drafting(runtime, loaded, target, options: DraftingOptions) -> Drafting:
     try:
         return runtime.drafting(loaded.module, target, options, **loaded.settings)
-    except ArtifactError as error:
-        raise SystemExit(f"draftkit-eval: {error}") from None
+    except UserError:
+        raise
+    except ValueError as error:  # the --tree options do not fit this draft (more levels than heads, say)
+        fix = "" if "Fix:" in str(error) else ". Fix: change the --tree options, or leave them out for the draft's own"
+        raise UserError(f"{error}{fix}") from None
 
 
 def evaluate_auto(args: argparse.Namespace, target, prompts: list[dict]) -> dict:
@@ -170,9 +172,9 @@ def evaluate_auto(args: argparse.Namespace, target, prompts: list[dict]) -> dict
     largest = _drafting(runtime, loaded, target, options).drafter
     shape = getattr(largest, "shape", None)
     if not isinstance(shape, DynamicTree):
-        raise SystemExit("draftkit-eval: --tree-budget auto chooses the size of a dynamic tree, and this draft decodes "
-                         f"with {describe_shape(shape)['kind'] if shape is not None else 'a chain'}. Fix: add "
-                         "--tree dynamic, or give --tree-budget a number")
+        raise UserError("--tree-budget auto chooses the size of a dynamic tree, and this draft decodes with "
+                        f"{describe_shape(shape)['kind'] if shape is not None else 'a chain'}. Fix: add --tree dynamic, "
+                        "or give --tree-budget a number")
     top_ks = [_integer(k, "--tree-top-k") for k in args.tree_top_k.split(",")] if args.tree_top_k else [shape.top_k]
 
     def make_drafter(tree: DynamicTree):
@@ -184,16 +186,71 @@ def evaluate_auto(args: argparse.Namespace, target, prompts: list[dict]) -> dict
                                       seed=args.seed, progress=not args.no_progress, profile=args.profile)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """What can be refused before the target is loaded: numbers out of range, tree options that do not parse, and a
+    --draft that is not an export."""
+    at_least_one = {"--gamma": args.gamma, "--max-new-tokens": args.max_new_tokens, "--tree-depth": args.tree_depth,
+                    "--limit-per-category": args.limit_per_category, "--tree-width": args.tree_width,
+                    "--tree-budget-max": args.tree_budget_max}
+    for flag, value in at_least_one.items():
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1. Fix: leave it out for the default, or give a "
+                            "positive number")
+    if args.temperature < 0:
+        raise UserError(f"--temperature {args.temperature}: must be >= 0. Fix: 0 for greedy decoding, or e.g. 0.7")
+    if args.stop_threshold is not None and not 0 <= args.stop_threshold <= 1:
+        raise UserError(f"--stop-threshold {args.stop_threshold}: a probability. Fix: a value in [0, 1]")
+    if not isinstance(getattr(torch, args.dtype, None), torch.dtype):
+        raise UserError(f"--dtype {args.dtype} is not a torch dtype. Fix: float32 (exact greedy equality), bfloat16 "
+                        "or float16")
+    auto_budget(args)
+    drafting_options(args)  # --tree-top-k and --tree-budget parse
+    draft = Path(args.draft)
+    if not draft.is_dir():
+        raise UserError(f"--draft {draft}: {'not a directory' if draft.exists() else 'no such directory'}. Fix: pass "
+                        "the export/ directory of a finished run (runs/<recipe>/<date>_<time>/export)")
+    holds_draft = (draft / "draftkit.json").is_file() or (draft / "config.json").is_file()
+    if not holds_draft and (draft / "config.yaml").is_file():  # a run directory
+        if (draft / "export").is_dir():
+            raise UserError(f"--draft {draft} is a run directory. Fix: pass its export directory: --draft "
+                            f"{draft / 'export'}")
+        raise UserError(f"--draft {draft} is a run directory without an export: the run has not finished. Fix: run its "
+                        "training command again on it to finish and export, then pass <run>/export")
+    if not holds_draft:
+        raise UserError(f"--draft {draft} holds no draft (no draftkit.json or config.json). Fix: pass the export/ "
+                        "directory of a finished run")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out} is a file. Fix: give a directory for eval.json and eval.md")
+
+
+def _load_target(args: argparse.Namespace):
+    local = args.target.startswith(("/", ".", "~")) or args.target.endswith(".gguf") or Path(args.target).exists()
+    if local and not Path(args.target).expanduser().exists():
+        raise UserError(f"--target {args.target}: no such file or directory. Fix: pass an HF model directory, a .gguf "
+                        f"file or a Hub id (default: {BUILTIN_SMOLLM2})")
+    try:
+        return load_target(args.target, dtype=args.dtype, device=args.device)
+    except OSError as error:  # transformers reports a missing model or file, or no network, as OSError
+        raise UserError(f"--target {args.target} cannot be loaded ({str(error).strip().splitlines()[0]}). Fix: pass "
+                        "a local HF model directory or .gguf file, or a Hub id while online") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    with reported("eval"):
+        return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    check_args(args)
     prompts_path = args.prompts or builtin_prompts()
     if prompts_path is None:
-        raise SystemExit("draftkit-eval: no bundled prompt set in this install; pass --prompts FILE.jsonl")
+        raise UserError("no bundled prompt set in this install. Fix: pass --prompts FILE.jsonl")
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
     prompts = load_prompts(prompts_path, limit_per_category=args.limit_per_category, categories=categories)
 
     auto = auto_budget(args)
-    target = load_target(args.target, dtype=args.dtype, device=args.device)
+    target = _load_target(args)
     if auto:
         report = evaluate_auto(args, target, prompts)
     else:

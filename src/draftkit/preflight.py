@@ -13,20 +13,10 @@ import sys
 
 from omegaconf import DictConfig, OmegaConf
 
-from draftkit.config import ConfigError, compose
+from draftkit.config import compose, stage_engine_paths, validate
 from draftkit.engine.distributed import DistributedConfigError, validate_hostfile, world_size_from_env
 from draftkit.engine.loop import stage_settings
-
-
-def _engine_overrides(node, path=""):
-    """Every `engine:` mapping below the top level: the per-stage overrides recipes keep (fastdraft.pretrain.engine)."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            where = f"{path}.{key}" if path else key
-            if key == "engine" and path and isinstance(value, dict):
-                yield where, value
-            else:
-                yield from _engine_overrides(value, where)
+from draftkit.errors import reported
 
 
 def _offline_feature_keys(node, path=""):
@@ -44,13 +34,11 @@ def check_job(cfg: DictConfig, world_size: int) -> list[str]:
     """Raise DistributedConfigError on the first problem; return one line per training stage that was checked."""
     config = OmegaConf.to_container(cfg, resolve=True)
     engine = config["engine"]
-    stages = [("engine", {})] + list(_engine_overrides({k: v for k, v in config.items() if k != "engine"}))
+    stages = [("engine", {})] + [(path, OmegaConf.to_container(OmegaConf.select(cfg, path), resolve=True))
+                                 for path in stage_engine_paths(cfg)]
     lines = []
     for where, overrides in stages:
-        try:
-            settings = stage_settings(engine, **overrides)
-        except ValueError as err:
-            raise DistributedConfigError(f"{where}: {err}") from None
+        settings = stage_settings(engine, where, **overrides)
         dist = settings.distributed
         if dist.backend == "deepspeed":
             settings.deepspeed_config(world_size)
@@ -75,18 +63,19 @@ def main(argv: list[str] | None = None) -> int:
                         "else $WORLD_SIZE, else 1)")
     args, overrides = parser.parse_known_args(argv)
     try:
-        world_size = args.world_size or world_size_from_env()
-        if args.hostfile:
-            hosts = validate_hostfile(args.hostfile)
-            world_size = args.world_size or sum(hosts.values())
-            print(f"hostfile: {len(hosts)} node(s), {sum(hosts.values())} slot(s): "
-                  + ", ".join(f"{h}={n}" for h, n in hosts.items()))
-        cfg = compose(overrides)
-        for line in check_job(cfg, world_size):
-            print(line)
-    except (ConfigError, DistributedConfigError) as err:
-        print(f"draftkit.preflight: {err}", file=sys.stderr)
-        return 2
+        with reported("preflight"):
+            world_size = args.world_size or world_size_from_env()
+            if args.hostfile:
+                hosts = validate_hostfile(args.hostfile)
+                world_size = args.world_size or sum(hosts.values())
+                print(f"hostfile: {len(hosts)} node(s), {sum(hosts.values())} slot(s): "
+                      + ", ".join(f"{h}={n}" for h, n in hosts.items()))
+            cfg = compose(overrides)
+            validate(cfg)
+            for line in check_job(cfg, world_size):
+                print(line)
+    except SystemExit as stop:  # the one line is printed; the status is returned
+        return stop.code
     return 0
 
 

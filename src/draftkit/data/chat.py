@@ -44,9 +44,10 @@ def prompt_ids(messages: list[dict], tokenizer) -> list[int]:
 def first_prompt(messages: list[dict]) -> tuple[list[dict], int] | None:
     """The conversation cut after its first user turn (system turns before it kept, earlier replies dropped) and
     that turn's index; None without a user turn. ShareGPT segments of long chats can open with an assistant turn
-    that answers an unseen question, hence the drop."""
+    that answers an unseen question, hence the drop. A user turn without text counts as none: the target would answer
+    nothing in particular, and the draft would learn that."""
     first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
-    if first_user is None:
+    if first_user is None or not messages[first_user]["content"].strip():
         return None
     return [m for m in messages[:first_user] if m["role"] == "system"] + [messages[first_user]], first_user
 

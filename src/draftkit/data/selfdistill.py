@@ -27,7 +27,7 @@ def prompts_from_records(
 ) -> list[list[dict]]:
     """Each chat record cut after its first user turn (system turns before it kept, earlier replies dropped).
 
-    Records without a user turn are skipped; with `max_prompt_tokens`, so are prompts longer than that once
+    Records without a user turn with text are skipped; with `max_prompt_tokens`, so are prompts longer than that once
     rendered with `tokenizer`'s chat template.
     """
     if max_prompt_tokens is not None and tokenizer is None:
@@ -46,6 +46,29 @@ def prompts_from_records(
         if max_prompt_tokens is None or len(prompt_ids(prompt, tokenizer)) <= max_prompt_tokens:
             prompts.append(prompt)
     return prompts
+
+
+def check_prompt_sources(name: str, sources: list[str], limit: int | None) -> None:
+    """Before any model is loaded: the local and builtin sources of the setting `name` hold chat records, and at least
+    one has a user turn with text (hf: sources are read later, when they are loaded; synthetic: ones hold no prompts,
+    only training examples for <recipe>.labels=data)."""
+    from draftkit.data.sources import load_records
+
+    local = [s for s in sources if not s.startswith(("hf:", "synthetic:"))]
+    if not local:
+        return
+    usable, read = 0, 0
+    for source in local:
+        records = load_records(source, limit=limit)
+        if "messages" not in records.column_names:
+            raise DataError(f"{name}: {source} holds plain text, but prompts come from chat records. Fix: give "
+                            "chat records ({messages}, {conversations}, {prompt, response}, {question, answer} or "
+                            "{turns}), or put plain text in data.pretrain")
+        read += len(records)
+        usable += sum(first_prompt(messages) is not None for messages in records["messages"])
+    if usable == 0 and len(local) == len(sources):
+        raise DataError(f"{name}: none of the {read} records in {local} has a user turn with text, so there is "
+                        "nothing to prompt the target with. Fix: give prompts with text in their user turn")
 
 
 def _cache_key(rendered_prompt: str, settings: dict) -> str:

@@ -21,10 +21,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from draftkit.errors import UserError
+
 BACKENDS = ("accelerate", "deepspeed")
 
 
-class DistributedConfigError(ValueError):
+class DistributedConfigError(UserError):
     """A distributed setting that cannot work; raised before any model is built or any step is taken."""
 
 
@@ -208,7 +210,8 @@ def validate_hostfile(path: str | os.PathLike) -> dict[str, int]:
     turns a multi-node job into a single-node one; this makes every such mistake an error instead."""
     path = Path(path)
     if not path.is_file():
-        raise DistributedConfigError(f"hostfile {path} does not exist")
+        raise DistributedConfigError(f"hostfile {path} does not exist. Fix: check the path; the file lists `hostname "
+                                     "slots=N` per line (launch/hostfile.example)")
     hosts: dict[str, int] = {}
     for number, raw in enumerate(path.read_text().splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
@@ -224,9 +227,11 @@ def validate_hostfile(path: str | os.PathLike) -> dict[str, int]:
         except ValueError:
             count = 0
         if count < 1:
-            raise DistributedConfigError(f"hostfile {path} line {number}: {raw.strip()!r} needs slots >= 1")
+            raise DistributedConfigError(f"hostfile {path} line {number}: {raw.strip()!r} needs slots >= 1. "
+                                         f"Fix: write `{host} slots=<GPUs on that host>`")
         if host in hosts:
-            raise DistributedConfigError(f"hostfile {path} line {number}: host {host} is listed twice")
+            raise DistributedConfigError(f"hostfile {path} line {number}: host {host} is listed twice. Fix: one line "
+                                         "per host, with all its slots")
         hosts[host] = count
     if not hosts:
         raise DistributedConfigError(f"hostfile {path} names no hosts. Fix: one `hostname slots=<GPUs>` line per node")

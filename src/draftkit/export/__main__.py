@@ -10,7 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from draftkit.export.hub import HubExportError, find_artifact, push_to_hub
+from draftkit.errors import reported
+from draftkit.export.hub import HubExportError, check_tensors, find_artifact, push_to_hub
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,15 +24,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--commit-message", default=None)
     args = parser.parse_args(argv)
     try:
-        artifact = find_artifact(args.run_dir)
-        if not args.push_to_hub:
-            print(f"artifact: {artifact} (add --push-to-hub <user/name> to upload it)")
-            return 0
-        url = push_to_hub(artifact, args.push_to_hub, private=args.private or None, token=args.token,
-                          commit_message=args.commit_message, revision=args.revision)
-    except HubExportError as err:
-        print(f"draftkit.export: {err}", file=sys.stderr)
-        return 2
+        with reported("export"):
+            if not args.run_dir.exists():
+                raise HubExportError(f"{args.run_dir} does not exist. Fix: pass a finished run directory or its "
+                                     "export/ directory")
+            artifact = find_artifact(args.run_dir)
+            if not args.push_to_hub:
+                print(f"artifact: {artifact}: {check_tensors(artifact)} (add --push-to-hub <user/name> to upload it)")
+                return 0
+            url = push_to_hub(artifact, args.push_to_hub, private=args.private or None, token=args.token,
+                              commit_message=args.commit_message, revision=args.revision)
+    except SystemExit as stop:  # the one line is printed; the status is returned
+        return stop.code
     print(f"uploaded {artifact} to https://huggingface.co/{args.push_to_hub} ({url})")
     return 0
 

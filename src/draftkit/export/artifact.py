@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from draftkit.errors import UserError
 from draftkit.io import staged_directory
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UserError):
     pass
 
 
@@ -65,6 +66,20 @@ def load_exact(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where:
     if wrong:
         raise ArtifactError(f"{where}: tensor shapes differ from {shape_hint} ({wrong[:4]})")
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
+
+
+def check_manifest(directory: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """The tensors of `directory` against its manifest.json (names, shapes, dtypes), when it has one."""
+    path = Path(directory) / "manifest.json"
+    if not path.is_file():
+        return
+    recorded = json.loads(path.read_text())
+    check_key_set(tensors, set(recorded), str(directory))
+    wrong = [f"{k}: {list(t.shape)} {str(t.dtype).removeprefix('torch.')} vs {recorded[k]['shape']} "
+             f"{recorded[k]['dtype']}" for k, t in tensors.items()
+             if list(t.shape) != recorded[k]["shape"] or str(t.dtype).removeprefix("torch.") != recorded[k]["dtype"]]
+    if wrong:
+        raise ArtifactError(f"{directory}: tensors differ from manifest.json ({wrong[:4]}). Fix: export the draft again")
 
 
 def manifest(tensors: dict[str, torch.Tensor]) -> dict:
@@ -117,12 +132,21 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.ind
 
 
 def read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file or a torch pickle of tensors (read with weights_only: a pickle cannot run code here)."""
+    """A safetensors file or a torch pickle of tensors (read with weights_only: a pickle cannot run code here);
+    ArtifactError naming the file when it is missing, cut short or damaged."""
     from safetensors.torch import load_file
 
+    from safetensors import SafetensorError
+
     path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing. Fix: export the draft again, or copy the whole export directory")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as error:  # safetensors checks that its header covers the file exactly
+            raise ArtifactError(f"{path} cannot be read ({error}): the file is cut short or damaged. Fix: export "
+                                "the draft again, or copy the file again") from None
     try:
         tensors = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a pickle of anything but tensors, or not a pickle at all

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from draftkit.drafts.medusa import MedusaHeads
 from draftkit.export.artifact import (
@@ -155,7 +154,7 @@ def export_medusa_fasterdecoding(heads: MedusaHeads, out_dir: Path, *, target_na
 
 def _load_vllm(directory: Path, config: dict) -> tuple[MedusaHeads, torch.Tensor | None]:
     check_vllm_config(config)
-    tensors = load_file(str(directory / VLLM_WEIGHTS))
+    tensors = read_tensor_file(directory / VLLM_WEIGHTS)
     K, L, bias = config["num_heads"], config["num_hidden_layers"], config.get("medusa_fc_bias", True)
     original = bool(config.get("original_lm_head", False))
     truncated = config.get("truncated_vocab_size") not in (None, config["vocab_size"])
@@ -177,7 +176,7 @@ def _load_vllm(directory: Path, config: dict) -> tuple[MedusaHeads, torch.Tensor
 
 def _load_fasterdecoding(directory: Path, config: dict, info: dict | None) -> tuple[MedusaHeads, None]:
     path = directory / FD_WEIGHTS
-    tensors = load_file(str(path)) if path.is_file() else torch.load(directory / FD_PICKLE, map_location="cpu",
+    tensors = read_tensor_file(path) if path.is_file() else torch.load(directory / FD_PICKLE, map_location="cpu",
                                                                      weights_only=True)
     return _fasterdecoding_heads(tensors, config["medusa_num_heads"], config["medusa_num_layers"],
                                  (info or {}).get("vocab_size"), str(directory)), None

@@ -27,6 +27,7 @@ from draftkit.drafts.vocab import coverage, select_tokens
 from draftkit.engine.distributed import as_settings, frozen_dtype, is_main_process, main_process_first
 from draftkit.engine.loop import stage_settings, train
 from draftkit.engine.run import record_run
+from draftkit.errors import ConfigError
 from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.runtime.drafting import Drafting, DraftingOptions
 from draftkit.runtime.evaluate import evaluate_draft, interval_cell, interval_label, interval_note, load_prompts
@@ -95,24 +96,22 @@ FEATURE_STAGES = ("features", "train")
 
 
 def check_feature_recipe(settings, name: str) -> list[str]:
-    """The settings a feature-drafter recipe (`name`: fspad, eagle3) shares, refused with the fix before any work;
+    """The settings a feature-drafter recipe (`name`) shares with fspad's, refused with the fix before any work;
     returns its stages."""
     stages = list(settings.stages)
     if not stages or any(s not in FEATURE_STAGES for s in stages):
-        raise ValueError(f"{name}.stages={stages}: choose from {list(FEATURE_STAGES)}")
-    if settings.labels not in LABEL_SOURCES:
-        raise ValueError(f"{name}.labels={settings.labels!r}: choose 'selfdistill' (the target answers the prompts) or "
-                         "'data' (the replies the data carries)")
+        raise ConfigError(f"{name}.stages={stages} names no known stage. Fix: choose from {list(FEATURE_STAGES)}")
+    check_label_source(f"{name}.labels", settings.labels)
     if settings.features.source not in ("online", "offline"):
-        raise ValueError(f"{name}.features.source={settings.features.source!r}: choose online or offline")
+        raise ConfigError(f"{name}.features.source={settings.features.source!r}. Fix: choose online or offline")
     if settings.tree.kind not in ("none", *TREE_KINDS):
-        raise ValueError(f"{name}.tree.kind={settings.tree.kind!r}: choose none, {', '.join(TREE_KINDS)}")
+        raise ConfigError(f"{name}.tree.kind={settings.tree.kind!r}. Fix: choose none, {', '.join(TREE_KINDS)}")
     if settings.features.storage not in ("fp32", "bf16", "int8"):
-        raise ValueError(f"{name}.features.storage={settings.features.storage!r}: choose fp32, bf16 or int8")
+        raise ConfigError(f"{name}.features.storage={settings.features.storage!r}. Fix: choose fp32, bf16 or int8")
     size = settings.draft_vocab_size
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise ValueError(f"{name}.draft_vocab_size={size!r}: give a number of tokens >= 1, or null for the target's "
-                         "whole vocabulary")
+        raise ConfigError(f"{name}.draft_vocab_size={size!r}. Fix: give a number of tokens >= 1, or null for the "
+                          "target's whole vocabulary")
     return stages
 
 
@@ -180,7 +179,7 @@ def require_shared_vocabulary(draft, target) -> None:
     """A standalone draft LM must predict the target's padded vocabulary, id for id."""
     rows = draft.get_output_embeddings().weight.shape[0]
     if rows != target.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"the draft predicts {rows} token ids but the target {target.name} has vocab_size={target.vocab_size}; "
             "the draft's tokens are checked against the target's id by id, so the draft must use the target's (padded) "
             "vocabulary. Fix: start from draft=from_target, a FastDraft export for this target, or a draft whose "
@@ -220,10 +219,16 @@ def dataset_chats(data_cfg: DictConfig, tokenizer) -> Dataset:
 LABEL_SOURCES = ("selfdistill", "data")
 
 
+def check_label_source(setting: str, labels: str) -> None:
+    """`<recipe>.labels` (the name of the setting): where a recipe's training replies come from."""
+    if labels not in LABEL_SOURCES:
+        raise ConfigError(f"{setting}={labels!r} is not a label source. Fix: choose 'selfdistill' (the target "
+                          "answers the prompts) or 'data' (the replies the data carries)")
+
+
 def training_chats(cfg: DictConfig, target, run_dir: Path, labels: str, seed: int):
     """Self-distilled replies (the target answers data.prompts) or the replies the data carries."""
-    if labels not in LABEL_SOURCES:
-        raise ValueError(f"labels={labels!r}: choose 'selfdistill' (the target answers the prompts) or 'data'")
+    check_label_source("labels", labels)
     if labels == "selfdistill":
         return self_distilled_chats(cfg.data, target, run_dir, seed)
     return dataset_chats(cfg.data, target.tokenizer)

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from draftkit.data.feature_cache import target_features
 from draftkit.drafts.eagle3 import Eagle3Drafter, eagle3_drafter
+from draftkit.errors import ConfigError
 from draftkit.export.eagle3 import RUNTIME_FORMATS, export_eagle3, format_refusal
 from draftkit.objectives.eagle3 import eagle3_loss, step_weights, ttt_masks
 from draftkit.objectives.linear_logits import LinearLogits
@@ -48,7 +49,7 @@ def aux_layers(settings, num_layers: int) -> list[int]:
     layers = [2, num_layers // 2, num_layers - 3] if given is None else [int(i) for i in given]
     where = "the default [2, L // 2, L - 3]" if given is None else f"eagle3.aux_layers={layers}"
     if len(layers) < 2 or any(not 0 <= i <= num_layers for i in layers) or layers != sorted(set(layers)):
-        raise ValueError(f"{where} gives {layers} for a target of {num_layers} layers: EAGLE-3 needs at least two "
+        raise ConfigError(f"{where} gives {layers} for a target of {num_layers} layers: EAGLE-3 needs at least two "
                          f"distinct ascending layer ids in 0..{num_layers} (three in 1..{num_layers - 1} for vLLM and "
                          "SGLang). Fix: set eagle3.aux_layers, e.g. [1, 2, 3]")
     return layers
@@ -132,11 +133,11 @@ def validate(cfg: DictConfig) -> list[str]:
     stages = check_feature_recipe(settings, "eagle3")
     ttt = settings.ttt
     if isinstance(ttt.steps, bool) or not isinstance(ttt.steps, int) or ttt.steps < 1:
-        raise ValueError(f"eagle3.ttt.steps={ttt.steps!r}: give the number of unrolled draft steps, >= 1")
+        raise ConfigError(f"eagle3.ttt.steps={ttt.steps!r}. Fix: give the number of unrolled draft steps, >= 1")
     step_weights(ttt.steps, ttt.decay, None if ttt.step_weights is None else list(ttt.step_weights))
     for fmt in settings.export.formats or ():
         if fmt not in RUNTIME_FORMATS:
-            raise ValueError(f"eagle3.export.formats lists {fmt!r}: choose from {list(RUNTIME_FORMATS)}")
+            raise ConfigError(f"eagle3.export.formats lists {fmt!r}. Fix: choose from {list(RUNTIME_FORMATS)}")
     return stages
 
 
@@ -164,7 +165,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
         for fmt in settings.export.formats:
             why_not = format_refusal(fmt, arch, target.num_layers)
             if why_not is not None:
-                raise ValueError(f"eagle3.export.formats asks for {fmt}, which cannot hold this draft: {why_not}")
+                raise ConfigError(f"eagle3.export.formats asks for {fmt}, which cannot hold this draft: {why_not}")
     chats = training_chats(cfg, target, run_dir, settings.labels, cfg.engine.seed)
     dataset = feature_training_data(target, chats, settings, stages, run_dir, norm="post_norm", aux_layers=layers)
     if dataset is None:

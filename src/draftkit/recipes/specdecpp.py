@@ -27,6 +27,7 @@ from draftkit.data.specdecpp_labels import build_acceptance_labels, check_label_
 from draftkit.drafts.specdecpp import acceptance_head, draft_fingerprint
 from draftkit.engine.distributed import is_main_process, main_process_first
 from draftkit.engine.loop import stage_settings, train
+from draftkit.errors import ConfigError
 from draftkit.export.specdecpp import export_specdecpp, load_acceptance_head
 from draftkit.io import write_json_atomic
 from draftkit.objectives.specdecpp import acceptance_bce
@@ -47,7 +48,8 @@ from draftkit.runtime.specdecpp import forward_cost_ratio, stop_policy
 from draftkit.targets.hf import freeze
 
 
-def validate(settings: DictConfig) -> None:
+def validate(cfg: DictConfig) -> None:
+    settings = cfg.specdecpp
     problems = []
     threshold = settings.stop.threshold
     if threshold is not None and not 0.0 <= threshold <= 1.0:
@@ -68,7 +70,7 @@ def validate(settings: DictConfig) -> None:
     except ValueError as error:
         problems.append(str(error))
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ConfigError("; ".join(problems) + ". Fix: give each setting named a value as stated")
 
 
 def draft_states(draft, batch: dict) -> torch.Tensor:
@@ -125,7 +127,7 @@ def split_prompts(cfg: DictConfig, tokenizer, seed: int) -> tuple[list[list[int]
     heldout = conversations[:labels.heldout_prompts]
     training = conversations[labels.heldout_prompts:labels.heldout_prompts + labels.num_prompts]
     if not training:
-        raise ValueError(f"{len(conversations)} usable prompts in {list(cfg.data.prompts)}: none left for training "
+        raise ConfigError(f"{len(conversations)} usable prompts in {list(cfg.data.prompts)}: none left for training "
                          f"after specdecpp.labels.heldout_prompts={labels.heldout_prompts}. Fix: lower it, or add "
                          "prompts (data.prompts, data.prompts_limit)")
     return [prompt_ids(c, tokenizer) for c in heldout], [prompt_ids(c, tokenizer) for c in training]
@@ -172,7 +174,7 @@ def summary_markdown(reports: dict[str, dict | None], heldout: dict) -> str:
 
 def run(cfg: DictConfig, run_dir: Path) -> Path:
     settings = cfg.specdecpp
-    validate(settings)
+    validate(cfg)
     sink, engine, target = start_run(cfg, run_dir)
     tokenizer = target.tokenizer
     draft = instantiate_draft(cfg.draft, target)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from draftkit.data.sources import DataError, DataFileNotFoundError
 from draftkit.runtime.speculative import (
     Drafter,
     GenerationStats,
@@ -44,7 +45,8 @@ def load_prompts(
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file not found: {path}")
+        raise DataFileNotFoundError(f"prompt file not found: {path}. Fix: check the path, or leave --prompts out for "
+                                    "the prompts bundled with draftkit")
     records = []
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
@@ -53,12 +55,13 @@ def load_prompts(
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+                raise DataError(f"{path}:{line_number}: not valid JSON ({error.msg}). Fix: one JSON object per "
+                                "line") from None
             turns = record.get("turns") if isinstance(record, dict) else None
             if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
-                raise ValueError(
-                    f"{path}:{line_number}: expected an object with a non-empty list of strings under \"turns\" "
-                    '(Spec-Bench format: {"question_id": ..., "category": ..., "turns": ["..."]})'
+                raise DataError(
+                    f"{path}:{line_number}: expected an object with a non-empty list of strings under \"turns\". "
+                    'Fix: write Spec-Bench records: {"question_id": ..., "category": ..., "turns": ["..."]}'
                 )
             record.setdefault("question_id", line_number)
             record.setdefault("category", "default")
@@ -68,7 +71,7 @@ def load_prompts(
         available = sorted({r["category"] for r in records})
         unknown = [c for c in wanted if c not in available]
         if unknown:
-            raise ValueError(f"{path}: no prompts in categories {unknown}; available: {available}")
+            raise DataError(f"{path}: no prompts in categories {unknown}. Fix: choose from {available}")
         records = [r for r in records if r["category"] in wanted]
     if limit_per_category is not None:
         kept: dict[str, int] = defaultdict(int)
