@@ -31,7 +31,7 @@ from draftkit.errors import ConfigError
 from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.runtime.drafting import Drafting, DraftingOptions
 from draftkit.runtime.evaluate import evaluate_draft, interval_cell, interval_label, interval_note, load_prompts
-from draftkit.runtime.tree import TREE_KINDS
+from draftkit.runtime.tree import TREE_KINDS, check_tree_fits_vocabulary, tree_shape
 
 
 def start_run(cfg: DictConfig, run_dir: Path):
@@ -96,8 +96,8 @@ FEATURE_STAGES = ("features", "train")
 
 
 def check_feature_recipe(settings, name: str) -> list[str]:
-    """The settings a feature-drafter recipe (`name`) shares with fspad's, refused with the fix before any work;
-    returns its stages."""
+    """The settings the feature-drafter recipes (`name`: fspad, eagle3) share, refused with the fix before any work:
+    stages, labels, feature source and storage, the draft vocabulary size and the tree. Returns the stages."""
     stages = list(settings.stages)
     if not stages or any(s not in FEATURE_STAGES for s in stages):
         raise ConfigError(f"{name}.stages={stages} names no known stage. Fix: choose from {list(FEATURE_STAGES)}")
@@ -110,8 +110,17 @@ def check_feature_recipe(settings, name: str) -> list[str]:
         raise ConfigError(f"{name}.features.storage={settings.features.storage!r}. Fix: choose fp32, bf16 or int8")
     size = settings.draft_vocab_size
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise ConfigError(f"{name}.draft_vocab_size={size!r}. Fix: give a number of tokens >= 1, or null for the "
-                          "target's whole vocabulary")
+        raise ConfigError(f"{name}.draft_vocab_size={size!r}: must be a number of tokens >= 1. Fix: e.g. "
+                          f"{name}.draft_vocab_size=8192, or null for the target's whole vocabulary")
+    if settings.tree.kind != "none":
+        try:
+            shape = tree_shape(settings.tree.kind, settings.tree.depth, top_k=settings.tree.top_k,
+                               width=settings.tree.width, budget=settings.tree.budget)
+            if size is not None:
+                check_tree_fits_vocabulary(shape, size)
+        except ValueError as error:
+            fix = "" if "Fix:" in str(error) else f". Fix: check {name}.tree (kind, depth, top_k, width, budget)"
+            raise ConfigError(f"{name}.tree: {str(error).replace('<recipe>', name)}{fix}") from None
     return stages
 
 

@@ -37,7 +37,7 @@ from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.objectives.fspad import align_pairs, fspad_loss
 from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.recipes.common import (
-    check_label_source,
+    check_feature_recipe,
     compare_markdown,
     draft_token_map,
     measure_acceptance,
@@ -46,10 +46,6 @@ from draftkit.recipes.common import (
 )
 from draftkit.runtime import fspad as fspad_runtime
 from draftkit.runtime.drafting import DraftingOptions
-from draftkit.runtime.tree import TREE_KINDS, check_tree_fits_vocabulary, tree_shape
-
-STAGES = ("features", "train")
-SOURCES = ("online", "offline")
 
 
 def build_draft(target, settings, token_map: torch.Tensor | None = None) -> FeatureDrafter:
@@ -124,31 +120,10 @@ def make_step(target, settings):
 
 def validate(cfg: DictConfig) -> list[str]:
     settings = cfg.fspad
-    stages = list(settings.stages)
-    if not stages or any(s not in STAGES for s in stages):
-        raise ConfigError(f"fspad.stages={stages} names no known stage. Fix: choose from {list(STAGES)}")
-    check_label_source("fspad.labels", settings.labels)
-    if settings.features.source not in SOURCES:
-        raise ConfigError(f"fspad.features.source={settings.features.source!r}. Fix: choose online or offline")
+    stages = check_feature_recipe(settings, "fspad")
     if settings.features.norm not in ("post_norm", "pre_norm"):
         raise ConfigError(f"fspad.features.norm={settings.features.norm!r}. Fix: choose post_norm or pre_norm")
-    if settings.tree.kind not in ("none", *TREE_KINDS):
-        raise ConfigError(f"fspad.tree.kind={settings.tree.kind!r}. Fix: choose none, {', '.join(TREE_KINDS)}")
-    if settings.features.storage not in ("fp32", "bf16", "int8"):
-        raise ConfigError(f"fspad.features.storage={settings.features.storage!r}. Fix: choose fp32, bf16 or int8")
     size = settings.draft_vocab_size
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise ConfigError(f"fspad.draft_vocab_size={size!r}: must be a number of tokens >= 1. Fix: e.g. "
-                          "fspad.draft_vocab_size=8192, or null for the target's whole vocabulary")
-    if settings.tree.kind != "none":
-        try:
-            shape = tree_shape(settings.tree.kind, settings.tree.depth, top_k=settings.tree.top_k,
-                               width=settings.tree.width, budget=settings.tree.budget)
-            if size is not None:
-                check_tree_fits_vocabulary(shape, size)
-        except ValueError as error:
-            fix = "" if "Fix:" in str(error) else ". Fix: check fspad.tree (kind, depth, top_k, width, budget)"
-            raise ConfigError(f"fspad.tree: {str(error).replace('<recipe>', 'fspad')}{fix}") from None
     eagle_formats = settings.export.eagle_formats
     for fmt in eagle_formats if eagle_formats is not None else ():
         if fmt not in EAGLE_FORMATS:
