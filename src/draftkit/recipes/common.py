@@ -87,9 +87,9 @@ def rope_theta(text_config) -> float:
 def check_draft_vocab_size(size: int | None, target, key: str) -> None:
     """Before the (slow) self-distillation: a draft vocabulary must fit in the target's."""
     if size is not None and size > target.vocab_size:
-        raise ValueError(f"{key}={size} is larger than the target's vocabulary of "
-                         f"{target.vocab_size} tokens. Fix: choose at most {target.vocab_size}, or null for the whole "
-                         "vocabulary")
+        raise ConfigError(f"{key}={size} is larger than the target's vocabulary of "
+                          f"{target.vocab_size} tokens. Fix: choose at most {target.vocab_size}, or null for the whole "
+                          "vocabulary")
 
 
 FEATURE_STAGES = ("features", "train")

@@ -14,35 +14,28 @@ vocabulary, and the runtime maps the draft's ids back to target ids.
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from draftkit.data.feature_cache import (
-    FeatureCache,
-    FeatureExamples,
-    build_feature_cache,
-    collate_with_features,
-    expected_manifest,
-    feature_layer,
-    target_features,
-)
+from draftkit.data.feature_cache import feature_layer, target_features
 from draftkit.drafts.fspad import FeatureDrafter, feature_drafter
-from draftkit.engine.loop import stage_settings, train
 from draftkit.errors import ConfigError
 from draftkit.export.fspad import EAGLE_FORMATS, export_feature_drafter, format_refusal
-from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.objectives.fspad import align_pairs, fspad_loss
 from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.recipes.common import (
+    check_draft_vocab_size,
     check_feature_recipe,
-    compare_markdown,
     draft_token_map,
-    measure_acceptance,
+    feature_training_data,
+    finish_feature_run,
+    rope_theta,
     start_run,
+    train_and_measure,
     training_chats,
+    tree_options,
 )
 from draftkit.runtime import fspad as fspad_runtime
 from draftkit.runtime.drafting import DraftingOptions
@@ -56,15 +49,10 @@ def build_draft(target, settings, token_map: torch.Tensor | None = None) -> Feat
     draft = feature_drafter(
         embed_weight=target.embed_tokens.weight, lm_head_weight=target.lm_head.weight,
         num_heads=text.num_attention_heads, num_kv_heads=getattr(text, "num_key_value_heads", text.num_attention_heads),
-        intermediate_size=text.intermediate_size, rope_theta=_rope_theta(text), rms_norm_eps=text.rms_norm_eps,
+        intermediate_size=text.intermediate_size, rope_theta=rope_theta(text), rms_norm_eps=text.rms_norm_eps,
         feature_sampling=settings.feature_sampling, partial_alignment=settings.partial_alignment,
         fc_bias=settings.fc_bias, head_norm_weight=head_norm, token_map=token_map, seed=settings.seed)
     return draft.to(target.device)
-
-
-def _rope_theta(text_config) -> float:
-    params = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
-    return float(params.get("rope_theta", getattr(text_config, "rope_theta", 10000.0)))
 
 
 def feature_step(model: FeatureDrafter, batch: dict, features: torch.Tensor, *, noise_amplitude: float,
@@ -135,38 +123,16 @@ def validate(cfg: DictConfig) -> list[str]:
     return stages
 
 
-def check_draft_vocab_size(size: int | None, target) -> None:
-    """Before the (slow) self-distillation: a draft vocabulary must fit in the target's."""
-    if size is not None and size > target.vocab_size:
-        raise ConfigError(f"fspad.draft_vocab_size={size} is larger than the target's vocabulary of "
-                          f"{target.vocab_size} tokens. Fix: choose at most {target.vocab_size}, or null for the whole "
-                          "vocabulary")
-
-
 def run(cfg: DictConfig, run_dir: Path) -> Path | None:
     stages = validate(cfg)
     settings = cfg.fspad
-    offline = settings.features.source == "offline"
     sink, engine, target = start_run(cfg, run_dir)
-    check_draft_vocab_size(settings.draft_vocab_size, target)
+    check_draft_vocab_size(settings.draft_vocab_size, target, key="fspad.draft_vocab_size")
     chats = training_chats(cfg, target, run_dir, settings.labels, cfg.engine.seed)
-    cache_dir = Path(settings.features.cache) if settings.features.cache else run_dir / "feature_cache"
-    cache_settings = dict(norm=settings.features.norm, storage=settings.features.storage,
-                          shard_size=settings.features.shard_size)
-
-    if "features" in stages and offline:
-        build_feature_cache(target, chats, cache_dir, batch_size=settings.features.batch_size,
-                            pad_token_id=target.tokenizer.pad_token_id, **cache_settings)
-    if "train" not in stages:
+    dataset = feature_training_data(target, chats, settings, stages, run_dir, norm=settings.features.norm)
+    if dataset is None:
         sink.finish()
-        print(f"Feature cache ready at {cache_dir}")
         return None
-
-    dataset = chats
-    if offline:
-        cache = FeatureCache(cache_dir)
-        cache.check(expected_manifest(target, chats, **cache_settings))  # refused before any training starts
-        dataset = FeatureExamples(chats, cache)
 
     token_map = draft_token_map(chats, settings.draft_vocab_size, target, run_dir)
     draft = build_draft(target, settings, token_map)
@@ -174,26 +140,13 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
                                    name=f"{draft.variant} draft")
     tree = None
     if settings.tree.kind != "none":
-        tree_cfg = settings.tree
-        options = DraftingOptions(tree=tree_cfg.kind, tree_depth=tree_cfg.depth, tree_top_k=tree_cfg.top_k,
-                                  tree_width=tree_cfg.width, tree_budget=tree_cfg.budget)
-        tree = fspad_runtime.drafting(draft, target, options, settings.features.norm,
+        tree = fspad_runtime.drafting(draft, target, tree_options(settings.tree), settings.features.norm,
                                       name=f"{draft.variant} draft (tree)")
-    before = (measure_acceptance(target, chain, cfg.eval, run_dir / "eval_before.json")
-              if cfg.eval.get("before") else None)
-    torch.manual_seed(cfg.engine.seed)  # the feature noise, whatever ran before (resume restores the state itself)
-    result = train(model=draft, step_fn=make_step(target, settings), dataset=dataset,
-                   collate=partial(collate_with_features, pad_token_id=target.tokenizer.pad_token_id),
-                   settings=stage_settings(engine, "fspad.train.engine", **settings.train.engine),
-                   stage_dir=run_dir / "train", sink=sink, resume=cfg.resume, desc="train")
-    if result.resumed_from != result.steps:  # the draft changed: earlier reports are stale
-        (run_dir / "eval_after.json").unlink(missing_ok=True)
-        (run_dir / "eval_after_tree.json").unlink(missing_ok=True)
-    after = measure_acceptance(target, chain, cfg.eval, run_dir / "eval_after.json")
-    after_tree = measure_acceptance(target, tree, cfg.eval, run_dir / "eval_after_tree.json") if tree else None
-    table = compare_markdown({"before training": before, "after training (chain)": after,
-                              f"after training ({settings.tree.kind} tree, depth {settings.tree.depth})": after_tree})
-    write_text_atomic(run_dir / "summary.md", table + "\n")
+    # The step's noise is drawn after a reseed, whatever ran before (resume restores the state itself).
+    before, after, after_tree, table = train_and_measure(
+        cfg, run_dir, sink=sink, engine=engine, target=target, draft=draft, step_fn=make_step(target, settings),
+        dataset=dataset, chain=chain, tree=tree, stage_engine=settings.train.engine,
+        tree_label=f"{settings.tree.kind} tree, depth {settings.tree.depth}")
     exports = export_feature_drafter(
         draft, run_dir / "export", target_name=target.name, feature_norm=settings.features.norm,
         feature_layer=feature_layer(target), target_vocab_size=target.vocab_size,
@@ -201,11 +154,5 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
         num_speculative_tokens=settings.export.num_speculative_tokens,
         resolved_config_yaml=OmegaConf.to_yaml(cfg, resolve=True), eval_table_md=table,
         eagle_formats=None if settings.export.eagle_formats is None else list(settings.export.eagle_formats))
-    if after is not None:
-        sink.summary({"tau_before": before["overall"]["tau"] if before else None, "tau_after": after["overall"]["tau"]})
-    sink.finish()
-    write_json_atomic(run_dir / "result.json", {"exports": {k: str(v) for k, v in exports.items()},
-                                                 "variant": draft.variant, "features": settings.features.source,
-                                                 "before": before, "after": after, "after_tree": after_tree})
-    print(f"\n{table}\n\nDraft exported to {exports['draftkit']}")
-    return exports["draftkit"]
+    return finish_feature_run(run_dir, sink, exports, before, after, after_tree, table, variant=draft.variant,
+                              features=settings.features.source)
