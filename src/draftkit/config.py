@@ -76,12 +76,16 @@ def prepare_overrides(overrides: list[str]) -> list[str]:
             raise ConfigError(f"unknown recipe {name!r}; available recipes: {', '.join(known)}. Fix: "
                               "+recipe=<one of them>")
     recipe = recipes[-1].split("=", 1)[1]
+    # A budget's per-recipe part (+budget/<b>@_global_=<recipe>) is re-derived below, so output fed back in keeps order
+    budgeted = any(_group_of(o) == "budget" for o in overrides)
+    rest = [o for o in overrides
+            if _group_of(o) not in OVERLAY_GROUPS and not (budgeted and _group_of(o).startswith("budget/"))]
     normalized = []
     for group in OVERLAY_GROUPS:
         for o in (o for o in overrides if _group_of(o) == group):
             choice = o.split("=", 1)[1]
-            normalized += _budget_overrides(choice, recipe) if group == "budget" else ["+" + o.lstrip("+")]
-    rest = [o for o in overrides if _group_of(o) not in OVERLAY_GROUPS]
+            expanded = _budget_overrides(choice, recipe) if group == "budget" else ["+" + o.lstrip("+")]
+            normalized += [n for n in expanded if n not in normalized]
     return rest + normalized
 
 
