@@ -226,6 +226,28 @@ def test_the_shared_data_group_passes_the_checks_with_its_root_interpolated(tmp_
     (tmp_path / "spec_bench" / "question.jsonl").write_text(
         json.dumps({"question_id": 1, "category": "qa", "turns": ["Hi"]}) + "\n")
     validate(compose(["+recipe=fastdraft", "data=shared", f"data.root={tmp_path}"]))
+    from draftkit.recipes import fastdraft
+
     with pytest.raises(UserError, match=f"data file not found: {tmp_path}/pretrain/gutenberg_books"):
         (tmp_path / "pretrain" / "gutenberg_books.jsonl.gz").unlink()
-        validate(compose(["+recipe=fastdraft", "data=shared", f"data.root={tmp_path}"]))
+        fastdraft.validate(compose(["+recipe=fastdraft", "data=shared", f"data.root={tmp_path}"]))
+
+
+def test_preparing_overrides_twice_changes_nothing():
+    """The CLI prepares the overrides, composes them to check the run, then hands the same list to Hydra."""
+    once = prepare_overrides(["budget=gpu30", "+recipe=fspad", "+debug=tiny", "engine.lr=0.1"])
+    assert prepare_overrides(once) == once
+    assert once[-3:] == ["+budget=gpu30", "+budget/gpu30@_global_=fspad", "+debug=tiny"]
+
+
+def test_pretraining_text_is_checked_only_where_a_recipe_reads_it(tmp_path):
+    from draftkit.config import validate
+
+    missing = [f"data.pretrain=[{tmp_path / 'gone.jsonl.gz'}]"]
+    validate(compose(["+recipe=fspad", *missing]))  # fspad never opens data.pretrain
+    from draftkit.errors import UserError
+    from draftkit.recipes import fastdraft
+
+    with pytest.raises(UserError, match="data.pretrain: data file not found"):
+        fastdraft.validate(compose(["+recipe=fastdraft", *missing]))
+    fastdraft.validate(compose(["+recipe=fastdraft", "fastdraft.stages=[finetune]", *missing]))

@@ -285,9 +285,10 @@ def validate(cfg: DictConfig) -> None:
     for path in stage_engine_paths(cfg):
         stage_settings(engine, path, **OmegaConf.to_container(OmegaConf.select(cfg, path), resolve=True))
     data = cfg.data
-    for key in ("pretrain", "prompts"):
-        check_source_list(f"data.{key}", OmegaConf.to_container(data[key], resolve=True)
-                          if isinstance(data[key], ListConfig) else data[key])
+    # data.pretrain is the pretraining recipe's own input (fastdraft checks it): a recipe that never reads it must not
+    # be refused for files it would not open (data=shared on a machine with only the chat data)
+    check_source_list("data.prompts", OmegaConf.to_container(data.prompts, resolve=True)
+                      if isinstance(data.prompts, ListConfig) else data.prompts)
     for key in ("pretrain_limit", "prompts_limit"):
         limit = data.get(key)
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):

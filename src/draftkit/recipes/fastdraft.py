@@ -10,11 +10,12 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from draftkit.config import instantiate_draft
 from draftkit.data.collate import collate
 from draftkit.data.packing import pack_texts
+from draftkit.data.sources import check_source_list
 from draftkit.engine.loop import stage_settings, train
 from draftkit.errors import ConfigError
 from draftkit.export.lm import export_hf_draft
@@ -42,6 +43,10 @@ def validate(cfg: DictConfig) -> None:
     stages = list(cfg.fastdraft.stages)
     if not stages or any(s not in STAGES for s in stages):
         raise ConfigError(f"fastdraft.stages={stages} names no known stage. Fix: choose from {list(STAGES)}")
+    if "pretrain" in stages:
+        pretrain = cfg.data.pretrain
+        check_source_list("data.pretrain", OmegaConf.to_container(pretrain, resolve=True)
+                          if isinstance(pretrain, ListConfig) else pretrain)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> Path:
