@@ -164,12 +164,13 @@ def evaluate_all(run_dirs: dict[str, Path], budget: dict, target_path: str | Non
     for family, run_dir in run_dirs.items():
         _, _, decoding = FAMILIES[family]
         export = artifact(run_dir)
-        args = parse_args(["--draft", str(export), "--tree", "static", "--no-progress"])
-        draft, extra = load_draft(args, target)
+        tree = ["--tree", "static"] if decoding == "tree" else []
+        drafting = load_draft(parse_args(["--draft", str(export), *tree, "--no-progress"]), target)
 
-        def measure(gamma: int, t: float, draft=draft, extra=extra):
-            report = evaluate_draft(target, draft, prompts, gamma=gamma, temperature=t, max_new_tokens=new_tokens,
-                                    progress=False, profile=True, baseline=baselines[t], **extra)
+        def measure(gamma: int, t: float, drafting=drafting):
+            report = evaluate_draft(target, drafting.drafter, prompts, gamma=gamma, temperature=t,
+                                    max_new_tokens=new_tokens, progress=False, profile=True, baseline=baselines[t],
+                                    **drafting.evaluate_args())
             return trimmed(report)
 
         entry = {"export": str(export), "decoding": decoding, "draft_parameters": parameter_count(export)}

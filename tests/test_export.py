@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from draftkit.drafts.lm import llama_draft
-from draftkit.export.hf_dir import export_hf_draft
+from draftkit.export.lm import export_hf_draft
 from draftkit.targets.tiny import tiny_target
 
 

@@ -108,7 +108,7 @@ def medusa_drafter(target, shape, std: float):
     import torch
 
     from draftkit.drafts.medusa import medusa_heads
-    from draftkit.runtime.heads import MedusaDrafter
+    from draftkit.runtime.medusa import MedusaDrafter
 
     torch.manual_seed(3)
     heads = medusa_heads(target.hidden_size, target.vocab_size, num_heads=3, num_layers=2)

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from draftkit.drafts.lm import llama_draft
-from draftkit.export.hf_dir import export_hf_draft
+from draftkit.export.lm import export_hf_draft
 from draftkit.runtime.speculative import LMDrafter, speculative_generate
 from draftkit.targets.hf import BUILTIN_SMOLLM2, load_target
 

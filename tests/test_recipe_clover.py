@@ -12,7 +12,7 @@ from draftkit.drafts.clover import clover2
 from draftkit.export.heads_dir import export_heads_dir, load_heads_dir
 from draftkit.objectives.clover import clover_loss
 from draftkit.recipes import clover as recipe
-from draftkit.runtime.heads import CloverDrafter
+from draftkit.runtime.clover import CloverDrafter
 from draftkit.runtime.speculative import autoregressive_generate
 from draftkit.runtime.tree import tree_generate, tree_shape
 from draftkit.targets.tiny import tiny_target

@@ -20,11 +20,11 @@ from draftkit.data.feature_cache import (
 )
 from draftkit.drafts.fspad import feature_drafter
 from draftkit.eval import main as eval_main
-from draftkit.export.eagle import load_feature_drafter
+from draftkit.export.fspad import load_feature_drafter
 from draftkit.objectives.ce import IGNORE_INDEX
 from draftkit.objectives.fspad import align_pairs, fspad_loss
 from draftkit.recipes import fspad
-from draftkit.runtime.feature_drafter import FeatureChainDrafter
+from draftkit.runtime.fspad import FeatureChainDrafter
 from draftkit.runtime.speculative import speculative_generate
 from draftkit.targets.tiny import tiny_target
 
@@ -399,7 +399,7 @@ def test_speculative_sampling_with_the_feature_drafter_preserves_the_target_dist
 @pytest.mark.parametrize("kind", ["chain", "static", "topk"])
 @pytest.mark.parametrize("switches", [(False, False), (True, True)], ids=["eagle1", "fspad"])
 def test_greedy_tree_drafting_is_lossless(kind, switches):
-    from draftkit.runtime.feature_drafter import FeatureTreeDrafter
+    from draftkit.runtime.fspad import FeatureTreeDrafter
     from draftkit.runtime.tree import tree_generate, tree_shape
 
     target = sharp_target()
@@ -418,7 +418,7 @@ def test_greedy_tree_drafting_is_lossless(kind, switches):
 
 
 def test_tree_nodes_see_only_their_ancestors():
-    from draftkit.runtime.feature_drafter import FeatureTreeDrafter
+    from draftkit.runtime.fspad import FeatureTreeDrafter
     from draftkit.runtime.tree import TargetStep, tree_shape
 
     target = sharp_target()
@@ -498,7 +498,7 @@ def test_real_target_features_reach_the_drafter_and_decoding_stays_lossless():
 
 
 def test_eagle_formats_refuse_fspad_parts_with_the_fix():
-    from draftkit.export.eagle import eagle_tensors
+    from draftkit.export.fspad import eagle_tensors
 
     target = sharp_target()
     for switches, variant in [((True, False), "fspad_without_partial_alignment"),
@@ -600,7 +600,7 @@ def test_restricted_vocab_greedy_chain_is_lossless_and_proposes_target_ids():
 
 
 def test_a_tree_wider_than_the_draft_vocabulary_is_refused():
-    from draftkit.runtime.feature_drafter import FeatureTreeDrafter
+    from draftkit.runtime.fspad import FeatureTreeDrafter
     from draftkit.runtime.tree import tree_shape
 
     draft = guessing_drafter(sharp_target(), False, False, token_map=torch.tensor([1, 50, 60]))
@@ -611,7 +611,7 @@ def test_a_tree_wider_than_the_draft_vocabulary_is_refused():
 
 @pytest.mark.parametrize("kind", ["chain", "static", "topk"])
 def test_restricted_vocab_greedy_tree_is_lossless(kind):
-    from draftkit.runtime.feature_drafter import FeatureTreeDrafter
+    from draftkit.runtime.fspad import FeatureTreeDrafter
     from draftkit.runtime.tree import tree_generate, tree_shape
 
     target = sharp_target()
@@ -636,7 +636,7 @@ def test_restricted_vocab_greedy_tree_is_lossless(kind):
 
 
 def test_eagle_vllm_refuses_a_restricted_vocabulary_with_the_fix(tmp_path):
-    from draftkit.export.eagle import eagle_tensors, export_feature_drafter
+    from draftkit.export.fspad import eagle_tensors, export_feature_drafter
 
     target = sharp_target()
     draft = guessing_drafter(target, False, False, token_map=torch.arange(0, 320, 4))

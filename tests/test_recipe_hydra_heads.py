@@ -13,7 +13,7 @@ from draftkit.export.artifact import ArtifactError
 from draftkit.export.heads_dir import export_heads_dir, load_heads_dir
 from draftkit.objectives.hydra_heads import hydra_loss, rows_ahead_for_heads
 from draftkit.recipes import hydra_heads as recipe
-from draftkit.runtime.heads import HydraDrafter
+from draftkit.runtime.hydra_heads import HydraDrafter
 from draftkit.runtime.speculative import autoregressive_generate
 from draftkit.runtime.tree import tree_generate, tree_shape
 from draftkit.targets.tiny import tiny_target

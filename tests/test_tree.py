@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from draftkit.drafts.medusa import medusa_heads
-from draftkit.runtime.heads import MedusaDrafter
+from draftkit.runtime.medusa import MedusaDrafter
 from draftkit.runtime.speculative import autoregressive_generate
 from draftkit.runtime.tree import (
     DraftTree,

@@ -24,7 +24,9 @@ from draftkit.recipes import hydra_heads as hydra_recipe
 from draftkit.recipes import medusa as medusa_recipe
 from draftkit.recipes.hydra_heads import hydra_step
 from draftkit.recipes.medusa import heads_step
-from draftkit.runtime.heads import CloverDrafter, HydraDrafter, MedusaDrafter
+from draftkit.runtime.clover import CloverDrafter
+from draftkit.runtime.hydra_heads import HydraDrafter
+from draftkit.runtime.medusa import MedusaDrafter
 from draftkit.runtime.speculative import autoregressive_generate
 from draftkit.runtime.tree import tree_generate, tree_shape
 from test_export_medusa import target_dir  # noqa: F401  (the recipes' tiny target, saved for draftkit-eval)

@@ -7,37 +7,28 @@ Example:
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
-import os
 import sys
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 import torch
 
-from draftkit.drafts.vocab import draft_rows
+from draftkit.export.artifact import ArtifactError, artifact_family
+from draftkit.io import write_text_atomic
+from draftkit.runtime.drafting import TREE_KINDS, Drafting, DraftingOptions
 from draftkit.runtime.evaluate import evaluate_draft, load_prompts, render_markdown
-from draftkit.targets.hf import BUILTIN_SMOLLM2, freeze, load_target
+from draftkit.targets.hf import BUILTIN_SMOLLM2, load_target
 
 BUILTIN_PROMPTS = ("data", "builtin", "eval_prompts.jsonl")
+DEFAULT_GAMMA = 5
 
 
 def builtin_prompts() -> Path | None:
     path = resources.files("draftkit").joinpath(*BUILTIN_PROMPTS)
     return Path(str(path)) if path.is_file() else None
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """A reader never sees a half-written report: write a sibling temp file, then rename over the target."""
-    fd, staging = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -69,8 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="time drafting and verification apart and report the predicted speedup and recommended "
                              "gamma next to the measured one (one extra device sync per step)")
     parser.add_argument("--out", type=Path, default=None, help="where eval.json and eval.md go (default: the draft dir)")
-    parser.add_argument("--tree", default="static", choices=["chain", "static", "topk"],
-                        help="draft heads: chain (top-1 per head), static tree or per-step top-k tree")
+    parser.add_argument("--tree", default=None, choices=list(TREE_KINDS),
+                        help="tree drafters: chain (top-1 per depth), static tree or per-step top-k tree (default: the "
+                             "family's own: a static tree for heads, a chain for feature drafters)")
     parser.add_argument("--tree-top-k", type=int, default=4)
     parser.add_argument("--tree-width", type=int, default=4)
     parser.add_argument("--tree-budget", type=int, default=16)
@@ -84,162 +76,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def hf_draft(args: argparse.Namespace, target):
-    from transformers import AutoModelForCausalLM
-
-    draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=getattr(torch, args.dtype))
-    draft = freeze(draft.to(target.device))
-    draft_vocab = draft.config.get_text_config().vocab_size
-    if draft_vocab != target.vocab_size:
-        raise SystemExit(
-            f"draftkit-eval: draft {args.draft} has vocab_size={draft_vocab} but target {args.target} has "
-            f"{target.vocab_size}. Fix: pass the --target this draft was trained for, or train a draft on this target "
-            "(drafts must share the target's padded vocabulary)"
-        )
-    return draft
+def drafting_options(args: argparse.Namespace) -> DraftingOptions:
+    return DraftingOptions(tree=args.tree, tree_top_k=args.tree_top_k, tree_width=args.tree_width,
+                           tree_budget=args.tree_budget, no_head=args.no_head, stop_threshold=args.stop_threshold)
 
 
-def feature_drafter(args: argparse.Namespace, target):
-    from draftkit.export.eagle import load_feature_drafter
-    from draftkit.runtime.feature_drafter import FeatureChainDrafter
-
-    try:
-        module, info = load_feature_drafter(args.draft, embed_weight=target.embed_tokens.weight,
-                                            lm_head_weight=target.lm_head.weight,
-                                            head_norm_weight=target.model.get_decoder().norm.weight)
-    except ValueError as error:  # wrong target or a tampered folder: one line, no traceback
-        raise SystemExit(f"draftkit-eval: {error}") from None
-    if module.vocab_size != target.vocab_size:
-        raise SystemExit(f"draftkit-eval: draft {args.draft} has vocab_size={module.vocab_size} but target "
-                         f"{args.target} has {target.vocab_size}. Fix: pass the --target this draft was trained for")
-    return FeatureChainDrafter(module.to(getattr(torch, args.dtype)), info["target_feature"]["norm"], args.draft)
-
-
-def kangaroo_decoder(args: argparse.Namespace, target):
-    from draftkit.export.kangaroo import load_kangaroo
-    from draftkit.runtime.kangaroo import KangarooDecoder
-
-    adapter, settings = load_kangaroo(args.draft, target_shape=(target.num_layers, target.vocab_size))
-    return KangarooDecoder(target, adapter.to(target.device), settings["exit_layer"], settings["threshold"])
-
-
-def specdecpp_drafter(args: argparse.Namespace, target):
-    """The export's draft with its acceptance head (adaptive stop), or alone (--no-head: the static policy's gamma)."""
-    from draftkit.export.artifact import ArtifactError, read_json
-    from draftkit.export.specdecpp import load_acceptance_head
-    from draftkit.runtime.specdecpp import SpecDecDrafter
-
-    root = Path(args.draft)
-    draft = hf_draft(args, target)
-    if args.no_head:
-        return draft
-    try:
-        head, head_info = load_acceptance_head(root / read_json(root / "draftkit.json")["head"], draft)
-    except ArtifactError as error:  # a head for another draft, or a tampered folder: one line, no traceback
-        raise SystemExit(f"draftkit-eval: {error}") from None
-    threshold = args.stop_threshold if args.stop_threshold is not None else head_info["threshold"]
-    return SpecDecDrafter(draft, head.to(target.device), threshold=threshold, min_tokens=head_info["min_tokens"],
-                          score_first_token=head_info.get("score_first_token", False))
-
-
-def recorded_gamma(args: argparse.Namespace) -> int:
-    """The draft length when --gamma is not given: what a SpecDec++ export records (the head's most draft tokens, or
-    with --no-head the static policy's gamma), otherwise 5."""
-    if artifact_family(args.draft) != "specdecpp":
-        return 5
-    root = Path(args.draft)
-    info = json.loads((root / "draftkit.json").read_text())
-    if args.no_head:
-        return json.loads((root / info["stop_policy"]).read_text())["num_speculative_tokens"]
-    return json.loads((root / info["head"] / "draftkit.json").read_text())["max_draft_tokens"]
-
-
-def artifact_family(draft_dir) -> str | None:
-    """The "family" in a draftkit export's draftkit.json (None for a plain HF draft LM)."""
-    info = Path(draft_dir) / "draftkit.json"
-    return json.loads(info.read_text()).get("family") if info.is_file() else None
-
-
-def medusa_drafter(args: argparse.Namespace, target):
-    from draftkit.export.artifact import ArtifactError, check_matches_target
-    from draftkit.export.medusa import load_medusa
-    from draftkit.runtime.heads import MedusaDrafter
-
-    try:
-        artifact = load_medusa(args.draft, vocab_size=target.vocab_size)
-        check_matches_target(artifact.info, hidden_size=artifact.heads.hidden_size,
-                             vocab_size=artifact.heads.vocab_size, target_name=args.target,
-                             target_hidden_size=target.hidden_size, target_vocab_size=target.vocab_size, where=args.draft)
-    except ArtifactError as error:
-        raise SystemExit(f"draftkit-eval: {error}") from None
-    lora = artifact.info.get("target_lora")
-    if lora:  # Medusa-2 heads read the states of the target they were trained with
-        from peft import PeftModel
-
-        target.model = freeze(PeftModel.from_pretrained(target.model, str(Path(args.draft) / lora)).merge_and_unload())
-    heads = artifact.heads.to(device=target.device, dtype=getattr(torch, args.dtype))
-    # A stored copy of the target's LM head (vLLM original_lm_head) may be bf16-rounded: use the target's own (the
-    # rows of the heads' draft vocabulary, when they have one).
-    shared = draft_rows(target.lm_head.weight, heads.token_map) if heads.lm_heads is None else None
-    return MedusaDrafter(heads, _heads_shape(args, heads.num_heads), shared_lm_head=shared)
-
-
-def _heads_shape(args: argparse.Namespace, num_heads: int):
-    from draftkit.runtime.tree import tree_shape
-
-    return tree_shape(args.tree, num_heads, top_k=args.tree_top_k, width=args.tree_width, budget=args.tree_budget)
-
-
-def _load_heads_artifact(args: argparse.Namespace, target, family: str, build, **call_site):
-    from draftkit.export.artifact import ArtifactError, check_matches_target, read_json
-    from draftkit.export.heads_dir import load_heads_dir
-
-    try:
-        info = read_json(Path(args.draft) / "draftkit.json")
-        check_matches_target(info, hidden_size=info["hidden_size"], vocab_size=info["vocab_size"],
-                             target_name=args.target, target_hidden_size=target.hidden_size,
-                             target_vocab_size=target.vocab_size, where=args.draft)
-        module, _ = load_heads_dir(args.draft, build, family=family, hidden_size=info["hidden_size"],
-                                   target_config=target.config, **call_site)
-    except ArtifactError as error:
-        raise SystemExit(f"draftkit-eval: {error}") from None
-    return module.to(device=target.device, dtype=getattr(torch, args.dtype))
-
-
-def hydra_drafter(args: argparse.Namespace, target):
-    from draftkit.drafts.hydra_heads import hydra_heads
-    from draftkit.runtime.heads import HydraDrafter
-
-    heads = _load_heads_artifact(args, target, "hydra_heads", hydra_heads, vocab_size=target.vocab_size,
-                                 lm_head_weight=target.lm_head.weight)
-    shared = draft_rows(target.lm_head.weight, heads.token_map) if heads.lm_heads is None else None
-    return HydraDrafter(heads, target.embed_tokens, _heads_shape(args, heads.num_heads), shared_lm_head=shared)
-
-
-def clover_drafter(args: argparse.Namespace, target):
-    from draftkit.drafts.clover import clover2
-    from draftkit.runtime.heads import CloverDrafter
-
-    model = _load_heads_artifact(args, target, "clover", clover2)
-    lm_head = target.lm_head.weight
-    return CloverDrafter(model, lm_head, draft_rows(lm_head, model.token_map), _heads_shape(args, model.num_heads))
-
-
-def load_draft(args: argparse.Namespace, target) -> tuple[object, dict]:
-    """The drafter for the artifact in args.draft, whatever its family, and the extra evaluate_draft arguments it needs
-    (a self-drafting family brings its own verifier)."""
+def load_draft(args: argparse.Namespace, target) -> Drafting:
+    """The drafting for the artifact in args.draft, whatever its family: `draftkit.export.<family>.load` reads it and
+    `draftkit.runtime.<family>.drafting` wraps it, both found by the family its draftkit.json records."""
     family = artifact_family(args.draft)
-    if family == "kangaroo":  # self-drafting: drafts and verifies over the target's own layers
-        decoder = kangaroo_decoder(args, target)
-        return decoder, {"verifier": decoder}
-    loaders = {
-        "medusa": medusa_drafter,  # draft heads: tree or chain decoding (draftkit.export.medusa)
-        "hydra_heads": hydra_drafter,  # draftkit's heads format (draftkit.export.heads_dir)
-        "clover": clover_drafter,  # draftkit's heads format (draftkit.export.heads_dir)
-        "fspad": feature_drafter,  # feature drafter (EAGLE-1 / FSPAD) in any of its export formats
-        "specdecpp": specdecpp_drafter,  # a draft LM with its acceptance head (draftkit.export.specdecpp)
-    }
-    return loaders.get(family, hf_draft)(args, target), {}
+    modules = [f"draftkit.{layer}.{family}" for layer in ("export", "runtime")]
+    if not family.isidentifier() or any(importlib.util.find_spec(name) is None for name in modules):
+        raise SystemExit(f"draftkit-eval: {args.draft} holds a {family!r} draft, which this draftkit cannot run. Fix: "
+                         "install the draftkit version that exported it")
+    exporter, runtime = (importlib.import_module(name) for name in modules)
+    try:
+        loaded = exporter.load(args.draft, target, dtype=getattr(torch, args.dtype))
+        return runtime.drafting(loaded.module, target, drafting_options(args), **loaded.settings)
+    except ArtifactError as error:  # wrong target or a tampered folder: one line, no traceback
+        raise SystemExit(f"draftkit-eval: {error}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,22 +106,22 @@ def main(argv: list[str] | None = None) -> int:
     prompts = load_prompts(prompts_path, limit_per_category=args.limit_per_category, categories=categories)
 
     target = load_target(args.target, dtype=args.dtype, device=args.device)
-    draft, evaluate_args = load_draft(args, target)
-    gamma = args.gamma if args.gamma is not None else recorded_gamma(args)
+    drafting = load_draft(args, target)
+    gamma = next(g for g in (args.gamma, drafting.gamma, DEFAULT_GAMMA) if g is not None)
 
     report = evaluate_draft(
-        target, draft, prompts,
+        target, drafting.drafter, prompts,
         gamma=gamma, temperature=args.temperature, acceptance=args.acceptance, max_new_tokens=args.max_new_tokens,
         measure_speedup=not args.no_speedup, seed=args.seed, progress=not args.no_progress, profile=args.profile,
-        **evaluate_args,
+        **drafting.evaluate_args(),
     )
     report["config"].update(draft=str(args.draft), prompts=str(prompts_path))
     markdown = render_markdown(report)
 
     out = args.out or Path(args.draft)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomically(out / "eval.json", json.dumps(report, indent=2) + "\n")
-    write_atomically(out / "eval.md", markdown)
+    write_text_atomic(out / "eval.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out / "eval.md", markdown)
     print(markdown)
     print(f"[draftkit] wrote {out / 'eval.json'} and {out / 'eval.md'}", file=sys.stderr)
     return 0

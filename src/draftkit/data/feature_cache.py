@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from draftkit.data.collate import collate
 from draftkit.data.sources import DataError
+from draftkit.io import write_json_atomic
 from draftkit.targets.hf import Target
 
 FEATURE_NORMS = ("post_norm", "pre_norm")
@@ -99,12 +100,6 @@ def _decode(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return features.float()
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_text(json.dumps(payload, indent=2))
-    os.replace(staging, path)
-
-
 def _describe_mismatch(found: dict, expected: dict) -> str:
     differing = [k for k in expected if found.get(k) != expected[k]]
     details = "; ".join(f"{k}: cache has {found.get(k)!r}, this run needs {expected[k]!r}" for k in differing)
@@ -162,7 +157,7 @@ def build_feature_cache(
     if (cache_dir / _MANIFEST).is_file():
         _check_manifest(cache_dir, expected)
     else:
-        _write_json_atomic(cache_dir / _MANIFEST, expected)
+        write_json_atomic(cache_dir / _MANIFEST, expected)
     num_shards = -(-len(examples) // shard_size)
     device = target.device
     with tqdm(total=len(examples), desc="target features", unit="example", disable=not progress) as bar:
@@ -187,7 +182,7 @@ def build_feature_cache(
             staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             save_file(tensors, str(staging))
             os.replace(staging, path)
-    _write_json_atomic(cache_dir / _MANIFEST, {**expected, "complete": True})
+    write_json_atomic(cache_dir / _MANIFEST, {**expected, "complete": True})
     return FeatureCache(cache_dir)
 
 

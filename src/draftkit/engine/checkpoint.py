@@ -6,45 +6,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from draftkit.io import make_staging_dir, write_json_atomic
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def write_json_atomic(path: Path, payload) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def replace_directory(staging: Path, final: Path) -> None:
-    """Put the finished directory `staging` at `final`, replacing what is there with renames only, so a reader sees
-    the old directory or the new one, never a mix. `staging` must sit next to `final` (same filesystem)."""
-    staging, final = Path(staging), Path(final)
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
-        os.rename(final, old / "x")
-        os.rename(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staging, final)
 
 
 def save_checkpoint(directory: Path, step: int, tensors: dict[str, object], state: dict, keep: int = 2) -> Path:
@@ -52,7 +20,7 @@ def save_checkpoint(directory: Path, step: int, tensors: dict[str, object], stat
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step_{step:06d}"
-    staging = Path(tempfile.mkdtemp(prefix=f".step_{step:06d}.", dir=directory))
+    staging = make_staging_dir(final)
     try:
         for name, obj in tensors.items():
             torch.save(obj, staging / f"{name}.pt")

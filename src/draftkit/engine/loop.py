@@ -17,7 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from draftkit.engine.batches import BatchStream
-from draftkit.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, write_json_atomic
+from draftkit.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from draftkit.io import write_json_atomic
 from draftkit.engine.distributed import (
     AccelerateRuntime,
     DeepSpeedRuntime,

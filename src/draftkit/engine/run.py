@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from draftkit.engine.checkpoint import write_json_atomic, write_text_atomic
+from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.engine.distributed import is_main_process
 
 _PACKAGES = ("draftkit", "torch", "transformers", "accelerate", "peft", "datasets", "hydra-core", "omegaconf",

@@ -1,21 +1,49 @@
-"""What every draftkit artifact directory shares: atomic writes, a key/shape manifest, exact key-set checks, and the
-check that an artifact fits the target it is about to run with."""
+"""What every draftkit artifact directory shares: atomic writes, a key/shape manifest, exact key-set checks, the check
+that an artifact fits the target it is about to run with, and what a family's `load` returns.
+
+Each method `<m>` owns `draftkit.export.<m>`, which writes its artifacts and reads them back with
+
+    load(directory, target, dtype=torch.float32) -> LoadedDraft
+
+`draftkit.eval` finds that module from the `family` an artifact's draftkit.json records (a directory without one is a
+plain HF draft LM: family "lm"), then hands the result to `draftkit.runtime.<m>.drafting` (runtime/drafting.py).
+"""
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from draftkit.engine.checkpoint import replace_directory
+from draftkit.io import staged_directory
 
 
 class ArtifactError(ValueError):
     pass
+
+
+PLAIN_HF_FAMILY = "lm"
+
+
+@dataclass
+class LoadedDraft:
+    """A family's trained module(s) on the target's device, the keyword arguments its runtime's `drafting` needs (what
+    the artifact records for decoding), and the artifact's draftkit.json (empty for a plain HF draft)."""
+
+    module: Any
+    settings: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+
+def artifact_family(directory) -> str:
+    """The family an artifact directory holds: draftkit.json's "family", or "lm" for a plain HF draft directory."""
+    info = Path(directory) / "draftkit.json"
+    family = json.loads(info.read_text()).get("family") if info.is_file() else None
+    return family or PLAIN_HF_FAMILY
 
 
 def check_key_set(found, expected: set[str], where: str) -> None:
@@ -59,9 +87,7 @@ def read_json(path: Path) -> dict:
 def write_dir(out_dir: Path, files: dict[str, object]) -> Path:
     """Write every file (.safetensors / .pt: tensors, else JSON) into a staging directory, then swap it in."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as staging:
         for name, payload in files.items():
             path = staging / name
             if name.endswith(".safetensors"):
@@ -70,9 +96,6 @@ def write_dir(out_dir: Path, files: dict[str, object]) -> Path:
                 torch.save(payload, path)
             else:
                 path.write_text(json.dumps(payload, indent=2) + "\n")
-        replace_directory(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 

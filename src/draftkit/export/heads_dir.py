@@ -17,7 +17,16 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from draftkit.export.artifact import ArtifactError, cast_tensors, load_exact, manifest, read_json, write_dir
+from draftkit.export.artifact import (
+    ArtifactError,
+    LoadedDraft,
+    cast_tensors,
+    check_matches_target,
+    load_exact,
+    manifest,
+    read_json,
+    write_dir,
+)
 
 WEIGHTS = "model.safetensors"
 
@@ -57,3 +66,17 @@ def load_heads_dir(directory: str | Path, build: Callable[..., nn.Module], *, fa
     load_exact(module, tensors, str(directory),
                "the recorded architecture; the artifact was made for another target or edited by hand")
     return module.eval(), info
+
+
+def load_for_target(directory, target, build: Callable[..., nn.Module], *, family: str, dtype: torch.dtype,
+                    **call_site) -> LoadedDraft:
+    """load_heads_dir for `target`: refused when the heads read another hidden size or predict another vocabulary;
+    the module goes to the target's device in `dtype`."""
+    info = read_json(Path(directory) / "draftkit.json")
+    check_matches_target(info, hidden_size=info["hidden_size"], vocab_size=info["vocab_size"], target_name=target.name,
+                         target_hidden_size=target.hidden_size, target_vocab_size=target.vocab_size,
+                         where=str(directory))
+    module, info = load_heads_dir(directory, build, family=family, hidden_size=info["hidden_size"],
+                                  target_config=target.config, **call_site)
+    return LoadedDraft(module.to(device=target.device, dtype=dtype), info=info)
+

@@ -13,8 +13,6 @@ No serving runtime loads Kangaroo adapters (formats.md §(a2)); `python -m draft
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
 from draftkit.drafts.kangaroo import KangarooAdapter
-from draftkit.engine.checkpoint import replace_directory
+from draftkit.export.artifact import LoadedDraft
+from draftkit.io import staged_directory
 
 FAMILY = "kangaroo"
 FORMAT_VERSION = 1
@@ -56,9 +55,7 @@ def export_kangaroo(
     exit_layer: int, threshold: float, max_draft_tokens: int, eval_table_md: str = "(not measured)",
 ) -> Path:
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as staging:
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter.state_dict().items()}
         adapter.config.to_json_file(staging / "config.json")
         save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
@@ -73,9 +70,6 @@ def export_kangaroo(
             target=target_name, exit_layer=exit_layer, num_layers=target_num_layers, last_layer=target_num_layers - 1,
             params=sum(t.numel() for t in tensors.values()), threshold=threshold, eval_table=eval_table_md,
             max_draft_tokens=max_draft_tokens))
-        replace_directory(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 
@@ -113,3 +107,12 @@ def load_kangaroo(path: Path, target_shape: tuple[int, int] | None = None) -> tu
         )
     adapter.load_state_dict(tensors, strict=True)
     return adapter.float().eval(), meta
+
+
+def load(directory, target, dtype: torch.dtype = torch.float32) -> LoadedDraft:
+    """The adapter for `target` (checked against the depth and vocabulary it was trained for), in `dtype`; the runtime
+    needs the recorded exit layer and early-exit threshold."""
+    adapter, meta = load_kangaroo(directory, target_shape=(target.num_layers, target.vocab_size))
+    return LoadedDraft(adapter.to(device=target.device, dtype=dtype),
+                       settings={"exit_layer": meta["exit_layer"], "threshold": meta["threshold"]}, info=meta)
+

@@ -26,7 +26,16 @@ import torch
 from safetensors.torch import load_file
 
 from draftkit.drafts.medusa import MedusaHeads
-from draftkit.export.artifact import ArtifactError, cast_tensors, check_key_set, manifest, read_json, write_dir
+from draftkit.export.artifact import (
+    ArtifactError,
+    LoadedDraft,
+    cast_tensors,
+    check_key_set,
+    check_matches_target,
+    manifest,
+    read_json,
+    write_dir,
+)
 
 FAMILY = "medusa"
 FORMATS = ("vllm", "fasterdecoding")
@@ -205,3 +214,22 @@ def load_medusa(directory: str | Path, *, vocab_size: int | None = None) -> Medu
                             "Medusa (medusa_num_heads)")
     info = {**(info or {}), "format": fmt, "family": FAMILY}
     return MedusaArtifact(heads=heads.eval(), shared_lm_head=shared, info=info)
+
+
+def load(directory, target, dtype: torch.dtype = torch.float32) -> LoadedDraft:
+    """The heads in either format, checked against `target`, on its device in `dtype`. Medusa-2 heads read the states
+    of the target they were trained with: their LoRA adapters (exported next to them) are merged into `target` here."""
+    artifact = load_medusa(directory, vocab_size=target.vocab_size)
+    check_matches_target(artifact.info, hidden_size=artifact.heads.hidden_size, vocab_size=artifact.heads.vocab_size,
+                         target_name=target.name, target_hidden_size=target.hidden_size,
+                         target_vocab_size=target.vocab_size, where=str(directory))
+    lora = artifact.info.get("target_lora")
+    if lora:
+        from peft import PeftModel
+
+        target.model = PeftModel.from_pretrained(target.model, str(Path(directory) / lora)).merge_and_unload()
+        target.model.requires_grad_(False).eval()
+    # A stored copy of the target's LM head (vLLM original_lm_head) may be bf16-rounded: the runtime scores with the
+    # target's own.
+    return LoadedDraft(artifact.heads.to(device=target.device, dtype=dtype), info=artifact.info)
+

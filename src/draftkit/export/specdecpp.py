@@ -1,7 +1,7 @@
 """SpecDec++ artifact: a standalone draft LM with its acceptance head and a static stop policy, in one directory.
 
 Layout:
-  (the draft)           an HF directory (export/hf_dir.py): config.json, model.safetensors, tokenizer,
+  (the draft)           an HF directory (export/lm.py): config.json, model.safetensors, tokenizer,
                         generation_config.json (num_assistant_tokens = the policy's γ), README.md, ...; vLLM, SGLang
                         and HF assisted generation load it as a plain draft model
   draftkit.json         {"family": "specdecpp", "head": "acceptance_head", "stop_policy": "stop_policy.json"}
@@ -15,7 +15,6 @@ it was trained for.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -23,9 +22,18 @@ from safetensors.torch import load_file
 from torch import nn
 
 from draftkit.drafts.specdecpp import AcceptanceHead, acceptance_head, draft_fingerprint
-from draftkit.engine.checkpoint import replace_directory, write_json_atomic
-from draftkit.export.artifact import ArtifactError, cast_tensors, load_exact, manifest, read_json, write_dir
-from draftkit.export.hf_dir import export_hf_draft
+from draftkit.export import lm
+from draftkit.export.artifact import (
+    ArtifactError,
+    LoadedDraft,
+    cast_tensors,
+    load_exact,
+    manifest,
+    read_json,
+    write_dir,
+)
+from draftkit.export.lm import export_hf_draft
+from draftkit.io import staged_directory, write_json_atomic
 
 FAMILY = "specdecpp"
 HEAD_DIR = "acceptance_head"
@@ -74,9 +82,7 @@ def export_specdecpp(draft, head: AcceptanceHead, tokenizer, out_dir: Path, *, t
                      eval_table_md: str) -> Path:
     """Write the draft, the head and the policy into a staging directory, then swap it in as `out_dir`."""
     out_dir = Path(out_dir)
-    staging = out_dir.with_name(f".{out_dir.name}.specdecpp-staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with staged_directory(out_dir) as staging:
         export_hf_draft(draft, tokenizer, staging, target_name=target_name, target_vocab_size=target_vocab_size,
                         recipe=FAMILY, num_assistant_tokens=stop_policy["num_speculative_tokens"],
                         resolved_config_yaml=resolved_config_yaml, eval_table_md=eval_table_md)
@@ -84,7 +90,19 @@ def export_specdecpp(draft, head: AcceptanceHead, tokenizer, out_dir: Path, *, t
         write_json_atomic(staging / POLICY_FILE, stop_policy)
         write_json_atomic(staging / "draftkit.json", {"family": FAMILY, "head": HEAD_DIR, "stop_policy": POLICY_FILE,
                                                       "target": target_name})
-        replace_directory(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def load(directory, target, dtype: torch.dtype = torch.float32) -> LoadedDraft:
+    """The draft (as export/lm.py loads it) and its acceptance head, with what the runtime needs from both records:
+    the head's stop rule and its most draft tokens per step, and the static policy's gamma (for --no-head)."""
+    root = Path(directory)
+    info = read_json(root / "draftkit.json")
+    draft = lm.load(root, target, dtype).module
+    head, head_info = load_acceptance_head(root / info["head"], draft)
+    policy = read_json(root / info["stop_policy"])
+    settings = {"threshold": head_info["threshold"], "min_tokens": head_info["min_tokens"],
+                "score_first_token": head_info.get("score_first_token", False),
+                "max_draft_tokens": head_info["max_draft_tokens"], "static_gamma": policy["num_speculative_tokens"]}
+    return LoadedDraft((draft, head.to(target.device)), settings=settings, info=info)
+

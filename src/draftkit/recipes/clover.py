@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from draftkit.drafts.vocab import draft_rows
+from draftkit.export import clover as clover_export
 from draftkit.objectives.clover import clover_loss
 from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.recipes.common import draft_token_map, frozen_weight
@@ -28,9 +29,9 @@ from draftkit.recipes.heads_common import (
     train_measure_export,
     training_chats,
 )
-from draftkit.runtime.heads import CloverDrafter
+from draftkit.runtime import clover as clover_runtime
 
-FAMILY = "clover"
+FAMILY = clover_export.FAMILY
 
 
 def clover_step(target, lm_head, feature_weight: float, token_weight: float, decay: float,
@@ -75,12 +76,13 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     lm_head = frozen_weight(target.lm_head.weight, engine)
     scoring_head = draft_rows(lm_head, token_map)
 
-    def drafter(shape):
+    def drafter(options):
         # Clover's token embeddings are rows of the target's LM head (the reference's frozen copy of it).
-        return CloverDrafter(model, lm_head, scoring_head, shape)
+        return clover_runtime.drafting(model, target, options, lm_head=lm_head)
 
     return train_measure_export(
         cfg, run_dir, family=FAMILY, module=model, module_cfg=c.model, chats=chats, make_drafter=drafter,
+        write_export=clover_export.write,
         step=clover_step(target, lm_head, c.feature_weight, c.token_weight, c.decay, c.loss_chunk_size, scoring_head,
                          token_map),
         tree_cfg=c.tree, target=target, sink=sink, engine=engine, export_dtype=c.export_dtype)

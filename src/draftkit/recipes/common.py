@@ -17,9 +17,10 @@ from draftkit.data.draft_vocab import label_counts
 from draftkit.data.selfdistill import prompts_from_records, regenerate_responses
 from draftkit.data.sources import builtin_path, load_records
 from draftkit.drafts.vocab import coverage, select_tokens
-from draftkit.engine.checkpoint import write_json_atomic, write_text_atomic
+from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.engine.distributed import as_settings, frozen_dtype, is_main_process, main_process_first
 from draftkit.engine.run import record_run
+from draftkit.runtime.drafting import Drafting
 from draftkit.runtime.evaluate import evaluate_draft, load_prompts
 
 
@@ -75,6 +76,17 @@ def build_draft(draft_cfg: DictConfig, target):
                        target_embedding=target.embed_tokens.weight, target_model=target.model)
 
 
+def require_shared_vocabulary(draft, target) -> None:
+    """A standalone draft LM must predict the target's padded vocabulary, id for id."""
+    rows = draft.get_output_embeddings().weight.shape[0]
+    if rows != target.vocab_size:
+        raise ValueError(
+            f"the draft predicts {rows} token ids but the target {target.name} has vocab_size={target.vocab_size}; "
+            "the draft's tokens are checked against the target's id by id, so the draft must use the target's (padded) "
+            "vocabulary. Fix: start from draft=from_target, a FastDraft export for this target, or a draft whose "
+            "config.vocab_size equals the target's")
+
+
 def load_sources(sources, limit) -> Dataset:
     parts = [load_records(src, limit=limit) for src in sources]
     return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
@@ -108,11 +120,12 @@ def prompt_file(source: str) -> Path:
     return builtin_path(source.removeprefix("builtin:")) if source.startswith("builtin:") else Path(source)
 
 
-def measure_acceptance(target, draft, eval_cfg: DictConfig, path: Path, extra_settings: dict | None = None,
-                       acceptance: str = "greedy", **evaluate_args) -> dict | None:
-    """Evaluate the draft (a model, or a Drafter/TreeDrafter; `evaluate_args` go to evaluate_draft) on the eval prompts;
-    a report already at `path` for the same settings (eval_cfg plus extra_settings) is reused, so a resumed run does
-    not measure the untrained draft again."""
+def measure_acceptance(target, drafting: Drafting, eval_cfg: DictConfig, path: Path,
+                       extra_settings: dict | None = None, acceptance: str = "greedy", **evaluate_args) -> dict | None:
+    """Evaluate the drafting a family's runtime built (`draftkit.runtime.<family>.drafting`, the same function
+    `draftkit.eval` uses; `evaluate_args` go to evaluate_draft) on the eval prompts; a report already at `path` for the
+    same settings (eval_cfg plus extra_settings) is reused, so a resumed run does not measure the untrained draft
+    again."""
     if not eval_cfg.enabled:
         return None
     settings = {**OmegaConf.to_container(eval_cfg, resolve=True), **(extra_settings or {})}
@@ -122,12 +135,13 @@ def measure_acceptance(target, draft, eval_cfg: DictConfig, path: Path, extra_se
         if cached.get("eval_settings") == settings:
             return cached
     prompts = load_prompts(prompt_file(eval_cfg.prompts), limit_per_category=eval_cfg.limit_per_category)
+    draft = drafting.drafter
     was_training = getattr(draft, "training", None)  # drafter objects leave train/eval mode to their owner
     if was_training is not None:
         draft.eval()
     report = evaluate_draft(target, draft, prompts, gamma=eval_cfg.gamma, temperature=eval_cfg.temperature,
                             acceptance=acceptance, max_new_tokens=eval_cfg.max_new_tokens,
-                            measure_speedup=eval_cfg.measure_speedup, **evaluate_args)
+                            measure_speedup=eval_cfg.measure_speedup, **drafting.evaluate_args(), **evaluate_args)
     if was_training is not None:
         draft.train(was_training)
     report["eval_settings"] = settings

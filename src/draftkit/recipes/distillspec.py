@@ -19,13 +19,23 @@ from omegaconf import DictConfig, OmegaConf
 from draftkit.data.rollout import (PromptExamples, TeacherRollouts, assemble, collate_prompts, continuation_mask,
                                    prompt_reply_examples, sample_continuations)
 from draftkit.engine.batches import BatchStream
-from draftkit.engine.checkpoint import list_checkpoints, write_json_atomic, write_text_atomic
+from draftkit.engine.checkpoint import list_checkpoints
+from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.engine.distributed import process_index, world_size_from_env
 from draftkit.engine.loop import LoopSettings, stage_settings, train
-from draftkit.export.hf_dir import export_hf_draft
+from draftkit.export.lm import export_hf_draft
 from draftkit.objectives.kl import DIVERGENCES, divergence
 from draftkit.objectives.types import LossOutput
-from draftkit.recipes.common import build_draft, compare_markdown, load_sources, measure_acceptance, start_run
+from draftkit.recipes.common import (
+    build_draft,
+    compare_markdown,
+    load_sources,
+    measure_acceptance,
+    require_shared_vocabulary,
+    start_run,
+)
+from draftkit.runtime import lm as lm_runtime
+from draftkit.runtime.drafting import DraftingOptions
 from draftkit.runtime.evaluate import eos_token_ids
 
 MIX_MODES = ("batch", "sequence")
@@ -163,16 +173,6 @@ def _validate(settings: DictConfig) -> None:
         raise ValueError("; ".join(problems))
 
 
-def require_shared_vocabulary(draft, target) -> None:
-    rows = draft.get_output_embeddings().weight.shape[0]
-    if rows != target.vocab_size:
-        raise ValueError(
-            f"the draft predicts {rows} token ids but the target {target.name} has vocab_size={target.vocab_size}; "
-            "distillation compares the two distributions id by id, so the draft must use the target's (padded) "
-            "vocabulary. Fix: start from draft=from_target, a FastDraft export for this target, or a draft whose "
-            "config.vocab_size equals the target's")
-
-
 def _prompt_examples(cfg: DictConfig, tokenizer, seed: int) -> list[dict]:
     records = load_sources(cfg.data.prompts, cfg.data.prompts_limit)
     examples = prompt_reply_examples(records, tokenizer, max_prompt_tokens=cfg.data.selfdistill.max_prompt_tokens)
@@ -246,7 +246,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     draft = _apply_lora(draft, settings.lora)
     draft.to(target.device)
 
-    before = measure_acceptance(target, draft, cfg.eval, run_dir / "eval_before.json") if cfg.eval.get("before") else None
+    drafting = lm_runtime.drafting(draft, target, DraftingOptions())
+    before = measure_acceptance(target, drafting, cfg.eval, run_dir / "eval_before.json") if cfg.eval.get("before") else None
 
     loop_settings = stage_settings(engine)
     stage_dir = run_dir / "distill"
@@ -268,7 +269,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
 
     if result.resumed_from != result.steps:  # the draft changed: an earlier report is stale
         (run_dir / "eval_after.json").unlink(missing_ok=True)
-    after = measure_acceptance(target, draft, cfg.eval, run_dir / "eval_after.json")
+    after = measure_acceptance(target, drafting, cfg.eval, run_dir / "eval_after.json")
     table = compare_markdown({"before distillation": before, "after distillation": after})
     write_text_atomic(run_dir / "summary.md", table + "\n")
     merged = draft.merge_and_unload() if settings.lora else draft

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from draftkit.data.collate import collate
 from draftkit.data.packing import pack_texts
 from draftkit.engine.loop import stage_settings, train
-from draftkit.export.hf_dir import export_hf_draft
+from draftkit.export.lm import export_hf_draft
 from draftkit.objectives.ce import next_token_ce
 from draftkit.recipes.common import (
     build_draft,
@@ -26,6 +26,8 @@ from draftkit.recipes.common import (
     self_distilled_chats,
     start_run,
 )
+from draftkit.runtime import lm as lm_runtime
+from draftkit.runtime.drafting import DraftingOptions
 
 STAGES = ("pretrain", "finetune")
 
@@ -46,7 +48,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     draft.to(target.device)
     batch_collate = partial(collate, pad_token_id=tokenizer.pad_token_id)
 
-    before = measure_acceptance(target, draft, cfg.eval, run_dir / "eval_before.json") if cfg.eval.get("before") else None
+    drafting = lm_runtime.drafting(draft, target, DraftingOptions())
+    before = measure_acceptance(target, drafting, cfg.eval, run_dir / "eval_before.json") if cfg.eval.get("before") else None
 
     results = []
     if "pretrain" in stages:
@@ -64,7 +67,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
 
     if any(r.resumed_from != r.steps for r in results):  # the draft changed: an earlier report is stale
         (run_dir / "eval_after.json").unlink(missing_ok=True)
-    after = measure_acceptance(target, draft, cfg.eval, run_dir / "eval_after.json")
+    after = measure_acceptance(target, drafting, cfg.eval, run_dir / "eval_after.json")
     table = compare_markdown({"before training": before, "after training": after})
     export_dir = export_hf_draft(
         draft, tokenizer, run_dir / "export", target_name=target.name, target_vocab_size=target.vocab_size,

@@ -13,16 +13,12 @@ vocabulary, and the runtime maps the draft's ids back to target ids.
 
 from __future__ import annotations
 
-import random
 from functools import partial
 from pathlib import Path
 
 import torch
-from datasets import Dataset, concatenate_datasets
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from draftkit.data.chat import tokenize_chat
 from draftkit.data.feature_cache import (
     FeatureCache,
     FeatureExamples,
@@ -32,18 +28,21 @@ from draftkit.data.feature_cache import (
     feature_layer,
     target_features,
 )
-from draftkit.data.selfdistill import prompts_from_records, regenerate_responses
-from draftkit.data.sources import load_records
 from draftkit.drafts.fspad import FeatureDrafter, feature_drafter
-from draftkit.engine.checkpoint import write_json_atomic, write_text_atomic
+from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.engine.loop import stage_settings, train
-from draftkit.engine.run import record_run
-from draftkit.export.eagle import EAGLE_FORMATS, export_feature_drafter, format_refusal
+from draftkit.export.fspad import EAGLE_FORMATS, export_feature_drafter, format_refusal
 from draftkit.objectives.fspad import align_pairs, fspad_loss
 from draftkit.objectives.linear_logits import LinearLogits
-from draftkit.recipes.common import compare_markdown, draft_token_map, measure_acceptance
-from draftkit.runtime.feature_drafter import FeatureChainDrafter, FeatureTreeDrafter
-from draftkit.runtime.tree import tree_shape
+from draftkit.recipes.common import (
+    compare_markdown,
+    draft_token_map,
+    measure_acceptance,
+    self_distilled_chats,
+    start_run,
+)
+from draftkit.runtime import fspad as fspad_runtime
+from draftkit.runtime.drafting import DraftingOptions
 
 STAGES = ("features", "train")
 SOURCES = ("online", "offline")
@@ -114,26 +113,6 @@ def make_step(target, settings):
     return step
 
 
-def _records(sources, limit):
-    parts = [load_records(src, limit=limit) for src in sources]
-    return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-
-
-def training_conversations(cfg: DictConfig, target, run_dir: Path):
-    """The prompts answered by the target (self-distillation, cached), tokenized with the assistant turns as labels."""
-    gen = cfg.data.selfdistill
-    tokenizer = target.tokenizer
-    prompts = prompts_from_records(_records(cfg.data.prompts, cfg.data.prompts_limit),
-                                   max_prompt_tokens=gen.max_prompt_tokens, tokenizer=tokenizer)
-    random.Random(cfg.engine.seed).shuffle(prompts)
-    prompts = prompts[: gen.num_prompts]
-    conversations = regenerate_responses(
-        target.model, tokenizer, prompts, cache_file=run_dir / "selfdistill.jsonl", max_new_tokens=gen.max_new_tokens,
-        temperature=gen.temperature, top_p=gen.top_p, batch_size=gen.batch_size, seed=cfg.engine.seed)
-    return tokenize_chat(Dataset.from_list([{"messages": c} for c in conversations]), tokenizer,
-                         max_length=cfg.data.max_length, too_long=cfg.data.too_long)
-
-
 def validate(cfg: DictConfig) -> list[str]:
     settings = cfg.fspad
     stages = list(settings.stages)
@@ -174,13 +153,9 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
     stages = validate(cfg)
     settings = cfg.fspad
     offline = settings.features.source == "offline"
-    record_run(run_dir, cfg)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    sink = instantiate(cfg.logger, _recursive_=False, run_dir=str(run_dir), run_config=config, run_name=run_dir.name)
-    engine = OmegaConf.to_container(cfg.engine, resolve=True)
-    target = instantiate(cfg.target)
+    sink, engine, target = start_run(cfg, run_dir)
     check_draft_vocab_size(settings.draft_vocab_size, target)
-    chats = training_conversations(cfg, target, run_dir)
+    chats = self_distilled_chats(cfg.data, target, run_dir, cfg.engine.seed)
     cache_dir = Path(settings.features.cache) if settings.features.cache else run_dir / "feature_cache"
     cache_settings = dict(norm=settings.features.norm, storage=settings.features.storage,
                           shard_size=settings.features.shard_size)
@@ -201,13 +176,15 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
 
     token_map = draft_token_map(chats, settings.draft_vocab_size, target, run_dir)
     draft = build_draft(target, settings, token_map)
-    drafter = FeatureChainDrafter(draft, target_hidden=settings.features.norm, name=f"{draft.variant} draft")
-    tree_drafter = None
+    chain = fspad_runtime.drafting(draft, target, DraftingOptions(tree="chain"), settings.features.norm,
+                                   name=f"{draft.variant} draft")
+    tree = None
     if settings.tree.kind != "none":
-        shape = tree_shape(settings.tree.kind, settings.tree.depth, top_k=settings.tree.top_k,
-                           width=settings.tree.width, budget=settings.tree.budget)
-        tree_drafter = FeatureTreeDrafter(draft, shape, settings.features.norm, name=f"{draft.variant} draft (tree)")
-    before = measure_acceptance(target, drafter, cfg.eval, run_dir / "eval_before.json") if cfg.eval.get("before") else None
+        options = DraftingOptions(tree=settings.tree.kind, tree_depth=settings.tree.depth, tree_top_k=settings.tree.top_k,
+                                  tree_width=settings.tree.width, tree_budget=settings.tree.budget)
+        tree = fspad_runtime.drafting(draft, target, options, settings.features.norm,
+                                      name=f"{draft.variant} draft (tree)")
+    before = measure_acceptance(target, chain, cfg.eval, run_dir / "eval_before.json") if cfg.eval.get("before") else None
     torch.manual_seed(cfg.engine.seed)  # the feature noise, whatever ran before (resume restores the state itself)
     result = train(model=draft, step_fn=make_step(target, settings), dataset=dataset,
                    collate=partial(collate_with_features, pad_token_id=target.tokenizer.pad_token_id),
@@ -216,9 +193,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
     if result.resumed_from != result.steps:  # the draft changed: earlier reports are stale
         (run_dir / "eval_after.json").unlink(missing_ok=True)
         (run_dir / "eval_after_tree.json").unlink(missing_ok=True)
-    after = measure_acceptance(target, drafter, cfg.eval, run_dir / "eval_after.json")
-    after_tree = measure_acceptance(target, tree_drafter, cfg.eval, run_dir / "eval_after_tree.json") \
-        if tree_drafter is not None else None
+    after = measure_acceptance(target, chain, cfg.eval, run_dir / "eval_after.json")
+    after_tree = measure_acceptance(target, tree, cfg.eval, run_dir / "eval_after_tree.json") if tree else None
     table = compare_markdown({"before training": before, "after training (chain)": after,
                               f"after training ({settings.tree.kind} tree, depth {settings.tree.depth})": after_tree})
     write_text_atomic(run_dir / "summary.md", table + "\n")

@@ -10,19 +10,17 @@ from typing import Callable
 from omegaconf import DictConfig, OmegaConf
 
 from draftkit.data.collate import collate
-from draftkit.drafts.vocab import draft_index, draft_labels, draft_rows
-from draftkit.engine.checkpoint import write_json_atomic, write_text_atomic
+from draftkit.drafts.vocab import draft_index, draft_labels
+from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.engine.loop import stage_settings, train
-from draftkit.export.heads_dir import export_heads_dir
 from draftkit.recipes.common import (
     compare_markdown,
     dataset_chats,
-    frozen_weight,
     measure_acceptance,
     self_distilled_chats,
     start_run,
 )
-from draftkit.runtime.tree import TreeDrafter, TreeShape, tree_shape
+from draftkit.runtime.drafting import Drafting, DraftingOptions
 
 LABEL_SOURCES = ("selfdistill", "data")
 
@@ -34,12 +32,6 @@ def training_chats(cfg: DictConfig, target, run_dir: Path, labels: str, seed: in
     if labels == "selfdistill":
         return self_distilled_chats(cfg.data, target, run_dir, seed)
     return dataset_chats(cfg.data, target.tokenizer)
-
-
-def scoring_lm_head(target, token_map, engine: dict):
-    """The frozen LM head the heads score with: the target's own (recipes.common.frozen_weight), or a private copy of
-    its token_map rows for a draft vocabulary (a copy, so it also outlives ZeRO-3's swap of the target's weights)."""
-    return draft_rows(frozen_weight(target.lm_head.weight, engine), token_map)
 
 
 def label_mapper(token_map, vocab_size: int) -> Callable:
@@ -62,24 +54,28 @@ def architecture(module_cfg: DictConfig) -> dict:
     return {k: v for k, v in OmegaConf.to_container(module_cfg, resolve=True).items() if not k.startswith("_")}
 
 
-def eval_shapes(tree_cfg: DictConfig, num_heads: int) -> dict[str, TreeShape]:
+def eval_options(tree_cfg: DictConfig, num_heads: int) -> dict[str, DraftingOptions]:
     """The chain of every head's top-1 and the configured tree, both as deep as there are heads (or tree_cfg.depth)."""
     depth = min(num_heads, tree_cfg.depth or num_heads)
-    shape = tree_shape(tree_cfg.kind, depth, top_k=tree_cfg.top_k, width=tree_cfg.width, budget=tree_cfg.budget,
-                       paths=tree_cfg.get("paths"))
-    return {"chain": tree_shape("chain", depth), "tree": shape}
+    paths = tree_cfg.get("paths")
+    tree = DraftingOptions(tree=tree_cfg.kind, tree_depth=depth, tree_top_k=tree_cfg.top_k, tree_width=tree_cfg.width,
+                           tree_budget=tree_cfg.budget, tree_paths=None if paths is None else tuple(map(tuple, paths)))
+    return {"chain": DraftingOptions(tree="chain", tree_depth=depth), "tree": tree}
 
 
-def measure_heads(target, make_drafter: Callable[[TreeShape], TreeDrafter], module, cfg: DictConfig,
+def measure_heads(target, make_drafter: Callable[[DraftingOptions], Drafting], module, cfg: DictConfig,
                   tree_cfg: DictConfig, num_heads: int, run_dir: Path, tag: str) -> dict[str, dict | None]:
-    """Chain and tree acceptance of the heads in `module` (put in eval mode while measuring); reports are cached in
-    run_dir/eval_{tag}_{chain|tree}.json for the same settings."""
+    """Chain and tree acceptance of the heads in `module` (put in eval mode while measuring), with the drafter the
+    family's runtime builds for each (`make_drafter`); reports are cached in run_dir/eval_{tag}_{chain|tree}.json for
+    the same settings."""
     was_training = module.training
     module.eval()
     reports = {}
-    for name, shape in eval_shapes(tree_cfg, num_heads).items():
-        settings = {"tree": OmegaConf.to_container(tree_cfg, resolve=True), "decoding": name, "shape": repr(shape)}
-        reports[name] = measure_acceptance(target, make_drafter(shape), cfg.eval, run_dir / f"eval_{tag}_{name}.json",
+    for name, options in eval_options(tree_cfg, num_heads).items():
+        drafting = make_drafter(options)
+        settings = {"tree": OmegaConf.to_container(tree_cfg, resolve=True), "decoding": name,
+                    "shape": repr(drafting.drafter.shape)}
+        reports[name] = measure_acceptance(target, drafting, cfg.eval, run_dir / f"eval_{tag}_{name}.json",
                                            extra_settings=settings)
     module.train(was_training)
     return reports
@@ -102,8 +98,8 @@ def heads_table(before: dict[str, dict | None], after: dict[str, dict | None]) -
 
 
 def train_measure_export(cfg: DictConfig, run_dir: Path, *, family: str, module, module_cfg: DictConfig, step,
-                         chats, make_drafter: Callable[[TreeShape], TreeDrafter], tree_cfg: DictConfig, target, sink,
-                         engine: dict, export_dtype: str) -> Path:
+                         chats, make_drafter: Callable[[DraftingOptions], Drafting], write_export: Callable,
+                         tree_cfg: DictConfig, target, sink, engine: dict, export_dtype: str) -> Path:
     """The rest of a frozen-target heads recipe: measure (before), train, measure (after), export in draftkit's heads
     format, record result.json."""
     measure = partial(measure_heads, target, make_drafter, module, cfg, tree_cfg, module.num_heads, run_dir)
@@ -113,9 +109,9 @@ def train_measure_export(cfg: DictConfig, run_dir: Path, *, family: str, module,
                    settings=stage_settings(engine), stage_dir=run_dir / "train", sink=sink, resume=cfg.resume,
                    desc=family, frozen=[target.model])
     after, table = measure_after_training(result, measure, before, run_dir)
-    export = export_heads_dir(module, run_dir / "export", family=family, architecture=architecture(module_cfg),
-                              target_name=target.name, hidden_size=target.hidden_size, vocab_size=target.vocab_size,
-                              dtype=export_dtype, extra_info={"recipe": family})
+    export = write_export(module, run_dir / "export", architecture=architecture(module_cfg), target_name=target.name,
+                          hidden_size=target.hidden_size, vocab_size=target.vocab_size, dtype=export_dtype,
+                          extra_info={"recipe": family})
     sink.summary({f"tau_after_{name}": r["overall"]["tau"] for name, r in after.items() if r})
     sink.finish()
     write_json_atomic(run_dir / "result.json", {"export": str(export), "before": before, "after": after})

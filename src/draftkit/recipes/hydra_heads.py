@@ -17,21 +17,21 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from draftkit.drafts.vocab import draft_rows
+from draftkit.export import hydra_heads as hydra_export
 from draftkit.objectives.hydra_heads import hydra_loss
 from draftkit.objectives.linear_logits import LinearLogits
-from draftkit.recipes.common import draft_token_map
+from draftkit.recipes.common import draft_token_map, frozen_weight
 from draftkit.recipes.heads_common import (
     LABEL_SOURCES,
     label_mapper,
-    scoring_lm_head,
     start_run,
     teacher_columns,
     train_measure_export,
     training_chats,
 )
-from draftkit.runtime.heads import HydraDrafter
+from draftkit.runtime import hydra_heads as hydra_runtime
 
-FAMILY = "hydra_heads"
+FAMILY = hydra_export.FAMILY
 
 
 def hydra_step(target, shared_lm_head, lm_weight: float, teacher_weight: float, decay: float,
@@ -81,16 +81,18 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     build = instantiate(h.heads, _partial_=True)
     heads = build(hidden_size=target.hidden_size, vocab_size=target.vocab_size, target_config=target.config,
                   lm_head_weight=target.lm_head.weight, token_map=token_map).to(target.device)
-    shared = scoring_lm_head(target, token_map, engine) if heads.lm_heads is None else None
+    lm_head = frozen_weight(target.lm_head.weight, engine)
+    shared = draft_rows(lm_head, token_map) if heads.lm_heads is None else None
     # Own heads do not hold the target's rows, which the chunked teacher is made from (frozen: ZeRO-3 swaps them).
-    teacher_rows = (scoring_lm_head(target, token_map, engine)
+    teacher_rows = (draft_rows(lm_head, token_map)
                     if shared is None and h.teacher_weight > 0 and h.loss_chunk_size is not None else None)
 
-    def drafter(shape):
-        return HydraDrafter(heads, target.embed_tokens, shape, shared_lm_head=shared)
+    def drafter(options):
+        return hydra_runtime.drafting(heads, target, options, lm_head=lm_head)
 
     return train_measure_export(
         cfg, run_dir, family=FAMILY, module=heads, module_cfg=h.heads, chats=chats, make_drafter=drafter,
+        write_export=hydra_export.write,
         step=hydra_step(target, shared, h.lm_weight, h.teacher_weight, h.decay, h.loss_chunk_size, heads.lm_heads,
                         token_map, teacher_rows),
         tree_cfg=h.tree, target=target,

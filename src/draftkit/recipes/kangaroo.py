@@ -23,7 +23,8 @@ from draftkit.export.kangaroo import export_kangaroo
 from draftkit.objectives.kangaroo import kangaroo_loss
 from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.recipes.common import compare_markdown, finish_run, measure_acceptance, self_distilled_chats
-from draftkit.runtime.kangaroo import KangarooDecoder
+from draftkit.runtime import kangaroo as kangaroo_runtime
+from draftkit.runtime.drafting import DraftingOptions
 from draftkit.targets.hf import Target, causal_mask
 
 INITS = ("target", "random")
@@ -72,10 +73,11 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     config = OmegaConf.to_container(cfg, resolve=True)
     sink = instantiate(cfg.logger, _recursive_=False, run_dir=str(run_dir), run_config=config, run_name=run_dir.name)
     engine = OmegaConf.to_container(cfg.engine, resolve=True)
-    decoder = KangarooDecoder(target, adapter, settings.exit_layer, settings.threshold)
+    drafting = kangaroo_runtime.drafting(adapter, target, DraftingOptions(), exit_layer=settings.exit_layer,
+                                         threshold=settings.threshold)
 
     def measure(path: Path):
-        return measure_acceptance(target, decoder, cfg.eval, path, verifier=decoder)
+        return measure_acceptance(target, drafting, cfg.eval, path)
 
     before = measure(run_dir / "eval_before.json") if cfg.eval.get("before") else None
     chats = self_distilled_chats(cfg.data, target, run_dir, engine["seed"])

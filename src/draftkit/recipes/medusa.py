@@ -22,24 +22,24 @@ from omegaconf import DictConfig
 
 from draftkit.data.collate import collate
 from draftkit.drafts.medusa import MedusaWithTarget
-from draftkit.engine.checkpoint import write_json_atomic
+from draftkit.drafts.vocab import draft_rows
+from draftkit.io import write_json_atomic
 from draftkit.engine.loop import stage_settings, train
 from draftkit.export.medusa import export_medusa_fasterdecoding, export_medusa_vllm
 from draftkit.objectives.ce import IGNORE_INDEX, next_token_ce
 from draftkit.objectives.kl import forward_kl
 from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.objectives.medusa import medusa2_loss, medusa_loss
-from draftkit.recipes.common import draft_token_map
+from draftkit.recipes.common import draft_token_map, frozen_weight
 from draftkit.recipes.heads_common import (
     LABEL_SOURCES,
     label_mapper,
     measure_after_training,
     measure_heads,
-    scoring_lm_head,
     start_run,
     training_chats,
 )
-from draftkit.runtime.heads import MedusaDrafter
+from draftkit.runtime import medusa as medusa_runtime
 
 TARGET_LOSSES = ("lm", "kl")
 
@@ -120,12 +120,13 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     token_map = draft_token_map(chats, m.draft_vocab_size, target, run_dir)
     heads = instantiate(m.heads, hidden_size=target.hidden_size, vocab_size=target.vocab_size,
                         lm_head_weight=target.lm_head.weight, token_map=token_map).to(target.device)
-    # Medusa-2 trains the target itself (it is then part of the trained model, whole again after training).
-    lm_head = target.lm_head.weight if m.joint else scoring_lm_head(target, token_map, engine)
+    # Medusa-2 trains the target itself (it is then part of the trained model, whole again after training), so its
+    # heads score with the target's current LM head; Medusa-1 heads with a frozen copy (ZeRO-3 swaps the target's).
+    full_lm_head = None if m.joint else frozen_weight(target.lm_head.weight, engine)
+    lm_head = target.lm_head.weight if m.joint else draft_rows(full_lm_head, token_map)
 
-    def drafter(shape):
-        shared = (target.lm_head.weight if m.joint else lm_head) if heads.lm_heads is None else None
-        return MedusaDrafter(heads, shape, shared_lm_head=shared)
+    def drafter(options):
+        return medusa_runtime.drafting(heads, target, options, lm_head=full_lm_head)
 
     measure = partial(measure_heads, target, drafter, heads, cfg, m.tree, heads.num_heads, run_dir)
     before = measure("before") if cfg.eval.get("before") else {}

@@ -23,7 +23,7 @@ from draftkit.data.feature_cache import target_fingerprint
 from draftkit.data.selfdistill import prompts_from_records
 from draftkit.data.specdecpp_labels import build_acceptance_labels, check_label_settings, collate_labels
 from draftkit.drafts.specdecpp import acceptance_head, draft_fingerprint
-from draftkit.engine.checkpoint import write_json_atomic
+from draftkit.io import write_json_atomic
 from draftkit.engine.distributed import is_main_process, main_process_first
 from draftkit.engine.loop import stage_settings, train
 from draftkit.export.specdecpp import export_specdecpp, load_acceptance_head
@@ -36,11 +36,14 @@ from draftkit.recipes.common import (
     load_sources,
     measure_acceptance,
     prompt_file,
+    require_shared_vocabulary,
     start_run,
 )
-from draftkit.recipes.distillspec import require_shared_vocabulary
 from draftkit.runtime.evaluate import autoregressive_baseline, eos_token_ids, load_prompts
-from draftkit.runtime.specdecpp import SpecDecDrafter, forward_cost_ratio, stop_policy
+from draftkit.runtime import lm as lm_runtime
+from draftkit.runtime import specdecpp as specdecpp_runtime
+from draftkit.runtime.drafting import DraftingOptions
+from draftkit.runtime.specdecpp import forward_cost_ratio, stop_policy
 from draftkit.targets.hf import freeze
 
 
@@ -184,8 +187,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     head.to(target.device)
     gamma = cfg.eval.gamma
     baseline = shared_baseline(target, cfg.eval, run_dir)
-    before = measure_acceptance(target, draft, cfg.eval, run_dir / "eval_fixed.json",
-                                baseline=baseline) if cfg.eval.get("before") else None
+    before = measure_acceptance(target, lm_runtime.drafting(draft, target, DraftingOptions()), cfg.eval,
+                                run_dir / "eval_fixed.json", baseline=baseline) if cfg.eval.get("before") else None
 
     labels = settings.labels
     stop_ids = eos_token_ids(target)
@@ -216,14 +219,17 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     threshold = settings.stop.threshold if settings.stop.threshold is not None else policy["stop_threshold"]
     sink.log({"head/heldout_" + k: v for k, v in policy["heldout"].items()}, step=result.steps)
 
-    drafter = SpecDecDrafter(draft, head, threshold=threshold, min_tokens=settings.stop.min_tokens,
-                             score_first_token=settings.stop.score_first_token)
-    after = measure_acceptance(target, drafter, cfg.eval, run_dir / "eval_adaptive.json",
+    static_gamma = policy["num_speculative_tokens"]
+    recorded = {"threshold": threshold, "min_tokens": settings.stop.min_tokens,
+                "score_first_token": settings.stop.score_first_token, "max_draft_tokens": gamma,
+                "static_gamma": static_gamma}
+    adaptive = specdecpp_runtime.drafting((draft, head), target, DraftingOptions(), **recorded)
+    fixed = specdecpp_runtime.drafting((draft, head), target, DraftingOptions(no_head=True), **recorded)
+    after = measure_acceptance(target, adaptive, cfg.eval, run_dir / "eval_adaptive.json",
                                extra_settings={"threshold": threshold, "min_tokens": settings.stop.min_tokens,
                                                "score_first_token": settings.stop.score_first_token},
                                baseline=baseline)
-    static_gamma = policy["num_speculative_tokens"]
-    static = measure_acceptance(target, draft, OmegaConf.merge(cfg.eval, {"gamma": static_gamma}),
+    static = measure_acceptance(target, fixed, OmegaConf.merge(cfg.eval, {"gamma": fixed.gamma}),
                                 run_dir / "eval_static.json", baseline=baseline)
     reports = {f"draft, fixed γ={gamma}": before, f"draft + head, threshold {threshold}, max {gamma}": after,
                f"static policy, fixed γ={static_gamma}": static}

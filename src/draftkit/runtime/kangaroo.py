@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from draftkit.drafts.kangaroo import KangarooAdapter
+from draftkit.runtime.drafting import Drafting, DraftingOptions
 from draftkit.runtime.speculative import DraftProposal, choose_token
 from draftkit.targets.hf import LayerCache, Target, causal_mask
 
@@ -102,3 +103,11 @@ class KangarooDecoder:
         self.cache.truncate(num_valid_tokens)
         self.adapter_cache.truncate(num_valid_tokens)
         self.exited = self.exited[:, :num_valid_tokens]
+
+
+def drafting(adapter: KangarooAdapter, target: Target, options: DraftingOptions, *, exit_layer: int,
+             threshold: float) -> Drafting:
+    """Self-drafting: the decoder drafts over the target's first `exit_layer` layers and verifies over the rest, so it
+    is both the drafter and the verifier. `options` has nothing for it: Kangaroo drafts a chain."""
+    decoder = KangarooDecoder(target, adapter.to(target.device), exit_layer, threshold)
+    return Drafting(decoder, verifier=decoder)

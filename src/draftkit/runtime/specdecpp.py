@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from draftkit.drafts.specdecpp import AcceptanceHead
+from draftkit.runtime.drafting import Drafting, DraftingOptions
 from draftkit.runtime.predict import predicted_speedup, recommend_gamma
 from draftkit.runtime.speculative import DraftProposal, choose_token, new_cache, truncate_cache
 
@@ -63,6 +64,21 @@ class SpecDecDrafter:
 
     def rollback(self, num_valid_tokens: int) -> None:
         truncate_cache(self.cache, num_valid_tokens)
+
+
+def drafting(draft_and_head: tuple[nn.Module, AcceptanceHead], target, options: DraftingOptions, *,
+             threshold: float, min_tokens: int, score_first_token: bool = False, max_draft_tokens: int | None = None,
+             static_gamma: int | None = None) -> Drafting:
+    """The draft with its acceptance head (adaptive stop, at most `max_draft_tokens` per step), or with
+    options.no_head the draft alone drafting the static policy's `static_gamma`. options.stop_threshold replaces the
+    recorded `threshold`."""
+    draft, head = draft_and_head
+    if options.no_head:
+        return Drafting(draft, gamma=static_gamma)
+    threshold = options.stop_threshold if options.stop_threshold is not None else threshold
+    drafter = SpecDecDrafter(draft, head.to(draft.device), threshold=threshold, min_tokens=min_tokens,
+                             score_first_token=score_first_token)
+    return Drafting(drafter, gamma=max_draft_tokens)
 
 
 # Static stop policy: what a runtime without the head can use, estimated on held-out label sequences.

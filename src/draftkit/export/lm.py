@@ -7,14 +7,14 @@ resolved training config), and README.md, a model card holding the measured acce
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel
 
-from draftkit.engine.checkpoint import replace_directory
 from draftkit.engine.distributed import is_main_process
+from draftkit.export.artifact import ArtifactError, LoadedDraft
+from draftkit.io import staged_directory
 
 CARD_TEMPLATE = """---
 library_name: transformers
@@ -73,9 +73,7 @@ def export_hf_draft(
     out_dir = Path(out_dir)
     if not is_main_process():  # in a multi-process job every rank holds the same draft; rank 0 writes it
         return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as staging:
         gen = draft.generation_config
         gen.num_assistant_tokens = num_assistant_tokens
         gen.num_assistant_tokens_schedule = "constant"
@@ -92,7 +90,21 @@ def export_hf_draft(
         (staging / "README.md").write_text(CARD_TEMPLATE.format(
             name=out_dir.name, target=target_name, recipe=recipe, vocab_size=target_vocab_size, params=params,
             eval_table=eval_table_md, gamma=num_assistant_tokens))
-        replace_directory(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def load(directory, target, dtype: torch.dtype = torch.float32) -> LoadedDraft:
+    """A draft LM directory (save_pretrained output) on the target's device, frozen; it must share the target's padded
+    vocabulary, or the runtime would compare token ids of two different tokenizers."""
+    from transformers import AutoModelForCausalLM
+
+    draft = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(target.device)
+    draft.requires_grad_(False).eval()
+    draft_vocab = draft.config.get_text_config().vocab_size
+    if draft_vocab != target.vocab_size:
+        raise ArtifactError(
+            f"draft {directory} has vocab_size={draft_vocab} but target {target.name} has {target.vocab_size}. Fix: "
+            "pass the --target this draft was trained for, or train a draft on this target (drafts must share the "
+            "target's padded vocabulary)")
+    return LoadedDraft(draft)
+

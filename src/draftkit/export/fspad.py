@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -31,7 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from draftkit.drafts.fspad import FeatureDrafter, feature_drafter
-from draftkit.engine.checkpoint import replace_directory
+from draftkit.export.artifact import ArtifactError, LoadedDraft
+from draftkit.io import staged_directory
 
 FAMILY = "fspad"
 FORMATS = ("draftkit", "eagle-vllm", "eagle-sglang")
@@ -205,13 +204,11 @@ def export_feature_drafter(
     chosen = [fmt for fmt in EAGLE_FORMATS if refusals[fmt] is None and (eagle_formats is None or fmt in eagle_formats)]
     not_written = {fmt: why for fmt, why in refusals.items() if why is not None}
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     written = {"draftkit": out_dir}
     base_info = {"family": FAMILY, "variant": draft.variant, "target": target_name, "target_feature": feature,
                  "architecture": arch, "num_speculative_tokens": num_speculative_tokens}
     reasons = "; ".join(dict.fromkeys(not_written.values()))
-    try:
+    with staged_directory(out_dir) as staging:
         _write_dir(staging, _draftkit_tensors(draft), expected_keys(arch, "draftkit"),
                    {**arch, "architectures": ["DraftkitFeatureDrafter"], "target_feature": feature,
                     "max_position_embeddings": max_position_embeddings},
@@ -235,9 +232,6 @@ def export_feature_drafter(
         (staging / "README.md").write_text(CARD.format(
             name=out_dir.name, variant=draft.variant, target=target_name, norm=feature_norm, layer=feature_layer,
             params=params, eval_table=eval_table_md, eagle_lines="\n".join(eagle_lines)))
-        replace_directory(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return written
 
 
@@ -301,3 +295,22 @@ def _stored_token_map(folder: Path, info: dict, tensors: dict[str, torch.Tensor]
         raise ValueError(f"{folder}: expected a token_map of {size} ids, found "
                          f"{None if token_map is None else tuple(token_map.shape)}")
     return token_map
+
+
+def load(directory, target, dtype: torch.dtype = torch.float32) -> LoadedDraft:
+    """The drafter in any of the three formats around `target`'s embedding, LM head and final norm, in `dtype`; the
+    runtime needs the target feature it was trained on (recorded in draftkit.json)."""
+    try:
+        module, info = load_feature_drafter(directory, embed_weight=target.embed_tokens.weight,
+                                            lm_head_weight=target.lm_head.weight,
+                                            head_norm_weight=target.model.get_decoder().norm.weight)
+    except ArtifactError:
+        raise
+    except ValueError as error:  # wrong target or a tampered folder: a user's problem, not a bug
+        raise ArtifactError(str(error)) from None
+    if module.vocab_size != target.vocab_size:
+        raise ArtifactError(f"draft {directory} has vocab_size={module.vocab_size} but target {target.name} has "
+                            f"{target.vocab_size}. Fix: pass the --target this draft was trained for")
+    return LoadedDraft(module.to(dtype), settings={"feature_norm": info["target_feature"]["norm"],
+                                                   "name": str(directory)}, info=info)
+

@@ -19,6 +19,7 @@ import torch
 
 from draftkit.drafts.fspad import FeatureDrafter, KVCache
 from draftkit.drafts.vocab import full_vocab_logits, target_ids
+from draftkit.runtime.drafting import Drafting, DraftingOptions
 from draftkit.runtime.speculative import DraftProposal, choose_token
 
 
@@ -182,3 +183,13 @@ class FeatureTreeDrafter(_ModuleModes):
         for row, node in enumerate(nodes):
             self._feature[node] = out.regress[0, row]
             self._logits[node] = self.model.head_logits(out.predict[0, row])
+
+
+def drafting(model: FeatureDrafter, target, options: DraftingOptions, feature_norm: str = "post_norm",
+             name: str | None = None) -> Drafting:
+    """A chain drafter (the default, and `options.tree == "chain"`), else a tree drafter options.tree_depth deep
+    (default 5). `feature_norm`: the target feature the model was trained on (post_norm or pre_norm), which an
+    artifact records."""
+    if options.kind("chain") == "chain":
+        return Drafting(FeatureChainDrafter(model, feature_norm, name))
+    return Drafting(FeatureTreeDrafter(model, options.shape(options.tree_depth or 5, "chain"), feature_norm, name))

@@ -1,0 +1,80 @@
+"""Atomic file and directory writes shared by the engine, the exports and the CLIs.
+
+A reader (a resumed run, a serving engine, `draftkit.eval`) sees a file or directory whole or not at all: content goes
+to a sibling staging name first and is renamed into place. Staging names are created with the process umask
+(0644 / 0755 under the usual 022), not tempfile's private 0600 / 0700, so an export written by one user can be served
+by another (a serving container usually runs as a different user than the trainer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+def _sibling(path: Path, suffix: str) -> Path:
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}{suffix}")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` durably: fsynced before the rename, so a crash leaves the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = _sibling(path, ".tmp")
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask decides the final mode
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: Path, payload) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def make_staging_dir(final: Path) -> Path:
+    """An empty directory next to `final` (same filesystem, so it can be renamed onto it), hidden by a leading dot."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = _sibling(final, "")
+    os.mkdir(staging, 0o777)  # the umask decides the final mode
+    return staging
+
+
+def replace_directory(staging: Path, final: Path) -> None:
+    """Put the finished directory `staging` at `final`, replacing what is there with renames only, so a reader sees
+    the old directory or the new one, never a mix. `staging` must sit next to `final` (same filesystem)."""
+    staging, final = Path(staging), Path(final)
+    if final.exists():
+        old = make_staging_dir(final.with_name(final.name + ".old"))
+        os.rename(final, old / "x")
+        os.rename(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, final)
+
+
+@contextmanager
+def staged_directory(final: Path) -> Iterator[Path]:
+    """Yield an empty staging directory; when the block finishes it replaces `final` whole (replace_directory). If the
+    block raises, `final` is left as it was and the staging directory is removed."""
+    staging = make_staging_dir(final)
+    try:
+        yield staging
+        replace_directory(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,60 @@
+"""Atomic writes: whole or nothing, and readable by other users (a serving container rarely runs as the trainer)."""
+
+import os
+import stat
+
+import pytest
+
+from draftkit.io import replace_directory, staged_directory, write_json_atomic, write_text_atomic
+
+
+@pytest.fixture
+def usual_umask():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_files_and_directories_get_the_umask_modes(tmp_path, usual_umask):
+    write_text_atomic(tmp_path / "a.txt", "x")
+    write_json_atomic(tmp_path / "sub" / "b.json", {"k": 1})
+    with staged_directory(tmp_path / "export") as staging:
+        (staging / "weights.bin").write_bytes(b"\0")
+    assert mode(tmp_path / "a.txt") == 0o644
+    assert mode(tmp_path / "sub" / "b.json") == 0o644
+    assert mode(tmp_path / "export") == 0o755
+
+
+def test_a_failed_block_leaves_the_old_directory_and_no_staging(tmp_path):
+    final = tmp_path / "export"
+    with staged_directory(final) as staging:
+        (staging / "v").write_text("1")
+    with pytest.raises(RuntimeError):
+        with staged_directory(final) as staging:
+            (staging / "v").write_text("2")
+            raise RuntimeError("killed mid-export")
+    assert (final / "v").read_text() == "1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_replace_directory_swaps_whole_directories(tmp_path):
+    final, new = tmp_path / "d", tmp_path / ".d.new"
+    final.mkdir()
+    (final / "old").write_text("old")
+    new.mkdir()
+    (new / "new").write_text("new")
+    replace_directory(new, final)
+    assert [p.name for p in final.iterdir()] == ["new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_write_json_atomic_replaces_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "r.json"
+    write_json_atomic(path, {"v": 1})
+    write_json_atomic(path, {"v": 2})
+    assert path.read_text() == '{\n  "v": 2\n}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
