@@ -112,6 +112,13 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_curve(tmp_path):
     assert resumed == pytest.approx(uninterrupted, abs=1e-6)
 
 
+def test_only_the_newest_checkpoint_is_kept_by_default(tmp_path):
+    run(tmp_path / "default", steps=6, save_every=2)
+    assert [p.name for p in list_checkpoints(tmp_path / "default" / "checkpoints")] == ["step_000006"]
+    run(tmp_path / "two", steps=6, save_every=2, keep_checkpoints=2)
+    assert [p.name for p in list_checkpoints(tmp_path / "two" / "checkpoints")] == ["step_000004", "step_000006"]
+
+
 def test_finished_stage_is_not_retrained_on_resume(tmp_path):
     model, losses = run(tmp_path, steps=4, save_every=2)
     again, losses_again = run(tmp_path, model=tiny_lm(seed=5), steps=4, save_every=2)
@@ -131,7 +138,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         return out
 
     with pytest.raises(NonFiniteLossError, match="step 5.*last good checkpoint"):
-        run(tmp_path, step_fn=exploding_step, steps=8, save_every=2, log_every=4)
+        run(tmp_path, step_fn=exploding_step, steps=8, save_every=2, log_every=4, keep_checkpoints=2)
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_000002", "step_000004"]
     state = json.loads((tmp_path / "checkpoints" / "step_000004" / "state.json").read_text())
     assert all(math.isfinite(h["loss"]) for h in state["history"])

@@ -15,7 +15,7 @@ from draftkit.io import make_staging_dir, write_json_atomic
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-def save_checkpoint(directory: Path, step: int, tensors: dict[str, object], state: dict, keep: int = 2) -> Path:
+def save_checkpoint(directory: Path, step: int, tensors: dict[str, object], state: dict, keep: int = 1) -> Path:
     """Write `directory/step_{step:06d}/` (torch-saved tensors + state.json) via a temp dir and one rename."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

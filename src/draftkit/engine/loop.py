@@ -60,7 +60,9 @@ class LoopSettings:
     """fp32 or bf16 (autocast; master weights stay fp32)"""
     log_every: int = 10
     save_every: int = 100
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 1
+    """checkpoints kept per stage, newest first (<= 0: all); one is enough to resume, since each is written whole before
+    the previous is removed"""
     seed: int = 0
     group_by_length: bool = False
     """micro-batches of similar lengths (less padding; engine/batches.py), instead of a plain shuffle"""

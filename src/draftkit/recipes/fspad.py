@@ -29,7 +29,7 @@ from draftkit.data.feature_cache import (
     target_features,
 )
 from draftkit.drafts.fspad import FeatureDrafter, feature_drafter
-from draftkit.io import write_json_atomic, write_text_atomic
+from draftkit.io import write_json_atomic
 from draftkit.engine.loop import stage_settings, train
 from draftkit.export.fspad import EAGLE_FORMATS, export_feature_drafter, format_refusal
 from draftkit.objectives.fspad import align_pairs, fspad_loss
@@ -40,6 +40,7 @@ from draftkit.recipes.common import (
     measure_acceptance,
     self_distilled_chats,
     start_run,
+    write_summary,
 )
 from draftkit.runtime import fspad as fspad_runtime
 from draftkit.runtime.drafting import DraftingOptions
@@ -197,14 +198,18 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
     after_tree = measure_acceptance(target, tree, cfg.eval, run_dir / "eval_after_tree.json") if tree else None
     table = compare_markdown({"before training": before, "after training (chain)": after,
                               f"after training ({settings.tree.kind} tree, depth {settings.tree.depth})": after_tree})
-    write_text_atomic(run_dir / "summary.md", table + "\n")
     exports = export_feature_drafter(
         draft, run_dir / "export", target_name=target.name, feature_norm=settings.features.norm,
         feature_layer=feature_layer(target), target_vocab_size=target.vocab_size,
         max_position_embeddings=target.config.get_text_config().max_position_embeddings,
         num_speculative_tokens=settings.export.num_speculative_tokens,
         resolved_config_yaml=OmegaConf.to_yaml(cfg, resolve=True), eval_table_md=table,
-        eagle_formats=None if settings.export.eagle_formats is None else list(settings.export.eagle_formats))
+        eagle_formats=None if settings.export.eagle_formats is None else list(settings.export.eagle_formats),
+        target_reference=target.reference())
+    write_summary(run_dir, title=f"{draft.variant} feature drafter for {target.name}", table=table,
+                  histories={"train": result.history},
+                  exports={("draftkit format" if fmt == "draftkit" else fmt): folder for fmt, folder in exports.items()},
+                  reports=[before, after, after_tree])
     if after is not None:
         sink.summary({"tau_before": before["overall"]["tau"] if before else None, "tau_after": after["overall"]["tau"]})
     sink.finish()
