@@ -3,7 +3,8 @@
 For each family that vLLM loads (a standalone draft LM through `"method": "draft_model"`, Medusa heads through vLLM's
 Medusa format, EAGLE-1 through the fspad recipe's `eagle-vllm/` folder, and EAGLE-3 once `+recipe=eagle3` exists) it
   1. trains a small real draft on the default target with the family's own recipe (the target's own answers to the same
-     self-distilled ShareGPT prompts, copied into every run), measuring the untrained draft on the way (eval.before);
+     ShareGPT/GSM8K prompts, generated once and copied into every run), and exports the same recipe's untrained draft
+     (0 steps) as the baseline a trained draft must clearly beat;
   2. serves target + exported draft with vLLM's offline `LLM(...)` API, one held-out Spec-Bench prompt at a time,
      greedy, in fp32, with per-request speculative-decoding metrics (`per_request_spec_decode_metrics="detailed"`);
   3. checks that every greedy output equals plain vLLM's, token for token;
@@ -44,8 +45,7 @@ EOS_NOTE = "outputs compared with a trailing end-of-turn token removed (vLLM lea
 CPU = {
     "train": ["data.selfdistill.num_prompts=256", "data.selfdistill.max_new_tokens=128",
               "data.selfdistill.batch_size=32", "data.max_length=512", "logger=jsonl", "engine.log_every=10",
-              "engine.save_every=50", "eval.limit_per_category=3", "eval.max_new_tokens=96",
-              "eval.measure_speedup=false"],
+              "engine.save_every=50", "eval.enabled=false"],
     "limit_per_category": 3, "categories": None, "max_new_tokens": 96, "max_model_len": 4096,
     "steps": {"draft_model": 150, "medusa": 200, "eagle1": 200, "eagle3": 200},
 }
@@ -57,7 +57,7 @@ SMOKE = {
               "draft.num_layers=1", "data.prompts_limit=40", "data.selfdistill.num_prompts=8",
               "data.selfdistill.max_new_tokens=16", "data.selfdistill.batch_size=8", "data.max_length=256",
               "logger=jsonl", "engine.micro_batch_size=2", "engine.warmup_steps=1", "engine.log_every=1",
-              "eval.limit_per_category=1", "eval.max_new_tokens=16", "eval.measure_speedup=false"],
+              "eval.enabled=false"],
     # The byte tokenizer makes summarization and RAG prompts longer than the tiny target's 2048 positions.
     "limit_per_category": 1, "categories": ["translation", "qa"], "max_new_tokens": 16,
     "max_model_len": 2048,
@@ -163,16 +163,21 @@ def recipe_exists(name: str) -> bool:
     return resources.files("draftkit.conf").joinpath("recipe", f"{name}.yaml").is_file()
 
 
-def train(family: str, run_dir: Path, budget: dict, data_root: str, shared_answers: Path, log: Path) -> dict:
-    """Train one family with its recipe (resumed or skipped when the same command finished before)."""
+def train(family: str, steps: int, run_dir: Path, budget: dict, data_root: str, shared_answers: Path,
+          log: Path, reexport: bool = False) -> dict:
+    """Train one family with its recipe (resumed or skipped when the same command finished before); steps=0 exports
+    the untrained draft, the baseline a trained one must clearly beat. `reexport` runs a finished recipe again, which
+    trains nothing and writes its export with this draftkit (the record keeps the training's wall time)."""
     spec = FAMILIES[family]
     command = [sys.executable, "-m", "draftkit.train", *spec["overrides"], "data=shared", f"data.root={data_root}",
-               *budget["train"], f"{spec['steps_key']}={budget['steps'][family]}", f"hydra.run.dir={run_dir}"]
+               *budget["train"], f"{spec['steps_key']}={steps}", f"hydra.run.dir={run_dir}"]
     record_file = run_dir / "serve_vllm_train.json"
-    if (run_dir / "result.json").is_file() and record_file.is_file():
-        record = json.loads(record_file.read_text())
-        if record["command"] == shlex.join(command):
-            return record
+    earlier = json.loads(record_file.read_text()) if record_file.is_file() else None
+    if (run_dir / "result.json").is_file() and earlier and earlier["command"] == shlex.join(command):
+        if not reexport:
+            return earlier
+        run_logged(command, log)  # finished: the recipe resumes at its last step and writes the export again
+        return {**earlier, "reexported": time.strftime("%Y-%m-%d")}
     run_dir.mkdir(parents=True, exist_ok=True)
     if shared_answers.is_file() and not (run_dir / "selfdistill.jsonl").is_file():
         shutil.copy(shared_answers, run_dir / "selfdistill.jsonl")  # the same self-distilled answers for every family
@@ -294,6 +299,8 @@ def main() -> None:
                         help=f"subset of {','.join(FAMILIES)}; a family whose recipe is not installed is skipped")
     parser.add_argument("--smoke", action="store_true", help="tiny random target and budgets: checks the pipeline")
     parser.add_argument("--train-only", action="store_true", help="train the families and stop (no vLLM needed)")
+    parser.add_argument("--reexport", action="store_true",
+                        help="write finished runs' exports again with this draftkit (no training) before serving them")
     args = parser.parse_args()
     if args.worker:
         worker(args.worker)
@@ -315,7 +322,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     log = work / "log.txt"
     started = time.perf_counter()
-    trained = {f: train(f, work / "runs" / f, budget, data_root, work / "selfdistill.jsonl", log) for f in families}
+    answers = work / "selfdistill.jsonl"
+    trained = {f: train(f, budget["steps"][f], work / "runs" / f, budget, data_root, answers, log, args.reexport)
+               for f in families}
+    untrained_runs = {f: train(f, 0, work / "runs" / f"{f}_untrained", budget, data_root, answers, log, args.reexport)
+                      for f in families}
     if args.train_only:
         return
 
@@ -374,14 +385,19 @@ def main() -> None:
                                 "num_speculative_tokens": spec["gamma"]}, fingerprint)
         dk, vl = eval_summary(evaluation), vllm_summary(served, spec["gamma"])
         identical = [tokens_equal(s["tokens"], p["tokens"], set(eos)) for s, p in zip(served["rows"], plain["rows"])]
-        before = untrained(run_dir)
+        untrained_artifact = Path(spec["artifact"](json.loads(
+            (work / "runs" / f"{family}_untrained" / "result.json").read_text())))
+        before = eval_summary(draftkit_eval(family, untrained_artifact, artifact_fingerprint(untrained_artifact),
+                                            target_arg, spec_bench, budget, work, log, name=f"{family}_untrained"))
         results[family] = {
             "recipe_command": trained[family]["command"], "train_wall_s": trained[family]["wall_s"],
+            "training": training_summary(run_dir),
             "artifact": str(artifact), "vllm_speculative_config": {"method": spec["method"], "model": "<artifact>",
                                                                    "num_speculative_tokens": spec["gamma"]},
             "draftkit_eval_command": evaluation["serve_vllm_command"],
             "greedy_identical_to_plain_vllm": {"prompts": len(identical), "identical": sum(identical)},
-            "untrained_draftkit": before, "draftkit": drop_per_prompt(dk), "vllm": drop_per_prompt(vl),
+            "untrained_command": untrained_runs[family]["command"],
+            "untrained_draftkit": drop_per_prompt(before), "draftkit": drop_per_prompt(dk), "vllm": drop_per_prompt(vl),
             "agreement": agreement(dk, vl),
             "per_prompt_accepted": {"draftkit": dk["per_prompt_accepted"], "vllm": vl["per_prompt_accepted"]},
             "vllm_startup_s": served["startup_s"], "vllm_decode_s": served["decode_s"],
@@ -455,8 +471,8 @@ def artifact_fingerprint(folder: Path) -> str:
 
 
 def draftkit_eval(family: str, artifact: Path, fingerprint: str, target_arg: str, spec_bench: Path, budget: dict,
-                  work: Path, log: Path) -> dict:
-    out = work / "eval" / family
+                  work: Path, log: Path, name: str | None = None) -> dict:
+    out = work / "eval" / (name or family)
     command = [sys.executable, "-m", "draftkit.eval", "--draft", str(artifact), "--target", target_arg, "--prompts",
                str(spec_bench), "--limit-per-category", str(budget["limit_per_category"]), "--max-new-tokens",
                str(budget["max_new_tokens"]), "--no-speedup", "--no-progress", "--out", str(out),
@@ -472,14 +488,15 @@ def draftkit_eval(family: str, artifact: Path, fingerprint: str, target_arg: str
     return report
 
 
-def untrained(run_dir: Path) -> dict | None:
-    """The recipe's own measurement of the untrained draft (eval.before), chain decoding, on the same prompts."""
-    for name in ("eval_before.json", "eval_before_chain.json"):
-        path = run_dir / name
-        if path.is_file():
-            o = json.loads(path.read_text())["overall"]
-            return {"tau": o["tau"], "alpha": o["alpha"], "file": name}
-    return None
+def training_summary(run_dir: Path) -> dict:
+    """Steps and the loss at the start and the end of each training stage of a run (its history.json files)."""
+    stages = {}
+    for history_file in sorted(run_dir.glob("*/history.json")):
+        history = json.loads(history_file.read_text())
+        if history:
+            stages[history_file.parent.name] = {"steps": history[-1]["step"], "first_loss": history[0]["loss"],
+                                                "last_loss": history[-1]["loss"]}
+    return stages
 
 
 def drop_per_prompt(summary: dict) -> dict:
@@ -505,7 +522,7 @@ def markdown(payload: dict) -> str:
         before = r["untrained_draftkit"]
         failed = [k for k, v in r["checks"].items() if v is False]
         lines.append(" | ".join([
-            f"| {name}", f"{same['identical']}/{same['prompts']}", "–" if not before else f"{before['tau']:.3f}",
+            f"| {name}", f"{same['identical']}/{same['prompts']}", f"{before['tau_draftkit']:.3f}",
             f"{r['draftkit']['tau_draftkit']:.3f}", f"{r['draftkit']['accepted_per_step']:.3f}",
             f"{r['vllm']['accepted_per_step']:.3f}", fmt_list(r["draftkit"]["alpha"]), fmt_list(r["vllm"]["alpha"]),
             "–" if r["agreement"]["max_abs_z"] is None else f"{r['agreement']['max_abs_z']:.2f}",
