@@ -40,8 +40,9 @@ FAMILIES = {
     "hydra_plus_plus": (["+recipe=hydra_heads", "hydra_heads.teacher_weight=1", "hydra_heads.lm_weight=0",
                          "hydra_heads.heads.prefix_layer=true", "hydra_heads.heads.num_layers=4"], "hydra_heads", "tree"),
     "clover2": (["+recipe=clover"], "clover", "tree"),
-    "eagle1": (["+recipe=fspad", *EAGLE1], "train", "chain"),
-    "fspad": (["+recipe=fspad"], "train", "chain"),
+    # Feature drafters decode with EAGLE-2's dynamic tree, as draftkit.eval does by default.
+    "eagle1": (["+recipe=fspad", *EAGLE1], "train", "dynamic tree"),
+    "fspad": (["+recipe=fspad"], "train", "dynamic tree"),
     "kangaroo": (["+recipe=kangaroo"], "adapter", "chain"),
     # An acceptance head on the FastDraft family's draft (trained above when fastdraft is in the run; otherwise on the
     # recipe's default, the untrained 2-layer cut), decoded with its adaptive stop.
@@ -143,9 +144,10 @@ def cached(path: Path, measure):
 
 def trimmed(report: dict) -> dict:
     o = report["overall"]
-    keep = ("prompts", "new_tokens", "target_forwards", "drafted_tokens", "tau", "alpha", "draft_acceptance",
-            "tokens_per_s", "ar_tokens_per_s", "speedup", "outputs_differing_from_ar", "prediction")
-    return {k: o.get(k) for k in keep} | {"categories": {c: s["tau"] for c, s in report["categories"].items()}}
+    keep = ("prompts", "new_tokens", "target_forwards", "drafted_tokens", "tau", "tau_ci", "alpha", "alpha_ci",
+            "draft_acceptance", "tokens_per_s", "ar_tokens_per_s", "speedup", "outputs_differing_from_ar", "prediction")
+    return ({k: o.get(k) for k in keep} | {"interval": report["config"]["interval"]}
+            | {"categories": {c: s["tau"] for c, s in report["categories"].items()}})
 
 
 def evaluate_all(run_dirs: dict[str, Path], budget: dict, target_path: str | None, smoke: bool, eval_dir: Path) -> dict:
@@ -164,7 +166,7 @@ def evaluate_all(run_dirs: dict[str, Path], budget: dict, target_path: str | Non
     for family, run_dir in run_dirs.items():
         _, _, decoding = FAMILIES[family]
         export = artifact(run_dir)
-        tree = ["--tree", "static"] if decoding == "tree" else []
+        tree = {"tree": ["--tree", "static"], "dynamic tree": ["--tree", "dynamic"]}.get(decoding, [])
         drafting = load_draft(parse_args(["--draft", str(export), *tree, "--no-progress"]), target)
 
         def measure(gamma: int, t: float, drafting=drafting):
@@ -209,18 +211,24 @@ def recommendation(predicted: dict) -> str:
     if "recommended_tree_size" in predicted:
         size = predicted["recommended_tree_size"]
         return f"{size} node{'' if size == 1 else 's'}"
+    if "recommended_total_tokens" in predicted:
+        return f"depth {predicted['recommended_depth']}, {predicted['recommended_total_tokens']} tokens"
     return "–"
 
 
 def markdown(result: dict) -> str:
+    from draftkit.runtime.evaluate import interval_cell
+
     settings = result["settings"]
     gamma = settings["gamma"]
-    header = (["family", "draft params", "train s", "train tok/s", "greedy τ"] + [f"α@{i}" for i in range(1, gamma + 1)]
-              + [f"τ (T={settings['temperature']})", "speedup", "predicted", "best γ or tree (predicted)"])
+    header = (["family", "draft params", "train s", "train tok/s", "prompts", "greedy τ", "95% CI"]
+              + [f"α@{i}" for i in range(1, gamma + 1)]
+              + [f"τ (T={settings['temperature']})", "95% CI", "speedup", "predicted", "best γ or tree (predicted)"])
     lines = [f"Target {settings['target']}, {result['machine'].get('gpu', 'CPU')}, {result['date']}: "
              f"{settings['steps']} training steps per family on the same data; Spec-Bench "
              f"{settings['limit_per_category']} questions per category, {settings['max_new_tokens']} new tokens, "
-             f"γ = {gamma} (chain) or a static tree, fp32 evaluation.", "",
+             f"γ = {gamma} (chain), a static tree (heads) or EAGLE-2's dynamic tree (feature drafters), fp32 "
+             "evaluation.", "",
              "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for family, entry in result["families"].items():
         greedy, sampling = entry["greedy"], entry.get("sampling")
@@ -229,9 +237,11 @@ def markdown(result: dict) -> str:
         training = entry["training"]
         parameters = entry["draft_parameters"] and entry["draft_parameters"] / 1e6  # None: not measured
         row = [f"{family} ({entry['decoding']})", cell(parameters, 1, " M"), cell(training["wall_s"], 0),
-               cell(training.get("train_tokens_per_s_mean"), 0), cell(greedy["tau"])]
+               cell(training.get("train_tokens_per_s_mean"), 0), str(greedy.get("prompts", "–")), cell(greedy["tau"]),
+               interval_cell(greedy.get("tau_ci"))]
         row += [cell(a) for a in alphas[:gamma]]
-        row += [cell(sampling["tau"]) if sampling else "–", cell(greedy["speedup"], suffix="x"),
+        row += [cell(sampling["tau"]) if sampling else "–", interval_cell((sampling or {}).get("tau_ci")),
+                cell(greedy["speedup"], suffix="x"),
                 cell(predicted.get("predicted_speedup"), suffix="x"), recommendation(predicted)]
         lines.append("| " + " | ".join(row) + " |")
     for source in result.get("sources") or [{"families": None, "baseline_drift": result["baseline_drift"]}]:
@@ -243,8 +253,12 @@ def markdown(result: dict) -> str:
     if result.get("sources"):
         lines += ["", "Merged from separate runs (`compare.py --merge`): each family's speedup is over its own run's "
                   "baseline, so compare speedups within one run; τ and α compare across runs."]
+    lines += ["", "95% CI: per-prompt bootstrap percentile interval of τ (1000 resamples of the prompts, seeded), "
+              "pooled as τ is; two families differ beyond noise only where their intervals do not overlap (– : a "
+              "result made before intervals were kept)."]
     lines += ["", "speedup: measured tokens/s over one autoregressive baseline of the same target and prompts; predicted: "
-              "draftkit.runtime.predict from the measured τ and step costs; best γ or tree: the chain length, or the "
+              "draftkit.runtime.predict from the measured τ and step costs; best γ or tree: the chain length, the dynamic "
+              "tree's depth and total tokens, or the "
               "subtree of the static tree, with the highest predicted speedup."]
     return "\n".join(lines) + "\n"
 

@@ -48,13 +48,10 @@ def _target_overrides(target_path: str | None) -> list[str]:
 
 
 def train_variant(run_dir: Path, overrides: list[str]) -> dict:
-    from draftkit.config import compose
-    from draftkit.recipes import distillspec
+    from draftkit.train import run_recipe
 
-    cfg = compose(["+recipe=distillspec", f"hydra.run.dir={run_dir}", *overrides])
-    cfg.run_dir = str(run_dir)
     start = time.perf_counter()
-    distillspec.run(cfg, run_dir)
+    run_recipe(["+recipe=distillspec", *overrides], run_dir)
     wall = time.perf_counter() - start
     records = json.loads((run_dir / "distill" / "history.json").read_text())
     timing = json.loads((run_dir / "result.json").read_text())["timing"]
@@ -92,8 +89,8 @@ def main() -> None:
     import torch
     from hydra.utils import instantiate
 
-    from draftkit.config import compose
-    from draftkit.recipes.common import build_draft, prompt_file
+    from draftkit.config import compose, instantiate_draft
+    from draftkit.data.sources import prompt_file
     from draftkit.runtime.evaluate import load_prompts
 
     names = ["start", *VARIANTS, "main_job"]
@@ -122,7 +119,7 @@ def main() -> None:
             continue
         print(f"[bench] {name}", flush=True)
         if name == "start":
-            draft = build_draft(base.draft, target).to(target.device).eval()
+            draft = instantiate_draft(base.draft, target).to(target.device).eval()
             payload = {"eval": evaluate_both(draft)}
         elif name == "main_job":
             run_dir = args.work / name

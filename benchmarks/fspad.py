@@ -42,16 +42,13 @@ CPU_SMOKE = {
 
 
 def recipe_run(run_dir: Path, overrides: list[str]) -> tuple[str, float]:
-    from draftkit.config import compose
-    from draftkit.recipes import fspad
+    from draftkit.train import run_recipe
 
-    full = ["+recipe=fspad", f"hydra.run.dir={run_dir}", *overrides]
-    cfg = compose(full)
-    cfg.run_dir = str(run_dir)
-    print("+ python -m draftkit.train", shlex.join(full), flush=True)
+    command = "python -m draftkit.train " + shlex.join(["+recipe=fspad", f"hydra.run.dir={run_dir}", *overrides])
+    print("+", command, flush=True)
     start = time.perf_counter()
-    fspad.run(cfg, run_dir)
-    return "python -m draftkit.train " + shlex.join(full), time.perf_counter() - start
+    run_recipe(["+recipe=fspad", *overrides], run_dir)
+    return command, time.perf_counter() - start
 
 
 def training_throughput(run_dir: Path) -> dict:

@@ -95,7 +95,7 @@ FAMILIES = {
     "eagle1": {"overrides": ["+recipe=fspad", "fspad.feature_sampling=false", "fspad.partial_alignment=false",
                              "fspad.tree.kind=none"],
                "steps_key": "fspad.train.engine.steps", "artifact": _eagle1_artifact,
-               "method": "eagle", "gamma": 5, "eval": ["--gamma", "5"]},
+               "method": "eagle", "gamma": 5, "eval": ["--tree", "chain", "--gamma", "5"]},
     "eagle3": {"overrides": ["+recipe=eagle3"], "steps_key": "engine.steps", "artifact": _eagle3_artifact,
                "method": "eagle3", "gamma": 5, "eval": ["--gamma", "5"], "needs_recipe": "eagle3"},
 }

@@ -60,8 +60,7 @@ def run_scenario(name: str, stage_dir: Path, world_size: int, steps: int = STEPS
     backend, _, stage = name.partition("_zero")
     dist = {"backend": "deepspeed", "zero_stage": int(stage)} if stage else {"backend": "accelerate"}
     settings = LoopSettings(steps=steps, micro_batch_size=GLOBAL_MICRO_BATCH // world_size, lr=1e-2, warmup_steps=2,
-                            log_every=1, save_every=save_every, keep_checkpoints=2, max_grad_norm=1.0,
-                            distributed=dist)  # the step-3 checkpoint is resumed from in another test
+                            log_every=1, save_every=save_every, max_grad_norm=1.0, distributed=dist)
     draft, target = tiny_llama(0), tiny_llama(1, layers=2)
     result = train(model=draft, step_fn=distill_step(target), dataset=examples(), collate=collate0, settings=settings,
                    stage_dir=stage_dir, resume=resume, desc=name, frozen=[target])

@@ -16,7 +16,8 @@ def run_result(families: dict, *, steps=200, gammas=(1, 5), save_every=1000, dri
                 "train_overrides": ["engine.lr=1e-3", f"engine.save_every={save_every}"], "family_overrides": {}}
     entries = {}
     for family, tau in families.items():
-        report = {"tau": tau, "alpha": [tau - 1.0], "speedup": tau / 1.2, "prediction": {}}
+        report = {"prompts": 8, "tau": tau, "tau_ci": [tau - 0.1, tau + 0.1], "alpha": [tau - 1.0],
+                  "speedup": tau / 1.2, "prediction": {}}
         entries[family] = {"export": f"/runs/{family}", "decoding": compare.FAMILIES[family][2],
                            "draft_parameters": 1_000_000, "greedy": report, "sampling": report,
                            "training": {"wall_s": 60.0, "train_tokens_per_s_mean": 1000.0}}
@@ -41,6 +42,7 @@ def test_merge_keeps_every_family_with_its_own_run_and_the_last_measurement_wins
     assert "In the run of medusa, plain decoding ran at 30.0" in table
     assert "In the run of distillspec, kangaroo, plain decoding ran at 40.0" in table
     assert table.count("| distillspec (chain) |") == 1
+    assert "| 8 | 1.30 | [1.20, 1.40] |" in table and "per-prompt bootstrap" in table
 
 
 def test_a_familys_own_overrides_travel_with_its_row_and_do_not_block_a_merge():
@@ -72,4 +74,4 @@ def test_write_merged_writes_the_table_json_and_plots(tmp_path):
     merged = json.loads((tmp_path / "out" / f"{stem}.json").read_text())
     assert list(merged["families"]) == ["medusa", "fspad"]
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == sorted(merged["plots"])
-    assert "| fspad (chain) |" in (tmp_path / "out" / f"{stem}.md").read_text()
+    assert "| fspad (dynamic tree) |" in (tmp_path / "out" / f"{stem}.md").read_text()

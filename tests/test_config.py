@@ -1,5 +1,6 @@
 """Every config composes, every `_target_` binds its arguments, overlays work in either order."""
 
+import dataclasses
 import importlib
 import inspect
 import subprocess
@@ -12,10 +13,12 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from draftkit.config import ConfigError, available_recipes, compose, prepare_overrides
+from draftkit.engine.loop import LoopSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE_FILES = sorted((ROOT / "conf" / "recipe").glob("*.yaml"))
-GROUP_FILES = sorted(p for p in (ROOT / "conf").glob("*/*.yaml") if p.parent.name not in ("recipe", "debug"))
+GROUP_FILES = sorted(p for p in (ROOT / "conf").glob("*/*.yaml") if p.parent.name not in ("recipe", "debug", "budget"))
+BUDGETS = sorted(p.stem for p in (ROOT / "conf" / "budget").glob("*.yaml"))
 
 
 def test_recipes_are_discovered_from_the_conf_tree():
@@ -31,6 +34,47 @@ def test_debug_overlay_wins_in_either_order(recipe, debug_first):
     assert cfg.target._target_.endswith("tiny_target")
     assert cfg.engine.max_steps_per_stage == 3
     assert cfg.logger._target_.endswith("NullSink")
+
+
+def _leaf_keys(node, path="") -> set[str]:
+    if isinstance(node, dict):
+        return set().union(*(_leaf_keys(v, f"{path}.{k}" if path else k) for k, v in node.items())) if node else {path}
+    return {path}
+
+
+@pytest.mark.parametrize("recipe", [p.stem for p in RECIPE_FILES])
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_a_budget_only_changes_settings_the_recipe_has(recipe, budget):
+    """A budget file sets values, never new keys: a misspelt key would otherwise be recorded and silently unused. A
+    stage's `engine` mapping may set any engine setting (the loop's fields)."""
+    plain = OmegaConf.to_container(compose([f"+recipe={recipe}"]), resolve=False)
+    budgeted = OmegaConf.to_container(compose([f"budget={budget}", f"+recipe={recipe}"]), resolve=False)
+    engine_fields = {f.name for f in dataclasses.fields(LoopSettings)}
+    new = {k for k in _leaf_keys(budgeted) - _leaf_keys(plain)
+           if not (k.split(".")[-2:-1] == ["engine"] and k.split(".")[-1] in engine_fields)}
+    assert new == set()
+    assert budgeted != plain
+
+
+def test_gpu30_merges_the_recipes_own_budget_after_the_shared_one_and_typed_values_win():
+    cfg = compose(["+recipe=fspad", "budget=gpu30"])
+    assert cfg.fspad.train.engine.steps == 5000 and cfg.data.selfdistill.num_prompts == 8192
+    assert cfg.engine.precision == "bf16"
+    typed = compose(["+recipe=fspad", "budget=gpu30", "fspad.train.engine.steps=7", "engine.precision=fp32"])
+    assert typed.fspad.train.engine.steps == 7 and typed.engine.precision == "fp32"
+    assert compose(["+recipe=medusa", "+budget=gpu30"]).engine.steps == 7000
+
+
+def test_debug_shrinks_a_budget_in_either_order():
+    for overrides in (["+debug=tiny", "budget=gpu30", "+recipe=medusa"],
+                      ["+recipe=medusa", "budget=gpu30", "+debug=tiny"]):
+        cfg = compose(overrides)
+        assert cfg.engine.max_steps_per_stage == 3 and cfg.data.selfdistill.num_prompts == 6
+
+
+def test_an_unknown_budget_names_the_known_ones():
+    with pytest.raises(ConfigError, match="unknown budget 'gpu3'; available budgets: gpu30, smoke"):
+        prepare_overrides(["+recipe=medusa", "budget=gpu3"])
 
 
 def _targets(node, path=""):
@@ -89,7 +133,7 @@ def test_a_typo_in_a_target_argument_is_caught():
 def test_each_recipe_has_its_module_card_and_test():
     for path in RECIPE_FILES:
         module = importlib.import_module(f"draftkit.recipes.{path.stem}")
-        assert callable(module.run)
+        assert callable(module.run) and callable(module.validate)
         assert (ROOT / "recipes" / f"{path.stem}.md").is_file()
         assert (ROOT / "tests" / f"test_recipe_{path.stem}.py").is_file()
 
@@ -97,7 +141,7 @@ def test_each_recipe_has_its_module_card_and_test():
 def test_recipe_errors_name_the_fix():
     with pytest.raises(ConfigError, match="available recipes: .*fastdraft"):
         prepare_overrides(["+recipe=nope"])
-    with pytest.raises(ConfigError, match=r"Add \+recipe=<name>"):
+    with pytest.raises(ConfigError, match=r"Fix: add \+recipe=<name>"):
         prepare_overrides(["engine.lr=1"])
     with pytest.raises(ConfigError, match=r"\+recipe=<name>"):
         prepare_overrides(["recipe=fastdraft"])
@@ -127,3 +171,39 @@ def test_cfg_job_prints_the_composed_config_with_overlays_in_any_order():
     assert proc.returncode == 0, proc.stderr[-1500:]
     assert "_target_: draftkit.targets.tiny.tiny_target" in proc.stdout
     assert "max_steps_per_stage: 3" in proc.stdout
+
+
+def _stage(cfg, path):
+    from draftkit.engine.loop import stage_settings
+
+    engine = OmegaConf.to_container(cfg.engine, resolve=True)
+    return stage_settings(engine, path, **OmegaConf.to_container(OmegaConf.select(cfg, path), resolve=True))
+
+
+def test_a_typed_engine_value_reaches_every_stage_unless_the_stage_key_is_typed_too():
+    untyped = compose(["+recipe=fastdraft"])
+    assert (_stage(untyped, "fastdraft.pretrain.engine").steps, _stage(untyped, "fastdraft.pretrain.engine").lr) == \
+        (120, 3e-3)
+    cfg = compose(["+recipe=fastdraft", "engine.steps=5000", "engine.lr=1e-5"])
+    for stage in ("fastdraft.pretrain.engine", "fastdraft.finetune.engine"):
+        assert (_stage(cfg, stage).steps, _stage(cfg, stage).lr) == (5000, 1e-5)
+        assert OmegaConf.select(cfg, f"{stage}.lr") == 1e-5  # recorded as used: config.yaml is this config
+    assert _stage(cfg, "fastdraft.pretrain.engine").warmup_steps == 12  # untyped keys keep the stage's own value
+    both = compose(["+recipe=fastdraft", "engine.lr=1e-4", "fastdraft.pretrain.engine.lr=3e-3"])
+    assert (_stage(both, "fastdraft.pretrain.engine").lr, _stage(both, "fastdraft.finetune.engine").lr) == (3e-3, 1e-4)
+    assert _stage(compose(["+recipe=fspad", "engine.steps=500"]), "fspad.train.engine").steps == 500
+    # a budget's per-stage steps are defaults too: what the user typed wins over them
+    budgeted = compose(["+recipe=fastdraft", "budget=gpu30", "engine.steps=7"])
+    assert _stage(budgeted, "fastdraft.finetune.engine").steps == 7
+
+
+def test_typed_values_are_checked_against_their_settings_type():
+    with pytest.raises(ConfigError, match=r"engine\.steps=2\.5: must be a whole number"):
+        compose(["+recipe=fastdraft", "engine.steps=2.5"])
+    with pytest.raises(ConfigError, match=r"engine\.group_by_length=1: must be true or false"):
+        compose(["+recipe=fastdraft", "engine.group_by_length=1"])
+    with pytest.raises(ConfigError, match=r"fastdraft\.stages='pretrain': must be a list"):
+        compose(["+recipe=fastdraft", "fastdraft.stages=pretrain"])
+    assert compose(["+recipe=fastdraft", "engine.lr=1"]).engine.lr == 1  # an int where a float is expected is fine
+    assert compose(["+recipe=fastdraft", "engine.max_grad_norm=null"]).engine.max_grad_norm is None
+    assert compose(["+recipe=fastdraft", "resume=force"]).resume == "force"

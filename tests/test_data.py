@@ -156,6 +156,36 @@ def test_bad_files_and_arguments(tmp_path):
         load_records(str(tmp_path / "ok.jsonl"), split="validation")
 
 
+def test_synthetic_examples_are_seeded_fixed_length_ids_below_the_bound_every_position_a_label():
+    examples = load_records("synthetic:3x8:50")
+    assert len(examples) == 3 and all(len(ids) == 8 and max(ids) < 50 for ids in examples["input_ids"])
+    assert examples["labels"] == examples["input_ids"]
+    assert load_records("synthetic:3x8:50")["input_ids"] == examples["input_ids"]  # seeded
+    assert load_records("synthetic:3x8:50", limit=2)["input_ids"] == examples["input_ids"][:2]
+    assert load_records("synthetic:3x8:5000")["input_ids"] != examples["input_ids"]
+    batch = collate(list(examples), pad_token_id=2)
+    assert batch["attention_mask"].all() and (batch["labels"] == batch["input_ids"]).all()
+
+
+@pytest.mark.parametrize("source", ["synthetic:3x8", "synthetic:3x0:50", "synthetic:ax8:50", "synthetic:3*8:50"])
+def test_a_malformed_synthetic_source_names_its_format(source):
+    with pytest.raises(DataError, match=r"synthetic:<count>x<length>:<ids>, e.g. synthetic:64x2048:128256"):
+        load_records(source)
+
+
+def test_token_id_examples_pass_tokenization_under_the_length_policy(tokenizer):
+    examples = load_records("synthetic:2x8:50")
+    assert tokenize_chat(examples, tokenizer, max_length=8)["input_ids"] == examples["input_ids"]
+    with pytest.raises(DataError, match=r"2 of 2 conversations are longer than max_length=6.*too_long='truncate'"):
+        tokenize_chat(examples, tokenizer, max_length=6)
+    truncated = tokenize_chat(examples, tokenizer, max_length=6, too_long="truncate")
+    assert truncated["input_ids"] == truncated["labels"] == [ids[:6] for ids in examples["input_ids"]]
+    with pytest.raises(DataError, match="no conversation"):
+        tokenize_chat(examples, tokenizer, max_length=6, too_long="drop")
+    with pytest.raises(DataError, match=r"examples already in token ids \(synthetic:\).*labels=data"):
+        prompts_from_records(examples)
+
+
 def test_hub_sources_parse_and_fail_clearly_offline(tmp_path, monkeypatch):
     assert parse_hf_source("hf:openai/gsm8k:main") == ("openai/gsm8k", "main")
     assert parse_hf_source("hf:tatsu-lab/alpaca") == ("tatsu-lab/alpaca", None)
@@ -200,6 +230,7 @@ def test_stdlib_code_is_a_sorted_subset_without_tests():
     assert relative == sorted(relative) and "json/decoder.py" in relative
     assert not {part for r in relative for part in r.split("/")[:-1]} & {"test", "tests", "site-packages", "idlelib"}
     assert load_records("builtin:code", limit=3)["text"][:] == load_records("builtin:code", limit=3)["text"][:]
+    assert len(load_records("builtin:code", limit=3)) == 3  # datasets runs the generator per shard of a list argument
 
 
 # ---------------------------------------------------------------- chat

@@ -25,8 +25,12 @@ def test_wandb_sink_runs_offline_without_an_api_key(tmp_path, monkeypatch):
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
 
 
-def test_null_sink_accepts_the_run_arguments():
-    NullSink(run_dir="x", run_config={}, run_name="y").log({"a": 1}, step=0)
+def test_null_sink_takes_the_run_arguments_and_writes_nothing(tmp_path):
+    sink = NullSink(run_dir=str(tmp_path), run_config={"engine": {"lr": 0.1}}, run_name="y")
+    sink.log({"a": 1}, step=0)
+    sink.summary({"tau": 1.2})
+    sink.finish()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_wandb_sink_records_group_config_and_git_and_resumes_the_same_run(tmp_path, monkeypatch):

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import pytest
 from test_runtime import SPEC_BENCH_RECORDS, perturbed_copy, sharpen
+from test_tree import LMTreeDrafter
 
 from draftkit.runtime.evaluate import evaluate_draft, render_markdown
 from draftkit.runtime.predict import (
     StepCosts,
+    best_point,
     best_subtrees,
+    dynamic_tree_curve,
     expected_tau,
     predicted_speedup,
     recommend_gamma,
@@ -161,3 +164,82 @@ def test_profiled_tree_evaluation_recommends_a_subtree():
     chosen = {tuple(p) for p in predicted["recommended_tree_paths"]}
     assert all(len(p) == 1 or p[:-1] in chosen for p in chosen)
     assert "best subtree" in render_markdown(report)
+
+
+def test_dynamic_tree_curve_prices_every_depth_and_total_from_one_measurement():
+    # 10 verified trees; accepted nodes by confidence rank among the nodes of depth <= 1, <= 2, <= 3.
+    accepted_by_rank = [[6, 2], [6, 2, 3, 1], [6, 2, 3, 1, 2, 0, 1]]
+    curve = dynamic_tree_curve(accepted_by_rank, 10, [1, 2, 3], [1, 2, 4, 7],
+                               lambda size: 1.0 + 0.05 * size, lambda depth: 0.1 * depth)
+    point = {(p["depth"], p["total_tokens"]): p for p in curve}
+    assert len(curve) == 12
+    assert point[(3, 4)]["tau"] == pytest.approx(1 + 12 / 10)
+    assert point[(3, 7)]["tau"] == pytest.approx(1 + 15 / 10)
+    assert point[(1, 7)]["tau"] == pytest.approx(1 + 8 / 10)  # depth 1 has only two ranked acceptances
+    assert point[(2, 4)]["predicted_speedup"] == pytest.approx(2.2 / (1.2 + 0.2))
+    # Depth 3 adds nothing within 4 tokens but costs a draft pass; 7 tokens add 0.1 tau for 0.15 of verification.
+    best = best_point(curve)
+    assert (best["depth"], best["total_tokens"]) == (2, 4)
+    with pytest.raises(ValueError, match="must lie in 1..3"):
+        dynamic_tree_curve(accepted_by_rank, 10, [4], [1], lambda size: 1.0, lambda depth: 0.0)
+    with pytest.raises(ValueError, match="no tree verification"):
+        dynamic_tree_curve(accepted_by_rank, 0, [1], [1], lambda size: 1.0, lambda depth: 0.0)
+
+
+@pytest.fixture(scope="module")
+def draft_pair():
+    target = tiny_target(seed=0)
+    sharpen(target.model, seed=0)
+    return target, perturbed_copy(target.model, seed=5)
+
+
+def test_a_smaller_dynamic_tree_accepts_exactly_what_the_larger_ones_ranks_predict(draft_pair):
+    import torch
+
+    from draftkit.runtime.tree import DynamicTree, tree_generate
+
+    target, draft = draft_pair
+    generator = torch.Generator().manual_seed(1)
+    smaller = [(1, 1), (1, 3), (2, 2), (2, 5), (3, 4)]
+    accepted, cut = 0, 0
+    for _ in range(40):
+        length = int(torch.randint(0, 5, (1,), generator=generator))
+        ids = torch.cat([torch.tensor([1]), torch.randint(3, target.vocab_size, (length,), generator=generator)])[None]
+        # Two new tokens: the prefill commits one, then exactly one tree is verified, from the same state in each run.
+        big = tree_generate(target.model, LMTreeDrafter(draft, DynamicTree(3, 3, 12)), ids, max_new_tokens=2)
+        ranks = big.stats.accepted_by_rank
+        accepted += sum(big.stats.accepted_per_position) > 0
+        for depth, total in smaller:
+            small = tree_generate(target.model, LMTreeDrafter(draft, DynamicTree(depth, 3, total)), ids,
+                                  max_new_tokens=2)
+            predicted = sum(ranks[depth - 1][:total]) if ranks else 0
+            assert sum(small.stats.accepted_per_position) == predicted, (depth, total)
+            cut += predicted < sum(big.stats.accepted_per_position)
+    assert accepted >= 5 and cut >= 5  # the check saw accepted paths, some of them cut by the smaller trees
+
+
+def test_auto_dynamic_tree_is_chosen_by_the_predictor_and_then_measured(draft_pair):
+    from draftkit.runtime.evaluate import evaluate_dynamic_tree_auto
+    from draftkit.runtime.tree import DynamicTree
+
+    target, draft = draft_pair
+    built = []
+
+    def make_drafter(shape):
+        built.append(shape)
+        return LMTreeDrafter(draft, shape)
+
+    report = evaluate_dynamic_tree_auto(target, make_drafter, SPEC_BENCH_RECORDS[:2], depth=3, top_ks=(2, 3),
+                                        max_total_tokens=12, max_new_tokens=12, progress=False)
+    choice = report["tree_choice"]
+    assert [c["tree"] for c in choice["calibrations"]] == [
+        {"kind": "dynamic", "depth": 3, "top_k": k, "total_tokens": 12} for k in (2, 3)]
+    chosen = choice["chosen"]
+    assert report["config"]["tree"] == chosen and chosen["kind"] == "dynamic"
+    assert 1 <= chosen["depth"] <= 3 and 1 <= chosen["total_tokens"] <= 12 and chosen["top_k"] in (2, 3)
+    best = max(choice["calibrations"], key=lambda c: c["recommended"]["predicted_speedup_at_recommended"])
+    assert (chosen["depth"], chosen["total_tokens"]) == (best["recommended"]["recommended_depth"],
+                                                         best["recommended"]["recommended_total_tokens"])
+    assert choice["measured_tau"] == report["overall"]["tau"] and report["overall"]["outputs_differing_from_ar"] == 0
+    assert built[:2] == [DynamicTree(3, 2, 12), DynamicTree(3, 3, 12)]
+    assert "Tree chosen by the predictor" in render_markdown(report)

@@ -152,6 +152,17 @@ def test_training_lowers_the_loss_and_the_trained_draft_is_accepted(tmp_path):
     assert "| after training (static tree, depth 4) |" in (tmp_path / "summary.md").read_text()
 
 
+def test_recipe_measures_with_a_dynamic_tree(tmp_path):
+    run_recipe(tmp_path, "eval.before=false", "fspad.tree.kind=dynamic", "fspad.tree.depth=3", "fspad.tree.top_k=3",
+               "fspad.tree.budget=6")
+    tree = json.loads((tmp_path / "eval_after_tree.json").read_text())
+    assert tree["config"]["tree"] == {"kind": "dynamic", "depth": 3, "top_k": 3, "total_tokens": 6}
+    assert tree["overall"]["outputs_differing_from_ar"] == 0 and tree["overall"]["tau_ci"] is not None
+    assert "| after training (dynamic tree, depth 3) |" in (tmp_path / "summary.md").read_text()
+    with pytest.raises(ValueError, match="choose none, chain, static, topk, dynamic"):
+        run_recipe(tmp_path / "bad", "fspad.tree.kind=eagle2")
+
+
 def test_offline_training_matches_online(tmp_path, eagle_run):
     run_recipe(tmp_path, *EAGLE1, "fspad.features.source=offline", "fspad.features.storage=fp32",
                "fspad.features.shard_size=2", "eval=none")
@@ -252,22 +263,52 @@ def test_tampered_export_is_refused(eagle_run, tmp_path):
         load_feature_drafter(folder, embed_weight=target.embed_tokens.weight, lm_head_weight=target.lm_head.weight)
 
 
-def test_eval_cli_evaluates_the_artifact(eagle_run, tmp_path, monkeypatch, capsys):
+def test_eval_cli_runs_the_feature_drafter_as_a_dynamic_tree_by_default(eagle_run, tmp_path, monkeypatch, capsys,
+                                                                         user_error):
     from draftkit import eval as eval_module
 
     _, export = eagle_run
     monkeypatch.setattr(eval_module, "load_target", lambda *a, **k: tiny_target())
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text(json.dumps({"question_id": 1, "category": "qa", "turns": ["Hello there"]}) + "\n")
-    assert eval_main(["--draft", str(export / "eagle-sglang"), "--prompts", str(prompts), "--max-new-tokens", "8",
-                      "--gamma", "3", "--out", str(tmp_path / "eval"), "--no-progress"]) == 0
-    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    assert report["overall"]["outputs_differing_from_ar"] == 0 and report["overall"]["new_tokens"] == 8
+    prompts.write_text("".join(json.dumps({"question_id": i, "category": "qa", "turns": [text]}) + "\n"
+                               for i, text in enumerate(["Hello there", "Why is the sky blue?"])))
+
+    def evaluate(name, *flags):
+        assert eval_main(["--draft", str(export / "eagle-sglang"), "--prompts", str(prompts), "--max-new-tokens", "8",
+                          "--out", str(tmp_path / name), "--no-progress", *flags]) == 0
+        report = json.loads((tmp_path / name / "eval.json").read_text())
+        assert report["overall"]["outputs_differing_from_ar"] == 0 and report["overall"]["new_tokens"] == 16
+        return report
+
+    tree = evaluate("tree")["config"]
+    assert tree["decoding"] == "tree (greedy)"
+    assert tree["tree"] == {"kind": "dynamic", "depth": 6, "top_k": 10, "total_tokens": 59}  # EAGLE-2's tree
+    chain = evaluate("chain", "--tree", "chain", "--gamma", "3")["config"]
+    assert chain["decoding"] == "chain" and chain["gamma"] == 3 and chain["tree"] is None
+    chosen = evaluate("auto", "--tree-budget", "auto", "--tree-depth", "3", "--tree-top-k", "2,3",
+                      "--tree-budget-max", "10")
+    choice = chosen["tree_choice"]
+    assert [c["tree"]["top_k"] for c in choice["calibrations"]] == [2, 3]
+    assert chosen["config"]["tree"] == choice["chosen"] and choice["chosen"]["total_tokens"] <= 10
+    assert "Tree chosen by the predictor" in (tmp_path / "auto" / "eval.md").read_text()
+    refused = ["--draft", str(export / "eagle-sglang"), "--prompts", str(prompts), "--no-progress"]
+    assert "Fix: add --tree dynamic" in user_error(eval_main, [*refused, "--tree", "static", "--tree-budget", "auto"])
+    assert "greedy acceptance" in user_error(eval_main, [*refused, "--tree-budget", "auto", "--temperature", "0.7"])
+    assert "needs --tree-budget auto" in user_error(eval_main, [*refused, "--tree-top-k", "2,3"])
 
 
 def test_bad_stage_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match=r"fspad.stages=\['trian'\]: choose from \['features', 'train'\]"):
+    with pytest.raises(ValueError, match=r"fspad.stages=\['trian'\] names no known stage. Fix: choose from \['features', 'train'\]"):
         run_recipe(tmp_path, "fspad.stages=[trian]")
+
+
+def test_labels_from_the_data_skip_self_distillation(tmp_path, chats_with_replies):
+    run_recipe(tmp_path / "run", "fspad.labels=data", f"data.prompts=[{chats_with_replies}]", "eval=none")
+    assert losses(tmp_path / "run") == pytest.approx([1.0500, 1.0431, 1.0387], abs=1e-4)
+    assert not (tmp_path / "run" / "selfdistill.jsonl").exists()
+    with pytest.raises(ValueError, match="fspad.labels='gold' is not a label source. Fix: choose 'selfdistill'.* or 'data'"):
+        run_recipe(tmp_path / "bad", "fspad.labels=gold")
+    assert not (tmp_path / "bad").exists()
 
 
 # ---------------------------------------------------------------- feature cache
@@ -352,8 +393,12 @@ def test_cache_for_another_target_or_layer_is_refused(tmp_path, examples):
 
 def test_recipe_refuses_a_cache_made_for_another_target_before_training(tmp_path):
     run_recipe(tmp_path, "fspad.features.source=offline", "fspad.stages=[features]", "eval=none")
-    with pytest.raises(FeatureCacheMismatch, match="was made for something else"):
+    with pytest.raises(ValueError, match=r"another config \(target.seed: 0 -> 1\).*resume=force"):
         run_recipe(tmp_path, "fspad.features.source=offline", "fspad.stages=[train]", "eval=none", "target.seed=1")
+    # forced past the run directory's config check, the cache's own check still refuses it
+    with pytest.raises(FeatureCacheMismatch, match="was made for something else"):
+        run_recipe(tmp_path, "fspad.features.source=offline", "fspad.stages=[train]", "eval=none", "target.seed=1",
+                   "resume=force")
     assert not (tmp_path / "train").exists()
 
 
@@ -457,6 +502,28 @@ def test_greedy_tree_drafting_is_lossless(kind, switches):
     assert accepted > 0
 
 
+@pytest.mark.parametrize("switches", [(False, False), (True, True)], ids=["eagle1", "fspad"])
+def test_dynamic_tree_drafting_is_lossless_and_within_its_budget(switches):
+    from test_vocab_heads import ProposalLog
+
+    from draftkit.runtime.fspad import FeatureTreeDrafter
+    from draftkit.runtime.tree import DynamicTree, tree_generate
+
+    target = sharp_target()
+    draft = guessing_drafter(target, *switches)
+    deepest = 0
+    for prompt in (torch.tensor([[1]]), torch.tensor([[1, 50, 60, 70]]), torch.tensor([[1, 9, 8, 7, 6, 5, 4]])):
+        reference = target.model.generate(prompt, do_sample=False, max_new_tokens=20, pad_token_id=0)
+        for depth, top_k, total in ((4, 3, 1), (4, 3, 5), (3, 4, 12), (4, 3, 40)):
+            drafter = ProposalLog(FeatureTreeDrafter(draft, DynamicTree(depth, top_k, total)))
+            out = tree_generate(target.model, drafter, prompt, max_new_tokens=20)
+            assert out.tokens == reference[0, prompt.shape[1]:].tolist(), (total, prompt.tolist())
+            drafted = top_k + (depth - 1) * top_k * top_k
+            assert drafter.trees and all(tree.size == min(total, drafted) for tree in drafter.trees)
+            deepest = max(deepest, max(out.stats.accepted_lengths))
+    assert deepest >= 3  # some trees were accepted two levels deep
+
+
 def test_tree_nodes_see_only_their_ancestors():
     from draftkit.runtime.fspad import FeatureTreeDrafter
     from draftkit.runtime.tree import TargetStep, tree_shape
@@ -506,16 +573,15 @@ def test_a_killed_run_resumes_exactly(tmp_path):
     import shutil
 
     run_recipe(tmp_path / "full", "engine.max_steps_per_stage=4", "eval=none")
-    run_recipe(tmp_path / "killed", "engine.max_steps_per_stage=4", "eval=none", "engine.keep_checkpoints=2")
+    run_recipe(tmp_path / "killed", "engine.max_steps_per_stage=4", "eval=none")
     killed = tmp_path / "killed"
     # Back to the state of a run killed after its step-2 checkpoint.
     shutil.rmtree(killed / "train" / "checkpoints" / "step_000004")
     for leftover in ("train/history.json", "result.json", "export"):
         path = killed / leftover
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    run_recipe(killed, "engine.max_steps_per_stage=4", "eval=none", "engine.keep_checkpoints=2")
+    run_recipe(killed, "engine.max_steps_per_stage=4", "eval=none")
     assert losses(killed) == losses(tmp_path / "full")
-    assert [p.name for p in (tmp_path / "full" / "train" / "checkpoints").iterdir()] == ["step_000004"]
 
 
 @pytest.mark.real_target
@@ -650,7 +716,7 @@ def test_a_tree_wider_than_the_draft_vocabulary_is_refused():
     FeatureTreeDrafter(draft, tree_shape("topk", 2, top_k=3))
 
 
-@pytest.mark.parametrize("kind", ["chain", "static", "topk"])
+@pytest.mark.parametrize("kind", ["chain", "static", "topk", "dynamic"])
 def test_restricted_vocab_greedy_tree_is_lossless(kind):
     from draftkit.runtime.fspad import FeatureTreeDrafter
     from draftkit.runtime.tree import tree_generate, tree_shape

@@ -178,7 +178,7 @@ def test_recipe_trains_with_pinned_losses_and_measures_acceptance(finished_run):
     assert [h["loss"] for h in history] == pytest.approx([5.7618, 5.7616, 5.7616], abs=1e-4)
     assert all(0 < h["alpha_hat"] <= 1 for h in history)
     result = json.loads((run_dir / "result.json").read_text())
-    assert result["after"]["overall"]["tau"] >= 1.0 and result["before"] is not None
+    assert result["after"]["overall"]["outputs_differing_from_ar"] == 0 and result["before"] is not None
     assert "| after training |" in (run_dir / "summary.md").read_text()
 
 
@@ -207,9 +207,19 @@ def test_export_with_an_unknown_or_missing_tensor_is_refused(finished_run, tmp_p
 
 
 def test_exit_layer_outside_the_target_is_refused_before_training(tmp_path):
-    with pytest.raises(ValueError, match=r"kangaroo exit_layer=4 is outside the target's depth.*choose 1..3"):
+    with pytest.raises(ValueError, match=r"kangaroo.exit_layer=4 is outside the target's depth.*choose 1..3"):
         run_recipe(tmp_path, "kangaroo.exit_layer=4")
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "selfdistill.jsonl").exists()
+
+
+def test_labels_from_the_data_skip_self_distillation(tmp_path, chats_with_replies):
+    run_recipe(tmp_path / "run", "kangaroo.labels=data", f"data.prompts=[{chats_with_replies}]", "eval=none")
+    history = json.loads((tmp_path / "run" / "adapter" / "history.json").read_text())
+    assert [h["loss"] for h in history] == pytest.approx([5.7617, 5.7616, 5.7615], abs=1e-4)
+    assert not (tmp_path / "run" / "selfdistill.jsonl").exists()
+    with pytest.raises(ValueError, match="kangaroo.labels='gold' is not a label source. Fix: choose 'selfdistill'.* or 'data'"):
+        run_recipe(tmp_path / "bad", "kangaroo.labels=gold")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_rerun_resumes_without_retraining(finished_run):

@@ -122,12 +122,8 @@ def test_bad_settings_fail_before_training(tmp_path):
     assert not (tmp_path / "train").exists()
 
 
-def test_labels_from_the_data_skip_self_distillation(tmp_path):
-    data = tmp_path / "chats.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"question {i}"},
-                          {"role": "assistant", "content": f"the answer is {i * 7} because it is"}]} for i in range(4)]
-    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    run_recipe(tmp_path / "run", "medusa.labels=data", f"data.prompts=[{data}]", "eval=none")
+def test_labels_from_the_data_skip_self_distillation(tmp_path, chats_with_replies):
+    run_recipe(tmp_path / "run", "medusa.labels=data", f"data.prompts=[{chats_with_replies}]", "eval=none")
     assert len(losses(tmp_path / "run")) == 3
     assert not (tmp_path / "run" / "selfdistill.jsonl").exists()
     with pytest.raises(ValueError, match="labels='gold'"):

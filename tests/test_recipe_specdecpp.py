@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from functools import partial
 
@@ -110,7 +111,7 @@ def test_export_round_trip_with_the_exact_key_set(finished_run, tmp_path):
         load_acceptance_head(broken)
 
 
-def test_a_head_trained_for_another_draft_is_refused(finished_run, tmp_path, monkeypatch):
+def test_a_head_trained_for_another_draft_is_refused(finished_run, tmp_path, monkeypatch, user_error):
     _, export = finished_run
     _, draft = the_draft()
     other = copy.deepcopy(draft)
@@ -123,8 +124,8 @@ def test_a_head_trained_for_another_draft_is_refused(finished_run, tmp_path, mon
     shutil.copytree(export, swapped)
     other.save_pretrained(swapped)
     monkeypatch.setattr("draftkit.eval.load_target", lambda *a, **k: tiny_target(num_layers=3))
-    with pytest.raises(SystemExit, match="draftkit-eval: .*trained for another draft"):
-        eval_main(["--draft", str(swapped), "--no-progress"])
+    line = user_error(eval_main, ["--draft", str(swapped), "--no-progress"])
+    assert re.search("^draftkit.eval: .*trained for another draft", line)
     # The recipe, given an existing head for another draft: refused before anything is labelled or trained.
     with pytest.raises(ArtifactError, match="trained for another draft"):
         run_recipe(tmp_path / "run", f"specdecpp.init_head={export / 'acceptance_head'}", "draft.num_layers=2")

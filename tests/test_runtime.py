@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -342,7 +343,7 @@ def test_load_prompts_filters_and_errors(tmp_path):
     assert [r["question_id"] for r in load_prompts(path)] == [1, 2, 3]
     assert [r["question_id"] for r in load_prompts(path, limit_per_category=1)] == [1, 3]
     assert [r["question_id"] for r in load_prompts(path, categories=["math_reasoning"])] == [3]
-    with pytest.raises(ValueError, match="available"):
+    with pytest.raises(ValueError, match=r"Fix: choose from \["):
         load_prompts(path, categories=["coding"])
 
     broken = tmp_path / "broken.jsonl"
@@ -356,7 +357,7 @@ def test_load_prompts_filters_and_errors(tmp_path):
         load_prompts(tmp_path / "missing.jsonl")
 
 
-def test_cli_end_to_end(tmp_path, target, drafts, capsys):
+def test_cli_end_to_end(tmp_path, target, drafts, capsys, user_error):
     target_dir, draft_dir, out_dir = tmp_path / "target", tmp_path / "draft", tmp_path / "report"
     target.model.save_pretrained(target_dir)
     target.tokenizer.save_pretrained(target_dir)
@@ -377,5 +378,44 @@ def test_cli_end_to_end(tmp_path, target, drafts, capsys):
 
     wrong_vocab_dir = tmp_path / "wrong_vocab"
     tiny_target(vocab_size=384).model.save_pretrained(wrong_vocab_dir)
-    with pytest.raises(SystemExit, match="vocab_size=384.*Fix"):
-        eval_main(["--draft", str(wrong_vocab_dir), *common])
+    assert re.search("vocab_size=384.*Fix", user_error(eval_main, ["--draft", str(wrong_vocab_dir), *common]))
+
+
+def test_bootstrap_interval_of_pooled_tau_is_pinned_and_widens_with_fewer_prompts():
+    from draftkit.runtime.evaluate import bootstrap_ratios
+
+    # Four prompts: new tokens and target forwards. Pooled tau = 250 / 157.
+    tokens, forwards = [[64], [40], [96], [50]], [[40], [32], [40], [45]]
+    [four] = bootstrap_ratios(tokens, forwards, seed=0)
+    assert four == pytest.approx([1.1688311688311688, 2.1578947368421053])
+    assert four[0] < 250 / 157 < four[1]
+    assert bootstrap_ratios(tokens, forwards, seed=0) == [four]  # seeded: the same table, the same interval
+    # The same four prompts ten times over: same pooled tau, a narrower interval (roughly by sqrt(10)).
+    [forty] = bootstrap_ratios(tokens * 10, forwards * 10, seed=0)
+    assert forty == pytest.approx([1.4432546327526685, 1.742477940322768])
+    assert four[0] < forty[0] < 250 / 157 < forty[1] < four[1]
+    # A position no prompt reached has no interval, and neither does a single prompt.
+    assert bootstrap_ratios([[3, 0], [2, 0]], [[4, 0], [4, 0]]) == [[0.5, 0.75], None]
+    assert bootstrap_ratios([[3, 1]], [[4, 2]]) == [None, None]
+
+
+def test_evaluation_reports_intervals_for_tau_and_alpha(target, drafts):
+    report = evaluate_draft(target, drafts["perturbed"], SPEC_BENCH_RECORDS, gamma=2, max_new_tokens=10,
+                            measure_speedup=False, progress=False, seed=3)
+    overall = report["overall"]
+    assert report["config"]["interval"] == {"method": "per-prompt bootstrap, percentile interval", "level": 0.95,
+                                            "resamples": 1000, "seed": 3}
+    assert overall["tau_ci"][0] <= overall["tau"] <= overall["tau_ci"][1]
+    assert len(overall["alpha_ci"]) == 2
+    for alpha, interval in zip(overall["alpha"], overall["alpha_ci"]):
+        assert interval is None or interval[0] <= alpha <= interval[1]
+    assert report["categories"]["math_reasoning"]["tau_ci"] is None  # one prompt: no interval
+    assert report["categories"]["writing"]["tau_ci"] is not None
+    markdown = render_markdown(report)
+    assert "tau 95% CI" in markdown and f"[{overall['tau_ci'][0]:.2f}, {overall['tau_ci'][1]:.2f}]" in markdown
+    from draftkit.recipes.common import compare_markdown
+
+    table = compare_markdown({"after training": report, "skipped": None})
+    row = next(line for line in table.splitlines() if line.startswith("| after training |"))
+    assert row.startswith(f"| after training | 3 | {overall['tau']:.2f} | [{overall['tau_ci'][0]:.2f}, ")
+    assert "| prompts | τ | τ 95% CI |" in table and "1000 resamples of the prompts (seed 3)" in table

@@ -1,25 +1,26 @@
-"""The throughput benchmark's FLOP accounting on hand-counted examples, and the random target's shapes."""
+"""The throughput benchmark: FLOP counts of recipes run through draftkit.train against hand counts, its CPU smoke run
+and resumable --out, and the random target's shapes."""
 
+import gc
+import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from transformers import LlamaForCausalLM
 
 from draftkit.config import compose
-from draftkit.data.collate import collate
+from draftkit.engine.flops import count_flops
 from draftkit.targets.tiny import random_target
+from draftkit.train import run_recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import throughput  # noqa: E402  (a script in benchmarks/, imported for its accounting)
 
-
-def test_counted_flops_of_a_linear_layer_forward_and_backward_are_six_n_k_m():
-    x = torch.randn(5, 7, requires_grad=True)
-    w = torch.randn(3, 7, requires_grad=True)
-    assert throughput.count_flops(lambda: F.linear(x, w).sum().backward()) == 6 * 5 * 7 * 3
-    assert throughput.utilization(flops_per_token=2e9, tokens_per_s=100.0, peak_flops=1e12) == pytest.approx(0.2)
+TINY_PLAN = {"target": ["target=random", "target.shape=tiny", "target.dtype=float32", "target.device=cpu"],
+             "seq_len": 16, "micro_batch": 2, "log_every": 1, "intervals": 1, "precision": "fp32",
+             "draft_vocab_size": 80}
 
 
 def test_target_forward_count_matches_the_hand_formula():
@@ -28,39 +29,73 @@ def test_target_forward_count_matches_the_hand_formula():
     # Per token and layer: 2 x (q, o: 32x32 each; k, v: 32x16 each; MLP 3 x 32x64) = 18432, attention 4 x 32 x 16.
     per_token = 2 * (18432 + 4 * 32 * 16)
     assert throughput.decoder_forward_flops_per_token(target.config, 16) == per_token == 40960
-    counted = throughput.count_flops(lambda: target.features(ids, torch.ones_like(ids), with_logits=False))
+    counted = count_flops(lambda: target.features(ids, torch.ones_like(ids), with_logits=False))
     assert counted == per_token * ids.numel()
 
 
-def test_a_medusa_step_counts_target_forward_heads_and_the_lm_head_forward_and_input_gradient(tmp_path):
-    cfg = compose(["+recipe=medusa", "target=random", "target.shape=tiny", "target.dtype=float32",
-                   "target.device=cpu"])
-    target = random_target("tiny", dtype="float32", device="cpu")
-    examples = throughput.synthetic_examples(2, 16, target.vocab_size)
-    model, step, dataset, collate_fn = throughput.build("medusa", cfg, target, examples, tmp_path)
-    flops = throughput.step_flops(model, step, collate_fn(dataset), target.device)
-    # Target body: 40960 per token (above). 4 heads, each: its block's forward and weight gradient (its input, the
-    # target's state, needs none), 4 x 32² per token; the shared frozen LM head's forward and input gradient,
-    # 4 x 320 x 32, only at the positions head k scores (16 - 2 - k of each row's 16).
-    rows, lm_head = 2 * 16, 4 * 320 * 32
-    assert flops == rows * (40960 + 4 * 4 * 32 * 32) + sum(lm_head * 2 * (16 - 2 - k) for k in range(4))
-    assert all(p.grad is None for p in model.parameters())  # counting left no gradients behind
+def medusa_flops_per_token(lm_head_rows: int) -> float:
+    """Target body: 40960 per token (above). 4 heads, each: its block's forward and weight gradient (its input, the
+    target's state, needs none), 4 x 32² per token; the shared frozen LM head's forward and input gradient,
+    4 x rows x 32, only at the positions head k scores (16 - 2 - k of each row's 16)."""
+    rows, lm_head = 2 * 16, 4 * lm_head_rows * 32
+    return (rows * (40960 + 4 * 4 * 32 * 32) + sum(lm_head * 2 * (16 - 2 - k) for k in range(4))) / rows
+
+
+def test_a_medusa_run_counts_target_forward_heads_and_the_lm_head_forward_and_input_gradient(tmp_path):
+    recipe, own, overrides = throughput.recipe_overrides("medusa", TINY_PLAN, vocab_size=320)
+    assert (recipe, own) == ("medusa", [])
+    assert "data.prompts=[synthetic:2x16:320]" in overrides and "medusa.labels=data" in overrides
+    run_recipe(overrides, tmp_path)
+    logged = throughput.training_metrics(tmp_path)
+    assert logged["stage"] == "medusa"
+    assert logged["flops_per_token"] == medusa_flops_per_token(320)
+    assert not (tmp_path / "selfdistill.jsonl").exists()
 
 
 def test_a_draft_vocabulary_cuts_only_the_lm_head_flops_and_every_position_still_counts(tmp_path):
-    cfg = compose(["+recipe=medusa", "target=random", "target.shape=tiny", "target.dtype=float32",
-                   "target.device=cpu", "medusa.draft_vocab_size=32768"])
-    target = random_target("tiny", dtype="float32", device="cpu")
-    size = throughput.draft_vocab_size(cfg, "medusa", target)
-    assert size == 320 // 4  # capped at a quarter of the tiny target's 320 tokens
-    examples = throughput.synthetic_examples(2, 16, size)
-    model, step, dataset, collate_fn = throughput.build("medusa_draft_vocab", cfg, target, examples, tmp_path)
-    assert model.token_map.numel() == size
-    flops = throughput.step_flops(model, step, collate_fn(dataset), target.device)
-    # As the full-vocabulary count above, with 80 LM-head rows instead of 320; no scored position is dropped because
-    # the ids were drawn from the draft vocabulary's range.
-    rows, lm_head = 2 * 16, 4 * size * 32
-    assert flops == rows * (40960 + 4 * 4 * 32 * 32) + sum(lm_head * 2 * (16 - 2 - k) for k in range(4))
+    recipe, own, overrides = throughput.recipe_overrides("medusa_draft_vocab", TINY_PLAN, vocab_size=320)
+    assert own == ["medusa.draft_vocab_size=80", "medusa.export.formats=[vllm]"]
+    assert "data.prompts=[synthetic:2x16:80]" in overrides  # ids drawn from the draft vocabulary's range
+    run_recipe(overrides, tmp_path)
+    assert json.loads((tmp_path / "draft_vocab.json").read_text())["label_coverage"] == 1.0
+    # As the full-vocabulary count above, with 80 LM-head rows instead of 320: no scored position is dropped.
+    assert throughput.training_metrics(tmp_path)["flops_per_token"] == medusa_flops_per_token(80)
+
+
+def live_llamas() -> int:
+    gc.collect()
+    # type(), not isinstance: isinstance touches deprecated torch objects among gc's, which warn
+    return sum(type(o) is LlamaForCausalLM for o in gc.get_objects())
+
+
+def test_the_cpu_smoke_measures_rows_and_a_rerun_measures_only_what_is_missing(tmp_path, monkeypatch):
+    """Rows run one after another in one process: each must leave no target behind (on a GPU it would stay in the
+    next row's memory)."""
+    out = tmp_path / "out.json"
+    llamas = live_llamas()
+
+    def bench(recipes: str) -> dict:
+        monkeypatch.setattr(sys, "argv", ["throughput.py", "--cpu-smoke", "--out", str(out), "--recipes", recipes,
+                                          "--work", str(tmp_path / "work")])
+        throughput.main()
+        return json.loads(out.read_text())
+
+    first = bench("hydra_draft_vocab")
+    row = first["recipes"]["hydra_draft_vocab"]
+    assert row["command"].startswith("python -m draftkit.train +recipe=hydra_heads target=random")
+    assert row["overrides"] == ["hydra_heads.draft_vocab_size=1024"]
+    assert len(row["tokens_per_s_per_interval"]) == 1  # of 2 intervals, the first (warm-up) dropped
+    assert row["mfu"] == pytest.approx(row["flops_per_token"] * row["tokens_per_s"] / 989e12)
+    assert row["mfu_vs_ceiling"] == pytest.approx(
+        row["flops_per_token"] * row["tokens_per_s"] / row["ceiling_same_run"]["achieved_flops"])
+    assert first["target"]["vocab_size"] == 4096 and not first["failed_last_run"]
+    assert not any((tmp_path / "work").iterdir())  # run directories are removed once measured
+
+    second = bench("hydra_draft_vocab,fspad_online_draft_vocab")
+    assert second["recipes"]["hydra_draft_vocab"] == row  # kept, not measured again
+    assert second["recipes"]["fspad_online_draft_vocab"]["flops_per_token"] > 0
+    assert "fspad.train.engine.steps=4" in second["recipes"]["fspad_online_draft_vocab"]["overrides"]
+    assert live_llamas() == llamas
 
 
 def test_random_target_builds_the_llama3_8b_shape_without_memory():
@@ -93,8 +128,3 @@ def test_random_target_dimensions_can_be_overridden_and_bad_names_fail():
         random_target("tiny", num_layer=3)
     cfg = compose(["+recipe=medusa", "target=random"])
     assert cfg.target.shape == "llama3_8b" and cfg.target.dtype == "bfloat16"
-
-
-def test_collated_synthetic_examples_count_every_position():
-    batch = collate(throughput.synthetic_examples(3, 8, 50), pad_token_id=2)
-    assert batch["attention_mask"].all() and (batch["labels"] == batch["input_ids"]).all()

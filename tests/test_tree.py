@@ -11,9 +11,11 @@ from draftkit.runtime.medusa import MedusaDrafter
 from draftkit.runtime.speculative import autoregressive_generate
 from draftkit.runtime.tree import (
     DraftTree,
+    DynamicTree,
     StaticTree,
     TargetStep,
     TopKTree,
+    confidence_ranks,
     grow_tree,
     tree_attention_mask,
     tree_generate,
@@ -30,6 +32,27 @@ def target():
     target = tiny_target(seed=0)
     sharpen(target.model, seed=0)
     return target
+
+
+class LMTreeDrafter:
+    """A draft LM drafting a tree without a cache (each depth one forward over every frontier node's whole path): draft
+    confidences that depend on the whole path, like a feature drafter's."""
+
+    def __init__(self, model, shape):
+        self.model, self.shape, self.max_depth = model, shape, shape.depth
+
+    def reset(self):
+        pass
+
+    def propose_tree(self, step):
+        self.sequence = step.sequence[0]
+        return grow_tree(self.shape, self)
+
+    def expand(self, tree, frontier, depth, k):
+        paths = [tree.tokens[tree.path_to(node)] if node >= 0 else tree.tokens[:0] for node in frontier]
+        batch = torch.stack([torch.cat([self.sequence, path]) for path in paths])  # one depth: equal lengths
+        top = torch.log_softmax(self.model(batch).logits[:, -1].float(), dim=-1).topk(k)
+        return top.indices, top.values
 
 
 def reference(target, prompt, n=MAX_NEW):
@@ -183,6 +206,70 @@ def test_topk_tree_keeps_the_budget_best_nodes_as_a_tree():
     assert tree.depth == 3
 
 
+class HandExpander:
+    """A hand-built draft: each token's children with their log-probabilities, best first (token 0 = the root)."""
+
+    children = {0: [(1, -1.0), (2, -2.0)],
+                1: [(3, -1.0), (4, -3.0)], 2: [(5, -0.5), (6, -4.0)],
+                3: [(7, -1.0), (8, -5.0)], 5: [(9, -0.25), (10, -3.0)], 4: [(11, -0.1), (12, -1.0)]}
+
+    def expand(self, tree, frontier, depth, k):
+        rows = [self.children[tree.tokens[f].item() if f >= 0 else 0][:k] for f in frontier]
+        return (torch.tensor([[t for t, _ in row] for row in rows]),
+                torch.tensor([[lp for _, lp in row] for row in rows]))
+
+
+def test_dynamic_tree_reranks_by_path_confidence_and_keeps_the_best_total_tokens():
+    # Path log-probabilities: 1: -1, 2: -2, 3: -2, 4: -4, 5: -2.5, 6: -6. Depth 3 expands the two most confident of
+    # depth 2 (3 and 5, not 4 under the likelier 1): 7: -3, 8: -7, 9: -2.75, 10: -5.5.
+    tree = grow_tree(DynamicTree(depth=3, top_k=2, total_tokens=6), HandExpander())
+    assert tree.tokens.tolist() == [1, 2, 3, 5, 7, 9]  # 5 under the less likely 2 beats 4 under 1; 2 ties 3, kept first
+    assert tree.parents == [-1, -1, 0, 1, 2, 3]
+    assert tree.scores.tolist() == [-1.0, -2.0, -2.0, -2.5, -3.0, -2.75]
+    assert tree.forwards == 3
+    # Ranks of the path 1 -> 3 -> 7 among the nodes of depth <= 1, <= 2, <= 3.
+    assert confidence_ranks(tree, [0, 2, 4], max_depth=4) == [[0], [0, 2], [0, 2, 5], [0, 2, 5]]
+    assert grow_tree(DynamicTree(depth=3, top_k=2, total_tokens=3), HandExpander()).tokens.tolist() == [1, 2, 3]
+    for budget in range(1, 12):
+        small = grow_tree(DynamicTree(depth=3, top_k=2, total_tokens=budget), HandExpander())
+        assert small.size == min(budget, 10)  # 2 + 4 + 4 drafted nodes
+        assert all(p < i for i, p in enumerate(small.parents))
+    assert tree_shape("dynamic", 6) == DynamicTree(6, 4, 16)
+    with pytest.raises(ValueError, match="must all be >= 1"):
+        DynamicTree(depth=2, top_k=0)
+
+
+class PathExpander:
+    """A draft whose distribution depends on the whole path (like a feature drafter): pseudo-random per path."""
+
+    def expand(self, tree, frontier, depth, k):
+        ids, logps = [], []
+        for node in frontier:
+            path = tuple(tree.tokens[n].item() for n in tree.path_to(node)) if node >= 0 else ()
+            generator = torch.Generator().manual_seed(hash(path) % 2**31)
+            top = torch.log_softmax(torch.randn(50, generator=generator) * 2, dim=-1).topk(k)
+            ids.append(top.indices)
+            logps.append(top.values)
+        return torch.stack(ids), torch.stack(logps)
+
+
+def token_paths(tree, nodes=None):
+    return {tuple(tree.tokens[n].item() for n in tree.path_to(i)) for i in (range(tree.size) if nodes is None else nodes)}
+
+
+def test_smaller_dynamic_trees_are_the_best_ranked_nodes_of_a_larger_one():
+    """What lets one measurement price every (depth, total_tokens) below it: the smaller tree keeps exactly the nodes
+    of depth <= d whose confidence rank among those is below its total_tokens."""
+    big = grow_tree(DynamicTree(depth=4, top_k=3, total_tokens=30), PathExpander())
+    depths = big.depths
+    for depth in (1, 2, 3, 4):
+        for total in (1, 2, 5, 11, 30):
+            small = grow_tree(DynamicTree(depth=depth, top_k=3, total_tokens=total), PathExpander())
+            shallow = [n for n in range(big.size) if depths[n] <= depth]
+            ranks = confidence_ranks(big, shallow, max_depth=depth)[-1]
+            assert token_paths(small) == token_paths(big, [n for n, r in zip(shallow, ranks) if r < total])
+
+
 def test_evaluate_draft_reports_tree_decoding_per_depth(target):
     from draftkit.runtime.evaluate import evaluate_draft
 
@@ -217,12 +304,17 @@ def test_tree_decoding_reproduces_the_real_target():
         assert max(out.stats.accepted_lengths) == (5 if miss_depth is None else 3)
 
 
-def test_tree_sampling_preserves_the_target_distribution():
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+def test_tree_sampling_preserves_the_target_distribution(kind):
     """Lossless tree sampling. Token 1 comes from the prefill, token 2 from the first tree level (an accepted
     candidate or the residual draw), token 3 from the second level or the next step's tree: the laws of (t1, t2) and
     of (t2, t3) must both be the target's. Checked by hand with these 1500 runs: accepting a candidate with p(c)
     instead of the renormalised p'(c) gives p = 3e-7 on (t1, t2); drawing the residual from p instead of p' gives
-    p < 1e-36 on both; the sampler below gives p = 0.31 and 0.66."""
+    p < 1e-36 on both; the sampler below gives p = 0.31 and 0.66 (static tree). The dynamic tree (EAGLE-2's) picks its
+    candidates by the draft's confidence, reranks and prunes them: still fixed candidates given the context, so the same
+    rule stays lossless (EAGLE-2's own accepts each candidate with the renormalised target probability, q = 1). There
+    the sampler gives p = 0.75 and 0.04, a residual drawn from p gives p < 1e-40; accepting with p(c) only reaches
+    p = 0.005 with this drafter, which the static case catches."""
     from test_runtime import chi_square_p_value, micro_lm
 
     vocab, temperature, runs = 8, 0.8, 1500
@@ -237,13 +329,16 @@ def test_tree_sampling_preserves_the_target_distribution():
     exact_12 = (first[:, None] * second).flatten()
     exact_23 = (first[:, None, None] * second[:, :, None] * third).sum(0).flatten()  # t1 marginalised out
 
-    torch.manual_seed(5)
-    heads = medusa_heads(16, vocab, num_heads=2, num_layers=1)
-    for stack in heads.blocks:  # candidates that often, but not always, agree with the target
-        for layer in stack.layers:
-            torch.nn.init.normal_(layer.weight, std=0.5)
-    shape = StaticTree.from_paths([(0,), (1,), (2,), (0, 0), (0, 1), (1, 0)])
-    drafter = MedusaDrafter(heads.eval(), shape, shared_lm_head=model.lm_head.weight)
+    if kind == "static":
+        torch.manual_seed(5)
+        heads = medusa_heads(16, vocab, num_heads=2, num_layers=1)
+        for stack in heads.blocks:  # candidates that often, but not always, agree with the target
+            for layer in stack.layers:
+                torch.nn.init.normal_(layer.weight, std=0.5)
+        shape = StaticTree.from_paths([(0,), (1,), (2,), (0, 0), (0, 1), (1, 0)])
+        drafter = MedusaDrafter(heads.eval(), shape, shared_lm_head=model.lm_head.weight)
+    else:  # another micro LM: candidates that depend on their path and often, but not always, agree with the target
+        drafter = LMTreeDrafter(micro_lm(1, vocab), DynamicTree(depth=2, top_k=3, total_tokens=5))
     counts_12, counts_23 = torch.zeros(vocab * vocab), torch.zeros(vocab * vocab)
     accepted = 0
     for run in range(runs):

@@ -29,7 +29,6 @@ from draftkit.runtime.hydra_heads import HydraDrafter
 from draftkit.runtime.medusa import MedusaDrafter
 from draftkit.runtime.speculative import autoregressive_generate
 from draftkit.runtime.tree import tree_generate, tree_shape
-from test_export_medusa import target_dir  # noqa: F401  (the recipes' tiny target, saved for draftkit-eval)
 from test_runtime import target  # noqa: F401  (a sharpened tiny target: greedy comparisons are not trivial)
 
 I = IGNORE_INDEX
@@ -60,18 +59,22 @@ def perturbed(module, seed=0, std=0.3):
 
 
 class ProposalLog:
-    """A TreeDrafter that passes every call to `drafter` and keeps the tokens of each tree it proposes."""
+    """A TreeDrafter that passes every call to `drafter` and keeps each tree it proposes."""
 
     def __init__(self, drafter):
-        self.drafter, self.max_depth, self.tokens = drafter, drafter.max_depth, []
+        self.drafter, self.max_depth, self.trees = drafter, drafter.max_depth, []
 
     def reset(self):
         self.drafter.reset()
 
     def propose_tree(self, step):
         tree = self.drafter.propose_tree(step)
-        self.tokens.extend(tree.tokens.tolist())
+        self.trees.append(tree)
         return tree
+
+    @property
+    def tokens(self) -> list[int]:
+        return [token for tree in self.trees for token in tree.tokens.tolist()]
 
 
 def restricted_drafter(family, target, token_map, shape):

@@ -8,6 +8,7 @@ by another (a serving container usually runs as a different user than the traine
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -15,6 +16,15 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file's content, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _sibling(path: Path, suffix: str) -> Path:

@@ -13,52 +13,42 @@ import sys
 
 from omegaconf import DictConfig, OmegaConf
 
-from draftkit.config import ConfigError, compose
+from draftkit.config import compose, stage_engine_paths, validate
 from draftkit.engine.distributed import DistributedConfigError, validate_hostfile, world_size_from_env
 from draftkit.engine.loop import stage_settings
+from draftkit.errors import reported
 
 
-def _engine_overrides(node, path=""):
-    """Every `engine:` mapping below the top level: the per-stage overrides recipes keep (fastdraft.pretrain.engine)."""
+def _offline_feature_keys(node, path=""):
+    """Every `<...>.features.source` set to offline: recipes that train on cached target features (fspad)."""
     if isinstance(node, dict):
         for key, value in node.items():
             where = f"{path}.{key}" if path else key
-            if key == "engine" and path and isinstance(value, dict):
-                yield where, value
+            if key == "features" and isinstance(value, dict) and value.get("source") == "offline":
+                yield f"{where}.source"
             else:
-                yield from _engine_overrides(value, where)
-
-
-def _enabled_keys(node, name: str, path=""):
-    if isinstance(node, dict):
-        for key, value in node.items():
-            where = f"{path}.{key}" if path else key
-            if key == name and value not in (None, False, "none", "", 0):
-                yield where
-            yield from _enabled_keys(value, name, where)
+                yield from _offline_feature_keys(value, where)
 
 
 def check_job(cfg: DictConfig, world_size: int) -> list[str]:
     """Raise DistributedConfigError on the first problem; return one line per training stage that was checked."""
     config = OmegaConf.to_container(cfg, resolve=True)
     engine = config["engine"]
-    stages = [("engine", {})] + list(_engine_overrides({k: v for k, v in config.items() if k != "engine"}))
+    stages = [("engine", {})] + [(path, OmegaConf.to_container(OmegaConf.select(cfg, path), resolve=True))
+                                 for path in stage_engine_paths(cfg)]
     lines = []
     for where, overrides in stages:
-        try:
-            settings = stage_settings(engine, **overrides)
-        except ValueError as err:
-            raise DistributedConfigError(f"{where}: {err}") from None
+        settings = stage_settings(engine, where, **overrides)
         dist = settings.distributed
         if dist.backend == "deepspeed":
             settings.deepspeed_config(world_size)
             if dist.zero_stage == 3:
-                caches = list(_enabled_keys(config, "feature_cache"))
+                caches = list(_offline_feature_keys(config))
                 if caches:
                     raise DistributedConfigError(
-                        f"dist=zero3 partitions the target across ranks, but {caches[0]} is enabled: a feature cache "
+                        f"dist=zero3 partitions the target across ranks, but {caches[0]}=offline: a feature cache "
                         "is built from whole target activations on one rank and cannot be sharded. Fix: set "
-                        f"{caches[0]}=false (features are then computed online from the sharded target), or use "
+                        f"{caches[0]}=online (features are then computed from the sharded target), or use "
                         "dist=zero2 with the target replicated")
         lines.append(f"{where}: {dist.backend}{f' ZeRO-{dist.zero_stage}' if dist.zero_stage else ''}, "
                      f"micro-batch {settings.micro_batch_size} x accumulation {settings.grad_accum} x {world_size} "
@@ -73,18 +63,19 @@ def main(argv: list[str] | None = None) -> int:
                         "else $WORLD_SIZE, else 1)")
     args, overrides = parser.parse_known_args(argv)
     try:
-        world_size = args.world_size or world_size_from_env()
-        if args.hostfile:
-            hosts = validate_hostfile(args.hostfile)
-            world_size = args.world_size or sum(hosts.values())
-            print(f"hostfile: {len(hosts)} node(s), {sum(hosts.values())} slot(s): "
-                  + ", ".join(f"{h}={n}" for h, n in hosts.items()))
-        cfg = compose(overrides)
-        for line in check_job(cfg, world_size):
-            print(line)
-    except (ConfigError, DistributedConfigError) as err:
-        print(f"draftkit.preflight: {err}", file=sys.stderr)
-        return 2
+        with reported("preflight"):
+            world_size = args.world_size or world_size_from_env()
+            if args.hostfile:
+                hosts = validate_hostfile(args.hostfile)
+                world_size = args.world_size or sum(hosts.values())
+                print(f"hostfile: {len(hosts)} node(s), {sum(hosts.values())} slot(s): "
+                      + ", ".join(f"{h}={n}" for h, n in hosts.items()))
+            cfg = compose(overrides)
+            validate(cfg)
+            for line in check_job(cfg, world_size):
+                print(line)
+    except SystemExit as stop:  # the one line is printed; the status is returned
+        return stop.code
     return 0
 
 

@@ -44,9 +44,10 @@ def prompt_ids(messages: list[dict], tokenizer) -> list[int]:
 def first_prompt(messages: list[dict]) -> tuple[list[dict], int] | None:
     """The conversation cut after its first user turn (system turns before it kept, earlier replies dropped) and
     that turn's index; None without a user turn. ShareGPT segments of long chats can open with an assistant turn
-    that answers an unseen question, hence the drop."""
+    that answers an unseen question, hence the drop. A user turn without text counts as none: the target would answer
+    nothing in particular, and the draft would learn that."""
     first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
-    if first_user is None:
+    if first_user is None or not messages[first_user]["content"].strip():
         return None
     return [m for m in messages[:first_user] if m["role"] == "system"] + [messages[first_user]], first_user
 
@@ -101,12 +102,11 @@ def _labels_from_spans(input_ids: list[int], offsets: list[tuple[int, int]], spa
     return labels
 
 
-def _tokenize_conversations(batch: dict, tokenizer, truncate_to: int | None) -> dict:
-    texts, spans = zip(*(assistant_char_spans(messages, tokenizer) for messages in batch["messages"]))
-    encodings = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+def _with_counts(examples, truncate_to: int | None) -> dict:
+    """(input_ids, labels) pairs -> the columns tokenize_chat keeps, plus the counts its length policy reads (the
+    length before truncation, the loss tokens after it)."""
     out = {"input_ids": [], "labels": [], "num_tokens": [], "num_loss_tokens": []}
-    for input_ids, offsets, conversation_spans in zip(encodings["input_ids"], encodings["offset_mapping"], spans):
-        labels = _labels_from_spans(input_ids, offsets, conversation_spans)
+    for input_ids, labels in examples:
         out["num_tokens"].append(len(input_ids))
         if truncate_to is not None:
             input_ids, labels = input_ids[:truncate_to], labels[:truncate_to]
@@ -114,6 +114,22 @@ def _tokenize_conversations(batch: dict, tokenizer, truncate_to: int | None) -> 
         out["labels"].append(labels)
         out["num_loss_tokens"].append(sum(label != IGNORE_INDEX for label in labels))
     return out
+
+
+def _tokenize_conversations(batch: dict, tokenizer, truncate_to: int | None) -> dict:
+    texts, spans = zip(*(assistant_char_spans(messages, tokenizer) for messages in batch["messages"]))
+    encodings = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    return _with_counts(((input_ids, _labels_from_spans(input_ids, offsets, conversation_spans))
+                         for input_ids, offsets, conversation_spans
+                         in zip(encodings["input_ids"], encodings["offset_mapping"], spans)), truncate_to)
+
+
+def _measure_examples(batch: dict, truncate_to: int | None) -> dict:
+    """Examples already in token ids."""
+    for input_ids, labels in zip(batch["input_ids"], batch["labels"]):
+        if len(labels) != len(input_ids):
+            raise DataError(f"an example has {len(input_ids)} input_ids but {len(labels)} labels")
+    return _with_counts(zip(batch["input_ids"], batch["labels"]), truncate_to)
 
 
 def _keep_row(num_tokens: list[int], num_loss_tokens: list[int], max_length: int | None) -> list[bool]:
@@ -127,23 +143,29 @@ def tokenize_chat(
 
     `too_long` decides what happens to conversations over `max_length` tokens: "error" (the default) stops
     with a count, "truncate" cuts them, "drop" removes them. Rows left without assistant tokens are removed.
-    Results are cached by the datasets fingerprint of `dataset` and the tokenizer.
+    Records that are already token ids (`input_ids` and `labels`: the `synthetic:` source) keep them, under the same
+    length policy. Results are cached by the datasets fingerprint of `dataset` and the tokenizer.
     """
     if too_long not in TOO_LONG_POLICIES:
         raise ValueError(f"too_long must be one of {TOO_LONG_POLICIES}, got {too_long!r}")
-    if "messages" not in dataset.column_names:
-        raise DataError(
-            f"tokenize_chat needs chat records (a `messages` column), got columns {dataset.column_names}; "
-            "plain text goes through draftkit.data.packing.pack_texts"
+    truncate_to = max_length if too_long == "truncate" else None
+    if "messages" in dataset.column_names:
+        require_chat_template(tokenizer)
+        if not getattr(tokenizer, "is_fast", False):
+            raise DataError(f"{_tokenizer_name(tokenizer)} is not a fast tokenizer; assistant masking needs its "
+                            "offset mapping. Fix: load it with AutoTokenizer.from_pretrained(..., use_fast=True)")
+        tokenized = dataset.map(
+            _tokenize_conversations, batched=True, remove_columns=dataset.column_names, desc="tokenizing chat",
+            fn_kwargs={"tokenizer": tokenizer, "truncate_to": truncate_to},
         )
-    require_chat_template(tokenizer)
-    if not getattr(tokenizer, "is_fast", False):
-        raise DataError(f"{_tokenizer_name(tokenizer)} is not a fast tokenizer; assistant masking needs its offset "
-                        "mapping. Fix: load it with AutoTokenizer.from_pretrained(..., use_fast=True)")
-    tokenized = dataset.map(
-        _tokenize_conversations, batched=True, remove_columns=dataset.column_names, desc="tokenizing chat",
-        fn_kwargs={"tokenizer": tokenizer, "truncate_to": max_length if too_long == "truncate" else None},
-    )
+    elif {"input_ids", "labels"} <= set(dataset.column_names):
+        tokenized = dataset.map(_measure_examples, batched=True, remove_columns=dataset.column_names,
+                                desc="checking lengths", fn_kwargs={"truncate_to": truncate_to})
+    else:
+        raise DataError(
+            f"tokenize_chat needs chat records (a `messages` column) or token ids (`input_ids` and `labels`), got "
+            f"columns {dataset.column_names}; plain text goes through draftkit.data.packing.pack_texts"
+        )
     num_tokens = tokenized["num_tokens"]
     over = sum(n > max_length for n in num_tokens)
     if over and too_long == "error":

@@ -1,8 +1,8 @@
 """Self-distillation data: the frozen target answers the prompts, and a draft then learns from its answers.
 
-Drafts trained on the target's own outputs match its distribution better than drafts trained on
-dataset answers (methods.md §4(b) item 3). Generation is slow, so every finished batch is appended to a
-JSON Lines cache and a rerun only generates what the cache lacks.
+Drafts trained on the target's own outputs match its distribution better than drafts trained on dataset answers
+(Medusa-2's self-distillation, FastDraft's fine-tuning stage). Generation is slow, so every finished batch is appended
+to a JSON Lines cache and a rerun only generates what the cache lacks.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 from pathlib import Path
 from typing import Iterable
 
@@ -26,13 +27,16 @@ def prompts_from_records(
 ) -> list[list[dict]]:
     """Each chat record cut after its first user turn (system turns before it kept, earlier replies dropped).
 
-    Records without a user turn are skipped; with `max_prompt_tokens`, so are prompts longer than that once
+    Records without a user turn with text are skipped; with `max_prompt_tokens`, so are prompts longer than that once
     rendered with `tokenizer`'s chat template.
     """
     if max_prompt_tokens is not None and tokenizer is None:
         raise ValueError("max_prompt_tokens needs the tokenizer that renders the prompts")
     if isinstance(records, datasets.Dataset) and "messages" not in records.column_names:
-        raise DataError(f"prompts come from chat records (a `messages` column), got columns {records.column_names}")
+        hint = ("; examples already in token ids (synthetic:) have no prompts to answer: train on them as they are "
+                "with the recipe's labels=data" if "input_ids" in records.column_names else "")
+        raise DataError(f"prompts come from chat records (a `messages` column), got columns {records.column_names}"
+                        + hint)
     prompts = []
     for record in records:
         found = first_prompt(record["messages"])
@@ -42,6 +46,29 @@ def prompts_from_records(
         if max_prompt_tokens is None or len(prompt_ids(prompt, tokenizer)) <= max_prompt_tokens:
             prompts.append(prompt)
     return prompts
+
+
+def check_prompt_sources(name: str, sources: list[str], limit: int | None) -> None:
+    """Before any model is loaded: the local and builtin sources of the setting `name` hold chat records, and at least
+    one has a user turn with text (hf: sources are read later, when they are loaded; synthetic: ones hold no prompts,
+    only training examples for <recipe>.labels=data)."""
+    from draftkit.data.sources import load_records
+
+    local = [s for s in sources if not s.startswith(("hf:", "synthetic:"))]
+    if not local:
+        return
+    usable, read = 0, 0
+    for source in local:
+        records = load_records(source, limit=limit)
+        if "messages" not in records.column_names:
+            raise DataError(f"{name}: {source} holds plain text, but prompts come from chat records. Fix: give "
+                            "chat records ({messages}, {conversations}, {prompt, response}, {question, answer} or "
+                            "{turns}), or put plain text in data.pretrain")
+        read += len(records)
+        usable += sum(first_prompt(messages) is not None for messages in records["messages"])
+    if usable == 0 and len(local) == len(sources):
+        raise DataError(f"{name}: none of the {read} records in {local} has a user turn with text, so there is "
+                        "nothing to prompt the target with. Fix: give prompts with text in their user turn")
 
 
 def _cache_key(rendered_prompt: str, settings: dict) -> str:
@@ -152,3 +179,16 @@ def regenerate_responses(
             bar.update(len(batch_keys))
     return [conversation + [{"role": "assistant", "content": responses[key]}]
             for conversation, key in zip(conversations, keys)]
+
+
+def answered_prompts(records, model, tokenizer, *, num_prompts: int, max_prompt_tokens: int | None, cache_file,
+                     max_new_tokens: int, temperature: float, top_p: float, batch_size: int,
+                     seed: int) -> list[list[dict]]:
+    """Self-distillation data: the chat `records` cut to their first prompt, shuffled with `seed` (mixing the sources),
+    the first `num_prompts` of them, each with the target's reply (regenerate_responses: cached, resumable). With a
+    finished cache nothing is generated, so this also reads back exactly what a run trained on."""
+    prompts = prompts_from_records(records, max_prompt_tokens=max_prompt_tokens, tokenizer=tokenizer)
+    random.Random(seed).shuffle(prompts)
+    return regenerate_responses(model, tokenizer, prompts[:num_prompts], cache_file=cache_file,
+                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                batch_size=batch_size, seed=seed)

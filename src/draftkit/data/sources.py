@@ -1,12 +1,15 @@
 """Load records from local files, the Hugging Face Hub or the data shipped with draftkit.
 
-Every source comes out in one of two shapes, so the rest of the package never sees a raw format:
+Every source comes out in one of three shapes, so the rest of the package never sees a raw format:
   * `{"text": str}`: plain text for pretraining (`draftkit.data.packing.pack_texts`);
   * `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`: chat
-    (`draftkit.data.chat.tokenize_chat`, `draftkit.data.selfdistill`).
+    (`draftkit.data.chat.tokenize_chat`, `draftkit.data.selfdistill`);
+  * `{"input_ids": [int], "labels": [int]}`: training examples already in token ids (`synthetic:`), which
+    `tokenize_chat` passes through.
 
-Sources: a path to `.jsonl`/`.json` (optionally `.gz`), `hf:<dataset>[:config]`, or `builtin:<name>` with
-name in `BUILTIN_SOURCES`. `builtin:eval_prompts` holds Spec-Bench questions and is for evaluation only.
+Sources: a path to `.jsonl`/`.json` (optionally `.gz`), `hf:<dataset>[:config]`, `builtin:<name>` with
+name in `BUILTIN_SOURCES`, or `synthetic:<count>x<length>:<ids>` (random token ids, for throughput measurements).
+`builtin:eval_prompts` holds Spec-Bench questions and is for evaluation only.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ from pathlib import Path
 from typing import Iterator
 
 import datasets
+import torch
+
+from draftkit.errors import UserError
+from draftkit.io import sha256_file
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 _BUILTIN_FILES = {
@@ -46,7 +53,7 @@ _EXCLUDED_STDLIB_DIRS = frozenset({"test", "tests", "idle_test", "site-packages"
 _NORMALIZATION_VERSION = "1"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data: the message names the file (and line) or the fix."""
 
 
@@ -66,14 +73,16 @@ def load_records(source: str | os.PathLike, *, limit: int | None = None, split: 
     """
     source = os.fspath(source)
     if limit is not None and limit < 1:
-        raise DataError(f"limit must be a positive number of records, got {limit}")
+        raise DataError(f"limit must be a positive number of records, got {limit}. Fix: a limit >= 1, or none")
+    if source.startswith("synthetic:"):
+        return synthetic_examples(*parse_synthetic_source(source), limit=limit)
     if source.startswith("hf:"):
         name, config = parse_hf_source(source)
         return _load_hub(name, config, split=split, limit=limit)
     if split != "train":
         raise DataError(
             f"{source} holds a single split, so split={split!r} is not available; "
-            "hold out validation records with Dataset.train_test_split instead"
+            "Fix: hold out validation records with Dataset.train_test_split instead"
         )
     if source == "builtin:code":
         return _load_stdlib_code(limit)
@@ -82,12 +91,45 @@ def load_records(source: str | os.PathLike, *, limit: int | None = None, split: 
     return _load_file(Path(source).expanduser(), limit)
 
 
+def check_source_list(name: str, sources) -> None:
+    """`sources` (the setting `name`) is a non-empty list of sources that exist (hf: ones are not looked up)."""
+    if isinstance(sources, str) or not isinstance(sources, (list, tuple)) or not sources:
+        raise DataError(f"{name}={sources!r}: must be a list of sources. Fix: write it in brackets, quoted for the "
+                        f"shell: '{name}=[{sources if isinstance(sources, str) else 'builtin:prompts'}]'")
+    for source in sources:
+        check_source(name, source)
+
+
+def check_source(name: str, source) -> None:
+    """One source of the setting `name`: a known builtin, a well-formed hf: name, or a local file of a supported type
+    that exists. Cheap: nothing is read."""
+    if not isinstance(source, str):
+        raise DataError(f"{name} lists {source!r}, which is not a source. Fix: give file paths, hf:<dataset> or "
+                        "builtin:<name>")
+    if source.startswith("hf:"):
+        parse_hf_source(source)
+    elif source.startswith("synthetic:"):
+        parse_synthetic_source(source)
+    elif source == "builtin:code":
+        return
+    elif source.startswith("builtin:"):
+        builtin_path(source.removeprefix("builtin:"))
+    else:
+        path = Path(source).expanduser()
+        if not path.name.endswith(_SUFFIXES):
+            raise DataError(f"{name}: {path} is not a supported data file. Fix: give a {', '.join(_SUFFIXES)} file "
+                            "(records of one of the formats in the README)")
+        if not path.is_file():
+            raise DataFileNotFoundError(f"{name}: data file not found: {path}. Fix: check the path (relative paths "
+                                        f"start at {Path.cwd()})")
+
+
 def builtin_path(name: str) -> Path:
     """The shipped file behind `builtin:<name>` (all but `code`, which reads the interpreter's stdlib)."""
     if name not in _BUILTIN_FILES:
         raise DataFileNotFoundError(
-            f"unknown builtin source builtin:{name}; available: " + ", ".join(f"builtin:{n}" for n in BUILTIN_SOURCES)
-        )
+            f"unknown builtin source builtin:{name}. Fix: use one of "
+            + ", ".join(f"builtin:{n}" for n in BUILTIN_SOURCES))
     return BUILTIN_DIR / _BUILTIN_FILES[name]
 
 
@@ -95,8 +137,33 @@ def parse_hf_source(source: str) -> tuple[str, str | None]:
     """`hf:<dataset>[:config]` -> (dataset, config or None)."""
     name, _, config = source.removeprefix("hf:").partition(":")
     if not name:
-        raise DataError(f"{source!r} names no dataset; write hf:<dataset>[:config], e.g. hf:openai/gsm8k:main")
+        raise DataError(f"{source!r} names no dataset. Fix: write hf:<dataset>[:config], e.g. hf:openai/gsm8k:main")
     return name, config or None
+
+
+def parse_synthetic_source(source: str) -> tuple[int, int, int]:
+    """`synthetic:<count>x<length>:<ids>` -> (count, length, ids)."""
+    shape, _, ids = source.removeprefix("synthetic:").partition(":")
+    count, _, length = shape.partition("x")
+    try:
+        numbers = int(count), int(length), int(ids)
+    except ValueError:
+        numbers = (0,)
+    if min(numbers) < 1:
+        raise DataError(f"{source!r} is not a synthetic source. Fix: write synthetic:<count>x<length>:<ids>, e.g. "
+                        "synthetic:64x2048:128256 (64 examples of 2048 random token ids below 128256, every position a "
+                        "label)")
+    return numbers
+
+
+def synthetic_examples(count: int, length: int, ids: int, *, seed: int = 0,
+                       limit: int | None = None) -> datasets.Dataset:
+    """`count` examples of `length` token ids drawn uniformly below `ids` (seeded), every position a label: a
+    workload whose cost is set by its shape alone (no padding, nothing masked), for measuring training throughput.
+    `ids` must not exceed the target's vocabulary (nor a draft vocabulary's size, so that every label is scored)."""
+    rows = min(count, limit or count)  # the first rows of the full draw: torch fills it row by row
+    drawn = torch.randint(0, ids, (rows, length), generator=torch.Generator().manual_seed(seed)).tolist()
+    return datasets.Dataset.from_dict({"input_ids": drawn, "labels": drawn})
 
 
 def _normalize_record(record: object) -> dict:
@@ -168,7 +235,7 @@ def _normalized_stream(records: Iterator[tuple[str, object]], limit: int | None)
         try:
             record = _normalize_record(raw)
         except _RecordError as e:
-            raise DataError(f"{location}: {e}") from None
+            raise DataError(f"{location}: {e}. Fix: write every record in one of the supported formats") from None
         if record.get("messages") == []:
             continue
         shape = next(iter(record))
@@ -177,7 +244,7 @@ def _normalized_stream(records: Iterator[tuple[str, object]], limit: int | None)
         elif shape != first_shape[0]:
             raise DataError(
                 f"{location}: a {shape!r} record, but {first_shape[1]} was a {first_shape[0]!r} record; "
-                "one source must hold either plain text or chat records"
+                "one source must hold either plain text or chat records. Fix: split them into two sources"
             )
         yield record
         count += 1
@@ -196,13 +263,14 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, object]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                raise DataError(f"{location}: not UTF-8 text") from None
+                raise DataError(f"{location}: not UTF-8 text. Fix: save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 yield location, json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{location}: malformed JSON line ({e.msg} at column {e.colno})") from None
+                raise DataError(f"{location}: malformed JSON line ({e.msg} at column {e.colno}). Fix: one JSON "
+                                "object per line") from None
 
 
 def _json_list_records(path: Path) -> Iterator[tuple[str, object]]:
@@ -210,11 +278,13 @@ def _json_list_records(path: Path) -> Iterator[tuple[str, object]]:
         try:
             records = json.loads(f.read().decode("utf-8"))
         except UnicodeDecodeError:
-            raise DataError(f"{path}: not UTF-8 text") from None
+            raise DataError(f"{path}: not UTF-8 text. Fix: save the file as UTF-8") from None
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}). Fix: repair the "
+                            "file, or write one record per line as .jsonl") from None
     if not isinstance(records, list):
-        raise DataError(f"{path}: a .json file must hold a list of records (or write one record per line as .jsonl)")
+        raise DataError(f"{path}: a .json file must hold a list of records. Fix: wrap the records in [...], or write "
+                        "one record per line as .jsonl")
     for index, record in enumerate(records):
         yield f"{path}: record {index}", record
 
@@ -228,19 +298,12 @@ def _generate_file_records(path: str, limit: int | None) -> Iterator[dict]:
             empty = False
             yield record
     except (OSError, EOFError) as e:  # a corrupt or cut .gz surfaces only while reading
-        raise DataError(f"{path}: cannot read the file ({e})") from None
+        raise DataError(f"{path}: cannot read the file ({e}). Fix: check that it is readable and not damaged") from None
     if empty:
         raise DataError(
-            f"{path}: empty dataset, no records with content (blank lines and empty conversations are skipped)"
+            f"{path}: empty dataset, no records with content (blank lines and empty conversations are skipped). Fix: "
+            "give a file with records"
         )
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fingerprint(*parts: object) -> str:
@@ -259,10 +322,10 @@ def _from_generator(generator, gen_kwargs: dict, fingerprint: str) -> datasets.D
 
 def _load_file(path: Path, limit: int | None) -> datasets.Dataset:
     if not path.name.endswith(_SUFFIXES):
-        raise DataError(f"{path}: unsupported file type; supported: {', '.join(_SUFFIXES)}")
+        raise DataError(f"{path}: unsupported file type. Fix: give one of {', '.join(_SUFFIXES)}")
     if not path.is_file():
-        raise DataFileNotFoundError(f"data file not found: {path}")
-    fingerprint = _fingerprint("file", _sha256_file(path), path.name, limit)
+        raise DataFileNotFoundError(f"data file not found: {path}. Fix: check the path")
+    fingerprint = _fingerprint("file", sha256_file(path), path.name, limit)
     return _from_generator(_generate_file_records, {"path": str(path), "limit": limit}, fingerprint)
 
 
@@ -292,8 +355,10 @@ def _generate_code_records(paths: list[str], limit: int | None) -> Iterator[dict
 
 def _load_stdlib_code(limit: int | None) -> datasets.Dataset:
     paths = [str(p) for p in stdlib_python_files()]
-    fingerprint = _fingerprint("stdlib", sys.version, [(p, os.path.getsize(p)) for p in paths], limit)
-    return _from_generator(_generate_code_records, {"paths": paths, "limit": limit}, fingerprint)
+    # "one shard": datasets built before the limit held per shard (below) must not be reused from the cache.
+    fingerprint = _fingerprint("stdlib", "one shard", sys.version, [(p, os.path.getsize(p)) for p in paths], limit)
+    # A tuple, not a list: datasets splits list arguments into shards and runs the generator (and its limit) per shard.
+    return _from_generator(_generate_code_records, {"paths": tuple(paths), "limit": limit}, fingerprint)
 
 
 def _normalize_hub_batch(batch: dict, indices: list[int], origin: str, shape: str) -> dict:
@@ -308,19 +373,25 @@ def _load_hub(name: str, config: str | None, *, split: str, limit: int | None) -
     try:
         raw = datasets.load_dataset(name, config, split=split_spec)
     except Exception as e:  # offline mode, unknown name, missing config or split: all surface here
-        offline = (" HF_HUB_OFFLINE=1 is set: unset it, or use a local file or a builtin: source."
-                   if datasets.config.HF_HUB_OFFLINE else "")
+        offline = (" HF_HUB_OFFLINE=1 is set. Fix: unset it, or use a local file or a builtin: source."
+                   if datasets.config.HF_HUB_OFFLINE else " Fix: check the name, config and split, and the network.")
         raise DataError(
             f"{origin}: cannot load split {split_spec!r} from the Hub ({type(e).__name__}: {e}).{offline}"
         ) from e
     if len(raw) == 0:
-        raise DataError(f"{origin}: empty dataset (split {split_spec!r})")
+        raise DataError(f"{origin}: empty dataset (split {split_spec!r}). Fix: choose another split or config")
     try:  # every row has the same columns, so row 0 tells the shape of all
         shape = next(iter(_normalize_record(raw[0])))
     except _RecordError as e:
-        raise DataError(f"{origin} row 0: {e}") from None
+        raise DataError(f"{origin} row 0: {e}. Fix: a dataset with records in one of the supported formats") from None
     dataset = raw.map(_normalize_hub_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
                       fn_kwargs={"origin": origin, "shape": shape}, desc=f"normalizing {origin}")
     if len(dataset) == 0:
-        raise DataError(f"{origin}: empty dataset, no records with content")
+        raise DataError(f"{origin}: empty dataset, no records with content. Fix: choose a dataset with content")
     return dataset
+
+
+def prompt_file(source: str) -> Path:
+    """An evaluation prompt file: `builtin:<name>` (shipped with draftkit) or a path."""
+    return builtin_path(source.removeprefix("builtin:")) if source.startswith("builtin:") else Path(source)
+

@@ -1,4 +1,4 @@
-"""SpecDec++ acceptance labels (methods.md §2.10): what the acceptance head learns to predict.
+"""SpecDec++ acceptance labels (Huang et al. 2024): what the acceptance head learns to predict.
 
 For each prompt the target samples a response X. With the pair (prompt, X) fed once through both models, the draft's
 distribution q_i at response position i is conditioned on prompt + X_<i, and so is the target's p_i. The draft samples

@@ -1,4 +1,4 @@
-"""Clover-2 (Xiao et al. 2024, methods.md §2.6): regressive connection, attention decoder, augmenting block.
+"""Clover-2 (Xiao et al. 2024): regressive connection, attention decoder, augmenting block.
 
 At position t the model reads the target's final hidden state BEFORE the final norm, h_t, and the embedding of the
 next token, e(x_{t+1}); embeddings are rows of the target's LM head (the reference's frozen copy, passed in at call

@@ -1,7 +1,7 @@
 """Feature-level drafter: FSPAD (Gui et al., arXiv 2408.15562) with EAGLE-1 (Li et al., arXiv 2401.15077) as its ablation.
 
 At draft position t the module reads the target's feature f_t and the embedding of token x_{t+1}, and predicts the
-target's next feature f_{t+1}, whose LM-head distribution is the draft distribution of x_{t+2} (methods.md §4(b).2).
+target's next feature f_{t+1}, whose LM-head distribution is the draft distribution of x_{t+2}.
 
     u   = fc(cat(e(x_{t+1}), f_t))                                   # embedding first, as every EAGLE loader expects
     u   = u + down(SiLU(gate(e)) * up(RMSNorm(u)))                   # feature sampling (FSPAD; off in EAGLE-1)
@@ -13,8 +13,8 @@ target's next feature f_{t+1}, whose LM-head distribution is the draft distribut
 drafting feeds back as the next step's feature. The embedding and LM head are the target's tensors, frozen and shared
 (not copied). With a `token_map` (drafts/vocab.py) the head keeps only those rows (a frozen copy of size x H), so the
 draft scores its draft vocabulary (draft id i = target id token_map[i]); the embedding stays the target's full one,
-since the tokens fed back are target ids. Parameter names follow the EAGLE checkpoint layout (formats.md §b.2) so the EAGLE-1 variant exports by
-name; FSPAD's extra tensors live under `feature_sampling.*`.
+since the tokens fed back are target ids. Parameter names follow the EAGLE checkpoint layout (`fc`, `layers.0.*`) so the
+EAGLE-1 variant exports by name; FSPAD's extra tensors live under `feature_sampling.*`.
 """
 
 from __future__ import annotations
@@ -277,7 +277,7 @@ def feature_drafter(
     """A freshly initialised feature drafter around the target's frozen embedding and LM head.
 
     feature_sampling=False and partial_alignment=False give EAGLE-1 (with `fc` bias off by default, since vLLM's EAGLE
-    loader has none; formats.md §b.2). head_norm_weight: the target's final norm, for drafters fed pre-norm features.
+    loader builds fc without one). head_norm_weight: the target's final norm, for drafters fed pre-norm features.
     token_map: int64 [size] ascending target ids, the draft vocabulary (None: the target's whole vocabulary).
     """
     with torch.random.fork_rng(devices=[]):

@@ -14,6 +14,8 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm, LlamaRotaryEmbedding
 
+from draftkit.errors import ConfigError
+
 SUPPORTED_MODEL_TYPES = ("llama",)
 
 
@@ -77,9 +79,9 @@ def kangaroo_adapter(
     """
     num_layers = target_config.get_text_config().num_hidden_layers
     if not 1 <= exit_layer < num_layers:
-        raise ValueError(
+        raise ConfigError(
             f"kangaroo exit_layer={exit_layer} is outside the target's depth: the draft needs at least one shallow "
-            f"layer and verification at least one deep layer, so choose 1..{num_layers - 1} for this "
+            f"layer and verification at least one deep layer. Fix: choose 1..{num_layers - 1} for this "
             f"{num_layers}-layer target (the paper uses 2 of 32)"
         )
     config = adapter_config(target_config)

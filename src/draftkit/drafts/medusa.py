@@ -8,8 +8,8 @@ from the target's LM head, or the target's LM head itself (shared, not trained).
 Every block has its own weights. The reference code builds `[ResBlock(h)] * n`, which repeats one module and ties all
 layers of a head (FasterDecoding/Medusa#133); that is not reproduced here.
 
-Parameter names follow vLLM's Medusa model (formats.md §b.1.1): `blocks.{h}.layers.{l}.weight|bias` and
-`lm_heads.{h}.weight`, so the vLLM export is the state dict itself.
+Parameter names follow vLLM's Medusa model (vllm/model_executor/models/medusa.py): `blocks.{h}.layers.{l}.weight|bias`
+and `lm_heads.{h}.weight`, so the vLLM export is the state dict itself.
 
 With a `token_map` (a restricted draft vocabulary, drafts/vocab.py) the heads score only those target ids: own
 projections have len(token_map) rows, a shared LM head is passed in already sliced (W[token_map]), logits are in draft

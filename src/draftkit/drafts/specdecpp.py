@@ -2,7 +2,7 @@
 
 The head reads the draft's last hidden state at the position whose input is draft token Z_i and predicts whether the
 target accepts Z_i: residual blocks (each with its own weights; the reference's `[ResBlock(h)] * n` shares one block,
-methods.md §4(b).9) and a 2-way output where class 1 is "accepted".
+since a list repeated with `*` holds one module n times) and a 2-way output where class 1 is "accepted".
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from draftkit.errors import ConfigError
+
 
 LENGTH_WINDOW = 64  # global micro-batches sorted together by group_by_length
 
@@ -48,7 +50,7 @@ class BatchStream:
         self.global_batch = micro_batch_size * world_size
         self.batches_per_epoch = len(dataset) // self.global_batch
         if self.batches_per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"the dataset has {len(dataset)} examples, fewer than one global micro-batch "
                 f"({micro_batch_size} per rank x {world_size} ranks). Fix: lower engine.micro_batch_size or add data"
             )

@@ -5,8 +5,8 @@ recipe runs unchanged under each of them. Checkpoints hold full, unsharded tenso
 (trainable parameters by name, a torch-AdamW-shaped optimizer state), which is what lets a run resume on a
 different number of ranks or switch between DDP and ZeRO.
 
-DeepSpeed is driven directly (`deepspeed.initialize`), not through accelerate's DeepSpeed plugin: on CPU that
-plugin silently falls back to DDP or mis-counts processes (measured, machine.md §1), and the frozen target
+DeepSpeed is driven directly (`deepspeed.initialize`), not through accelerate's DeepSpeed plugin: on CPU that plugin
+silently falls back to DDP or mis-counts processes (measured on this project's CPU machines), and the frozen target
 needs an engine of its own for ZeRO-3 partitioning, which the plugin does not give a closure-held module.
 """
 
@@ -21,10 +21,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from draftkit.errors import UserError
+
 BACKENDS = ("accelerate", "deepspeed")
 
 
-class DistributedConfigError(ValueError):
+class DistributedConfigError(UserError):
     """A distributed setting that cannot work; raised before any model is built or any step is taken."""
 
 
@@ -208,7 +210,8 @@ def validate_hostfile(path: str | os.PathLike) -> dict[str, int]:
     turns a multi-node job into a single-node one; this makes every such mistake an error instead."""
     path = Path(path)
     if not path.is_file():
-        raise DistributedConfigError(f"hostfile {path} does not exist")
+        raise DistributedConfigError(f"hostfile {path} does not exist. Fix: check the path; the file lists `hostname "
+                                     "slots=N` per line (launch/hostfile.example)")
     hosts: dict[str, int] = {}
     for number, raw in enumerate(path.read_text().splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
@@ -224,9 +227,11 @@ def validate_hostfile(path: str | os.PathLike) -> dict[str, int]:
         except ValueError:
             count = 0
         if count < 1:
-            raise DistributedConfigError(f"hostfile {path} line {number}: {raw.strip()!r} needs slots >= 1")
+            raise DistributedConfigError(f"hostfile {path} line {number}: {raw.strip()!r} needs slots >= 1. "
+                                         f"Fix: write `{host} slots=<GPUs on that host>`")
         if host in hosts:
-            raise DistributedConfigError(f"hostfile {path} line {number}: host {host} is listed twice")
+            raise DistributedConfigError(f"hostfile {path} line {number}: host {host} is listed twice. Fix: one line "
+                                         "per host, with all its slots")
         hosts[host] = count
     if not hosts:
         raise DistributedConfigError(f"hostfile {path} names no hosts. Fix: one `hostname slots=<GPUs>` line per node")
@@ -323,7 +328,7 @@ class AccelerateRuntime(Runtime):
 
 def _skip_shm_comm_build() -> None:
     # On the CPU accelerator, DeepSpeed JIT-compiles its shared-memory collective op on the first
-    # init_distributed (~85 s, machine.md §1); gloo does the same job. The switch is a private dict.
+    # init_distributed (~85 s measured on a 2-core machine); gloo does the same job. The switch is a private dict.
     try:
         import deepspeed.ops
 

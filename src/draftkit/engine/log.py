@@ -9,6 +9,7 @@ from pathlib import Path
 
 from draftkit.engine.distributed import is_main_process
 from draftkit.engine.run import git_state
+from draftkit.io import write_text_atomic
 
 
 class NullSink:
@@ -21,30 +22,76 @@ class NullSink:
     def summary(self, values: dict) -> None:
         pass
 
+    def rewind(self, prefix: str, step: int) -> None:
+        """Forget what was logged under `prefix/` after `step`: a resumed stage logs those steps again."""
+
     def finish(self) -> None:
         pass
 
 
 class JsonlSink(NullSink):
-    """Appends one JSON line per logged step to `<run_dir>/metrics.jsonl` (readable with pandas or jq); rank 0 only."""
+    """One JSON line per logged step in `<run_dir>/metrics.jsonl` (readable with pandas or jq); rank 0 only.
+
+    A resumed run leaves one row per (step, metric names): a row logged again (a stage resumed from its checkpoint, a
+    finished run rerun) replaces the earlier one where it stood, `rewind` drops a stage's rows past its checkpoint, the
+    summary stays the last row, and a line a killed process left half-written is dropped when the file is opened."""
 
     def __init__(self, run_dir: str, filename: str = "metrics.jsonl", **_run):
         self.path = Path(run_dir) / filename
         self.main = is_main_process()
-        if self.main:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict] = []
+        if not self.main:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_file():
+            lines = self.path.read_text().splitlines()
+            for line in lines:
+                try:
+                    self.rows.append(json.loads(line))
+                except ValueError:  # the torn last line of a killed write
+                    pass
+            if len(self.rows) != len(lines):
+                self._rewrite()
+        self._keys = {self._key(row) for row in self.rows}
+
+    @staticmethod
+    def _key(row: dict) -> tuple:
+        return ("summary",) if "summary" in row else (row.get("step"), tuple(sorted(k for k in row if k != "step")))
+
+    def _rewrite(self) -> None:
+        write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in self.rows))
+        self._keys = {self._key(row) for row in self.rows}
+
+    def _put(self, row: dict) -> None:
+        if not self.main:
+            return
+        key = self._key(row)
+        if "summary" in row:
+            self.rows = [old for old in self.rows if "summary" not in old] + [row]
+        elif key in self._keys:
+            self.rows = [row if self._key(old) == key else old for old in self.rows]
+        else:
+            self.rows.append(row)
+            self._keys.add(key)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            return
+        self._rewrite()
 
     def log(self, metrics: dict, step: int) -> None:
-        if not self.main:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._put({"step": step, **metrics})
 
     def summary(self, values: dict) -> None:
+        self._put({"summary": values})
+
+    def rewind(self, prefix: str, step: int) -> None:
         if not self.main:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"summary": values}) + "\n")
+        kept = [row for row in self.rows if not (isinstance(row.get("step"), int) and row["step"] > step
+                                                 and any(k.startswith(prefix + "/") for k in row))]
+        if len(kept) != len(self.rows):
+            self.rows = kept
+            self._rewrite()
 
 
 class WandbSink(NullSink):

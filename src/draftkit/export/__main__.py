@@ -1,5 +1,5 @@
-"""`python -m draftkit.export` is the old name of `python -m draftkit.push` (it only ever uploaded an export); the
-old form `python -m draftkit.export <run_dir> --push-to-hub <user/name>` still works."""
+"""`python -m draftkit.export` is the old name of `python -m draftkit.push` (it checked and uploaded an export, and
+exported nothing); the old form `python -m draftkit.export <run_dir> [--push-to-hub <user/name>]` still works."""
 
 from __future__ import annotations
 
@@ -7,19 +7,18 @@ import sys
 
 from draftkit import push
 
-POINTER = "draftkit.export only uploads; its name is now `python -m draftkit.push <run or export folder> <user>/<name>`."
+POINTER = "draftkit.export checks and uploads; its name is now `python -m draftkit.push <run or export> [<user>/<name>]`."
 
 
 def main(argv: list[str] | None = None) -> int:
-    prog = "python -m draftkit.export"
-    p = push.parser(prog)
+    p = push.parser("python -m draftkit.export")
     p.add_argument("--push-to-hub", metavar="REPO_ID", dest="push_repo_id", default=None,
                    help="old spelling of the repo id argument")
     args = p.parse_args(argv)
     print(POINTER, file=sys.stderr)
     if args.push_repo_id is not None:
         args.repo_id = args.push_repo_id
-    return push.run(args, prog)
+    return push.run(args, "export")
 
 
 if __name__ == "__main__":

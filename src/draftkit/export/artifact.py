@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from draftkit.errors import UserError
 from draftkit.io import staged_directory
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UserError):
     pass
 
 
@@ -65,6 +66,20 @@ def load_exact(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where:
     if wrong:
         raise ArtifactError(f"{where}: tensor shapes differ from {shape_hint} ({wrong[:4]})")
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
+
+
+def check_manifest(directory: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """The tensors of `directory` against its manifest.json (names, shapes, dtypes), when it has one."""
+    path = Path(directory) / "manifest.json"
+    if not path.is_file():
+        return
+    recorded = json.loads(path.read_text())
+    check_key_set(tensors, set(recorded), str(directory))
+    wrong = [f"{k}: {list(t.shape)} {str(t.dtype).removeprefix('torch.')} vs {recorded[k]['shape']} "
+             f"{recorded[k]['dtype']}" for k, t in tensors.items()
+             if list(t.shape) != recorded[k]["shape"] or str(t.dtype).removeprefix("torch.") != recorded[k]["dtype"]]
+    if wrong:
+        raise ArtifactError(f"{directory}: tensors differ from manifest.json ({wrong[:4]}). Fix: export the draft again")
 
 
 def manifest(tensors: dict[str, torch.Tensor]) -> dict:
@@ -111,3 +126,64 @@ def check_matches_target(artifact_info: dict, *, hidden_size: int, vocab_size: i
             f"{where}: these heads read hidden states of size {hidden_size} and predict {vocab_size} tokens, but "
             f"target {target_name} has hidden_size={target_hidden_size} and vocab_size={target_vocab_size}. The heads "
             f"were trained for {trained_for}. Fix: pass that model as --target, or train heads for this target")
+
+
+# Reading checkpoints written by other projects' trainers (`python -m draftkit.convert`). Each family's converter in
+# draftkit.export.<m> knows its reference's names; these read the files and check what every converter checks.
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file or a torch pickle of tensors (read with weights_only: a pickle cannot run code here);
+    ArtifactError naming the file when it is missing, cut short or damaged."""
+    from safetensors.torch import load_file
+
+    from safetensors import SafetensorError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing. Fix: export the draft again, or copy the whole export directory")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as error:  # safetensors checks that its header covers the file exactly
+            raise ArtifactError(f"{path} cannot be read ({error}): the file is cut short or damaged. Fix: export "
+                                "the draft again, or copy the file again") from None
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a pickle of anything but tensors, or not a pickle at all
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise ArtifactError(f"{path} is not a state dict of tensors ({type(error).__name__}: {first_line}). Fix: pass the "
+                            "file the trainer wrote (a safetensors file or a torch.save of a state dict)") from None
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise ArtifactError(f"{path} holds a {type(tensors).__name__}, not a state dict of tensors. Fix: pass the file "
+                            "the trainer wrote (a torch.save of a state dict)")
+    return tensors
+
+
+def read_model_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF-style model directory: one weights file, or the shards its index lists."""
+    directory = Path(directory)
+    for name in WEIGHT_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return read_tensor_file(path)
+        tensors = {}
+        for shard in sorted(set(json.loads(path.read_text())["weight_map"].values())):
+            tensors.update(read_tensor_file(directory / shard))
+        return tensors
+    raise ArtifactError(f"{directory} holds no weights ({', '.join(WEIGHT_FILES)}). Fix: pass the checkpoint directory "
+                        "the trainer wrote")
+
+
+def require_same_as_target(stored: torch.Tensor, target_weight: torch.Tensor, what: str, where: str) -> None:
+    """A target tensor a reference checkpoint carries (its frozen embedding, say) must be the target's own, compared at
+    the checkpoint's precision: heads trained on another target's embedding would draft wrong tokens silently."""
+    if tuple(stored.shape) != tuple(target_weight.shape) or not torch.equal(
+            stored.detach().cpu(), target_weight.detach().cpu().to(stored.dtype)):
+        raise ArtifactError(f"{where}: its {what} {tuple(stored.shape)} is not this target's {what} "
+                            f"{tuple(target_weight.shape)}; the checkpoint was trained on another model. Fix: pass "
+                            "the model it was trained on as --target")

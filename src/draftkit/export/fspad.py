@@ -4,9 +4,9 @@ Layout of `<out>/` (written atomically: a staging folder, then one rename):
   config.json, model.safetensors, manifest.json, draftkit.json, draftkit_config.yaml, README.md
       draftkit format: every trained tensor (FSPAD's `feature_sampling.*` and 2h `down_proj` included) in fp32, plus the
       architecture, the switches and which target feature (norm, layer) the draft reads.
-  eagle-vllm/    (EAGLE-1 on post-norm features only) formats.md §b.2: `fc.weight` without bias (vLLM V1 builds fc
-                 with bias=False and loads strictly) and layers.0.* without input_layernorm, in bf16; config.json a
-                 one-layer Llama config (architectures LlamaForCausalLM: vLLM swaps in EagleLlamaForCausalLM itself).
+  eagle-vllm/    (EAGLE-1 on post-norm features only) vLLM's llama_eagle.py layout: `fc.weight` without bias (vLLM
+                 V1 builds fc with bias=False and loads strictly) and layers.0.* without input_layernorm, in bf16;
+                 config.json a one-layer Llama config (architectures LlamaForCausalLM: vLLM swaps in EagleLlamaForCausalLM itself).
   eagle-sglang/  the same plus an all-zero `fc.bias`: SGLang's LlamaForCausalLMEagle builds fc as nn.Linear(2H, H) with
                  a bias it always loads; config.json names that class, since SGLang picks the draft's model class from
                  `architectures` and has no rewrite from LlamaForCausalLM for EAGLE-1 drafts.
@@ -35,10 +35,16 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from draftkit.drafts.fspad import FeatureDrafter, feature_drafter
-from draftkit.export.artifact import ArtifactError, LoadedDraft
+from draftkit.export.artifact import (
+    ArtifactError,
+    LoadedDraft,
+    read_model_weights,
+    read_tensor_file,
+    require_same_as_target,
+)
 from draftkit.export.card import draftkit_target, model_card, target_load_name
 from draftkit.io import staged_directory
 
@@ -216,11 +222,12 @@ def export_feature_drafter(
     resolved_config_yaml: str,
     eval_table_md: str = "",
     eagle_formats: Sequence[str] | None = None,
+    extra_info: dict | None = None,
     target_reference: dict | None = None,
 ) -> dict[str, Path]:
     """Write the export folder(s); returns {format: folder}. eagle_formats: the EAGLE folders to write besides
     draftkit's; None writes every one that can hold this draft (and says in draftkit.json why the others are not
-    written), an explicit list refuses a format that cannot."""
+    written), an explicit list refuses a format that cannot. extra_info: more keys for every draftkit.json."""
     if draft.vocab_size != target_vocab_size:
         raise ValueError(f"draft vocab {draft.vocab_size} != target vocab_size {target_vocab_size}")
     arch = architecture(draft)
@@ -239,7 +246,7 @@ def export_feature_drafter(
     out_dir = Path(out_dir)
     written = {"draftkit": out_dir}
     base_info = {"family": FAMILY, "variant": draft.variant, "target": target_name, "target_feature": feature,
-                 "architecture": arch, "num_speculative_tokens": num_speculative_tokens}
+                 "architecture": arch, "num_speculative_tokens": num_speculative_tokens, **(extra_info or {})}
     reasons = "; ".join(dict.fromkeys(not_written.values()))
     with staged_directory(out_dir) as staging:
         _write_dir(staging, _draftkit_tensors(draft), expected_keys(arch, "draftkit"),
@@ -290,7 +297,7 @@ def load_feature_drafter(folder: str | os.PathLike, *, embed_weight: torch.Tenso
     if info.get("family") != FAMILY:
         raise ValueError(f"{folder} holds a {info.get('family')!r} draft, not a feature drafter")
     fmt, arch = info["format"], info["architecture"]
-    tensors = load_file(str(folder / "model.safetensors"))
+    tensors = read_tensor_file(folder / "model.safetensors")
     check_keys(tensors, expected_keys(arch, fmt), str(folder))
     if list(embed_weight.shape) != [arch["vocab_size"], arch["hidden_size"]]:
         raise ValueError(f"{folder} was trained for a target with vocab {arch['vocab_size']} and hidden size "
@@ -348,3 +355,90 @@ def load(directory, target, dtype: torch.dtype = torch.float32) -> LoadedDraft:
     return LoadedDraft(module.to(dtype), settings={"feature_norm": info["target_feature"]["norm"],
                                                    "name": str(directory)}, info=info)
 
+
+
+# Official EAGLE-1 checkpoints (SafeAILab/EAGLE, eagle/model/cnets.py `Model`; trained by eagle/train/main.py):
+# `fc` = Linear(2H, H) with a bias by default, reading cat(embedding of x_{t+1}, feature f_t); one Llama decoder
+# layer `layers.0.*` without input_layernorm (EAGLE's layer 0 has none) and without a final norm; `embed_tokens`, the
+# target's frozen embedding, in the files main.py's accelerate state writes (state_<n>/model.safetensors) and
+# optionally in released `pytorch_model.bin` files. The config is a one-layer Llama config (EConfig): RoPE theta from
+# `rope_theta` (default 10000), rms_norm_eps default 1e-6. Features are the target's last hidden state after its
+# final norm (the data step stores `hidden_states[-1]`), which is draftkit's post_norm feature.
+EAGLE1_LAYER = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+                "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight", "post_attention_layernorm.weight")
+EAGLE1_CHECKPOINTS = ("pytorch_model.bin", "model.safetensors")
+
+
+def _eagle1_rope_theta(config: dict, where: str) -> float:
+    """The theta cnets.py's LlamaAttention uses for this config; scaled RoPE has no counterpart in draftkit's layer."""
+    scaling = config.get("rope_scaling") or config.get("rope_parameters")
+    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        raise ArtifactError(f"{where}: RoPE scaling {scaling} is not supported by draftkit's feature drafter (plain "
+                            "RoPE only). Fix: convert a checkpoint trained without rope_scaling")
+    return float(config.get("rope_theta", (scaling or {}).get("rope_theta", 10000.0)))
+
+
+def import_eagle1(source: str | os.PathLike, out_dir: Path, target, *, config_path: str | os.PathLike | None = None,
+                  num_speculative_tokens: int = 5) -> dict[str, Path]:
+    """An official EAGLE-1 checkpoint -> draftkit's feature-drafter artifact (EAGLE-1 variant, post-norm features) for
+    `target`, plus an eagle-sglang folder (its layout keeps the fc bias); returns the folders written.
+
+    `source`: a directory with pytorch_model.bin (a release) or model.safetensors (main.py's state_<n> folder), or
+    that file itself; the config is `config_path` or config.json next to the weights (main.py's --configpath)."""
+    source = Path(source)
+    folder = source.parent if source.is_file() else source
+    if source.is_file():
+        weights = source
+    else:
+        weights = next((folder / n for n in EAGLE1_CHECKPOINTS if (folder / n).is_file()), None)
+        if weights is None:
+            raise ArtifactError(f"{folder} holds neither {' nor '.join(EAGLE1_CHECKPOINTS)}. Fix: pass the EAGLE-1 "
+                                "release folder or the state_<n> folder eagle/train/main.py saved")
+    config_path = Path(config_path) if config_path is not None else folder / "config.json"
+    if not config_path.is_file():
+        raise ArtifactError(f"no EAGLE config at {config_path}. Fix: pass --config <the config.json the checkpoint "
+                            "was trained with> (eagle/train/main.py's --configpath)")
+    config = json.loads(config_path.read_text())
+    where = str(weights)
+    if config.get("num_hidden_layers", 1) != 1 or config.get("qkv_bias") or config.get("hidden_act", "silu") != "silu":
+        raise ArtifactError(f"{config_path}: num_hidden_layers={config.get('num_hidden_layers')}, qkv_bias="
+                            f"{config.get('qkv_bias', False)}, hidden_act={config.get('hidden_act', 'silu')}; "
+                            "draftkit's EAGLE-1 drafter is one SiLU Llama layer without attention biases. Fix: convert "
+                            "an EAGLE-1 checkpoint of that shape")
+    tensors = read_tensor_file(weights)
+    layer = {f"layers.0.{name}" for name in EAGLE1_LAYER}
+    unknown = sorted(set(tensors) - layer - {"fc.weight", "fc.bias", "embed_tokens.weight"})
+    missing = sorted((layer | {"fc.weight"}) - set(tensors))
+    if missing or unknown:
+        hint = (" (midlayer.*/d2t/t2d: an EAGLE-3 checkpoint)" if any(k.startswith(("midlayer.", "d2t", "t2d"))
+                                                                     for k in unknown) else "")
+        raise ArtifactError(f"{where}: not an EAGLE-1 checkpoint{hint}: missing {missing[:6]}, unknown {unknown[:6]}. "
+                            "Fix: pass an EAGLE-1 checkpoint (fc, layers.0 without input_layernorm, embed_tokens)")
+    embed = target.embed_tokens.weight
+    if "embed_tokens.weight" in tensors:
+        require_same_as_target(tensors.pop("embed_tokens.weight"), embed, "embed_tokens", where)
+    hidden = tensors["fc.weight"].shape[0]
+    if hidden != target.hidden_size or config.get("vocab_size", target.vocab_size) != target.vocab_size:
+        raise ArtifactError(f"{where}: hidden size {hidden} and vocabulary {config.get('vocab_size')} differ from "
+                            f"target {target.name}'s ({target.hidden_size}, {target.vocab_size}). Fix: pass the model "
+                            "the checkpoint was trained on as --target")
+    heads = config["num_attention_heads"]
+    try:
+        draft = feature_drafter(
+            embed_weight=embed, lm_head_weight=target.lm_head.weight, num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads, intermediate_size=config["intermediate_size"],
+            rope_theta=_eagle1_rope_theta(config, str(config_path)), rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            feature_sampling=False, partial_alignment=False, fc_bias="fc.bias" in tensors)
+        check_keys(tensors, {k: list(v.shape) for k, v in _trained_tensors(draft).items()}, where)
+    except ValueError as error:
+        raise ArtifactError(f"{error}. Fix: pass the config.json this checkpoint was trained with") from None
+    draft.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    provenance = {"converted_from": {"format": "eagle1", "reference": "SafeAILab/EAGLE eagle/model/cnets.py Model",
+                                     "weights": str(weights), "config": str(config_path)}}
+    return export_feature_drafter(
+        draft, out_dir, target_name=target.name, feature_norm="post_norm", feature_layer=target.num_layers,
+        target_vocab_size=target.vocab_size, max_position_embeddings=config.get("max_position_embeddings", 2048),
+        num_speculative_tokens=num_speculative_tokens,
+        resolved_config_yaml=f"# converted by python -m draftkit.convert eagle1\nsource: {weights}\nconfig: "
+                             f"{json.dumps(config)}\n",
+        eagle_formats=["eagle-sglang"] if draft.fc.bias is not None else None, extra_info=provenance)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from draftkit.export.artifact import (
@@ -25,6 +24,7 @@ from draftkit.export.artifact import (
     load_exact,
     manifest,
     read_json,
+    read_tensor_file,
     write_dir,
 )
 from draftkit.export.card import draftkit_target, model_card, target_load_name
@@ -62,7 +62,7 @@ def load_heads_dir(directory: str | Path, build: Callable[..., nn.Module], *, fa
     info = read_json(directory / "draftkit.json")
     if info.get("family") != family:
         raise ArtifactError(f"{directory} holds a {info.get('family')!r} artifact, not {family!r}")
-    tensors = load_file(str(directory / WEIGHTS))
+    tensors = read_tensor_file(directory / WEIGHTS)
     size = info.get("draft_vocab_size")
     if size is not None:
         token_map = tensors.get("token_map")

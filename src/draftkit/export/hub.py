@@ -1,11 +1,12 @@
-"""Upload an exported draft artifact (a folder a recipe wrote, model card included) to the Hugging Face Hub.
+"""Check an exported draft artifact (a folder a recipe wrote, model card included) and upload it to the Hugging Face Hub.
 
 Every family's export is pushable: an artifact is a folder with config.json, safetensors weights and a model card
 (README.md). Some recipes write several formats side by side (Medusa: `vllm/` and `fasterdecoding/`; FSPAD/EAGLE-1:
 draftkit's format with `eagle-vllm/` and `eagle-sglang/` inside it); each is its own artifact, pushed to its own
 repository, because a serving engine loads a repository's root. Everything is checked locally first: the folder holds
-an artifact, its card exists, has front matter and carries the measured acceptance table, and the repo id is valid.
-Only then is the network touched (one create_repo, one upload_folder).
+an artifact, its card exists, has front matter and carries the measured acceptance table, every tensor is readable and
+what the artifact says it is, and the repo id is valid. Only then is the network touched (one create_repo, one
+upload_folder).
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import json
 import re
 from pathlib import Path
 
+from draftkit.errors import UserError
+
 ARTIFACT_DIR = "export"
 CARD = "README.md"
 
 
-class HubExportError(ValueError):
+class HubExportError(UserError):
     pass
 
 
@@ -37,6 +40,8 @@ def find_artifacts(path: str | Path) -> dict[str, Path]:
     """{format: folder} for a run directory (its `export/`) or an export folder: the folder itself when it is an
     artifact, and each subfolder that is one."""
     path = Path(path)
+    if not path.exists():
+        raise HubExportError(f"{path} does not exist. Fix: pass a finished run directory or its export/ directory")
     root = path / ARTIFACT_DIR if (path / ARTIFACT_DIR).is_dir() else path
     folders = [root] + sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     return {_format_name(f, root): f for f in folders if is_artifact(f)}
@@ -47,7 +52,7 @@ def find_artifact(path: str | Path, fmt: str | None = None) -> Path:
     found = find_artifacts(path)
     if not found:
         raise HubExportError(
-            f"{path} holds no exported draft (a folder with config.json, *.safetensors and a model card README.md, "
+            f"{path} holds no exported draft (a folder with config.json, *.safetensors and a model card {CARD}, "
             f"directly or in {Path(path) / ARTIFACT_DIR}). Fix: pass a finished run directory, or re-run the training "
             "command on it to write the export")
     if fmt is not None:
@@ -59,6 +64,27 @@ def find_artifact(path: str | Path, fmt: str | None = None) -> Path:
         raise HubExportError(f"{path} holds several exports, one Hub repository each: {listed}. Fix: pick one with "
                              "--format (push_format= when pushing from draftkit.train)")
     return next(iter(found.values()))
+
+
+def check_tensors(artifact: Path) -> str:
+    """Every tensor of the artifact is readable and is what the artifact says it is: each safetensors file read whole
+    (a file cut short is refused by name), checked against the manifest.json next to it, and a draft LM (a folder whose
+    config.json names a transformers architecture, without a manifest) loaded and checked tensor by tensor against its
+    config. Raises ArtifactError; returns a one-line summary."""
+    from draftkit.export.artifact import check_manifest, read_tensor_file
+    from draftkit.export.lm import read_draft
+
+    files = sorted(Path(artifact).rglob("*.safetensors"))
+    count = 0
+    for path in files:
+        tensors = read_tensor_file(path)
+        check_manifest(path.parent, tensors)
+        count += len(tensors)
+    for folder in sorted({path.parent for path in files}):
+        config = folder / "config.json"
+        if not (folder / "manifest.json").is_file() and config.is_file() and "architectures" in config.read_text():
+            read_draft(folder)
+    return f"{count} tensors in {len(files)} file(s) readable and matching their manifest or config"
 
 
 def check_card(artifact: Path) -> str:
@@ -77,18 +103,20 @@ def check_card(artifact: Path) -> str:
 
 def check_repo_id(repo_id: str) -> None:
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
-        raise HubExportError(f"repo id {repo_id!r} is not of the form <user or org>/<name>")
+        raise HubExportError(f"repo id {repo_id!r} is not of the form <user or org>/<name>. Fix: e.g. "
+                             "me/smollm2-draft")
 
 
 def push_to_hub(path: str | Path, repo_id: str, *, fmt: str | None = None, private: bool | None = None,
                 token: str | None = None, commit_message: str | None = None, revision: str | None = None) -> str:
-    """Upload one artifact (see find_artifact) to `repo_id`; returns the URL of the commit. Other artifacts nested in
-    its folder (the EAGLE folders inside FSPAD's) are left out: each is its own repository."""
+    """Upload one artifact (see find_artifact) to `repo_id` after every local check; returns the URL of the commit.
+    Other artifacts nested in its folder (the EAGLE folders inside FSPAD's) are left out: each is its own repository."""
     from huggingface_hub import HfApi
 
     check_repo_id(repo_id)
     artifact = find_artifact(path, fmt)
     check_card(artifact)
+    check_tensors(artifact)
     nested = [f"{p.name}/*" for p in artifact.iterdir() if p.is_dir() and is_artifact(p)]
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

@@ -7,7 +7,7 @@ Layout:
   draftkit.json       {"family": "kangaroo", target, target_num_layers, target_hidden_size, target_vocab_size,
                        exit_layer, threshold, max_draft_tokens, tensors: {name: shape}}
   README.md           model card with the measured acceptance table
-No serving runtime loads Kangaroo adapters (formats.md §(a2)); `python -m draftkit.eval --draft <dir>` runs them.
+No serving runtime (vLLM, SGLang, TRT-LLM) loads Kangaroo adapters; `python -m draftkit.eval --draft <dir>` runs them.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import LlamaConfig
 
 from draftkit.drafts.kangaroo import KangarooAdapter
-from draftkit.export.artifact import LoadedDraft
+from draftkit.export.artifact import ArtifactError, LoadedDraft, read_tensor_file
 from draftkit.export.card import draftkit_target, model_card, target_load_name
 from draftkit.io import staged_directory
 
@@ -69,13 +69,15 @@ def load_kangaroo(path: Path, target_shape: tuple[int, int] | None = None) -> tu
     path = Path(path)
     meta_file = path / "draftkit.json"
     if not meta_file.is_file():
-        raise FileNotFoundError(f"{path} has no draftkit.json; it is not a draftkit Kangaroo export")
+        raise ArtifactError(f"{path} has no draftkit.json; it is not a draftkit Kangaroo export. Fix: pass the export/ "
+                            "directory of a kangaroo run")
     meta = json.loads(meta_file.read_text())
     if meta.get("family") != FAMILY:
-        raise ValueError(f"{path} holds a {meta.get('family')!r} artifact, not a Kangaroo adapter")
+        raise ArtifactError(f"{path} holds a {meta.get('family')!r} artifact, not a Kangaroo adapter. Fix: load it "
+                            "with its own family's loader")
     trained_for = (meta["target_num_layers"], meta["target_vocab_size"])
     if target_shape is not None and tuple(target_shape) != trained_for:
-        raise ValueError(
+        raise ArtifactError(
             f"the Kangaroo adapter in {path} was trained for {meta['target']} ({trained_for[0]} layers, vocabulary "
             f"{trained_for[1]}), not for a target with {target_shape[0]} layers and vocabulary {target_shape[1]}. "
             "Fix: pass that target (--target), or train an adapter for this one"
@@ -83,13 +85,13 @@ def load_kangaroo(path: Path, target_shape: tuple[int, int] | None = None) -> tu
     adapter = KangarooAdapter(LlamaConfig.from_json_file(path / "config.json"))
     adapter.config._attn_implementation = "sdpa"
     expected = expected_keys(adapter)
-    tensors = load_file(path / "model.safetensors")
+    tensors = read_tensor_file(path / "model.safetensors")
     found = {k: list(v.shape) for k, v in tensors.items()}
     if found != expected or meta.get("tensors") != expected:
         missing = sorted(set(expected) - set(found))
         unexpected = sorted(set(found) - set(expected))
         misshapen = sorted(k for k in set(found) & set(expected) if found[k] != expected[k])
-        raise ValueError(
+        raise ArtifactError(
             f"{path}/model.safetensors does not match a Kangaroo adapter for its config.json: missing {missing}, "
             f"unexpected {unexpected}, wrong shape {misshapen}"
             + ("" if meta.get("tensors") == expected else "; the draftkit.json manifest disagrees too")

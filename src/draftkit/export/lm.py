@@ -1,8 +1,9 @@
 """Export a standalone draft LM as a Hugging Face directory that HF, vLLM and SGLang load as a draft model.
 
-Layout (formats.md b.5): config.json with the target's padded vocab_size, model.safetensors, the target's
-tokenizer files, generation_config.json with the assisted-generation knobs, draftkit_config.yaml (the
-resolved training config), and README.md, a model card holding the measured acceptance table.
+Layout (what HF assisted generation, vLLM's draft_model and SGLang's STANDALONE drafts load): config.json with the
+target's padded vocab_size, model.safetensors, the target's tokenizer files, generation_config.json with the
+assisted-generation knobs, draftkit_config.yaml (the resolved training config), and README.md, a model card holding the
+measured acceptance table.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from transformers import PreTrainedModel
 
 from draftkit.engine.distributed import is_main_process
-from draftkit.export.artifact import ArtifactError, LoadedDraft
+from draftkit.export.artifact import ArtifactError, LoadedDraft, read_tensor_file
 from draftkit.export.card import draftkit_target, model_card, target_load_name
 from draftkit.io import staged_directory
 
@@ -102,12 +103,43 @@ def export_hf_draft(
     return out_dir
 
 
+def read_draft(directory, dtype: torch.dtype | str = "auto") -> PreTrainedModel:
+    """The draft LM in `directory`, refused (ArtifactError) unless its weights are exactly what its config.json
+    describes: transformers would start a missing tensor from random weights, and a draft with a random layer still
+    runs (its tau is just low). Each weights file is read whole first, so a file cut short is reported by name."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    directory = Path(directory)
+    weights = sorted(directory.glob("*.safetensors"))
+    if not (directory / "config.json").is_file() or not weights:
+        raise ArtifactError(f"{directory} holds no draft LM (config.json and *.safetensors). Fix: pass the export/ "
+                            "directory a recipe wrote")
+    for path in weights:
+        read_tensor_file(path)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report is multi-line; the problem is reported below, in one line
+    try:
+        draft, report = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, output_loading_info=True,
+                                                             ignore_mismatched_sizes=True)
+    except (OSError, ValueError) as error:
+        raise ArtifactError(f"{directory} cannot be loaded as a draft LM ({str(error).splitlines()[0]}). Fix: export "
+                            "the draft again") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    problems = {what: sorted(str(k) for k in report.get(key) or ()) for what, key in
+                (("missing", "missing_keys"), ("unexpected", "unexpected_keys"), ("misshapen", "mismatched_keys"))}
+    if any(problems.values()):
+        found = ", ".join(f"{what} {names[:4]}" for what, names in problems.items() if names)
+        raise ArtifactError(f"{directory}: the weights do not match its config.json ({found}); a missing tensor would "
+                            "run as a randomly initialised layer. Fix: export the draft again")
+    return draft
+
+
 def load(directory, target, dtype: torch.dtype = torch.float32) -> LoadedDraft:
     """A draft LM directory (save_pretrained output) on the target's device, frozen; it must share the target's padded
     vocabulary, or the runtime would compare token ids of two different tokenizers."""
-    from transformers import AutoModelForCausalLM
-
-    draft = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(target.device)
+    draft = read_draft(directory, dtype).to(target.device)
     draft.requires_grad_(False).eval()
     draft_vocab = draft.config.get_text_config().vocab_size
     if draft_vocab != target.vocab_size:

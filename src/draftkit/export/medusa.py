@@ -1,4 +1,5 @@
-"""Medusa heads as artifacts: vLLM's format (formats.md §b.1.1) and FasterDecoding's original format (§b.1.2).
+"""Medusa heads as artifacts: vLLM's format (vllm/model_executor/models/medusa.py) and FasterDecoding's original
+format (medusa/model/medusa_model.py).
 
 Both directories hold config.json, the weights as safetensors, manifest.json (every tensor's name, shape and dtype) and
 draftkit.json (family "medusa", the format, the target's name, hidden size and vocabulary, the heads' settings), which
@@ -23,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from draftkit.drafts.medusa import MedusaHeads
 from draftkit.export.artifact import (
@@ -34,6 +34,9 @@ from draftkit.export.artifact import (
     check_matches_target,
     manifest,
     read_json,
+    read_model_weights,
+    read_tensor_file,
+    require_same_as_target,
     write_dir,
 )
 from draftkit.export.card import draftkit_target, model_card, target_load_name
@@ -183,7 +186,7 @@ def export_medusa_fasterdecoding(heads: MedusaHeads, out_dir: Path, *, target_na
 
 def _load_vllm(directory: Path, config: dict) -> tuple[MedusaHeads, torch.Tensor | None]:
     check_vllm_config(config)
-    tensors = load_file(str(directory / VLLM_WEIGHTS))
+    tensors = read_tensor_file(directory / VLLM_WEIGHTS)
     K, L, bias = config["num_heads"], config["num_hidden_layers"], config.get("medusa_fc_bias", True)
     original = bool(config.get("original_lm_head", False))
     truncated = config.get("truncated_vocab_size") not in (None, config["vocab_size"])
@@ -205,15 +208,21 @@ def _load_vllm(directory: Path, config: dict) -> tuple[MedusaHeads, torch.Tensor
 
 def _load_fasterdecoding(directory: Path, config: dict, info: dict | None) -> tuple[MedusaHeads, None]:
     path = directory / FD_WEIGHTS
-    tensors = load_file(str(path)) if path.is_file() else torch.load(directory / FD_PICKLE, map_location="cpu",
+    tensors = read_tensor_file(path) if path.is_file() else torch.load(directory / FD_PICKLE, map_location="cpu",
                                                                      weights_only=True)
-    K, L = config["medusa_num_heads"], config["medusa_num_layers"]
+    return _fasterdecoding_heads(tensors, config["medusa_num_heads"], config["medusa_num_layers"],
+                                 (info or {}).get("vocab_size"), str(directory)), None
+
+
+def _fasterdecoding_heads(tensors: dict[str, torch.Tensor], K: int, L: int, shared_vocab: int | None,
+                          where: str) -> MedusaHeads:
+    """MedusaHeads from FasterDecoding's head names (`{h}.{l}.linear.*`, and `{h}.{L}.weight` for own LM heads)."""
     own = any(k == f"0.{L}.weight" for k in tensors)
-    check_key_set(tensors, fasterdecoding_keys(K, L, own), str(directory))
+    check_key_set(tensors, fasterdecoding_keys(K, L, own), where)
     hidden = tensors["0.0.linear.weight"].shape[0]
-    vocab = tensors[f"0.{L}.weight"].shape[0] if own else (info or {}).get("vocab_size")
+    vocab = tensors[f"0.{L}.weight"].shape[0] if own else shared_vocab
     if vocab is None:
-        raise ArtifactError(f"{directory}: version-2 FasterDecoding heads share the target's LM head and do not record "
+        raise ArtifactError(f"{where}: version-2 FasterDecoding heads share the target's LM head and do not record "
                             "the vocabulary; pass the target's vocab_size (draftkit.json is missing)")
     heads = MedusaHeads(hidden, vocab, K, L, lm_head="own" if own else "shared", bias=True)
     state = {}
@@ -224,7 +233,7 @@ def _load_fasterdecoding(directory: Path, config: dict, info: dict | None) -> tu
         if own:
             state[f"lm_heads.{h}.weight"] = tensors[f"{h}.{L}.weight"].float()
     heads.load_state_dict(state, strict=True)
-    return heads, None
+    return heads
 
 
 def load_medusa(directory: str | Path, *, vocab_size: int | None = None) -> MedusaArtifact:
@@ -265,3 +274,66 @@ def load(directory, target, dtype: torch.dtype = torch.float32) -> LoadedDraft:
     # target's own.
     return LoadedDraft(artifact.heads.to(device=target.device, dtype=dtype), info=artifact.info)
 
+
+
+# FasterDecoding/Medusa checkpoints, by the loader that reads them (medusa/model/):
+#   head file (medusa_model_legacy.py MedusaModel, and medusa_model.py's fallback): config.json {medusa_num_heads,
+#     medusa_num_layers, base_model_name_or_path[, version]} and the `medusa_head` ModuleList's state dict,
+#     `{h}.{l}.linear.weight|bias` for the residual blocks, plus `{h}.{L}.weight` when each head has its own vocabulary
+#     projection (medusa_model.py's layout; the legacy model reads the base LM head instead). medusa_lm_head.pt is what
+#     the loaders read, medusa_lm_head.safetensors what train/train_legacy.py writes.
+#   full model (medusa_model.py MedusaModelABC and medusa_model_new.py, the Medusa-2 releases): an HF model directory
+#     whose config.json is the base model's plus medusa_num_heads/medusa_num_layers and whose weights hold the base
+#     model next to `medusa_head.{h}.{l}.linear.*` and `medusa_head.{h}.{L}.weight`.
+# Heads read the base model's last hidden state after its final norm, draftkit's Medusa input. The reference repeats one
+# ResBlock per head ([ResBlock] * L), so every layer of a head carries the same tensors; draftkit loads them as they are.
+
+
+def import_fasterdecoding(source: str | Path, out_dir: Path, target) -> Path:
+    """A FasterDecoding Medusa checkpoint (either layout) -> draftkit's FasterDecoding-format artifact for `target`."""
+    source = Path(source)
+    config_path = source / "config.json"
+    if not config_path.is_file():
+        raise ArtifactError(f"{source}: no config.json. Fix: pass the folder the Medusa trainer wrote (config.json with "
+                            "medusa_num_heads and medusa_lm_head.pt/.safetensors, or a full Medusa model folder)")
+    config = json.loads(config_path.read_text())
+    if "medusa_num_heads" not in config or "medusa_num_layers" not in config:
+        raise ArtifactError(f"{config_path} has no medusa_num_heads/medusa_num_layers. Fix: pass a FasterDecoding "
+                            "Medusa folder")
+    K, L = config["medusa_num_heads"], config["medusa_num_layers"]
+    head_file = next((source / n for n in (FD_WEIGHTS, FD_PICKLE) if (source / n).is_file()), None)
+    if head_file is not None:
+        layout, where, tensors = "head file", str(head_file), read_tensor_file(head_file)
+    else:
+        layout, where, weights = "full model", str(source), read_model_weights(source)
+        tensors = {k.removeprefix("medusa_head."): v for k, v in weights.items() if k.startswith("medusa_head.")}
+        _require_target_backbone(weights, target, where)
+    heads_in_file = {k.split(".")[0] for k in tensors}
+    if len(heads_in_file) != K:
+        raise ArtifactError(f"{where} holds {len(heads_in_file)} heads but config.json says medusa_num_heads={K} "
+                            "(FasterDecoding's loaders disagree on which wins). Fix: set medusa_num_heads in "
+                            "config.json to the number of heads you mean to run")
+    heads = _fasterdecoding_heads(tensors, K, L, target.vocab_size, where)
+    check_matches_target({"target": config.get("base_model_name_or_path")}, hidden_size=heads.hidden_size,
+                         vocab_size=heads.vocab_size, target_name=target.name, target_hidden_size=target.hidden_size,
+                         target_vocab_size=target.vocab_size, where=where)
+    provenance = {"converted_from": {"format": "fasterdecoding", "layout": layout, "source": str(source),
+                                     "version": config.get("version")}}
+    return export_medusa_fasterdecoding(heads.eval(), out_dir, target_name=target.name, extra_info=provenance)
+
+
+def _require_target_backbone(weights: dict[str, torch.Tensor], target, where: str) -> None:
+    """A full Medusa model carries its base model: heads trained with a fine-tuned one (Medusa-2) read other states."""
+    own = target.model.state_dict()
+    for name, tensor in weights.items():
+        if name.startswith("medusa_head."):
+            continue
+        if name not in own:
+            raise ArtifactError(f"{where}: base-model tensor {name} is not in target {target.name}. Fix: pass the "
+                                "checkpoint's base model as --target (for a Medusa-2 model: the checkpoint folder)")
+        try:
+            require_same_as_target(tensor, own[name], name, where)
+        except ArtifactError:
+            raise ArtifactError(f"{where}: its base model differs from target {target.name} at {name} (Medusa-2 "
+                                "trains the base model with the heads). Fix: pass the checkpoint folder itself as "
+                                "--target, so the heads run on the base model they were trained with") from None

@@ -18,7 +18,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from draftkit.drafts.specdecpp import AcceptanceHead, acceptance_head, draft_fingerprint
@@ -30,6 +29,7 @@ from draftkit.export.artifact import (
     load_exact,
     manifest,
     read_json,
+    read_tensor_file,
     write_dir,
 )
 from draftkit.export.lm import export_hf_draft
@@ -71,7 +71,7 @@ def load_acceptance_head(head_dir: str | Path, draft: nn.Module | None = None) -
         raise ArtifactError(f"{head_dir} holds a {info.get('family')!r} artifact, not a SpecDec++ acceptance head")
     config = read_json(head_dir / "config.json")
     head = acceptance_head(config["hidden_size"], config["num_layers"])
-    load_exact(head, load_file(str(head_dir / WEIGHTS)), str(head_dir), "its config.json. Fix: re-export the head")
+    load_exact(head, read_tensor_file(head_dir / WEIGHTS), str(head_dir), "its config.json. Fix: re-export the head")
     if draft is not None:
         check_head_matches_draft(info, draft, str(head_dir))
     return head.float().eval(), info

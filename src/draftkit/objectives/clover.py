@@ -1,9 +1,9 @@
-"""Clover-2 loss (methods.md §2.6): Σ_i decay^i · [feature_weight · SmoothL1(out_i, f_{t+1+i})
+"""Clover-2 loss (Xiao et al. 2024): Σ_i decay^i · [feature_weight · SmoothL1(out_i, f_{t+1+i})
 + token_weight · softCE(p_target(· | f_{t+1+i}), LMHead(out_i))], with decay 0.7, feature_weight 10, token_weight 1.
 
 Head i at position t regresses the target's post-norm feature at t+1+i (the state whose logits give x_{t+2+i}) and
 matches the target's distribution there. Scored where labels[t+2+i] exists (assistant tokens; the reference does not
-shift its loss mask, which is off by one at turn boundaries, methods.md §4(b).4). The SmoothL1 is summed over the
+shift its loss mask, which is off by one at turn boundaries). The SmoothL1 is summed over the
 hidden dimension and averaged over it, so one position contributes one number per term.
 """
 

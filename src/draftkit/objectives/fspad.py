@@ -1,9 +1,9 @@
 """EAGLE-1 / FSPAD objective: regress the target's next feature and match its next-token distribution.
 
-Alignment (methods.md §4(b).2): draft position t reads (f_t, x_{t+1}) and predicts f_{t+1}, whose LM-head
-distribution is the target's distribution of x_{t+2}. Built as input = f[:, :-1], tokens = x[:, 1:], target =
-f[:, 1:]. Position t counts where x_{t+2} is a trained token (labels[t + 2] != IGNORE_INDEX), so the last position
-of every sequence, whose x_{t+2} does not exist, never counts.
+Alignment (the off-by-one that matters most for feature drafters): draft position t reads (f_t, x_{t+1}) and predicts
+f_{t+1}, whose LM-head distribution is the target's distribution of x_{t+2}. Built as input = f[:, :-1], tokens = x[:,
+1:], target = f[:, 1:]. Position t counts where x_{t+2} is a trained token (labels[t + 2] != IGNORE_INDEX), so the last
+position of every sequence, whose x_{t+2} does not exist, never counts.
 
 Loss per counted position (EAGLE `main.py`, FSPAD `main_fspad.py`):
     regression_weight * SmoothL1(regress, f_{t+1}) (mean over the hidden size)

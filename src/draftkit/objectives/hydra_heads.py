@@ -1,4 +1,4 @@
-"""Hydra and Hydra++ losses (methods.md §2.5).
+"""Hydra and Hydra++ losses (Ankner et al. 2024).
 
 Head i (0-based) at position t predicts x_{t+2+i}, like Medusa head i: its hard label is labels[:, t+2+i]
 (objectives.medusa.head_targets), and its teacher is the target's distribution for that same token, the target's

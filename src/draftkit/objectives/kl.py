@@ -2,8 +2,9 @@
 
 Every function takes logits [..., V] for both models at the same positions and a boolean mask [...] of the positions
 that count, and returns LossOutput(loss_sum over counted positions, count, metrics). Softmax runs in fp32 whatever the
-input dtype (methods.md §4(b).6), and `temperature` divides both models' logits: to train for acceptance under
-sampling at temperature T, distil at T (α = 1 − TVD holds at the decoding temperature, methods.md §1).
+input dtype (bf16 log-softmax over a large vocabulary loses the small probabilities the divergences weigh), and
+`temperature` divides both models' logits: to train for acceptance under sampling at temperature T, distil at T (α = 1 −
+TVD holds at the decoding temperature; Leviathan et al. 2023).
 
 Every function also reports the per-position acceptance estimate α̂ = Σ_v min(p, q) as the metric "alpha_hat"
 (a sum over counted positions, like the loss), so each objective's log shows the number training is for.

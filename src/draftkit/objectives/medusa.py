@@ -1,4 +1,4 @@
-"""Medusa losses (methods.md §2.4).
+"""Medusa losses (Cai et al. 2024).
 
 Alignment: the target's LM head at position t predicts x_{t+1}; Medusa head k (0-based) at position t predicts
 x_{t+2+k}, so its logits at t are scored against labels[:, t + 2 + k] (the legacy trainer's `logits_i[:, :-(2+i)]`

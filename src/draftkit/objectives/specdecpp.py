@@ -3,7 +3,7 @@
     L = Σ_i [w_reject (1 − a_i)(−log P_reject,i) + w_accept a_i (−log P_accept,i)] / Σ_i [w_reject (1 − a_i) + w_accept a_i]
 
 over counted positions, with the soft label a_i = min(1, p_target(Z_i) / p_draft(Z_i)); rejections are rare and costly,
-hence w_reject = 6 (methods.md §2.10, §4(b).11). The normalizer includes the weights, so LossOutput.count is the
+hence w_reject = 6 (the reference's weight_mismatch). The normalizer includes the weights, so LossOutput.count is the
 weighted sum (a float), and the loop's single division yields exactly L.
 """
 

@@ -21,14 +21,8 @@ from draftkit.drafts.vocab import draft_rows
 from draftkit.export import clover as clover_export
 from draftkit.objectives.clover import clover_loss
 from draftkit.objectives.linear_logits import LinearLogits
-from draftkit.recipes.common import draft_token_map, frozen_weight
-from draftkit.recipes.heads_common import (
-    LABEL_SOURCES,
-    start_run,
-    teacher_columns,
-    train_measure_export,
-    training_chats,
-)
+from draftkit.recipes.common import draft_token_map, frozen_weight, start_run, training_chats
+from draftkit.recipes.heads_common import check_heads_settings, teacher_columns, train_measure_export
 from draftkit.runtime import clover as clover_runtime
 
 FAMILY = clover_export.FAMILY
@@ -61,10 +55,13 @@ def clover_step(target, lm_head, feature_weight: float, token_weight: float, dec
     return step
 
 
+def validate(cfg: DictConfig) -> None:
+    check_heads_settings("clover", cfg.clover, cfg.clover.model.num_heads)
+
+
 def run(cfg: DictConfig, run_dir: Path) -> Path:
+    validate(cfg)
     c = cfg.clover
-    if c.labels not in LABEL_SOURCES:
-        raise ValueError(f"clover.labels={c.labels!r}: choose 'selfdistill' or 'data'")
     sink, engine, target = start_run(cfg, run_dir)
     chats = training_chats(cfg, target, run_dir, c.labels, engine["seed"])
     token_map = draft_token_map(chats, c.draft_vocab_size, target, run_dir)

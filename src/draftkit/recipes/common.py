@@ -4,7 +4,6 @@ and tabulating before/after results."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import torch
@@ -14,15 +13,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from draftkit.data.chat import tokenize_chat
 from draftkit.data.draft_vocab import label_counts
-from draftkit.data.selfdistill import prompts_from_records, regenerate_responses
-from draftkit.data.sources import builtin_path, load_records
+from draftkit.data.selfdistill import answered_prompts
+from draftkit.data.sources import load_records, prompt_file
 from draftkit.drafts.vocab import coverage, select_tokens
-from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.engine.distributed import as_settings, frozen_dtype, is_main_process, main_process_first
 from draftkit.engine.run import record_run
+from draftkit.errors import ConfigError
+from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.export.card import card_commands
 from draftkit.runtime.drafting import Drafting
-from draftkit.runtime.evaluate import evaluate_draft, load_prompts
+from draftkit.runtime.evaluate import evaluate_draft, interval_cell, interval_label, interval_note, load_prompts
 
 
 def start_run(cfg: DictConfig, run_dir: Path):
@@ -76,19 +76,11 @@ def draft_token_map(chats, size: int | None, target, run_dir: Path):
     return token_map.to(target.device)
 
 
-def build_draft(draft_cfg: DictConfig, target):
-    """The `draft` group instantiated for `target`: every builder receives the same call-site arguments."""
-    tokenizer = target.tokenizer
-    return instantiate(draft_cfg, vocab_size=target.vocab_size, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                       target_embedding=target.embed_tokens.weight, target_model=target.model)
-
-
 def require_shared_vocabulary(draft, target) -> None:
     """A standalone draft LM must predict the target's padded vocabulary, id for id."""
     rows = draft.get_output_embeddings().weight.shape[0]
     if rows != target.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"the draft predicts {rows} token ids but the target {target.name} has vocab_size={target.vocab_size}; "
             "the draft's tokens are checked against the target's id by id, so the draft must use the target's (padded) "
             "vocabulary. Fix: start from draft=from_target, a FastDraft export for this target, or a draft whose "
@@ -100,21 +92,22 @@ def load_sources(sources, limit) -> Dataset:
     return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
+def self_distilled_conversations(data_cfg: DictConfig, target, run_dir: Path, seed: int) -> list[list[dict]]:
+    """`data.prompts` answered by the target (cached in run_dir/selfdistill.jsonl): the chats, untokenized."""
+    gen = data_cfg.selfdistill
+    with main_process_first():  # rank 0 generates; the other ranks then read its cache
+        return answered_prompts(
+            load_sources(data_cfg.prompts, data_cfg.prompts_limit), target.model, target.tokenizer,
+            num_prompts=gen.num_prompts, max_prompt_tokens=gen.max_prompt_tokens,
+            cache_file=Path(run_dir) / "selfdistill.jsonl", max_new_tokens=gen.max_new_tokens,
+            temperature=gen.temperature, top_p=gen.top_p, batch_size=gen.batch_size, seed=seed)
+
+
 def self_distilled_chats(data_cfg: DictConfig, target, run_dir: Path, seed: int) -> Dataset:
     """`data.prompts` answered by the target (cached in run_dir/selfdistill.jsonl), tokenized for training: the
     loss falls on the target's own replies."""
-    gen = data_cfg.selfdistill
-    tokenizer = target.tokenizer
-    prompts = prompts_from_records(load_sources(data_cfg.prompts, data_cfg.prompts_limit),
-                                   max_prompt_tokens=gen.max_prompt_tokens, tokenizer=tokenizer)
-    random.Random(seed).shuffle(prompts)  # mix the sources before taking num_prompts
-    prompts = prompts[: gen.num_prompts]
-    with main_process_first():  # rank 0 generates; the other ranks then read its cache
-        conversations = regenerate_responses(
-            target.model, tokenizer, prompts, cache_file=Path(run_dir) / "selfdistill.jsonl",
-            max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
-            batch_size=gen.batch_size, seed=seed)
-    return tokenize_chat(Dataset.from_list([{"messages": c} for c in conversations]), tokenizer,
+    conversations = self_distilled_conversations(data_cfg, target, run_dir, seed)
+    return tokenize_chat(Dataset.from_list([{"messages": c} for c in conversations]), target.tokenizer,
                          max_length=data_cfg.max_length, too_long=data_cfg.too_long)
 
 
@@ -124,8 +117,22 @@ def dataset_chats(data_cfg: DictConfig, tokenizer) -> Dataset:
     return tokenize_chat(records, tokenizer, max_length=data_cfg.max_length, too_long=data_cfg.too_long)
 
 
-def prompt_file(source: str) -> Path:
-    return builtin_path(source.removeprefix("builtin:")) if source.startswith("builtin:") else Path(source)
+LABEL_SOURCES = ("selfdistill", "data")
+
+
+def check_label_source(setting: str, labels: str) -> None:
+    """`<recipe>.labels` (the name of the setting): where a recipe's training replies come from."""
+    if labels not in LABEL_SOURCES:
+        raise ConfigError(f"{setting}={labels!r} is not a label source. Fix: choose 'selfdistill' (the target "
+                          "answers the prompts) or 'data' (the replies the data carries)")
+
+
+def training_chats(cfg: DictConfig, target, run_dir: Path, labels: str, seed: int):
+    """Self-distilled replies (the target answers data.prompts) or the replies the data carries."""
+    check_label_source("labels", labels)
+    if labels == "selfdistill":
+        return self_distilled_chats(cfg.data, target, run_dir, seed)
+    return dataset_chats(cfg.data, target.tokenizer)
 
 
 def measure_acceptance(target, drafting: Drafting, eval_cfg: DictConfig, path: Path,
@@ -161,17 +168,19 @@ def measure_acceptance(target, drafting: Drafting, eval_cfg: DictConfig, path: P
 
 
 def compare_markdown(reports: dict[str, dict | None]) -> str:
-    """One row per named report: overall tau, alpha by position, tokens/s and speedup over autoregressive."""
+    """One row per named report: its prompt count, overall tau with its bootstrap interval, alpha by position, tokens/s
+    and speedup over autoregressive. Two rows differ meaningfully only where their intervals say so."""
     measured = {name: r for name, r in reports.items() if r is not None}
     if not measured:
         return "(acceptance not measured: eval.enabled=false)"
     gamma = max(r["config"]["gamma"] for r in measured.values())
     any_report = next(iter(measured.values()))
-    header = ["", "τ"] + [f"α@{i}" for i in range(1, gamma + 1)] + ["tok/s", "AR tok/s", "speedup"]
+    config = any_report["config"]
+    header = (["", "prompts", "τ", f"τ {interval_label(config)}"] + [f"α@{i}" for i in range(1, gamma + 1)]
+              + ["tok/s", "AR tok/s", "speedup"])
     lines = [
-        f"Target {any_report['config']['target']}, {any_report['overall']['prompts']} prompts, γ={gamma}, "
-        f"temperature={any_report['config']['temperature']}, max_new_tokens={any_report['config']['max_new_tokens']}, "
-        f"device={any_report['config']['device']}",
+        f"Target {config['target']}, γ={gamma}, temperature={config['temperature']}, "
+        f"max_new_tokens={config['max_new_tokens']}, device={config['device']}",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
@@ -183,9 +192,10 @@ def compare_markdown(reports: dict[str, dict | None]) -> str:
     for name, report in measured.items():
         o = report["overall"]
         alphas = list(o["alpha"]) + [None] * (gamma - len(o["alpha"]))
-        row = [name, cell(o["tau"])] + [cell(a) for a in alphas]
+        row = [name, str(o["prompts"]), cell(o["tau"]), interval_cell(o.get("tau_ci"))] + [cell(a) for a in alphas]
         row += [cell(o["tokens_per_s"], 1), cell(o.get("ar_tokens_per_s"), 1), cell(o.get("speedup"), suffix="x")]
         lines.append("| " + " | ".join(row) + " |")
+    lines += ["", interval_note(config)]
     return "\n".join(lines)
 
 

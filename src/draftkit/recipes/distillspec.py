@@ -3,7 +3,7 @@
 Each micro-batch of prompts is continued either by the draft (probability λ = distillspec.lambda_on_policy) or by
 the off-policy source (the target: sequence-level KD; or the dataset's own replies), per batch or per sequence. Both
 models then score the continuation, and the divergence between their next-token distributions is minimised on the
-continuation tokens only (methods.md §2.2, pitfalls §4(b).4, .6, .7, .14).
+continuation tokens only (prompt tokens carry no draft decision; scoring them dilutes the loss).
 """
 
 from __future__ import annotations
@@ -16,18 +16,19 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from draftkit.config import instantiate_draft
 from draftkit.data.rollout import (PromptExamples, TeacherRollouts, assemble, collate_prompts, continuation_mask,
                                    prompt_reply_examples, sample_continuations)
 from draftkit.engine.batches import BatchStream
-from draftkit.engine.checkpoint import list_checkpoints
-from draftkit.io import write_json_atomic
+from draftkit.engine.checkpoint import newest_intact_checkpoint
 from draftkit.engine.distributed import process_index, world_size_from_env
 from draftkit.engine.loop import LoopSettings, stage_settings, train
+from draftkit.errors import ConfigError
 from draftkit.export.lm import export_hf_draft
+from draftkit.io import write_json_atomic
 from draftkit.objectives.kl import DIVERGENCES, divergence
 from draftkit.objectives.types import LossOutput
 from draftkit.recipes.common import (
-    build_draft,
     compare_markdown,
     export_target_args,
     load_sources,
@@ -155,7 +156,8 @@ def resolve_distill_temperature(configured, decoding_temperature: float) -> floa
     return float(decoding_temperature) if decoding_temperature > 0 else 1.0
 
 
-def _validate(settings: DictConfig) -> None:
+def validate(cfg: DictConfig) -> None:
+    settings = cfg.distillspec
     problems = []
     if not 0.0 <= settings.lambda_on_policy <= 1.0:
         problems.append(f"distillspec.lambda_on_policy={settings.lambda_on_policy} must lie in [0, 1]")
@@ -172,7 +174,7 @@ def _validate(settings: DictConfig) -> None:
         problems.append(f"distillspec.generation.teacher_batch_size={teacher_batch} must be at least 1 "
                         "(or null: the target continues each micro-batch when it is drawn)")
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ConfigError("; ".join(problems) + ". Fix: give each setting named a value as stated")
 
 
 def _prompt_examples(cfg: DictConfig, tokenizer, seed: int) -> list[dict]:
@@ -182,13 +184,14 @@ def _prompt_examples(cfg: DictConfig, tokenizer, seed: int) -> list[dict]:
     examples = PromptExamples(example | {"index": index}
                               for index, example in enumerate(examples[: cfg.distillspec.num_prompts]))
     if not examples:
-        raise ValueError(f"no usable prompts in {list(cfg.data.prompts)} (chat records with a user turn of at most "
-                         f"data.selfdistill.max_prompt_tokens={cfg.data.selfdistill.max_prompt_tokens} tokens)")
+        raise ConfigError(f"no usable prompts in {list(cfg.data.prompts)} (chat records with a user turn of at most "
+                          f"data.selfdistill.max_prompt_tokens={cfg.data.selfdistill.max_prompt_tokens} tokens). Fix: "
+                          "raise data.selfdistill.max_prompt_tokens, or give shorter prompts")
     settings = cfg.distillspec
     if settings.off_policy == "dataset" and settings.lambda_on_policy < 1.0:
         missing = sum(1 for e in examples if not e["reply_ids"])
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"distillspec.off_policy=dataset needs an assistant reply after each prompt, but {missing} of "
                 f"{len(examples)} prompts from {list(cfg.data.prompts)} have none. Fix: distillspec.off_policy=teacher "
                 "(the target writes the replies), or prompts with replies (e.g. data=shared)")
@@ -239,22 +242,24 @@ def attach_teacher_rollouts(step: DistillStep, settings: DictConfig, examples: l
 
 def run(cfg: DictConfig, run_dir: Path) -> Path:
     settings = cfg.distillspec
-    _validate(settings)
+    validate(cfg)
     sink, engine, target = start_run(cfg, run_dir)
     tokenizer = target.tokenizer
-    draft = build_draft(cfg.draft, target)
+    draft = instantiate_draft(cfg.draft, target)
     require_shared_vocabulary(draft, target)
     examples = _prompt_examples(cfg, tokenizer, engine["seed"])
     draft = _apply_lora(draft, settings.lora)
     draft.to(target.device)
 
     drafting = lm_runtime.drafting(draft, target, DraftingOptions())
-    before = measure_acceptance(target, drafting, cfg.eval, run_dir / "eval_before.json") if cfg.eval.get("before") else None
+    before = (measure_acceptance(target, drafting, cfg.eval, run_dir / "eval_before.json")
+              if cfg.eval.get("before") else None)
 
     loop_settings = stage_settings(engine)
     stage_dir = run_dir / "distill"
-    checkpoints = list_checkpoints(stage_dir / "checkpoints") if cfg.resume else []
-    resumed_step = int(checkpoints[-1].name.split("_")[-1]) if checkpoints else 0
+    # The checkpoint the loop will resume from (a damaged newest one is skipped there too, with the warning).
+    checkpoint = newest_intact_checkpoint(stage_dir / "checkpoints", warn=False) if cfg.resume else None
+    resumed_step = int(checkpoint.name.split("_")[-1]) if checkpoint else 0
     temperature = resolve_distill_temperature(settings.distill_temperature, cfg.eval.get("temperature", 0.0))
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_ids(target)[0]
     step = DistillStep(

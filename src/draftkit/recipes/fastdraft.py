@@ -12,13 +12,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from draftkit.config import instantiate_draft
 from draftkit.data.collate import collate
 from draftkit.data.packing import pack_texts
 from draftkit.engine.loop import stage_settings, train
+from draftkit.errors import ConfigError
 from draftkit.export.lm import export_hf_draft
 from draftkit.objectives.ce import next_token_ce
 from draftkit.recipes.common import (
-    build_draft,
     compare_markdown,
     export_target_args,
     finish_run,
@@ -38,32 +39,39 @@ def lm_step(model, batch):
     return next_token_ce(logits, batch["labels"])
 
 
-def run(cfg: DictConfig, run_dir: Path) -> Path:
+def validate(cfg: DictConfig) -> None:
     stages = list(cfg.fastdraft.stages)
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown or not stages:
-        raise ValueError(f"fastdraft.stages={stages}: choose from {list(STAGES)}")
+    if not stages or any(s not in STAGES for s in stages):
+        raise ConfigError(f"fastdraft.stages={stages} names no known stage. Fix: choose from {list(STAGES)}")
+
+
+def run(cfg: DictConfig, run_dir: Path) -> Path:
+    validate(cfg)
+    stages = list(cfg.fastdraft.stages)
     sink, engine, target = start_run(cfg, run_dir)
     tokenizer = target.tokenizer
-    draft = build_draft(cfg.draft, target)
+    draft = instantiate_draft(cfg.draft, target)
     draft.to(target.device)
     batch_collate = partial(collate, pad_token_id=tokenizer.pad_token_id)
 
     drafting = lm_runtime.drafting(draft, target, DraftingOptions())
-    before = measure_acceptance(target, drafting, cfg.eval, run_dir / "eval_before.json") if cfg.eval.get("before") else None
+    before = (measure_acceptance(target, drafting, cfg.eval, run_dir / "eval_before.json")
+              if cfg.eval.get("before") else None)
 
     results = {}
     if "pretrain" in stages:
         texts = load_sources(cfg.data.pretrain, cfg.data.pretrain_limit)
         blocks = pack_texts(texts, tokenizer, seq_len=cfg.fastdraft.pretrain.seq_len)
         results["pretrain"] = train(model=draft, step_fn=lm_step, dataset=blocks, collate=batch_collate,
-                                    settings=stage_settings(engine, **cfg.fastdraft.pretrain.engine),
+                                    settings=stage_settings(engine, "fastdraft.pretrain.engine",
+                                                            **cfg.fastdraft.pretrain.engine),
                                     stage_dir=run_dir / "pretrain", sink=sink, resume=cfg.resume, desc="pretrain")
 
     if "finetune" in stages:
         chats = self_distilled_chats(cfg.data, target, run_dir, engine["seed"])
         results["finetune"] = train(model=draft, step_fn=lm_step, dataset=chats, collate=batch_collate,
-                                    settings=stage_settings(engine, **cfg.fastdraft.finetune.engine),
+                                    settings=stage_settings(engine, "fastdraft.finetune.engine",
+                                                            **cfg.fastdraft.finetune.engine),
                                     stage_dir=run_dir / "finetune", sink=sink, resume=cfg.resume, desc="finetune")
 
     if any(r.resumed_from != r.steps for r in results.values()):  # the draft changed: an earlier report is stale

@@ -1,4 +1,5 @@
-"""FSPAD / EAGLE-1: train a one-layer feature drafter on the target's own answers, measure it, export it.
+"""FSPAD / EAGLE-1: train a one-layer feature drafter on the target's own answers (`fspad.labels=selfdistill`, the
+default) or on the data's replies (`data`), measure it, export it.
 
 Stages: `features` precomputes the target's features into a sharded, resumable cache (only with
 fspad.features.source=offline); `train` trains the drafter, reading features from the cache (offline) or running the
@@ -29,21 +30,24 @@ from draftkit.data.feature_cache import (
     target_features,
 )
 from draftkit.drafts.fspad import FeatureDrafter, feature_drafter
-from draftkit.io import write_json_atomic
 from draftkit.engine.loop import stage_settings, train
+from draftkit.errors import ConfigError
 from draftkit.export.fspad import EAGLE_FORMATS, export_feature_drafter, format_refusal
+from draftkit.io import write_json_atomic
 from draftkit.objectives.fspad import align_pairs, fspad_loss
 from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.recipes.common import (
+    check_label_source,
     compare_markdown,
     draft_token_map,
     measure_acceptance,
-    self_distilled_chats,
     start_run,
+    training_chats,
     write_summary,
 )
 from draftkit.runtime import fspad as fspad_runtime
 from draftkit.runtime.drafting import DraftingOptions
+from draftkit.runtime.tree import TREE_KINDS, check_tree_fits_vocabulary, tree_shape
 
 STAGES = ("features", "train")
 SOURCES = ("online", "offline")
@@ -76,6 +80,9 @@ def feature_step(model: FeatureDrafter, batch: dict, features: torch.Tensor, *, 
     is the target's distribution renormalised over the draft vocabulary, on both paths."""
     pairs = align_pairs(features, batch["input_ids"], batch["labels"])
     inputs = pairs.input_features
+    # The forward goes through the wrapper the loop hands over (DDP or DeepSpeed, for their gradient hooks); the frozen
+    # LM head is read from the drafter itself, which a DDP wrapper does not expose as attributes.
+    drafter = getattr(model, "module", model)
     if model.training and noise_amplitude > 0:  # noise on the inputs only, never on the regression target
         # Drawn from a seed taken off the CPU generator, which the loop checkpoints: resume stays exact on a GPU too.
         seed = int(torch.randint(0, 2**62, (1,)))
@@ -90,12 +97,13 @@ def feature_step(model: FeatureDrafter, batch: dict, features: torch.Tensor, *, 
     everywhere = torch.ones(predict.shape[0], dtype=torch.bool, device=predict.device)
     if loss_chunk_size is None:
         with torch.no_grad():
-            teacher_logits = model.head_logits(target)
-        draft_logits = model.head_logits(predict)
+            teacher_logits = drafter.head_logits(target)
+        draft_logits = drafter.head_logits(predict)
     else:  # both distributions computed inside the loss, loss_chunk_size positions at a time
+        lm_head = drafter.lm_head.weight
         with torch.no_grad():
-            teacher_logits = LinearLogits(model.head_input(target), model.lm_head.weight, chunk_size=loss_chunk_size)
-        draft_logits = LinearLogits(model.head_input(predict), model.lm_head.weight, chunk_size=loss_chunk_size)
+            teacher_logits = LinearLogits(drafter.head_input(target), lm_head, chunk_size=loss_chunk_size)
+        draft_logits = LinearLogits(drafter.head_input(predict), lm_head, chunk_size=loss_chunk_size)
     return fspad_loss(draft_logits, regress, target, teacher_logits, everywhere,
                       regression_weight=regression_weight, ce_weight=ce_weight)
 
@@ -109,7 +117,8 @@ def make_step(target, settings):
         features = batch.get("features")
         if features is None:  # online: the frozen target runs here, outside the trainable module
             features = target_features(target, batch["input_ids"], batch["attention_mask"], norm)
-        return feature_step(model, batch, features.to(model.fc.weight.dtype), **weights)
+        dtype = getattr(model, "module", model).fc.weight.dtype
+        return feature_step(model, batch, features.to(dtype), **weights)
 
     return step
 
@@ -118,36 +127,46 @@ def validate(cfg: DictConfig) -> list[str]:
     settings = cfg.fspad
     stages = list(settings.stages)
     if not stages or any(s not in STAGES for s in stages):
-        raise ValueError(f"fspad.stages={stages}: choose from {list(STAGES)}")
+        raise ConfigError(f"fspad.stages={stages} names no known stage. Fix: choose from {list(STAGES)}")
+    check_label_source("fspad.labels", settings.labels)
     if settings.features.source not in SOURCES:
-        raise ValueError(f"fspad.features.source={settings.features.source!r}: choose online or offline")
+        raise ConfigError(f"fspad.features.source={settings.features.source!r}. Fix: choose online or offline")
     if settings.features.norm not in ("post_norm", "pre_norm"):
-        raise ValueError(f"fspad.features.norm={settings.features.norm!r}: choose post_norm or pre_norm")
-    if settings.tree.kind not in ("none", "chain", "static", "topk"):
-        raise ValueError(f"fspad.tree.kind={settings.tree.kind!r}: choose none, chain, static or topk")
+        raise ConfigError(f"fspad.features.norm={settings.features.norm!r}. Fix: choose post_norm or pre_norm")
+    if settings.tree.kind not in ("none", *TREE_KINDS):
+        raise ConfigError(f"fspad.tree.kind={settings.tree.kind!r}. Fix: choose none, {', '.join(TREE_KINDS)}")
     if settings.features.storage not in ("fp32", "bf16", "int8"):
-        raise ValueError(f"fspad.features.storage={settings.features.storage!r}: choose fp32, bf16 or int8")
+        raise ConfigError(f"fspad.features.storage={settings.features.storage!r}. Fix: choose fp32, bf16 or int8")
     size = settings.draft_vocab_size
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise ValueError(f"fspad.draft_vocab_size={size!r}: give a number of tokens >= 1, or null for the target's "
-                         "whole vocabulary")
+        raise ConfigError(f"fspad.draft_vocab_size={size!r}: must be a number of tokens >= 1. Fix: e.g. "
+                          "fspad.draft_vocab_size=8192, or null for the target's whole vocabulary")
+    if settings.tree.kind != "none":
+        try:
+            shape = tree_shape(settings.tree.kind, settings.tree.depth, top_k=settings.tree.top_k,
+                               width=settings.tree.width, budget=settings.tree.budget)
+            if size is not None:
+                check_tree_fits_vocabulary(shape, size)
+        except ValueError as error:
+            fix = "" if "Fix:" in str(error) else ". Fix: check fspad.tree (kind, depth, top_k, width, budget)"
+            raise ConfigError(f"fspad.tree: {str(error).replace('<recipe>', 'fspad')}{fix}") from None
     eagle_formats = settings.export.eagle_formats
     for fmt in eagle_formats if eagle_formats is not None else ():
         if fmt not in EAGLE_FORMATS:
-            raise ValueError(f"fspad.export.eagle_formats lists {fmt!r}: choose from {list(EAGLE_FORMATS)}")
+            raise ConfigError(f"fspad.export.eagle_formats lists {fmt!r}. Fix: choose from {list(EAGLE_FORMATS)}")
         why_not = format_refusal(fmt, eagle1=not settings.feature_sampling and not settings.partial_alignment,
                                  feature_norm=settings.features.norm, restricted_vocab=size is not None)
         if why_not is not None:  # refused here, not after training
-            raise ValueError(f"fspad.export.eagle_formats asks for {fmt}, which cannot hold this draft: {why_not}")
+            raise ConfigError(f"fspad.export.eagle_formats asks for {fmt}, which cannot hold this draft: {why_not}")
     return stages
 
 
 def check_draft_vocab_size(size: int | None, target) -> None:
     """Before the (slow) self-distillation: a draft vocabulary must fit in the target's."""
     if size is not None and size > target.vocab_size:
-        raise ValueError(f"fspad.draft_vocab_size={size} is larger than the target's vocabulary of "
-                         f"{target.vocab_size} tokens. Fix: choose at most {target.vocab_size}, or null for the whole "
-                         "vocabulary")
+        raise ConfigError(f"fspad.draft_vocab_size={size} is larger than the target's vocabulary of "
+                          f"{target.vocab_size} tokens. Fix: choose at most {target.vocab_size}, or null for the whole "
+                          "vocabulary")
 
 
 def run(cfg: DictConfig, run_dir: Path) -> Path | None:
@@ -156,7 +175,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
     offline = settings.features.source == "offline"
     sink, engine, target = start_run(cfg, run_dir)
     check_draft_vocab_size(settings.draft_vocab_size, target)
-    chats = self_distilled_chats(cfg.data, target, run_dir, cfg.engine.seed)
+    chats = training_chats(cfg, target, run_dir, settings.labels, cfg.engine.seed)
     cache_dir = Path(settings.features.cache) if settings.features.cache else run_dir / "feature_cache"
     cache_settings = dict(norm=settings.features.norm, storage=settings.features.storage,
                           shard_size=settings.features.shard_size)
@@ -181,16 +200,18 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
                                    name=f"{draft.variant} draft")
     tree = None
     if settings.tree.kind != "none":
-        options = DraftingOptions(tree=settings.tree.kind, tree_depth=settings.tree.depth, tree_top_k=settings.tree.top_k,
-                                  tree_width=settings.tree.width, tree_budget=settings.tree.budget)
+        tree_cfg = settings.tree
+        options = DraftingOptions(tree=tree_cfg.kind, tree_depth=tree_cfg.depth, tree_top_k=tree_cfg.top_k,
+                                  tree_width=tree_cfg.width, tree_budget=tree_cfg.budget)
         tree = fspad_runtime.drafting(draft, target, options, settings.features.norm,
                                       name=f"{draft.variant} draft (tree)")
-    before = measure_acceptance(target, chain, cfg.eval, run_dir / "eval_before.json") if cfg.eval.get("before") else None
+    before = (measure_acceptance(target, chain, cfg.eval, run_dir / "eval_before.json")
+              if cfg.eval.get("before") else None)
     torch.manual_seed(cfg.engine.seed)  # the feature noise, whatever ran before (resume restores the state itself)
     result = train(model=draft, step_fn=make_step(target, settings), dataset=dataset,
                    collate=partial(collate_with_features, pad_token_id=target.tokenizer.pad_token_id),
-                   settings=stage_settings(engine, **settings.train.engine), stage_dir=run_dir / "train", sink=sink,
-                   resume=cfg.resume, desc="train")
+                   settings=stage_settings(engine, "fspad.train.engine", **settings.train.engine),
+                   stage_dir=run_dir / "train", sink=sink, resume=cfg.resume, desc="train")
     if result.resumed_from != result.steps:  # the draft changed: earlier reports are stale
         (run_dir / "eval_after.json").unlink(missing_ok=True)
         (run_dir / "eval_after_tree.json").unlink(missing_ok=True)

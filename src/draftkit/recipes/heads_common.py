@@ -1,5 +1,5 @@
-"""Steps the draft-head recipes (medusa, hydra_heads, clover) share: their training chats and their acceptance
-measured twice, with a chain (top-1 per head) and with a tree."""
+"""Steps the draft-head recipes (medusa, hydra_heads, clover) share: their acceptance measured twice, with a chain
+(top-1 per head) and with a tree, and the train-measure-export sequence."""
 
 from __future__ import annotations
 
@@ -11,28 +11,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from draftkit.data.collate import collate
 from draftkit.drafts.vocab import draft_index, draft_labels
-from draftkit.io import write_json_atomic
 from draftkit.engine.loop import stage_settings, train
-from draftkit.recipes.common import (
-    compare_markdown,
-    dataset_chats,
-    measure_acceptance,
-    self_distilled_chats,
-    start_run,
-    write_summary,
-)
+from draftkit.errors import ConfigError
+from draftkit.io import write_json_atomic
+from draftkit.recipes.common import check_label_source, compare_markdown, measure_acceptance, write_summary
 from draftkit.runtime.drafting import Drafting, DraftingOptions
-
-LABEL_SOURCES = ("selfdistill", "data")
-
-
-def training_chats(cfg: DictConfig, target, run_dir: Path, labels: str, seed: int):
-    """Self-distilled replies (the target answers data.prompts) or the replies the data carries."""
-    if labels not in LABEL_SOURCES:
-        raise ValueError(f"labels={labels!r}: choose 'selfdistill' (the target answers the prompts) or 'data'")
-    if labels == "selfdistill":
-        return self_distilled_chats(cfg.data, target, run_dir, seed)
-    return dataset_chats(cfg.data, target.tokenizer)
+from draftkit.runtime.tree import check_tree_fits_vocabulary
 
 
 def label_mapper(token_map, vocab_size: int) -> Callable:
@@ -62,6 +46,24 @@ def eval_options(tree_cfg: DictConfig, num_heads: int) -> dict[str, DraftingOpti
     tree = DraftingOptions(tree=tree_cfg.kind, tree_depth=depth, tree_top_k=tree_cfg.top_k, tree_width=tree_cfg.width,
                            tree_budget=tree_cfg.budget, tree_paths=None if paths is None else tuple(map(tuple, paths)))
     return {"chain": DraftingOptions(tree="chain", tree_depth=depth), "tree": tree}
+
+
+def check_heads_settings(name: str, settings: DictConfig, num_heads: int) -> None:
+    """Before any model is loaded: the label source, and the trees the heads are measured with (including that each
+    fits a draft vocabulary: `<name>.draft_vocab_size`)."""
+    check_label_source(f"{name}.labels", settings.labels)
+    size = settings.get("draft_vocab_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ConfigError(f"{name}.draft_vocab_size={size!r}: must be a number of tokens >= 1. Fix: e.g. "
+                          f"{name}.draft_vocab_size=8192, or null for the target's whole vocabulary")
+    try:
+        for options in eval_options(settings.tree, num_heads).values():
+            shape = options.shape(num_heads, "static")
+            if size is not None:
+                check_tree_fits_vocabulary(shape, size)
+    except ValueError as error:
+        fix = "" if "Fix:" in str(error) else f". Fix: check {name}.tree (kind, depth, top_k, width, budget)"
+        raise ConfigError(f"{name}.tree: {str(error).replace('<recipe>', name)}{fix}") from None
 
 
 def measure_heads(target, make_drafter: Callable[[DraftingOptions], Drafting], module, cfg: DictConfig,

@@ -20,15 +20,9 @@ from draftkit.drafts.vocab import draft_rows
 from draftkit.export import hydra_heads as hydra_export
 from draftkit.objectives.hydra_heads import hydra_loss
 from draftkit.objectives.linear_logits import LinearLogits
-from draftkit.recipes.common import draft_token_map, frozen_weight
-from draftkit.recipes.heads_common import (
-    LABEL_SOURCES,
-    label_mapper,
-    start_run,
-    teacher_columns,
-    train_measure_export,
-    training_chats,
-)
+from draftkit.errors import ConfigError
+from draftkit.recipes.common import draft_token_map, frozen_weight, start_run, training_chats
+from draftkit.recipes.heads_common import check_heads_settings, label_mapper, teacher_columns, train_measure_export
 from draftkit.runtime import hydra_heads as hydra_runtime
 
 FAMILY = hydra_export.FAMILY
@@ -68,12 +62,17 @@ def hydra_step(target, shared_lm_head, lm_weight: float, teacher_weight: float, 
     return step
 
 
-def run(cfg: DictConfig, run_dir: Path) -> Path:
+def validate(cfg: DictConfig) -> None:
     h = cfg.hydra_heads
-    if h.labels not in LABEL_SOURCES:
-        raise ValueError(f"hydra_heads.labels={h.labels!r}: choose 'selfdistill' or 'data'")
+    check_heads_settings("hydra_heads", h, h.heads.num_heads)
     if h.lm_weight < 0 or h.teacher_weight < 0 or h.lm_weight + h.teacher_weight == 0:
-        raise ValueError(f"hydra_heads.lm_weight={h.lm_weight}, teacher_weight={h.teacher_weight}: both >= 0, not both 0")
+        raise ConfigError(f"hydra_heads.lm_weight={h.lm_weight}, teacher_weight={h.teacher_weight}: the loss needs "
+                          "one of them. Fix: both >= 0, not both 0 (Hydra: lm_weight=1; Hydra++: teacher_weight=1)")
+
+
+def run(cfg: DictConfig, run_dir: Path) -> Path:
+    validate(cfg)
+    h = cfg.hydra_heads
     sink, engine, target = start_run(cfg, run_dir)
     chats = training_chats(cfg, target, run_dir, h.labels, engine["seed"])
     token_map = draft_token_map(chats, h.draft_vocab_size, target, run_dir)

@@ -1,8 +1,9 @@
 """Kangaroo: train an adapter on the target's early exit to match the full model's next-token distribution.
 
-Data: the target's own answers to the data group's prompts (self-distillation), loss on the answer tokens. Each step
-runs the frozen target once (its early-exit hidden state and its logits), the adapter on the early exit, and the
-target's frozen LM head on the adapter's output; the loss is soft cross entropy to the full model (objectives/kangaroo.py).
+Data: the target's own answers to the data group's prompts (self-distillation, `kangaroo.labels=selfdistill`) or the
+replies the data carries (`data`), loss on the answer tokens. Each step runs the frozen target once (its early-exit
+hidden state and its logits), the adapter on the early exit, and the target's frozen LM head on the adapter's output;
+the loss is soft cross entropy to the full model (objectives/kangaroo.py).
 Acceptance is measured with Kangaroo's own runtime (runtime/kangaroo.py) before and after training.
 """
 
@@ -12,17 +13,23 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from draftkit.data.collate import collate
 from draftkit.drafts.kangaroo import kangaroo_adapter
 from draftkit.engine.loop import stage_settings, train
-from draftkit.engine.run import record_run
+from draftkit.errors import ConfigError
 from draftkit.export.kangaroo import export_kangaroo
 from draftkit.objectives.kangaroo import kangaroo_loss
 from draftkit.objectives.linear_logits import LinearLogits
-from draftkit.recipes.common import compare_markdown, finish_run, measure_acceptance, self_distilled_chats
+from draftkit.recipes.common import (
+    check_label_source,
+    compare_markdown,
+    finish_run,
+    measure_acceptance,
+    start_run,
+    training_chats,
+)
 from draftkit.runtime import kangaroo as kangaroo_runtime
 from draftkit.runtime.drafting import DraftingOptions
 from draftkit.targets.hf import Target, causal_mask
@@ -53,9 +60,28 @@ def kangaroo_step(target: Target, exit_layer: int, loss_chunk_size: int | None =
     return step
 
 
+def validate(cfg: DictConfig) -> None:
+    settings = cfg.kangaroo
+    check_label_source("kangaroo.labels", settings.labels)
+    if settings.init not in INITS:
+        raise ConfigError(f"kangaroo.init={settings.init!r} is not an initialisation. Fix: choose from {list(INITS)}")
+    exit_layer = settings.exit_layer
+    if isinstance(exit_layer, bool) or not isinstance(exit_layer, int) or exit_layer < 1:
+        raise ConfigError(f"kangaroo.exit_layer={exit_layer!r}: the draft needs at least one of the target's layers. "
+                          "Fix: e.g. kangaroo.exit_layer=2")
+    layers = cfg.target.get("num_layers")  # known before loading for the built-in random targets
+    if isinstance(layers, int) and exit_layer >= layers:
+        choice = "kangaroo.exit_layer=1" if layers == 2 else f"choose 1..{layers - 1}"
+        raise ConfigError(f"kangaroo.exit_layer={exit_layer} is outside the target's depth: verification needs at "
+                          f"least one deep layer. Fix: {choice} for this {layers}-layer target")
+    if not 0.0 <= settings.threshold <= 1.0:
+        raise ConfigError(f"kangaroo.threshold={settings.threshold}: a probability. Fix: a value in [0, 1] (0: never "
+                          "stop early)")
+
+
 def build_adapter(target: Target, exit_layer: int, init: str, seed: int):
     if init not in INITS:
-        raise ValueError(f"kangaroo.init={init!r}: choose from {list(INITS)}")
+        raise ConfigError(f"kangaroo.init={init!r} is not an initialisation. Fix: choose from {list(INITS)}")
     decoder = target.model.get_decoder()
     # The exit layer is checked by the builder before any of the target's layers is indexed.
     source = decoder.layers[exit_layer] if init == "target" and 1 <= exit_layer < target.num_layers else None
@@ -66,13 +92,10 @@ def build_adapter(target: Target, exit_layer: int, init: str, seed: int):
 
 
 def run(cfg: DictConfig, run_dir: Path) -> Path:
+    validate(cfg)
     settings = cfg.kangaroo
-    target = instantiate(cfg.target)
-    adapter = build_adapter(target, settings.exit_layer, settings.init, cfg.engine.seed).to(target.device)
-    record_run(run_dir, cfg)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    sink = instantiate(cfg.logger, _recursive_=False, run_dir=str(run_dir), run_config=config, run_name=run_dir.name)
-    engine = OmegaConf.to_container(cfg.engine, resolve=True)
+    sink, engine, target = start_run(cfg, run_dir)
+    adapter = build_adapter(target, settings.exit_layer, settings.init, engine["seed"]).to(target.device)
     drafting = kangaroo_runtime.drafting(adapter, target, DraftingOptions(), exit_layer=settings.exit_layer,
                                          threshold=settings.threshold)
 
@@ -80,7 +103,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
         return measure_acceptance(target, drafting, cfg.eval, path)
 
     before = measure(run_dir / "eval_before.json") if cfg.eval.get("before") else None
-    chats = self_distilled_chats(cfg.data, target, run_dir, engine["seed"])
+    chats = training_chats(cfg, target, run_dir, settings.labels, engine["seed"])
     result = train(model=adapter, step_fn=kangaroo_step(target, settings.exit_layer, settings.loss_chunk_size),
                    dataset=chats,
                    collate=partial(collate, pad_token_id=target.tokenizer.pad_token_id),

@@ -23,22 +23,17 @@ from omegaconf import DictConfig
 from draftkit.data.collate import collate
 from draftkit.drafts.medusa import MedusaWithTarget
 from draftkit.drafts.vocab import draft_rows
-from draftkit.io import write_json_atomic
 from draftkit.engine.loop import stage_settings, train
 from draftkit.export.medusa import export_medusa_fasterdecoding, export_medusa_vllm
+from draftkit.io import write_json_atomic
 from draftkit.objectives.ce import IGNORE_INDEX, next_token_ce
 from draftkit.objectives.kl import forward_kl
 from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.objectives.medusa import medusa2_loss, medusa_loss
-from draftkit.recipes.common import draft_token_map, frozen_weight, write_summary
-from draftkit.recipes.heads_common import (
-    LABEL_SOURCES,
-    label_mapper,
-    measure_after_training,
-    measure_heads,
-    start_run,
-    training_chats,
-)
+from draftkit.errors import ConfigError
+from draftkit.recipes.common import (draft_token_map, frozen_weight, start_run, training_chats,
+                                    write_summary)
+from draftkit.recipes.heads_common import check_heads_settings, label_mapper, measure_after_training, measure_heads
 from draftkit.runtime import medusa as medusa_runtime
 
 TARGET_LOSSES = ("lm", "kl")
@@ -89,32 +84,32 @@ def _with_lora(target_model, lora: DictConfig):
     return get_peft_model(target_model, config)
 
 
-def _check(m: DictConfig) -> None:
-    if m.labels not in LABEL_SOURCES:
-        raise ValueError(f"medusa.labels={m.labels!r}: choose 'selfdistill' (the target answers the prompts) or 'data'")
+def validate(cfg: DictConfig) -> None:
+    m = cfg.medusa
+    check_heads_settings("medusa", m, m.heads.num_heads)
     if m.joint and m.joint_settings.target_loss not in TARGET_LOSSES:
-        raise ValueError(f"medusa.joint_settings.target_loss={m.joint_settings.target_loss!r}: choose 'lm' (next-token "
-                         "CE on the labels) or 'kl' (KL to the original target)")
+        raise ConfigError(f"medusa.joint_settings.target_loss={m.joint_settings.target_loss!r} is not a loss. Fix: "
+                          "choose 'lm' (next-token CE on the labels) or 'kl' (KL to the original target)")
     unknown = set(m.export.formats) - {"vllm", "fasterdecoding"}
     if unknown:
-        raise ValueError(f"medusa.export.formats has {sorted(unknown)}; choose from vllm, fasterdecoding")
+        raise ConfigError(f"medusa.export.formats has {sorted(unknown)}. Fix: choose from vllm, fasterdecoding")
     if "fasterdecoding" in m.export.formats and not m.heads.bias:
-        raise ValueError("medusa.heads.bias=false cannot be exported in the FasterDecoding format (its ResBlock always "
+        raise ConfigError("medusa.heads.bias=false cannot be exported in the FasterDecoding format (its ResBlock always "
                          "has a bias). Fix: medusa.heads.bias=true, or medusa.export.formats=[vllm]")
     if m.draft_vocab_size is not None:
         if m.joint:
-            raise ValueError("medusa.draft_vocab_size restricts the heads of Medusa-1 only; Medusa-2 "
+            raise ConfigError("medusa.draft_vocab_size restricts the heads of Medusa-1 only; Medusa-2 "
                              "(medusa.joint=true) trains the target's full LM head with them. Fix: "
                              "medusa.draft_vocab_size=null, or medusa.joint=false")
         if "fasterdecoding" in m.export.formats:
-            raise ValueError("the FasterDecoding format has no truncated vocabulary, so it cannot hold heads with "
+            raise ConfigError("the FasterDecoding format has no truncated vocabulary, so it cannot hold heads with "
                              "medusa.draft_vocab_size set. Fix: medusa.export.formats=[vllm] (vLLM's "
                              "truncated_vocab_size and token_map), or medusa.draft_vocab_size=null")
 
 
 def run(cfg: DictConfig, run_dir: Path) -> Path:
+    validate(cfg)
     m = cfg.medusa
-    _check(m)
     sink, engine, target = start_run(cfg, run_dir)
     chats = training_chats(cfg, target, run_dir, m.labels, engine["seed"])
     token_map = draft_token_map(chats, m.draft_vocab_size, target, run_dir)

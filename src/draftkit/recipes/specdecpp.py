@@ -18,37 +18,39 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from draftkit.config import instantiate_draft
 from draftkit.data.chat import prompt_ids
 from draftkit.data.feature_cache import target_fingerprint
 from draftkit.data.selfdistill import prompts_from_records
+from draftkit.data.sources import prompt_file
 from draftkit.data.specdecpp_labels import build_acceptance_labels, check_label_settings, collate_labels
 from draftkit.drafts.specdecpp import acceptance_head, draft_fingerprint
-from draftkit.io import write_json_atomic
 from draftkit.engine.distributed import is_main_process, main_process_first
 from draftkit.engine.loop import stage_settings, train
+from draftkit.errors import ConfigError
 from draftkit.export.specdecpp import export_specdecpp, load_acceptance_head
+from draftkit.io import write_json_atomic
 from draftkit.objectives.specdecpp import acceptance_bce
 from draftkit.objectives.types import LossOutput
 from draftkit.recipes.common import (
-    build_draft,
     compare_markdown,
     export_target_args,
     finish_run,
     load_sources,
     measure_acceptance,
-    prompt_file,
     require_shared_vocabulary,
     start_run,
 )
-from draftkit.runtime.evaluate import autoregressive_baseline, eos_token_ids, load_prompts
 from draftkit.runtime import lm as lm_runtime
 from draftkit.runtime import specdecpp as specdecpp_runtime
 from draftkit.runtime.drafting import DraftingOptions
+from draftkit.runtime.evaluate import autoregressive_baseline, eos_token_ids, load_prompts
 from draftkit.runtime.specdecpp import forward_cost_ratio, stop_policy
 from draftkit.targets.hf import freeze
 
 
-def validate(settings: DictConfig) -> None:
+def validate(cfg: DictConfig) -> None:
+    settings = cfg.specdecpp
     problems = []
     threshold = settings.stop.threshold
     if threshold is not None and not 0.0 <= threshold <= 1.0:
@@ -69,7 +71,7 @@ def validate(settings: DictConfig) -> None:
     except ValueError as error:
         problems.append(str(error))
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ConfigError("; ".join(problems) + ". Fix: give each setting named a value as stated")
 
 
 def draft_states(draft, batch: dict) -> torch.Tensor:
@@ -126,7 +128,7 @@ def split_prompts(cfg: DictConfig, tokenizer, seed: int) -> tuple[list[list[int]
     heldout = conversations[:labels.heldout_prompts]
     training = conversations[labels.heldout_prompts:labels.heldout_prompts + labels.num_prompts]
     if not training:
-        raise ValueError(f"{len(conversations)} usable prompts in {list(cfg.data.prompts)}: none left for training "
+        raise ConfigError(f"{len(conversations)} usable prompts in {list(cfg.data.prompts)}: none left for training "
                          f"after specdecpp.labels.heldout_prompts={labels.heldout_prompts}. Fix: lower it, or add "
                          "prompts (data.prompts, data.prompts_limit)")
     return [prompt_ids(c, tokenizer) for c in heldout], [prompt_ids(c, tokenizer) for c in training]
@@ -173,10 +175,10 @@ def summary_markdown(reports: dict[str, dict | None], heldout: dict) -> str:
 
 def run(cfg: DictConfig, run_dir: Path) -> Path:
     settings = cfg.specdecpp
-    validate(settings)
+    validate(cfg)
     sink, engine, target = start_run(cfg, run_dir)
     tokenizer = target.tokenizer
-    draft = build_draft(cfg.draft, target)
+    draft = instantiate_draft(cfg.draft, target)
     require_shared_vocabulary(draft, target)
     draft = freeze(draft.to(target.device))
     fingerprint = draft_fingerprint(draft)

@@ -12,12 +12,22 @@ from draftkit.runtime.speculative import (
     autoregressive_generate,
     speculative_generate,
 )
-from draftkit.runtime.tree import DraftTree, StaticTree, TargetStep, TopKTree, TreeDrafter, tree_generate, tree_shape
+from draftkit.runtime.tree import (
+    DraftTree,
+    DynamicTree,
+    StaticTree,
+    TargetStep,
+    TopKTree,
+    TreeDrafter,
+    tree_generate,
+    tree_shape,
+)
 
 __all__ = [
     "DraftProposal",
     "DraftTree",
     "Drafter",
+    "DynamicTree",
     "GenerationOutput",
     "GenerationStats",
     "LMDrafter",

@@ -16,9 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from draftkit.runtime.tree import TreeShape, tree_shape
-
-TREE_KINDS = ("chain", "static", "topk")
+from draftkit.runtime.tree import TREE_KINDS, DynamicTree, TreeShape, tree_shape
 
 
 @dataclass(frozen=True)
@@ -26,13 +24,18 @@ class DraftingOptions:
     """How to decode: the tree (for families that draft trees) and the family-specific switches of the eval CLI."""
 
     tree: str | None = None
-    """chain (top-1 per depth), static (a fixed tree of paths) or topk (a per-step top-k tree); None: the family's
-    own way of decoding (each family's drafting function names it)"""
+    """chain (top-1 per depth), static (a fixed tree of paths), topk (a per-step top-k tree) or dynamic (EAGLE-2's tree,
+    grown and pruned by the draft's confidence); None: the family's own way of decoding (each family's drafting
+    function names it)"""
     tree_depth: int | None = None
-    """None: the family's own depth (heads: one level per head)"""
-    tree_top_k: int = 4
+    """None: the family's own depth (heads: one level per head; drafters without a natural depth: 6 for a dynamic tree
+    as EAGLE-2, else 5)"""
+    tree_top_k: int | None = None
+    """children per expanded node; None: 4, or EAGLE-2's 10 for a dynamic tree"""
     tree_width: int = 4
-    tree_budget: int = 16
+    tree_budget: int | None = None
+    """topk: nodes kept; dynamic: total_tokens, the drafted nodes verified. None: 16, or EAGLE-2's 59 (its total_token
+    60 counts the root) for a dynamic tree"""
     tree_paths: tuple[tuple[int, ...], ...] | None = None
     """static trees: each path lists, per depth, the rank of the candidate among its parent's top-k"""
     no_head: bool = False
@@ -47,11 +50,17 @@ class DraftingOptions:
     def kind(self, default_tree: str) -> str:
         return self.tree or default_tree
 
-    def shape(self, natural_depth: int, default_tree: str) -> TreeShape:
-        """The tree for a drafter whose own depth is `natural_depth` (tree_depth, when set, caps it)."""
-        depth = min(natural_depth, self.tree_depth) if self.tree_depth else natural_depth
-        return tree_shape(self.kind(default_tree), depth, top_k=self.tree_top_k, width=self.tree_width,
-                          budget=self.tree_budget, paths=self.tree_paths)
+    def shape(self, natural_depth: int | None, default_tree: str) -> TreeShape:
+        """The tree for a drafter whose own depth is `natural_depth` (tree_depth, when set, caps it; None: a drafter
+        that can draft to any depth, such as a feature drafter)."""
+        kind = self.kind(default_tree)
+        eagle2 = DynamicTree() if kind == "dynamic" else None
+        depth = self.tree_depth or natural_depth or (eagle2.depth if eagle2 else 5)
+        if natural_depth:
+            depth = min(depth, natural_depth)
+        top_k = self.tree_top_k or (eagle2.top_k if eagle2 else 4)
+        budget = self.tree_budget or (eagle2.total_tokens if eagle2 else 16)
+        return tree_shape(kind, depth, top_k=top_k, width=self.tree_width, budget=budget, paths=self.tree_paths)
 
 
 @dataclass

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import random
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from draftkit.data.sources import DataError, DataFileNotFoundError
 from draftkit.runtime.speculative import (
     Drafter,
     GenerationStats,
@@ -19,8 +21,15 @@ from draftkit.runtime.speculative import (
     autoregressive_generate,
     speculative_generate,
 )
-from draftkit.runtime.predict import forward_seconds, prediction, step_costs, tree_size_curve
-from draftkit.runtime.tree import StaticTree, TreeDrafter, tree_generate
+from draftkit.runtime.predict import (
+    best_point,
+    dynamic_tree_curve,
+    forward_seconds,
+    prediction,
+    step_costs,
+    tree_size_curve,
+)
+from draftkit.runtime.tree import DynamicTree, StaticTree, TopKTree, TreeDrafter, describe_shape, tree_generate
 from draftkit.targets.hf import Target
 
 # Enough to initialise kernels and allocator pools; a full-length warm-up would only add minutes on CPU.
@@ -36,7 +45,8 @@ def load_prompts(
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file not found: {path}")
+        raise DataFileNotFoundError(f"prompt file not found: {path}. Fix: check the path, or leave --prompts out for "
+                                    "the prompts bundled with draftkit")
     records = []
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
@@ -45,12 +55,13 @@ def load_prompts(
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+                raise DataError(f"{path}:{line_number}: not valid JSON ({error.msg}). Fix: one JSON object per "
+                                "line") from None
             turns = record.get("turns") if isinstance(record, dict) else None
             if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
-                raise ValueError(
-                    f"{path}:{line_number}: expected an object with a non-empty list of strings under \"turns\" "
-                    '(Spec-Bench format: {"question_id": ..., "category": ..., "turns": ["..."]})'
+                raise DataError(
+                    f"{path}:{line_number}: expected an object with a non-empty list of strings under \"turns\". "
+                    'Fix: write Spec-Bench records: {"question_id": ..., "category": ..., "turns": ["..."]}'
                 )
             record.setdefault("question_id", line_number)
             record.setdefault("category", "default")
@@ -60,7 +71,7 @@ def load_prompts(
         available = sorted({r["category"] for r in records})
         unknown = [c for c in wanted if c not in available]
         if unknown:
-            raise ValueError(f"{path}: no prompts in categories {unknown}; available: {available}")
+            raise DataError(f"{path}: no prompts in categories {unknown}. Fix: choose from {available}")
         records = [r for r in records if r["category"] in wanted]
     if limit_per_category is not None:
         kept: dict[str, int] = defaultdict(int)
@@ -98,15 +109,56 @@ def eos_token_ids(target: Target) -> list[int]:
     return sorted(ids)
 
 
+# The interval every report states for tau and alpha: a percentile interval over resamples of the prompts.
+BOOTSTRAP = {"method": "per-prompt bootstrap, percentile interval", "level": 0.95, "resamples": 1000}
+
+
+def bootstrap_ratios(numerators: list[list[float]], denominators: list[list[float]], *, seed: int = 0,
+                     resamples: int = BOOTSTRAP["resamples"], level: float = BOOTSTRAP["level"]
+                     ) -> list[list[float] | None]:
+    """Percentile intervals of pooled ratios sum(numerator) / sum(denominator), one per column, resampling the rows
+    (prompts) with replacement: rows[i][j] is prompt i's count for ratio j (tau: new tokens over target forwards; alpha
+    at position j: accepted over reached). Pooling whole prompts keeps each prompt's steps together, so the interval
+    reflects how much tau varies between prompts, not just between steps. A resample whose denominator is 0 (a position
+    none of its prompts reached) does not count for that ratio; fewer than two prompts, or a ratio no resample defines,
+    give None. The resamples are drawn by Python's own seeded generator, so a table gives the same interval anywhere."""
+    count = len(numerators)
+    columns = len(numerators[0]) if count else 0
+    if count < 2:
+        return [None] * columns
+    rng = random.Random(seed)
+    picked = torch.tensor([rng.choices(range(count), k=count) for _ in range(resamples)])  # [resamples, prompts]
+    top = torch.tensor(numerators, dtype=torch.float64)[picked].sum(dim=1)  # [resamples, columns]
+    bottom = torch.tensor(denominators, dtype=torch.float64)[picked].sum(dim=1)
+    tail = (1.0 - level) / 2
+    quantiles = torch.tensor([tail, 1.0 - tail], dtype=torch.float64)
+    intervals: list[list[float] | None] = []
+    for column in range(columns):
+        defined = bottom[:, column] > 0
+        ratios = top[defined, column] / bottom[defined, column]
+        intervals.append(torch.quantile(ratios, quantiles).tolist() if ratios.numel() else None)
+    return intervals
+
+
+def _intervals(rows: list[dict], gamma: int, seed: int) -> tuple[list[float] | None, list[list[float] | None]]:
+    """The bootstrap interval of tau and of alpha at each position, pooled per prompt the way _summarize pools."""
+    numerators = [[r["new_tokens"]] + [r["accepted_per_position"][i] for i in range(gamma)] for r in rows]
+    denominators = [[r["target_forwards"]] + [r["proposed_per_position"][i] for i in range(gamma)] for r in rows]
+    intervals = bootstrap_ratios(numerators, denominators, seed=seed)
+    return intervals[0], intervals[1:]
+
+
 def _summarize(rows: list[dict], gamma: int, measure_speedup: bool, greedy: bool, profile: bool = False,
-               chain: bool = True, static_tree: StaticTree | None = None) -> dict:
-    """Pool per-prompt counters (Spec-Bench pools accepted lengths over all steps, and tokens/s over all time)."""
+               chain: bool = True, static_tree: StaticTree | None = None, seed: int = 0) -> dict:
+    """Pool per-prompt counters (Spec-Bench pools accepted lengths over all steps, and tokens/s over all time), with
+    bootstrap intervals over the prompts for tau and alpha (BOOTSTRAP, seeded with `seed`)."""
     new_tokens = sum(r["new_tokens"] for r in rows)
     target_forwards = sum(r["target_forwards"] for r in rows)
     drafted = sum(r["drafted_tokens"] for r in rows)
     proposed = [sum(r["proposed_per_position"][i] for r in rows) for i in range(gamma)]
     accepted = [sum(r["accepted_per_position"][i] for r in rows) for i in range(gamma)]
     time_s = sum(r["time_s"] for r in rows)
+    tau_ci, alpha_ci = _intervals(rows, gamma, seed)
     summary = {
         "prompts": len(rows),
         "new_tokens": new_tokens,
@@ -115,7 +167,9 @@ def _summarize(rows: list[dict], gamma: int, measure_speedup: bool, greedy: bool
         "drafted_tokens": drafted,
         "accepted_draft_tokens": sum(accepted),
         "tau": new_tokens / target_forwards if target_forwards else None,
+        "tau_ci": tau_ci,
         "alpha": [a / p if p else None for a, p in zip(accepted, proposed)],
+        "alpha_ci": alpha_ci,
         "draft_acceptance": sum(accepted) / drafted if drafted else None,
         "time_s": time_s,
         "tokens_per_s": new_tokens / time_s if time_s else None,
@@ -143,6 +197,14 @@ def _summarize(rows: list[dict], gamma: int, measure_speedup: bool, greedy: bool
         steps = target_forwards - len(rows)  # each prompt's first forward (the prefill) verifies no tree
         summary["tree_nodes"] = {"paths": [list(p) for p in static_tree.paths],
                                  "accept_rate": [c / steps if steps else 0.0 for c in counts]}
+    ranked = [r["accepted_by_rank"] for r in rows if r.get("accepted_by_rank")]
+    if ranked and greedy:
+        depth = max(len(r) for r in ranked)
+        width = max((len(row) for r in ranked for row in r), default=0)
+        summary["tree_ranks"] = {
+            "steps": target_forwards - len(rows),  # each prompt's first forward (the prefill) verifies no tree
+            "accepted_by_rank": [[sum(r[d][i] for r in ranked if d < len(r) and i < len(r[d])) for i in range(width)]
+                                 for d in range(depth)]}
     return summary
 
 
@@ -164,6 +226,29 @@ def _tree_size_prediction(summary: dict, target: Target, prompt_ids: torch.Tenso
             "recommended_tree_paths": best["paths"], "predicted_speedup_at_recommended": best["predicted_speedup"]}
 
 
+# total_tokens the predictor prices below a measured dynamic tree.
+_TREE_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 60, 64, 80, 96, 128, 192, 256)
+
+
+def _dynamic_tree_prediction(summary: dict, target: Target, prompt_ids: torch.Tensor, shape) -> dict:
+    """The best (depth, total_tokens) of the measured confidence-grown tree's growth (runtime.predict.dynamic_tree_curve),
+    priced with this run's step costs: verification scaled from the measured cost by how a forward's time grows with
+    its token count on this device, drafting at the measured cost per draft pass times the depth."""
+    measured = shape.total_tokens if isinstance(shape, DynamicTree) else shape.budget
+    sizes = sorted({s for s in _TREE_SIZES if s < measured} | {measured})
+    seconds = forward_seconds(target.model, prompt_ids, [s + 1 for s in sizes])  # + the newest committed token
+    costs = step_costs(summary)
+    full = seconds[measured + 1]
+    ranks = summary["tree_ranks"]
+    curve = dynamic_tree_curve(ranks["accepted_by_rank"], ranks["steps"], range(1, shape.depth + 1), sizes,
+                               lambda n: costs.verify_ratio * seconds[n + 1] / full,
+                               lambda depth: costs.cost_ratio * depth)
+    best = best_point(curve)
+    return {"dynamic_tree_curve": curve, "recommended_depth": best["depth"],
+            "recommended_total_tokens": best["total_tokens"], "predicted_tau_at_recommended": best["tau"],
+            "predicted_speedup_at_recommended": best["predicted_speedup"]}
+
+
 def _stats_row(stats: GenerationStats) -> dict:
     return {
         "new_tokens": stats.new_tokens,
@@ -177,6 +262,7 @@ def _stats_row(stats: GenerationStats) -> dict:
         "draft_time_s": stats.draft_time_s,
         "verify_time_s": stats.verify_time_s,
         "accepted_nodes": stats.accepted_nodes,
+        "accepted_by_rank": stats.accepted_by_rank,
     }
 
 
@@ -262,8 +348,8 @@ def evaluate_draft(
         if temperature > 0 and acceptance == "greedy":  # the lossless verification at this temperature
             acceptance = "sampling"
     # Node i of a static tree is the same path of candidate ranks at every step: its acceptance prices subtrees.
-    static_tree = getattr(drafter, "shape", None) if is_tree else None
-    static_tree = static_tree if isinstance(static_tree, StaticTree) else None
+    shape = getattr(drafter, "shape", None) if is_tree else None
+    static_tree = shape if isinstance(shape, StaticTree) else None
     eos = eos_token_ids(target)
     greedy = temperature == 0.0
     encoded = [encode_prompt(target.tokenizer, record["turns"][0], device) for record in prompts]
@@ -315,17 +401,20 @@ def evaluate_draft(
             "gamma": gamma,
             "temperature": temperature,
             "decoding": f"tree ({acceptance})" if is_tree else "chain",
+            "tree": describe_shape(shape) if shape is not None else None,
             "max_new_tokens": max_new_tokens,
             "seed": seed,
             "measure_speedup": measure_speedup,
             "device": str(device),
             "target_dtype": str(next(target.model.parameters()).dtype).removeprefix("torch."),
             "draft_dtype": draft_dtype(draft),
+            "interval": {**BOOTSTRAP, "seed": seed},
         },
-        "overall": _summarize(rows, gamma, measure_speedup, greedy, profile, chain=not is_tree, static_tree=static_tree),
+        "overall": _summarize(rows, gamma, measure_speedup, greedy, profile, chain=not is_tree, static_tree=static_tree,
+                              seed=seed),
         "categories": {
             name: _summarize(category_rows, gamma, measure_speedup, greedy, profile, chain=not is_tree,
-                             static_tree=static_tree)
+                             static_tree=static_tree, seed=seed)
             for name, category_rows in by_category.items()
         },
         "prompts": rows,
@@ -333,6 +422,69 @@ def evaluate_draft(
     overall = report["overall"]
     if "prediction" in overall and "tree_nodes" in overall:
         overall["prediction"].update(_tree_size_prediction(overall, target, encoded[0]))
+    if "prediction" in overall and "tree_ranks" in overall and isinstance(shape, (DynamicTree, TopKTree)):
+        overall["prediction"].update(_dynamic_tree_prediction(overall, target, encoded[0], shape))
+    return report
+
+
+# The largest tree a --tree-budget auto calibration drafts: the predictor chooses among smaller ones.
+AUTO_MAX_TOTAL_TOKENS = 128
+
+
+def evaluate_dynamic_tree_auto(
+    target: Target,
+    make_drafter: Callable[[DynamicTree], TreeDrafter],
+    prompts: list[dict],
+    *,
+    depth: int = 6,
+    top_ks: Sequence[int] = (10,),
+    max_total_tokens: int = AUTO_MAX_TOTAL_TOKENS,
+    max_new_tokens: int = 128,
+    seed: int = 0,
+    progress: bool = True,
+    profile: bool = False,
+) -> dict:
+    """A dynamic tree (runtime.tree.DynamicTree) whose size the predictor chooses from a measurement, then measured.
+
+    For each top-k, a greedy calibration run drafts the largest tree (`depth`, `max_total_tokens`) with profiled step
+    costs; runtime.predict.dynamic_tree_curve prices every smaller depth and total_tokens from the confidence ranks of
+    the nodes it accepted, and the best predicted speedup over all of them is the choice. top-k itself changes which
+    nodes are drafted, so each top-k needs its own calibration run. The chosen tree is then evaluated on the same prompts
+    against the same autoregressive baseline (the calibration's own report when nothing smaller wins). The returned
+    report is evaluate_draft's for the chosen tree, plus "tree_choice": every calibration's tau, interval and
+    recommendation, the choice, its predicted and measured tau and speedup. The choice is made on the prompts it is
+    then measured on: a small optimism, stated in the record."""
+    if not top_ks:
+        raise ValueError("evaluate_dynamic_tree_auto needs at least one top-k to calibrate")
+    baseline = autoregressive_baseline(target, prompts, max_new_tokens=max_new_tokens, seed=seed, progress=progress)
+    settings = dict(max_new_tokens=max_new_tokens, seed=seed, progress=progress, baseline=baseline)
+    calibrations = []
+    for top_k in top_ks:
+        shape = DynamicTree(depth=depth, top_k=top_k, total_tokens=max_total_tokens)
+        calibrations.append((shape, evaluate_draft(target, make_drafter(shape), prompts, profile=True, **settings)))
+    best_shape, best_report = max(
+        calibrations, key=lambda c: c[1]["overall"]["prediction"]["predicted_speedup_at_recommended"])
+    predicted = best_report["overall"]["prediction"]
+    chosen = DynamicTree(depth=predicted["recommended_depth"], top_k=best_shape.top_k,
+                         total_tokens=predicted["recommended_total_tokens"])
+    report = best_report if chosen == best_shape else evaluate_draft(
+        target, make_drafter(chosen), prompts, profile=profile, **settings)
+    overall = report["overall"]
+    report["tree_choice"] = {
+        "by": "runtime.predict.dynamic_tree_curve on greedy calibration runs of the largest tree per top-k, priced "
+              "with their measured step costs; chosen and then measured on the same prompts",
+        "calibrations": [{"tree": describe_shape(shape), "tau": r["overall"]["tau"], "tau_ci": r["overall"]["tau_ci"],
+                          "speedup": r["overall"]["speedup"],
+                          "recommended": {k: r["overall"]["prediction"][k] for k in (
+                              "recommended_depth", "recommended_total_tokens", "predicted_tau_at_recommended",
+                              "predicted_speedup_at_recommended")},
+                          "curve": r["overall"]["prediction"]["dynamic_tree_curve"]} for shape, r in calibrations],
+        "chosen": describe_shape(chosen),
+        "predicted_tau": predicted["predicted_tau_at_recommended"],
+        "predicted_speedup": predicted["predicted_speedup_at_recommended"],
+        "measured_tau": overall["tau"],
+        "measured_speedup": overall["speedup"],
+    }
     return report
 
 
@@ -340,26 +492,54 @@ def _cell(value, digits: int = 2, suffix: str = "") -> str:
     return "–" if value is None else f"{value:.{digits}f}{suffix}"
 
 
+def tree_summary(tree: dict) -> str:
+    """A recorded tree (runtime.tree.describe_shape) in a few words."""
+    settings = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in tree.items() if k not in ("kind", "paths"))
+    return f"{tree['kind']} tree ({settings})"
+
+
+def interval_cell(interval: list[float] | None, digits: int = 2) -> str:
+    """"[low, high]", or "–" where no interval exists (one prompt, or a report made before intervals were kept)."""
+    return "–" if not interval else f"[{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+
+
+def interval_label(config: dict) -> str:
+    """The column header of a report's tau interval, e.g. "τ 95% CI"."""
+    level = (config.get("interval") or BOOTSTRAP)["level"]
+    return f"{level:.0%} CI"
+
+
+def interval_note(config: dict) -> str:
+    """One sentence saying how the intervals were made, for a table's footnote."""
+    interval = config.get("interval")
+    if not interval:
+        return "This report predates confidence intervals."
+    return (f"{interval['level']:.0%} CI: {interval['method']} of tau over {interval['resamples']} resamples of the "
+            f"prompts (seed {interval['seed']}), pooled as the table pools; it is wide when prompts are few.")
+
+
 def render_markdown(report: dict) -> str:
     """One table, a row per category plus the overall row: tau, alpha@1..gamma, tok/s and (if measured) speedup."""
     config = report["config"]
     gamma = config["gamma"]
     speedup = config["measure_speedup"]
-    header = ["category", "prompts", "tau"] + [f"alpha@{i}" for i in range(1, gamma + 1)] + ["tok/s"]
+    header = (["category", "prompts", "tau", f"tau {interval_label(config)}"] + [f"alpha@{i}" for i in range(1, gamma + 1)]
+              + ["tok/s"])
     if speedup:
         header += ["AR tok/s", "speedup"]
     lines = [
         f"# Draft evaluation: {config['draft']} → {config['target']}",
         "",
         f"gamma={gamma}, temperature={config['temperature']}, max_new_tokens={config['max_new_tokens']}, "
-        f"device={config['device']}, target dtype={config['target_dtype']}, draft dtype={config['draft_dtype']}",
+        f"device={config['device']}, target dtype={config['target_dtype']}, draft dtype={config['draft_dtype']}"
+        + (f", {config['decoding']}: {tree_summary(config['tree'])}" if config.get("tree") else ""),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
     ]
     named = list(report["categories"].items()) + [("**overall**", report["overall"])]
     for name, summary in named:
-        cells = [name, str(summary["prompts"]), _cell(summary["tau"])]
+        cells = [name, str(summary["prompts"]), _cell(summary["tau"]), interval_cell(summary.get("tau_ci"))]
         cells += [_cell(a) for a in summary["alpha"]]
         cells.append(_cell(summary["tokens_per_s"], 1))
         if speedup:
@@ -371,6 +551,7 @@ def render_markdown(report: dict) -> str:
         f"tau = tokens per target forward (accepted draft tokens + 1, Spec-Bench); "
         f"draft-token acceptance {_cell(overall['draft_acceptance'])}; "
         f"{overall['new_tokens']} new tokens in {overall['target_forwards']} target forwards.",
+        interval_note(config),
     ]
     predicted = overall.get("prediction")
     if predicted:
@@ -383,7 +564,19 @@ def render_markdown(report: dict) -> str:
         if "recommended_tree_size" in predicted:
             line += (f"; best subtree of this static tree: {predicted['recommended_tree_size']} nodes "
                      f"(predicted {predicted['predicted_speedup_at_recommended']:.2f}x; paths in eval.json)")
+        if "recommended_total_tokens" in predicted:
+            line += (f"; best tree of this growth: depth {predicted['recommended_depth']}, "
+                     f"{predicted['recommended_total_tokens']} tokens (predicted tau "
+                     f"{predicted['predicted_tau_at_recommended']:.2f}, "
+                     f"{predicted['predicted_speedup_at_recommended']:.2f}x)")
         lines.append(line + ".")
+    choice = report.get("tree_choice")
+    if choice:
+        tree = choice["chosen"]
+        lines.append(f"Tree chosen by the predictor (--tree-budget auto): dynamic, depth {tree['depth']}, top-k "
+                     f"{tree['top_k']}, {tree['total_tokens']} tokens; predicted tau {choice['predicted_tau']:.2f} "
+                     f"and {choice['predicted_speedup']:.2f}x, measured {_cell(choice['measured_tau'])} and "
+                     f"{_cell(choice['measured_speedup'], suffix='x')} (calibration runs in eval.json).")
     if speedup and overall["outputs_differing_from_ar"] is not None:
         lines.append(
             f"Outputs differing from greedy AR decoding: {overall['outputs_differing_from_ar']} of {overall['prompts']} "

@@ -1,4 +1,5 @@
-"""Chain drafting with a feature drafter (EAGLE-1 / FSPAD) in draftkit's speculative runtime.
+"""Chain and tree drafting with a feature drafter (EAGLE-1 / FSPAD) in draftkit's speculative runtime; by default the
+tree is EAGLE-2's dynamic tree (runtime.tree.DynamicTree), as EAGLE-2 and FSPAD decode.
 
 The drafter keeps the target's features for the committed positions (handed over by the runtime after each target
 forward) and a KV cache over its single layer. Draft position t holds (f_t, x_{t+1}); its output is the predicted
@@ -180,16 +181,19 @@ class FeatureTreeDrafter(_ModuleModes):
                 allowed[row, self._slot[ancestor]] = True
         out = self.model(features, tokens, positions=positions, attn_mask=allowed.to(device), cache=self._tree_cache)
         self._tree_cache = out.cache
+        logits = self.model.head_logits(out.predict[0])  # one LM-head product for every fed node
         for row, node in enumerate(nodes):
             self._feature[node] = out.regress[0, row]
-            self._logits[node] = self.model.head_logits(out.predict[0, row])
+            self._logits[node] = logits[row]
 
 
 def drafting(model: FeatureDrafter, target, options: DraftingOptions, feature_norm: str = "post_norm",
              name: str | None = None) -> Drafting:
-    """A chain drafter (the default, and `options.tree == "chain"`), else a tree drafter options.tree_depth deep
-    (default 5). `feature_norm`: the target feature the model was trained on (post_norm or pre_norm), which an
-    artifact records."""
-    if options.kind("chain") == "chain":
+    """By default a dynamic tree (runtime.tree.DynamicTree at EAGLE-2's depth 6, top-k 10, 59 tokens): how EAGLE-2
+    and FSPAD decode, and the better use of EAGLE-1's weights too (EAGLE-2 reuses them). `options.tree == "chain"` is
+    the chain drafter (greedy and lossless speculative sampling with the draft's own probabilities); static and topk
+    trees as runtime.tree builds them. `feature_norm`: the target feature the model was trained on (post_norm or
+    pre_norm), which an artifact records."""
+    if options.kind("dynamic") == "chain":
         return Drafting(FeatureChainDrafter(model, feature_norm, name))
-    return Drafting(FeatureTreeDrafter(model, options.shape(options.tree_depth or 5, "chain"), feature_norm, name))
+    return Drafting(FeatureTreeDrafter(model, options.shape(None, "dynamic"), feature_norm, name))

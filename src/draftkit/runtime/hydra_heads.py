@@ -70,4 +70,5 @@ def drafting(heads, target, options: DraftingOptions, lm_head: torch.Tensor | No
     shared = None
     if heads.lm_heads is None:
         shared = draft_rows(lm_head if lm_head is not None else target.lm_head.weight, heads.token_map)
-    return Drafting(HydraDrafter(heads, target.embed_tokens, options.shape(heads.num_heads, "static"), shared_lm_head=shared))
+    shape = options.shape(heads.num_heads, "static")
+    return Drafting(HydraDrafter(heads, target.embed_tokens, shape, shared_lm_head=shared))

@@ -5,7 +5,7 @@ One object is both the Drafter and the Verifier of `speculative_generate`, becau
     and drafted) and layers l..N-1 only for tokens verified so far; drafting writes the shallow entries the target
     would have written itself, so verification never recomputes them;
   * `exited` [1, L, H] keeps hidden[l] of every token the shallow layers have seen; verification runs layers l..N-1
-    on the exited states of the tokens the deep layers have not seen (methods.md §4(b).16);
+    on the exited states of the tokens the deep layers have not seen (never the shallow layers again);
   * the adapter has its own cache over the exited states; after a full acceptance it lacks the last draft token,
     which the next proposal feeds from `exited` together with the newer ones.
 All three are cut back to the accepted prefix after each verification.

@@ -1,7 +1,7 @@
 """Predict speculative decoding's speedup from acceptance and step costs, and recommend a draft length.
 
-The model (Leviathan et al. 2023; OSD's cost_model.py, methods.md §1): one decoding step drafts, then runs the target
-once over the draft. With alpha[i] the probability that draft position i is accepted given every earlier one was
+The model (Leviathan et al. 2023; the same cost model as OSD's cost_model.py): one decoding step drafts, then runs the
+target once over the draft. With alpha[i] the probability that draft position i is accepted given every earlier one was
 (what GenerationStats.alpha measures), the expected tokens per step for a chain of gamma is
 
     tau(gamma) = 1 + sum_{k=1..gamma} prod_{i<k} alpha[i]          (the bonus/correction token included)
@@ -149,6 +149,37 @@ def tree_size_curve(paths: Sequence[Sequence[int]], accept_rate: Sequence[float]
                                                                                    + draft_ratio),
                       "paths": [list(p) for p in sorted(chosen, key=lambda p: (len(p), p))]})
     return curve
+
+
+def dynamic_tree_curve(accepted_by_rank: Sequence[Sequence[int]], steps: int, depths: Sequence[int],
+                       sizes: Sequence[int], verify_ratio_of_size, draft_ratio_of_depth) -> list[dict]:
+    """Expected tau and predicted speedup of a tree grown by confidence (runtime.tree.DynamicTree) at every depth in
+    `depths` and total_tokens in `sizes`, from one greedy measurement at the largest of both.
+
+    accepted_by_rank[d - 1][r] = accepted nodes of depth <= d whose confidence rank among the measured tree's nodes of
+    depth <= d was r (GenerationStats.accepted_by_rank), over `steps` tree verifications. The tree of depth d and
+    total_tokens b keeps exactly the nodes of depth <= d ranked below b, and children of one node are distinct tokens,
+    so greedy verification accepts there exactly the accepted path's nodes it keeps: tau(d, b) = 1 + (those counted
+    nodes) / steps. Speedup = tau / (verify_ratio(b) + draft_ratio(d)), both in autoregressive target steps (a
+    verification of b drafted tokens; d draft passes). `sizes` must not exceed the measured tree's total_tokens."""
+    if steps < 1:
+        raise ValueError("no tree verification was measured: the prompts produced no decoding steps")
+    measured_depth = len(accepted_by_rank)
+    if not depths or max(depths) > measured_depth or min(depths) < 1:
+        raise ValueError(f"depths {list(depths)} must lie in 1..{measured_depth}, the measured tree's depth")
+    curve = []
+    for depth in depths:
+        counts = accepted_by_rank[depth - 1]
+        for size in sizes:
+            tau = 1.0 + sum(counts[:size]) / steps
+            curve.append({"depth": depth, "total_tokens": size, "tau": tau,
+                          "predicted_speedup": tau / (verify_ratio_of_size(size) + draft_ratio_of_depth(depth))})
+    return curve
+
+
+def best_point(curve: list[dict]) -> dict:
+    """The point of a dynamic_tree_curve with the highest predicted speedup; ties go to the smaller, shallower tree."""
+    return max(curve, key=lambda p: (p["predicted_speedup"], -p["total_tokens"], -p["depth"]))
 
 
 def forward_seconds(model, prefix_ids, token_counts: Sequence[int], repeats: int = 3) -> dict[int, float]:

@@ -5,7 +5,7 @@ model's KV cache covers a prefix of it, and a model's next forward starts by fee
 cache always ends exactly one token short of `sequence`: the newest committed token came out of the target's own
 logits and has not been fed back yet. The first verification therefore doubles as the prompt prefill.
 
-Statistics follow Spec-Bench (methods.md §1): every target forward yields `accepted draft tokens + 1` tokens (the
+Statistics follow Spec-Bench's definitions: every target forward yields `accepted draft tokens + 1` tokens (the
 correction or bonus token), tau is the mean of that, and alpha_i counts draft position i only when positions < i were
 accepted.
 """
@@ -243,6 +243,18 @@ class GenerationStats:
     # Tree decoding: how often each node of the proposed tree lay on the accepted path. For a static tree node i is the
     # same path of candidate ranks at every step, so these counts price any subtree (runtime.predict.best_subtrees).
     accepted_nodes: list[int] = field(default_factory=list)
+    # Trees grown by confidence, greedy: accepted_by_rank[d][r] counts accepted nodes of depth <= d + 1 whose confidence
+    # rank among the tree's nodes of depth <= d + 1 was r; they price every smaller tree of the same growth
+    # (runtime.predict.dynamic_tree_curve).
+    accepted_by_rank: list[list[int]] = field(default_factory=list)
+
+    def record_ranks(self, ranks: list[list[int]]) -> None:
+        """One step's runtime.tree.confidence_ranks of the accepted path."""
+        self.accepted_by_rank.extend([] for _ in range(len(ranks) - len(self.accepted_by_rank)))
+        for row, step_ranks in zip(self.accepted_by_rank, ranks):
+            for rank in step_ranks:
+                row.extend([0] * (rank + 1 - len(row)))
+                row[rank] += 1
 
     def record_step(self, *, committed: int, accepted: int, reachable: int, drafted: int, draft_forwards: int) -> None:
         """One target forward that kept `committed` tokens after `accepted` draft positions matched; draft positions

@@ -2,9 +2,11 @@
 
 Stable API (other draft families build on it; extend it, do not change it):
 
-* `DraftTree(tokens, parents, forwards)`: the candidates. `tokens[i]` is node i's token id, `parents[i]` its parent
-  node (-1 = the root, i.e. the newest committed token). Parents come before their children. A chain is a tree whose
-  node i has parent i - 1.
+* `DraftTree(tokens, parents, forwards, scores)`: the candidates. `tokens[i]` is node i's token id, `parents[i]` its
+  parent node (-1 = the root, i.e. the newest committed token). Parents come before their children. A chain is a tree
+  whose node i has parent i - 1. `scores` (optional) is each node's confidence as the draft's log-probability of its
+  whole path; trees grown by confidence carry it, and the runtime then records the confidence rank of every accepted
+  node, which prices smaller trees of the same kind (runtime.predict.dynamic_tree_curve).
 * `TargetStep(sequence, hidden, prenorm_hidden, start)`: what the target computed for the tokens it committed since the
   drafter was last asked. `sequence` [1, L] holds every committed token; the target's KV cache covers positions
   [0, L - 1) (the newest token came out of the target's logits and has not been fed yet). `hidden` [n, H] is the
@@ -16,27 +18,31 @@ Stable API (other draft families build on it; extend it, do not change it):
 * `TreeDrafter` protocol: `reset()` before each generation, `propose_tree(step) -> DraftTree`, and `max_depth` (the
   deepest tree it proposes, which sizes the per-depth statistics).
 * Tree shapes: `StaticTree(paths)` (Medusa-style: each path lists, per depth, the rank of the candidate among its
-  parent's top-k; `StaticTree.chain(depth)` is the top-1 chain) and `TopKTree(depth, top_k, width, budget)` (per-step
+  parent's top-k; `StaticTree.chain(depth)` is the top-1 chain), `TopKTree(depth, top_k, width, budget)` (per-step
   tree: every depth expands the `width` best nodes by cumulative draft log-probability into `top_k` children each,
-  and the `budget` best nodes overall are kept). `grow_tree(shape, expander)` builds either from any `TreeExpander`,
-  whose `expand(tree_so_far, frontier, depth, k)` returns the top-k tokens and log-probabilities of each frontier node.
+  and the `budget` best nodes overall are kept) and `DynamicTree(depth, top_k, total_tokens)` (EAGLE-2's dynamic tree:
+  the same growth by confidence with as many nodes expanded per depth as children per node, reranked and pruned to
+  `total_tokens`). `grow_tree(shape, expander)` builds any of them from a `TreeExpander`, whose
+  `expand(tree_so_far, frontier, depth, k)` returns the top-k tokens and log-probabilities of each frontier node.
 * `tree_generate(target_model, drafter, input_ids, ...)`: the decoding loop, returning the chain runtime's
   `GenerationOutput`; `proposed_per_position[d]` / `accepted_per_position[d]` count tree depth d + 1, so alpha is
   per depth and tau is tokens per target forward (the prompt prefill counts as one forward that yields one token).
+  With greedy verification of a tree that carries scores, `accepted_by_rank[d][r]` counts the accepted nodes of depth
+  <= d + 1 whose confidence rank among the tree's nodes of depth <= d + 1 was r (`confidence_ranks`).
 
 Verification: `acceptance="greedy"` (the default) walks from the root, following the child whose token is the
 target's argmax; it is lossless (output = the target's greedy output, tested in fp32). `acceptance="sampling"` is
 lossless at any temperature: each node's children are tried in order as point-mass proposals against the target's
 distribution with the rejected ones removed (tested against the target's exact distribution). `acceptance="typical"` is
-Medusa's typical acceptance (methods.md §2.4): a child is accepted when the target gives its token probability above
+Medusa's typical acceptance (Cai et al. 2024): a child is accepted when the target gives its token probability above
 min(posterior_threshold, posterior_alpha * exp(-entropy)), the deepest accepted node wins and the next token is
 sampled from the target at `temperature`. It is LOSSY: the output no longer follows the target's distribution.
 
 KV cache: the target sees the uncommitted suffix plus all tree nodes in one pass, with a tree attention mask (a node
 attends to the committed tokens and its ancestors) and position ids = position of the root + depth. Afterwards the
-accepted path's KV entries are copied into contiguous slots right after the committed ones and the rest is dropped
-(methods.md §4(b).15). The mask is an additive float mask, which the eager and SDPA attention paths of transformers
-take as is; flash-attention kernels cannot express a tree mask.
+accepted path's KV entries are copied into contiguous slots right after the committed ones and the rest is dropped (a
+pruned branch's entries would otherwise sit between committed ones). The mask is an additive float mask, which the eager
+and SDPA attention paths of transformers take as is; flash-attention kernels cannot express a tree mask.
 """
 
 from __future__ import annotations
@@ -66,15 +72,19 @@ ACCEPTANCE = ("greedy", "sampling", "typical")
 
 @dataclass
 class DraftTree:
-    """tokens: [N] candidate ids; parents[i] < i is node i's parent (-1 = the root); forwards: drafter passes spent."""
+    """tokens: [N] candidate ids; parents[i] < i is node i's parent (-1 = the root); forwards: drafter passes spent;
+    scores: [N] each node's path log-probability under the draft (None when the tree was not grown by confidence)."""
 
     tokens: torch.Tensor
     parents: list[int]
     forwards: int = 0
+    scores: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.tokens.dim() != 1 or self.tokens.numel() != len(self.parents):
             raise ValueError(f"tree has {self.tokens.numel()} tokens but {len(self.parents)} parents")
+        if self.scores is not None and self.scores.shape != self.tokens.shape:
+            raise ValueError(f"tree has {self.tokens.numel()} tokens but {self.scores.numel()} scores")
         for index, parent in enumerate(self.parents):
             if not -1 <= parent < index:
                 raise ValueError(f"node {index} has parent {parent}; parents must precede their children (-1 = root)")
@@ -198,7 +208,39 @@ class TopKTree:
         return self.top_k
 
 
-TreeShape = Union[StaticTree, TopKTree]
+@dataclass(frozen=True)
+class DynamicTree:
+    """EAGLE-2's dynamic draft tree (Li et al. 2024): grown and pruned by the draft's confidence in each node, the
+    product of the draft's probabilities along its path (the sum of log-probabilities here).
+
+    Depth 1 holds the root's `top_k` most likely tokens. Each further depth expands the `top_k` nodes of the previous
+    depth with the highest confidence into their `top_k` most likely children. Then every drafted node is reranked by
+    confidence and the best `total_tokens` are verified: a node never outranks its parent, so they form a tree. A
+    TopKTree whose width equals its top_k grows the same tree; this shape names EAGLE-2's parameters.
+
+    EAGLE-2's code (SafeAILab/EAGLE ea_model.py, defaults total_token=60, depth=5, top_k=10) counts the root in
+    total_token and runs `depth` expansions after the root's: its tree has 59 drafted nodes and depth 6, the default
+    here. `total_tokens` counts drafted nodes; the target verifies them plus the newest committed token."""
+
+    depth: int = 6
+    top_k: int = 10
+    total_tokens: int = 59
+
+    def __post_init__(self):
+        if min(self.depth, self.top_k, self.total_tokens) < 1:
+            raise ValueError(f"dynamic tree settings must all be >= 1; got {self}")
+
+    @property
+    def size(self) -> int:
+        return self.total_tokens
+
+    @property
+    def candidates(self) -> int:
+        return self.top_k
+
+
+TreeShape = Union[StaticTree, TopKTree, DynamicTree]
+TREE_KINDS = ("chain", "static", "topk", "dynamic")
 
 # A 21-node tree of depth 4 in the spirit of Medusa's mc_sim trees (which were tuned for 7B models and 5 heads):
 # wide near the root, where acceptance is likeliest, narrow deeper down.
@@ -208,6 +250,20 @@ DEFAULT_STATIC_PATHS = (
     (0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0), (2, 0, 0),
     (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 1, 0, 0), (1, 0, 0, 0),
 )
+
+
+def describe_shape(shape: TreeShape) -> dict:
+    """What a report records about the tree it decoded with."""
+    if isinstance(shape, StaticTree):
+        chain = shape == StaticTree.chain(shape.depth)
+        return {"kind": "chain" if chain else "static", "depth": shape.depth, "size": shape.size,
+                **({} if chain else {"paths": [list(p) for p in shape.paths]})}
+    if isinstance(shape, TopKTree):
+        return {"kind": "topk", "depth": shape.depth, "top_k": shape.top_k, "width": shape.width,
+                "budget": shape.budget}
+    if isinstance(shape, DynamicTree):
+        return {"kind": "dynamic", "depth": shape.depth, "top_k": shape.top_k, "total_tokens": shape.total_tokens}
+    raise TypeError(f"unknown tree shape {type(shape).__name__}")
 
 
 def check_tree_fits_vocabulary(shape: TreeShape, draft_vocab_size: int) -> None:
@@ -229,7 +285,8 @@ def check_scoring_rows(lm_head_weight: torch.Tensor | None, module) -> None:
 
 def tree_shape(kind: str, depth: int, *, top_k: int = 4, width: int = 4, budget: int = 16,
                paths: Iterable[Iterable[int]] | None = None) -> TreeShape:
-    """A shape by name: "chain" (top-1 per depth), "static" (`paths`, or the default tree cut at `depth`), "topk"."""
+    """A shape by name: "chain" (top-1 per depth), "static" (`paths`, or the default tree cut at `depth`), "topk",
+    "dynamic" (EAGLE-2's, `budget` drafted nodes; `width` is its `top_k`)."""
     if kind == "chain":
         return StaticTree.chain(depth)
     if kind == "static":
@@ -237,7 +294,9 @@ def tree_shape(kind: str, depth: int, *, top_k: int = 4, width: int = 4, budget:
         return StaticTree.from_paths(chosen)
     if kind == "topk":
         return TopKTree(depth=depth, top_k=top_k, width=width, budget=budget)
-    raise ValueError(f"unknown tree kind {kind!r}: choose chain, static or topk")
+    if kind == "dynamic":
+        return DynamicTree(depth=depth, top_k=top_k, total_tokens=budget)
+    raise ValueError(f"unknown tree kind {kind!r}: choose one of {', '.join(TREE_KINDS)}")
 
 
 def _grow_static(shape: StaticTree, expander: TreeExpander, device) -> DraftTree:
@@ -262,30 +321,59 @@ def _grow_static(shape: StaticTree, expander: TreeExpander, device) -> DraftTree
     return DraftTree(torch.stack(tokens), parents, forwards)
 
 
-def _grow_topk(shape: TopKTree, expander: TreeExpander, device) -> DraftTree:
+def _grow_by_confidence(depth: int, top_k: int, width: int, budget: int, expander: TreeExpander,
+                        device) -> DraftTree:
+    """Every depth expands the `width` most confident nodes of the previous one into `top_k` children; the `budget`
+    most confident nodes overall are kept, each with its confidence (path log-probability) as its score."""
     tokens = torch.empty(0, dtype=torch.long, device=device)
     scores = torch.empty(0, device=device)
     parents: list[int] = []
     frontier = [-1]
     forwards = 0
-    for depth in range(1, shape.depth + 1):
-        ids, logp = expander.expand(DraftTree(tokens, list(parents)), frontier, depth, shape.top_k)
+    for level in range(1, depth + 1):
+        ids, logp = expander.expand(DraftTree(tokens, list(parents)), frontier, level, top_k)
         forwards += 1
         base = torch.stack([scores[f] if f >= 0 else scores.new_zeros(()) for f in frontier])
         child_scores = (base[:, None] + logp.float()).reshape(-1)
         first = len(parents)
-        parents += [f for f in frontier for _ in range(shape.top_k)]
+        parents += [f for f in frontier for _ in range(top_k)]
         tokens = torch.cat([tokens, ids.reshape(-1)])
         scores = torch.cat([scores, child_scores])
-        keep = min(shape.width, child_scores.numel())
-        frontier = sorted((first + child_scores.topk(keep).indices).tolist())
-    # A child never outscores its parent (log-probabilities are <= 0) and parents precede children, so a stable sort by
-    # score puts every parent before its children and any prefix of the order is a tree.
-    host_scores = scores.tolist()  # one sync, not one per node
-    order = sorted(range(len(parents)), key=lambda i: (-host_scores[i], i))[: shape.budget]
-    kept = sorted(order)
+        # Ties broken by node order, as the final rerank does (torch.topk leaves their order unspecified).
+        frontier = sorted(first + i for i in confidence_order(child_scores.tolist())[:width])
+    kept = sorted(confidence_order(scores.tolist())[:budget])  # one sync, not one per node
     new_index = {old: new for new, old in enumerate(kept)}
-    return DraftTree(tokens[kept], [new_index[parents[i]] if parents[i] >= 0 else -1 for i in kept], forwards)
+    return DraftTree(tokens[kept], [new_index[parents[i]] if parents[i] >= 0 else -1 for i in kept], forwards,
+                     scores[kept])
+
+
+def confidence_order(scores: list[float]) -> list[int]:
+    """Node ids from most to least confident, ties in node order. A child never outscores its parent (log-probabilities
+    are <= 0) and parents precede children, so every parent comes before its children and any prefix of the order is
+    a tree: keeping the best `b` nodes is pruning to a budget."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+
+
+def confidence_ranks(tree: DraftTree, nodes: list[int], max_depth: int) -> list[list[int]]:
+    """For each depth limit d = 1..max_depth: the confidence rank of each of `nodes` (ascending depth, as a path)
+    among the tree's nodes of depth <= d, for those of `nodes` within that depth. Grown by confidence with `total_tokens`
+    b, the same drafter with depth d and total_tokens b' <= b would keep exactly the nodes of depth <= d ranked < b'
+    (growth of a depth never depends on deeper ones, and pruning keeps a prefix of the ranking)."""
+    if tree.scores is None:
+        raise ValueError("confidence ranks need a tree grown by confidence (DraftTree.scores is None)")
+    depths = tree.depths
+    order = confidence_order(tree.scores.tolist())
+    wanted = set(nodes)
+    ranks = []
+    for limit in range(1, max_depth + 1):
+        rank_of, rank = {}, 0
+        for node in order:
+            if depths[node] <= limit:
+                if node in wanted:
+                    rank_of[node] = rank
+                rank += 1
+        ranks.append([rank_of[n] for n in nodes if depths[n] <= limit])
+    return ranks
 
 
 def grow_tree(shape: TreeShape, expander: TreeExpander, device: torch.device | str = "cpu") -> DraftTree:
@@ -293,7 +381,9 @@ def grow_tree(shape: TreeShape, expander: TreeExpander, device: torch.device | s
     if isinstance(shape, StaticTree):
         return _grow_static(shape, expander, device)
     if isinstance(shape, TopKTree):
-        return _grow_topk(shape, expander, device)
+        return _grow_by_confidence(shape.depth, shape.top_k, shape.width, shape.budget, expander, device)
+    if isinstance(shape, DynamicTree):
+        return _grow_by_confidence(shape.depth, shape.top_k, shape.top_k, shape.total_tokens, expander, device)
     raise TypeError(f"unknown tree shape {type(shape).__name__}")
 
 
@@ -515,6 +605,8 @@ def tree_generate(
             stats.accepted_nodes.extend([0] * (tree.size - len(stats.accepted_nodes)))
             for node in path:
                 stats.accepted_nodes[node] += 1
+            if tree.scores is not None and temperature == 0.0:
+                stats.record_ranks(confidence_ranks(tree, path, depth))
             suffix = sequence.shape[1] - committed
             new_tokens, hit_eos = _cut_after_eos([tokens[i] for i in path] + [next_token], eos_ids)
             new_tokens = new_tokens[: max_new_tokens - len(generated)]

