@@ -3,11 +3,8 @@ config), a run with several exports asks which one, nested exports stay out of a
 `python -m draftkit.export` entry still works. Only the Hub's network calls are replaced."""
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
-from huggingface_hub import HfApi
 
 from draftkit import push
 from draftkit.drafts.fspad import feature_drafter
@@ -67,22 +64,6 @@ def exports(tmp_path_factory):
                      draft_fingerprint(draft), "threshold": 0.5, "min_tokens": 1, "max_draft_tokens": 3},
                      stop_policy={"num_speculative_tokens": 2}, resolved_config_yaml="", **lm)
     return root
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    calls = []
-
-    def create_repo(self, repo_id, **kwargs):
-        calls.append(("create_repo", repo_id, kwargs))
-
-    def upload_folder(self, *, repo_id, folder_path, **kwargs):
-        calls.append(("upload_folder", repo_id, {"folder_path": folder_path, **kwargs}))
-        return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/abc"})()
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    return calls
 
 
 FOLDERS = {"lm": "export", "medusa-vllm": "export/vllm", "medusa-fasterdecoding": "export/fasterdecoding",
