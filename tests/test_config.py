@@ -207,3 +207,25 @@ def test_typed_values_are_checked_against_their_settings_type():
     assert compose(["+recipe=fastdraft", "engine.lr=1"]).engine.lr == 1  # an int where a float is expected is fine
     assert compose(["+recipe=fastdraft", "engine.max_grad_norm=null"]).engine.max_grad_norm is None
     assert compose(["+recipe=fastdraft", "resume=force"]).resume == "force"
+
+
+def test_the_shared_data_group_passes_the_checks_with_its_root_interpolated(tmp_path):
+    """data=shared names its files as ${data.root}/...: the checks must see the resolved paths."""
+    import gzip
+    import json
+
+    from draftkit.config import validate
+    from draftkit.errors import UserError
+
+    for name in ("pretrain/gutenberg_books.jsonl.gz", "pretrain/us_presidential_speeches.jsonl.gz",
+                 "sharegpt/sharegpt_v3_slice.jsonl.gz", "gsm8k/train.jsonl.gz"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(tmp_path / name, "wt") as f:
+            f.write(json.dumps({"question": "What is 2 + 2?", "answer": "4"}) + "\n")
+    (tmp_path / "spec_bench").mkdir()
+    (tmp_path / "spec_bench" / "question.jsonl").write_text(
+        json.dumps({"question_id": 1, "category": "qa", "turns": ["Hi"]}) + "\n")
+    validate(compose(["+recipe=fastdraft", "data=shared", f"data.root={tmp_path}"]))
+    with pytest.raises(UserError, match=f"data file not found: {tmp_path}/pretrain/gutenberg_books"):
+        (tmp_path / "pretrain" / "gutenberg_books.jsonl.gz").unlink()
+        validate(compose(["+recipe=fastdraft", "data=shared", f"data.root={tmp_path}"]))

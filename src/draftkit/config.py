@@ -282,8 +282,8 @@ def validate(cfg: DictConfig) -> None:
         stage_settings(engine, path, **OmegaConf.to_container(OmegaConf.select(cfg, path), resolve=True))
     data = cfg.data
     for key in ("pretrain", "prompts"):
-        check_source_list(f"data.{key}", OmegaConf.to_container(data[key]) if isinstance(data[key], ListConfig)
-                          else data[key])
+        check_source_list(f"data.{key}", OmegaConf.to_container(data[key], resolve=True)
+                          if isinstance(data[key], ListConfig) else data[key])
     for key in ("pretrain_limit", "prompts_limit"):
         limit = data.get(key)
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
