@@ -166,11 +166,13 @@ def recipe_exists(name: str) -> bool:
 def train(family: str, steps: int, run_dir: Path, budget: dict, data_root: str, shared_answers: Path,
           log: Path, reexport: bool = False) -> dict:
     """Train one family with its recipe (resumed or skipped when the same command finished before); steps=0 exports
-    the untrained draft, the baseline a trained one must clearly beat. `reexport` runs a finished recipe again, which
+    the untrained draft, the baseline a trained one must clearly beat (one step at lr 0, which leaves every weight as
+    initialised: the loop takes at least one step). `reexport` runs a finished recipe again, which
     trains nothing and writes its export with this draftkit (the record keeps the training's wall time)."""
     spec = FAMILIES[family]
     command = [sys.executable, "-m", "draftkit.train", *spec["overrides"], "data=shared", f"data.root={data_root}",
-               *budget["train"], f"{spec['steps_key']}={steps}", f"hydra.run.dir={run_dir}"]
+               *budget["train"], f"{spec['steps_key']}={max(steps, 1)}", *(["engine.lr=0"] if steps == 0 else []),
+               f"hydra.run.dir={run_dir}"]
     record_file = run_dir / "serve_vllm_train.json"
     earlier = json.loads(record_file.read_text()) if record_file.is_file() else None
     if (run_dir / "result.json").is_file() and earlier and earlier["command"] == shlex.join(command):
@@ -325,7 +327,7 @@ def main() -> None:
     answers = work / "selfdistill.jsonl"
     trained = {f: train(f, budget["steps"][f], work / "runs" / f, budget, data_root, answers, log, args.reexport)
                for f in families}
-    untrained_runs = {f: train(f, 0, work / "runs" / f"{f}_untrained", budget, data_root, answers, log, args.reexport)
+    untrained_runs = {f: train(f, 0, work / "runs" / f"{f}_untrained", budget, data_root, answers, log)
                       for f in families}
     if args.train_only:
         return

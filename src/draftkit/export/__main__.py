@@ -7,7 +7,8 @@ import sys
 
 from draftkit import push
 
-POINTER = "draftkit.export checks and uploads; its name is now `python -m draftkit.push <run or export> [<user>/<name>]`."
+POINTER = ("note: `python -m draftkit.export` checks and uploads exports; it is now called `python -m draftkit.push "
+           "<run or export> [<user>/<name>]`")
 
 
 def main(argv: list[str] | None = None) -> int:
