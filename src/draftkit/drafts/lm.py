@@ -15,7 +15,7 @@ def llama_draft(
     num_heads: int = 4,
     num_kv_heads: int = 2,
     intermediate_size: int = 768,
-    max_position_embeddings: int = 2048,
+    max_position_embeddings: int | None = None,
     rope_theta: float = 100000.0,
     tie_word_embeddings: bool = True,
     bos_token_id: int | None = None,
@@ -33,6 +33,10 @@ def llama_draft(
     embedding_init="target_pca" starts the (tied) embedding from the target's embedding [V, D] projected onto
     its top `hidden_size` principal directions, so the draft begins with the target's token geometry instead
     of learning it from scratch; "random" is the usual initialisation.
+
+    max_position_embeddings=None takes the target's context length (LlamaConfig's default without a target): serving
+    engines cap a request at the shorter of the two (vLLM clamps to the draft's), and the draft's plain RoPE holds at
+    any position.
     """
     if embedding_init not in ("random", "target_pca"):
         raise ValueError(f"embedding_init={embedding_init!r}: use random or target_pca")
@@ -41,6 +45,9 @@ def llama_draft(
             f"draft shape: hidden_size={hidden_size} must divide by num_heads={num_heads}, "
             f"and num_heads by num_kv_heads={num_kv_heads}"
         )
+    if max_position_embeddings is None and target_model is not None:
+        max_position_embeddings = target_model.config.get_text_config().max_position_embeddings
+    context = {} if max_position_embeddings is None else {"max_position_embeddings": max_position_embeddings}
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -48,12 +55,12 @@ def llama_draft(
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_position_embeddings,
         rope_theta=rope_theta,
         tie_word_embeddings=tie_word_embeddings,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
+        **context,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -111,6 +118,7 @@ def draft_from_target(target_model: torch.nn.Module, num_layers: int = 2, vocab_
     if getattr(text_config, "layer_types", None):
         text_config.layer_types = list(text_config.layer_types)[:num_layers]
     config.architectures = list(getattr(target_model.config, "architectures", None) or [type(target_model).__name__])
+    config.name_or_path = ""  # the copied config names the target's checkpoint; this model is not that checkpoint
     with torch.device("cpu"):
         draft = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     wanted = draft.state_dict()

@@ -100,7 +100,8 @@ def read_json(path: Path) -> dict:
 
 
 def write_dir(out_dir: Path, files: dict[str, object]) -> Path:
-    """Write every file (.safetensors / .pt: tensors, else JSON) into a staging directory, then swap it in."""
+    """Write every file (.safetensors / .pt: tensors; a str: text, e.g. the model card; else JSON) into a staging
+    directory, then swap it in."""
     out_dir = Path(out_dir)
     with staged_directory(out_dir) as staging:
         for name, payload in files.items():
@@ -109,6 +110,8 @@ def write_dir(out_dir: Path, files: dict[str, object]) -> Path:
                 save_file(payload, str(path))
             elif name.endswith(".pt"):
                 torch.save(payload, path)
+            elif isinstance(payload, str):
+                path.write_text(payload)
             else:
                 path.write_text(json.dumps(payload, indent=2) + "\n")
     return out_dir

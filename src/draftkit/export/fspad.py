@@ -4,10 +4,17 @@ Layout of `<out>/` (written atomically: a staging folder, then one rename):
   config.json, model.safetensors, manifest.json, draftkit.json, draftkit_config.yaml, README.md
       draftkit format: every trained tensor (FSPAD's `feature_sampling.*` and 2h `down_proj` included) in fp32, plus the
       architecture, the switches and which target feature (norm, layer) the draft reads.
-  eagle-vllm/    (EAGLE-1 on post-norm features only) vLLM's llama_eagle.py layout: `fc.weight` without bias (vLLM V1
-                 builds fc with bias=False and loads strictly), layers.0.* without input_layernorm, embed_tokens.weight;
-                 bf16.
-  eagle-sglang/  the same plus an all-zero `fc.bias` (SGLang's LlamaForCausalLMEagle builds fc with a bias).
+  eagle-vllm/    (EAGLE-1 on post-norm features only) vLLM's llama_eagle.py layout: `fc.weight` without bias (vLLM
+                 V1 builds fc with bias=False and loads strictly) and layers.0.* without input_layernorm, in bf16;
+                 config.json a one-layer Llama config (architectures LlamaForCausalLM: vLLM swaps in EagleLlamaForCausalLM itself).
+  eagle-sglang/  the same plus an all-zero `fc.bias`: SGLang's LlamaForCausalLMEagle builds fc as nn.Linear(2H, H) with
+                 a bias it always loads; config.json names that class, since SGLang picks the draft's model class from
+                 `architectures` and has no rewrite from LlamaForCausalLM for EAGLE-1 drafts.
+Neither config carries a "bias" key: vLLM's and SGLang's Llama layers read `attention_bias or bias` as the attention
+bias, which would create q/k/v/o biases that no tensor fills. Neither folder stores the embedding: the drafter never
+trains it, and without `embed_tokens.weight` both runtimes use the target's own (vLLM's proposer shares it when the
+checkpoint has none, SGLang's EAGLE worker always replaces the draft's with the target's), where a stored bf16 copy would
+be rounded and, in vLLM, kept as a separate table. Both carry the target's max_position_embeddings.
 A draft with a restricted draft vocabulary (drafts/vocab.py) also stores `token_map` (int64 [size], ascending target
 ids) in draftkit's model.safetensors, and eagle-sglang/ gets `token_map.pt` for SGLang's FR-Spec flag
 `--speculative-token-map`: SGLang reads that file with torch.load(weights_only=True) as the absolute target ids of the
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -37,6 +45,7 @@ from draftkit.export.artifact import (
     read_tensor_file,
     require_same_as_target,
 )
+from draftkit.export.card import draftkit_target, model_card, target_load_name
 from draftkit.io import staged_directory
 
 FAMILY = "fspad"
@@ -69,7 +78,16 @@ def architecture(draft: FeatureDrafter) -> dict:
         "feature_sampling": draft.feature_sampling is not None, "partial_alignment": draft.partial_alignment,
         "fc_bias": draft.fc.bias is not None,
         "draft_vocab_size": None if draft.token_map is None else draft.draft_vocab_size,
+        "embedding_trained": draft.embed_tokens.weight.requires_grad,
     }
+
+
+def _stores_embedding(arch: dict, fmt: str) -> bool:
+    """A folder stores embed_tokens.weight only when the drafter trained it; EAGLE folders written before that rule
+    (no "embedding_trained" recorded) stored a frozen bf16 copy of the target's."""
+    if "embedding_trained" in arch:
+        return arch["embedding_trained"]
+    return fmt in EAGLE_FORMATS
 
 
 def expected_keys(arch: dict, fmt: str) -> dict[str, list[int]]:
@@ -89,6 +107,8 @@ def expected_keys(arch: dict, fmt: str) -> dict[str, list[int]]:
         "layers.0.mlp.down_proj.weight": [2 * h if arch["partial_alignment"] else h, i],
         "layers.0.post_attention_layernorm.weight": [h],
     }
+    if _stores_embedding(arch, fmt):
+        keys["embed_tokens.weight"] = [arch["vocab_size"], h]
     if fmt == "draftkit":
         if arch.get("draft_vocab_size") is not None:
             keys["token_map"] = [arch["draft_vocab_size"]]
@@ -98,7 +118,6 @@ def expected_keys(arch: dict, fmt: str) -> dict[str, list[int]]:
             keys.update({"feature_sampling.norm.weight": [h], "feature_sampling.gate_proj.weight": [i, h],
                          "feature_sampling.up_proj.weight": [i, h], "feature_sampling.down_proj.weight": [h, i]})
         return keys
-    keys["embed_tokens.weight"] = [arch["vocab_size"], h]
     if fmt == "eagle-sglang":
         keys["fc.bias"] = [h]
     return keys
@@ -139,19 +158,23 @@ def eagle_tensors(draft: FeatureDrafter, fmt: str) -> dict[str, torch.Tensor]:
                          "Fix: train with fspad.fc_bias=false (the default)")
     if fmt == "eagle-sglang":
         tensors["fc.bias"] = (bias if bias is not None else torch.zeros(draft.hidden_size)).to(torch.bfloat16)
-    tensors["embed_tokens.weight"] = draft.embed_tokens.weight.detach().to(torch.bfloat16).cpu().contiguous()
     return tensors
 
 
-def _llama_config(arch: dict, feature: dict, max_position_embeddings: int, fc_bias: bool) -> dict:
+# The model class each runtime builds the draft with: vLLM maps LlamaForCausalLM to its EAGLE class for method "eagle";
+# SGLang instantiates the class `architectures` names.
+EAGLE_ARCHITECTURES = {"eagle-vllm": "LlamaForCausalLM", "eagle-sglang": "LlamaForCausalLMEagle"}
+
+
+def _llama_config(arch: dict, feature: dict, max_position_embeddings: int, fmt: str) -> dict:
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 1,
+        "architectures": [EAGLE_ARCHITECTURES[fmt]], "model_type": "llama", "num_hidden_layers": 1,
         "hidden_size": arch["hidden_size"], "intermediate_size": arch["intermediate_size"],
         "num_attention_heads": arch["num_attention_heads"], "num_key_value_heads": arch["num_key_value_heads"],
         "head_dim": arch["hidden_size"] // arch["num_attention_heads"], "vocab_size": arch["vocab_size"],
         "rope_theta": arch["rope_theta"], "rms_norm_eps": arch["rms_norm_eps"], "hidden_act": "silu",
         "max_position_embeddings": max_position_embeddings, "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16", "bias": fc_bias, "draftkit_target_feature": feature,
+        "torch_dtype": "bfloat16", "attention_bias": False, "mlp_bias": False, "draftkit_target_feature": feature,
     }
 
 
@@ -167,19 +190,27 @@ def write_format_dir(folder: Path, tensors: dict, expected: dict, config: dict, 
     (folder / "draftkit.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
-CARD = """# {name}
-
-A {variant} feature drafter for speculative decoding of **{target}**, trained with draftkit (recipe `fspad`).
-It reads the target's {norm} feature of layer {layer} and the next token's embedding, and uses the target's
-embedding and LM head (not stored in the draftkit format). Trained parameters: {params:,}.
-
-## Measured acceptance
-{eval_table}
-
-## Folders
-- this folder: draftkit format (`python -m draftkit.eval --draft <this folder>`).
-{eagle_lines}
-"""
+def _card(fmt: str, shown_as: str, *, variant: str, target_name: str, target_reference: dict | None, norm: str,
+          layer: int, params: int, eval_table: str, folders: list[str], num_speculative_tokens: int,
+          restricted_vocab: bool) -> str:
+    """The model card of one folder: the draftkit format's lists the others; each EAGLE folder's says how to serve it."""
+    load = target_load_name(target_name, target_reference)
+    summary = (f"A {variant} feature drafter for speculative decoding, trained with draftkit (recipe `fspad`). It "
+               f"reads the target's {norm} feature of layer {layer} and the next token's embedding, and uses the "
+               f"target's own embedding and LM head, which are not stored here. Trained parameters: {params:,}.")
+    evaluate = ("draftkit (any folder of this export)", "bash",
+                f"python -m draftkit.eval --draft {shown_as} --target {draftkit_target(target_name, target_reference)}")
+    if fmt == "draftkit":
+        return model_card(title=f"{variant} drafter for {load} (draftkit format)", summary=summary,
+                          target_name=target_name, target_reference=target_reference, eval_table=eval_table,
+                          usage=[evaluate], tags=["fspad", variant],
+                          extra="## Folders\n\n- this folder: draftkit's format (every trained tensor, fp32).\n"
+                                + "\n".join(folders))
+    return model_card(title=f"{variant} drafter for {load} ({fmt})", summary=summary, target_name=target_name,
+                      target_reference=target_reference, eval_table=eval_table, tags=["fspad", variant, fmt],
+                      usage=[(fmt.replace("eagle-", "").replace("vllm", "vLLM").replace("sglang", "SGLang"), "bash",
+                              _serve_command(fmt, load, shown_as, num_speculative_tokens, restricted_vocab)),
+                             evaluate])
 
 
 def export_feature_drafter(
@@ -193,9 +224,10 @@ def export_feature_drafter(
     max_position_embeddings: int,
     num_speculative_tokens: int,
     resolved_config_yaml: str,
-    eval_table_md: str = "(not measured)",
+    eval_table_md: str = "",
     eagle_formats: Sequence[str] | None = None,
     extra_info: dict | None = None,
+    target_reference: dict | None = None,
 ) -> dict[str, Path]:
     """Write the export folder(s); returns {format: folder}. eagle_formats: the EAGLE folders to write besides
     draftkit's; None writes every one that can hold this draft (and says in draftkit.json why the others are not
@@ -227,35 +259,35 @@ def export_feature_drafter(
                    {**base_info, "format": "draftkit", "eagle_exports": chosen or f"not written: {reasons}",
                     **({"not_written": not_written} if not_written else {})})
         if chosen:
-            eagle_lines = [f"- `{fmt}/` not written: {why}." for fmt, why in not_written.items()]
+            folders = [f"- `{fmt}/` not written: {why}." for fmt, why in not_written.items()]
         else:
-            eagle_lines = [f"- no EAGLE folders: {reasons}."] if reasons else []
+            folders = [f"- no EAGLE folders: {reasons}."] if reasons else []
+        params = sum(p.numel() for p in draft.parameters() if p.requires_grad)
+        card = partial(_card, variant=draft.variant, target_name=target_name, target_reference=target_reference,
+                       norm=feature_norm, layer=feature_layer, params=params, eval_table=eval_table_md,
+                       num_speculative_tokens=num_speculative_tokens, restricted_vocab=draft.token_map is not None)
         for fmt in chosen:
             sglang_token_map = fmt == "eagle-sglang" and draft.token_map is not None
             write_format_dir(staging / fmt, eagle_tensors(draft, fmt), expected_keys(arch, fmt),
-                       _llama_config(arch, feature, max_position_embeddings, fc_bias=fmt == "eagle-sglang"),
+                       _llama_config(arch, feature, max_position_embeddings, fmt),
                        {**base_info, "format": fmt, **({"token_map": SGLANG_TOKEN_MAP} if sglang_token_map else {})})
             if sglang_token_map:
                 torch.save(draft.token_map.detach().long().cpu().clone(), staging / fmt / SGLANG_TOKEN_MAP)
             written[fmt] = out_dir / fmt
-            eagle_lines.append(_serve_line(fmt, num_speculative_tokens, draft.token_map is not None))
+            (staging / fmt / "README.md").write_text(card(fmt, str(out_dir / fmt), folders=[]))
+            folders.append(f"- `{fmt}/`: for {'vLLM' if fmt == 'eagle-vllm' else 'SGLang'}, with its own card.")
         (staging / "draftkit_config.yaml").write_text(resolved_config_yaml)
-        params = sum(p.numel() for p in draft.parameters() if p.requires_grad)
-        (staging / "README.md").write_text(CARD.format(
-            name=out_dir.name, variant=draft.variant, target=target_name, norm=feature_norm, layer=feature_layer,
-            params=params, eval_table=eval_table_md, eagle_lines="\n".join(eagle_lines)))
+        (staging / "README.md").write_text(card("draftkit", str(out_dir), folders=folders))
     return written
 
 
-def _serve_line(fmt: str, num_speculative_tokens: int, restricted_vocab: bool) -> str:
+def _serve_command(fmt: str, target: str, folder: str, num_speculative_tokens: int, restricted_vocab: bool) -> str:
     if fmt == "eagle-vllm":
-        return ("- `eagle-vllm/`: `vllm serve <target> --speculative-config "
-                f"'{{\"method\": \"eagle\", \"model\": \"<export>/eagle-vllm\", \"num_speculative_tokens\": "
-                f"{num_speculative_tokens}}}'`")
-    token_map = f" --speculative-token-map <export>/eagle-sglang/{SGLANG_TOKEN_MAP}" if restricted_vocab else ""
-    return ("- `eagle-sglang/`: `python -m sglang.launch_server --model <target> --speculative-algorithm EAGLE "
-            f"--speculative-draft-model-path <export>/eagle-sglang --speculative-num-steps {num_speculative_tokens}"
-            f"{token_map}`")
+        return (f"vllm serve {target} --speculative-config '{{\"method\": \"eagle\", \"model\": \"{folder}\", "
+                f"\"num_speculative_tokens\": {num_speculative_tokens}}}'")
+    token_map = f" --speculative-token-map {folder}/{SGLANG_TOKEN_MAP}" if restricted_vocab else ""
+    return (f"python -m sglang.launch_server --model {target} --speculative-algorithm EAGLE "
+            f"--speculative-draft-model-path {folder} --speculative-num-steps {num_speculative_tokens}{token_map}")
 
 
 def read_format_dir(folder: Path, family: str, expected_keys, embed_weight: torch.Tensor) -> tuple[dict, dict]:
@@ -285,7 +317,8 @@ def load_feature_drafter(folder: str | os.PathLike, *, embed_weight: torch.Tenso
     arch = info["architecture"]
     if info["target_feature"]["norm"] == "pre_norm" and head_norm_weight is None:
         raise ValueError(f"{folder} reads pre-norm features: pass the target's final norm weight")
-    tensors.pop("embed_tokens.weight", None)  # the target's own embedding is used
+    if not arch.get("embedding_trained", False):
+        tensors.pop("embed_tokens.weight", None)  # an untrained copy of the target's: the target's own is used
     token_map = _stored_token_map(folder, info, tensors)
     draft = feature_drafter(
         embed_weight=embed_weight, lm_head_weight=lm_head_weight, num_heads=arch["num_attention_heads"],

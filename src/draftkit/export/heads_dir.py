@@ -27,20 +27,31 @@ from draftkit.export.artifact import (
     read_tensor_file,
     write_dir,
 )
+from draftkit.export.card import draftkit_target, model_card, target_load_name
 
 WEIGHTS = "model.safetensors"
 
 
 def export_heads_dir(module: nn.Module, out_dir: Path, *, family: str, architecture: dict, target_name: str,
-                     hidden_size: int, vocab_size: int, dtype: str = "float32", extra_info: dict | None = None) -> Path:
+                     hidden_size: int, vocab_size: int, dtype: str = "float32", extra_info: dict | None = None,
+                     eval_table_md: str = "", target_reference: dict | None = None) -> Path:
     """`architecture`: the JSON-serialisable keyword arguments that rebuild `module` (plus call-time target pieces)."""
     tensors = cast_tensors(module.state_dict(), getattr(torch, dtype))
     token_map = getattr(module, "token_map", None)
     info = {"family": family, "format": "draftkit", "architecture": architecture, "target": target_name,
             "hidden_size": hidden_size, "vocab_size": vocab_size, "dtype": dtype,
             "draft_vocab_size": None if token_map is None else token_map.numel(), **(extra_info or {})}
+    params = sum(t.numel() for name, t in tensors.items() if name != "token_map")
+    card = model_card(
+        title=f"{family} draft heads for {target_load_name(target_name, target_reference)}", tags=[family],
+        summary=(f"{family} draft heads for speculative decoding on the target's hidden states, trained with draftkit "
+                 f"(recipe `{family}`); {params:,} parameters. No serving engine loads this family: draftkit's "
+                 "runtime decodes them with a token tree."),
+        target_name=target_name, target_reference=target_reference, eval_table=eval_table_md,
+        usage=[("draftkit", "bash", f"python -m draftkit.eval --draft {out_dir} --target "
+                                    f"{draftkit_target(target_name, target_reference)}")])
     return write_dir(out_dir, {"config.json": info, WEIGHTS: tensors, "manifest.json": manifest(tensors),
-                               "draftkit.json": info})
+                               "draftkit.json": info, "README.md": card})
 
 
 def load_heads_dir(directory: str | Path, build: Callable[..., nn.Module], *, family: str,

@@ -1,34 +1,69 @@
-"""Upload an exported draft artifact (the directory a recipe wrote, model card included) to the Hugging Face Hub.
+"""Check an exported draft artifact (a folder a recipe wrote, model card included) and upload it to the Hugging Face Hub.
 
-Everything is checked locally first: the directory holds an artifact (config.json and safetensors weights),
-its model card exists and carries the measured acceptance table, and the card front matter names the Hub
-metadata. Only then is the network touched (one create_repo, one upload_folder).
+Every family's export is pushable: an artifact is a folder with config.json, safetensors weights and a model card
+(README.md). Some recipes write several formats side by side (Medusa: `vllm/` and `fasterdecoding/`; FSPAD/EAGLE-1:
+draftkit's format with `eagle-vllm/` and `eagle-sglang/` inside it); each is its own artifact, pushed to its own
+repository, because a serving engine loads a repository's root. Everything is checked locally first: the folder holds
+an artifact, its card exists, has front matter and carries the measured acceptance table, every tensor is readable and
+what the artifact says it is, and the repo id is valid. Only then is the network touched (one create_repo, one
+upload_folder).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 from draftkit.errors import UserError
 
 ARTIFACT_DIR = "export"
+CARD = "README.md"
 
 
 class HubExportError(UserError):
     pass
 
 
-def find_artifact(path: str | Path) -> Path:
-    """A run directory (its `export/` is used) or an export directory itself."""
+def is_artifact(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors")) and (folder / CARD).is_file()
+
+
+def _format_name(folder: Path, root: Path) -> str:
+    if folder != root:
+        return folder.name
+    info = folder / "draftkit.json"
+    return (json.loads(info.read_text()).get("format") if info.is_file() else None) or "hf"
+
+
+def find_artifacts(path: str | Path) -> dict[str, Path]:
+    """{format: folder} for a run directory (its `export/`) or an export folder: the folder itself when it is an
+    artifact, and each subfolder that is one."""
     path = Path(path)
-    candidates = [path / ARTIFACT_DIR, path] if (path / ARTIFACT_DIR).is_dir() else [path]
-    for candidate in candidates:
-        if (candidate / "config.json").is_file() and any(candidate.glob("*.safetensors")):
-            return candidate
-    raise HubExportError(
-        f"{path} holds no exported draft (config.json + *.safetensors, directly or in {path / ARTIFACT_DIR}). "
-        "Fix: pass a finished run directory, or re-run the training command on it to write the export")
+    if not path.exists():
+        raise HubExportError(f"{path} does not exist. Fix: pass a finished run directory or its export/ directory")
+    root = path / ARTIFACT_DIR if (path / ARTIFACT_DIR).is_dir() else path
+    folders = [root] + sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    return {_format_name(f, root): f for f in folders if is_artifact(f)}
+
+
+def find_artifact(path: str | Path, fmt: str | None = None) -> Path:
+    """The one artifact to upload: the only one there, or the one named by `fmt` (a format or subfolder name)."""
+    found = find_artifacts(path)
+    if not found:
+        raise HubExportError(
+            f"{path} holds no exported draft (a folder with config.json, *.safetensors and a model card {CARD}, "
+            f"directly or in {Path(path) / ARTIFACT_DIR}). Fix: pass a finished run directory, or re-run the training "
+            "command on it to write the export")
+    if fmt is not None:
+        if fmt not in found:
+            raise HubExportError(f"{path} has no {fmt!r} export; it holds {sorted(found)}. Fix: --format one of those")
+        return found[fmt]
+    if len(found) > 1:
+        listed = ", ".join(f"{name} ({folder})" for name, folder in found.items())
+        raise HubExportError(f"{path} holds several exports, one Hub repository each: {listed}. Fix: pick one with "
+                             "--format (push_format= when pushing from draftkit.train)")
+    return next(iter(found.values()))
 
 
 def check_tensors(artifact: Path) -> str:
@@ -52,34 +87,40 @@ def check_tensors(artifact: Path) -> str:
     return f"{count} tensors in {len(files)} file(s) readable and matching their manifest or config"
 
 
-def _check_card(artifact: Path) -> str:
-    card = artifact / "README.md"
+def check_card(artifact: Path) -> str:
+    card = artifact / CARD
     if not card.is_file():
-        raise HubExportError(f"{artifact} has no model card (README.md); the recipe's exporter writes one. Fix: "
+        raise HubExportError(f"{artifact} has no model card ({CARD}); the recipe's exporter writes one. Fix: "
                              "re-export the run")
     text = card.read_text(encoding="utf-8")
     if not text.startswith("---\n") or "\n---\n" not in text[4:]:
-        raise HubExportError(f"{card} has no YAML front matter, so the Hub would show no metadata. Fix: re-export the "
-                             "run")
+        raise HubExportError(f"{card} has no YAML front matter, so the Hub would show no metadata. Fix: re-export "
+                             "the run with this draftkit")
     if not re.search(r"^\|.*τ.*\|$", text, flags=re.M) and "(acceptance not measured" not in text:
         raise HubExportError(f"{card} carries no measured τ table. Fix: export after evaluation (eval=quick)")
     return text
 
 
-def push_to_hub(artifact_dir: str | Path, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                commit_message: str | None = None, revision: str | None = None) -> str:
-    """Upload the artifact; returns the URL of the commit."""
-    from huggingface_hub import HfApi
-
+def check_repo_id(repo_id: str) -> None:
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
         raise HubExportError(f"repo id {repo_id!r} is not of the form <user or org>/<name>. Fix: e.g. "
-                             "--push-to-hub me/smollm2-draft")
-    artifact = find_artifact(artifact_dir)
-    _check_card(artifact)
+                             "me/smollm2-draft")
+
+
+def push_to_hub(path: str | Path, repo_id: str, *, fmt: str | None = None, private: bool | None = None,
+                token: str | None = None, commit_message: str | None = None, revision: str | None = None) -> str:
+    """Upload one artifact (see find_artifact) to `repo_id` after every local check; returns the URL of the commit.
+    Other artifacts nested in its folder (the EAGLE folders inside FSPAD's) are left out: each is its own repository."""
+    from huggingface_hub import HfApi
+
+    check_repo_id(repo_id)
+    artifact = find_artifact(path, fmt)
+    check_card(artifact)
     check_tensors(artifact)
+    nested = [f"{p.name}/*" for p in artifact.iterdir() if p.is_dir() and is_artifact(p)]
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     info = api.upload_folder(repo_id=repo_id, folder_path=str(artifact), repo_type="model", revision=revision,
-                             commit_message=commit_message or f"Upload draft model from draftkit ({artifact.parent.name})",
-                             ignore_patterns=[".*"])
+                             commit_message=commit_message or f"Upload draft model from draftkit ({artifact})",
+                             ignore_patterns=[".*", *nested])
     return str(getattr(info, "commit_url", info))

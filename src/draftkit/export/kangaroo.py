@@ -21,30 +21,11 @@ from transformers import LlamaConfig
 
 from draftkit.drafts.kangaroo import KangarooAdapter
 from draftkit.export.artifact import ArtifactError, LoadedDraft, read_tensor_file
+from draftkit.export.card import draftkit_target, model_card, target_load_name
 from draftkit.io import staged_directory
 
 FAMILY = "kangaroo"
 FORMAT_VERSION = 1
-
-CARD = """---
-tags: [speculative-decoding, kangaroo, draftkit]
----
-# Kangaroo adapter for {target}
-
-Self-speculative decoding: the target's first {exit_layer} of {num_layers} layers plus this adapter (one attention-only
-decoder layer and a norm, {params:,} parameters) draft through the target's own LM head; drafting stops early when the
-draft's top-1 probability falls below {threshold}, and verification runs only layers {exit_layer}..{last_layer} on the
-cached early-exit states. Trained with draftkit (recipe `kangaroo`).
-
-## Measured acceptance
-{eval_table}
-
-## Use it
-```
-python -m draftkit.eval --draft <this directory> --target <the target> --gamma {max_draft_tokens}
-```
-"""
-
 
 def expected_keys(adapter: KangarooAdapter) -> dict[str, list[int]]:
     return {name: list(tensor.shape) for name, tensor in adapter.state_dict().items()}
@@ -52,7 +33,8 @@ def expected_keys(adapter: KangarooAdapter) -> dict[str, list[int]]:
 
 def export_kangaroo(
     adapter: KangarooAdapter, out_dir: Path, *, target_name: str, target_num_layers: int, target_vocab_size: int,
-    exit_layer: int, threshold: float, max_draft_tokens: int, eval_table_md: str = "(not measured)",
+    exit_layer: int, threshold: float, max_draft_tokens: int, eval_table_md: str = "",
+    target_reference: dict | None = None,
 ) -> Path:
     out_dir = Path(out_dir)
     with staged_directory(out_dir) as staging:
@@ -66,10 +48,18 @@ def export_kangaroo(
             "max_draft_tokens": max_draft_tokens, "tensors": expected_keys(adapter),
         }
         (staging / "draftkit.json").write_text(json.dumps(meta, indent=2) + "\n")
-        (staging / "README.md").write_text(CARD.format(
-            target=target_name, exit_layer=exit_layer, num_layers=target_num_layers, last_layer=target_num_layers - 1,
-            params=sum(t.numel() for t in tensors.values()), threshold=threshold, eval_table=eval_table_md,
-            max_draft_tokens=max_draft_tokens))
+        params = sum(t.numel() for t in tensors.values())
+        (staging / "README.md").write_text(model_card(
+            title=f"Kangaroo adapter for {target_load_name(target_name, target_reference)}", tags=[FAMILY],
+            summary=(f"Self-speculative decoding: the target's first {exit_layer} of {target_num_layers} layers plus "
+                     f"this adapter (one attention-only decoder layer and a norm, {params:,} parameters) draft through "
+                     f"the target's own LM head; drafting stops early when the draft's top-1 probability falls below "
+                     f"{threshold}, and verification runs only layers {exit_layer}..{target_num_layers - 1} on the "
+                     "cached early-exit states. Trained with draftkit (recipe `kangaroo`). No serving engine loads "
+                     "Kangaroo adapters: draftkit's runtime runs them."),
+            target_name=target_name, target_reference=target_reference, eval_table=eval_table_md,
+            usage=[("draftkit", "bash", f"python -m draftkit.eval --draft {out_dir} --target "
+                                        f"{draftkit_target(target_name, target_reference)} --gamma {max_draft_tokens}")]))
     return out_dir
 
 

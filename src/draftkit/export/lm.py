@@ -15,43 +15,35 @@ from transformers import PreTrainedModel
 
 from draftkit.engine.distributed import is_main_process
 from draftkit.export.artifact import ArtifactError, LoadedDraft, read_tensor_file
+from draftkit.export.card import draftkit_target, model_card, target_load_name
 from draftkit.io import staged_directory
 
-CARD_TEMPLATE = """---
-library_name: transformers
-tags: [speculative-decoding, draft-model, draftkit]
----
-# {name}
 
-A draft model for speculative decoding of **{target}**, trained with draftkit (recipe `{recipe}`).
-It shares the target's tokenizer and its padded vocabulary (`vocab_size = {vocab_size}`), so runtimes treat
-the pair as one tokenizer and verify index by index. Parameters: {params:,}.
-
-## Measured acceptance
-{eval_table}
-
-τ counts tokens per target forward including the bonus token (autoregressive decoding = 1.00); α_i is the
-acceptance rate at draft position i given the earlier positions were accepted. Measured with draftkit's
-speculative runtime on the prompts named above; wall-clock numbers depend on the machine.
-
-## Use it
-Hugging Face transformers (assisted generation; `generation_config.json` sets `num_assistant_tokens={gamma}`):
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-target = AutoModelForCausalLM.from_pretrained("<target>")
-draft = AutoModelForCausalLM.from_pretrained("<this directory>")
-tok = AutoTokenizer.from_pretrained("<target>")
-out = target.generate(**tok("Hello", return_tensors="pt"), assistant_model=draft, do_sample=False, max_new_tokens=64)
-```
-vLLM:
-```
-vllm serve <target> --speculative-config '{{"method": "draft_model", "model": "<this directory>", "num_speculative_tokens": {gamma}}}'
-```
-SGLang:
-```
-python -m sglang.launch_server --model <target> --speculative-algorithm STANDALONE --speculative-draft-model-path <this directory> --speculative-num-steps {gamma}
-```
-"""
+def card(name: str, *, target_name: str, target_reference: dict | None, recipe: str, vocab_size: int, params: int,
+         eval_table: str, gamma: int, context_note: str = "") -> str:
+    load = target_load_name(target_name, target_reference)
+    hf = f"""from transformers import AutoModelForCausalLM, AutoTokenizer
+target = AutoModelForCausalLM.from_pretrained("{load}")
+tok = AutoTokenizer.from_pretrained("{load}")
+draft = AutoModelForCausalLM.from_pretrained("{name}")  # this folder, or the Hub repo it was pushed to
+inputs = tok.apply_chat_template([{{"role": "user", "content": "Hi!"}}], add_generation_prompt=True,
+                                 return_tensors="pt", return_dict=True)
+out = target.generate(**inputs, assistant_model=draft, do_sample=False, max_new_tokens=64)
+print(tok.decode(out[0, inputs["input_ids"].shape[1]:]))"""
+    vllm = (f"vllm serve {load} --speculative-config "
+            f"'{{\"method\": \"draft_model\", \"model\": \"{name}\", \"num_speculative_tokens\": {gamma}}}'")
+    sglang = (f"python -m sglang.launch_server --model {load} --speculative-algorithm STANDALONE "
+              f"--speculative-draft-model-path {name} --speculative-num-steps {gamma}")
+    return model_card(
+        title=f"Draft model for {load}", library_name="transformers", tags=["draft-model", recipe],
+        summary=(f"A draft model for speculative decoding, trained with draftkit (recipe `{recipe}`). It shares the "
+                 f"target's tokenizer and its padded vocabulary (`vocab_size = {vocab_size}`), so runtimes treat the "
+                 f"pair as one tokenizer and verify index by index. Parameters: {params:,}.{context_note}"),
+        target_name=target_name, target_reference=target_reference, eval_table=eval_table,
+        usage=[("Hugging Face transformers (assisted generation; `generation_config.json` sets "
+                f"`num_assistant_tokens={gamma}`)", "python", hf), ("vLLM", "bash", vllm), ("SGLang", "bash", sglang),
+               ("draftkit (τ and α on your prompts)", "bash",
+                f"python -m draftkit.eval --draft {name} --target {draftkit_target(target_name, target_reference)}")])
 
 
 def export_hf_draft(
@@ -64,14 +56,30 @@ def export_hf_draft(
     recipe: str,
     num_assistant_tokens: int,
     resolved_config_yaml: str,
-    eval_table_md: str = "(not measured)",
+    eval_table_md: str = "",
+    target_reference: dict | None = None,
+    target_context_length: int | None = None,
+    shown_as: str | None = None,
 ) -> Path:
-    """Write the directory atomically (staging dir + rename), replacing an earlier export at `out_dir`."""
-    draft_vocab = draft.config.get_text_config().vocab_size
+    """Write the directory atomically (staging dir + rename), replacing an earlier export at `out_dir`.
+
+    `target_reference` (Target.reference()) names the target in the model card; `target_context_length` is the
+    target's max_position_embeddings: a draft with a shorter one makes vLLM cap every request at the draft's length,
+    which the card and the console then say (the draft's own setting is kept, as the user configured it). `shown_as`:
+    the path the card names (default `out_dir`; an exporter writing into its own staging folder passes the final one)."""
+    text_config = draft.config.get_text_config()
+    draft_vocab = text_config.vocab_size
     if draft_vocab != target_vocab_size:
         raise ValueError(f"draft vocab_size {draft_vocab} != target vocab_size {target_vocab_size}; runtimes would "
                          "treat them as different tokenizers")
     out_dir = Path(out_dir)
+    context_note = ""
+    draft_context = getattr(text_config, "max_position_embeddings", None)
+    if target_context_length and draft_context and draft_context < target_context_length:
+        context_note = (f" Its context is {draft_context} positions against the target's {target_context_length}: "
+                        f"vLLM caps requests at {draft_context} tokens with this draft (train with "
+                        "draft.max_position_embeddings=null to take the target's).")
+        print(f"[draftkit] note:{context_note}")
     if not is_main_process():  # in a multi-process job every rank holds the same draft; rank 0 writes it
         return out_dir
     with staged_directory(out_dir) as staging:
@@ -88,9 +96,10 @@ def export_hf_draft(
         tokenizer.save_pretrained(staging)
         (staging / "draftkit_config.yaml").write_text(resolved_config_yaml)
         params = sum(p.numel() for p in {id(p): p for p in draft.parameters()}.values())
-        (staging / "README.md").write_text(CARD_TEMPLATE.format(
-            name=out_dir.name, target=target_name, recipe=recipe, vocab_size=target_vocab_size, params=params,
-            eval_table=eval_table_md, gamma=num_assistant_tokens))
+        (staging / "README.md").write_text(card(
+            shown_as or str(out_dir), target_name=target_name, target_reference=target_reference, recipe=recipe,
+            vocab_size=target_vocab_size, params=params, eval_table=eval_table_md, gamma=num_assistant_tokens,
+            context_note=context_note))
     return out_dir
 
 

@@ -39,6 +39,7 @@ from draftkit.export.artifact import (
     require_same_as_target,
     write_dir,
 )
+from draftkit.export.card import draftkit_target, model_card, target_load_name
 
 FAMILY = "medusa"
 FORMATS = ("vllm", "fasterdecoding")
@@ -96,8 +97,32 @@ def _truncated_size(heads: MedusaHeads) -> int | None:
     return heads.draft_vocab_size if heads.draft_vocab_size < heads.vocab_size else None
 
 
+def _card(heads: MedusaHeads, fmt: str, out_dir: Path, target_name: str, target_reference: dict | None,
+          eval_table: str, extra_info: dict | None) -> str:
+    load = target_load_name(target_name, target_reference)
+    if fmt == "vllm":
+        serve = [("vLLM (decodes a chain: the top-1 token of each head)", "bash",
+                  f"vllm serve {load} --speculative-config '{{\"method\": \"medusa\", \"model\": \"{out_dir}\", "
+                  f"\"num_speculative_tokens\": {heads.num_heads}}}'")]
+    else:
+        serve = [("FasterDecoding/Medusa (config.json names the target as base_model_name_or_path)", "bash",
+                  f"python -m medusa.inference.cli --model {out_dir}")]
+    joint = (extra_info or {}).get("target_lora")
+    return model_card(
+        title=f"Medusa heads for {load} ({fmt} format)", tags=["medusa", f"medusa-{fmt}"],
+        summary=(f"{heads.num_heads} Medusa heads ({heads.num_layers} residual layer(s) each) on the target's final "
+                 f"hidden state, trained with draftkit (recipe `medusa`); head k predicts the token k + 2 positions "
+                 "ahead." + (" Medusa-2: the heads read the target with the LoRA adapters of `../target_lora` merged "
+                             "into it, so serve that merged model as the target." if joint else "")),
+        target_name=target_name, target_reference=target_reference, eval_table=eval_table,
+        usage=[*serve, ("draftkit (chain or tree decoding)", "bash",
+                        f"python -m draftkit.eval --draft {out_dir} --target "
+                        f"{draftkit_target(target_name, target_reference)}")])
+
+
 def export_medusa_vllm(heads: MedusaHeads, out_dir: Path, *, target_name: str, target_lm_head: torch.Tensor,
-                       dtype: str = "bfloat16", extra_info: dict | None = None) -> Path:
+                       dtype: str = "bfloat16", extra_info: dict | None = None, eval_table_md: str = "",
+                       target_reference: dict | None = None) -> Path:
     """vLLM Medusa directory. `target_lm_head` [V', H] (the rows the heads score: the target's LM head, or its token_map
     rows) is stored as lm_heads.0.weight when the heads share it."""
     original_lm_head = heads.lm_heads is None
@@ -122,11 +147,14 @@ def export_medusa_vllm(heads: MedusaHeads, out_dir: Path, *, target_name: str, t
     }
     check_vllm_config(config)
     return write_dir(out_dir, {"config.json": config, VLLM_WEIGHTS: tensors, "manifest.json": manifest(tensors),
-                                "draftkit.json": _info(heads, "vllm", target_name, extra_info)})
+                               "draftkit.json": _info(heads, "vllm", target_name, extra_info),
+                               "README.md": _card(heads, "vllm", Path(out_dir), target_name, target_reference,
+                                                  eval_table_md, extra_info)})
 
 
 def export_medusa_fasterdecoding(heads: MedusaHeads, out_dir: Path, *, target_name: str, dtype: str = "float32",
-                                 extra_info: dict | None = None) -> Path:
+                                 extra_info: dict | None = None, eval_table_md: str = "",
+                                 target_reference: dict | None = None) -> Path:
     """FasterDecoding directory: config.json + medusa_lm_head.{safetensors,pt} with the legacy tensor names."""
     if not heads.bias:
         raise ArtifactError("FasterDecoding's ResBlock always has a bias; these heads were built with bias=false. "
@@ -145,11 +173,15 @@ def export_medusa_fasterdecoding(heads: MedusaHeads, out_dir: Path, *, target_na
             tensors[f"{h}.{L}.weight"] = heads.lm_heads[h].weight
     tensors = cast_tensors(tensors, getattr(torch, dtype))
     check_key_set(tensors, fasterdecoding_keys(heads.num_heads, L, heads.lm_heads is not None), "FasterDecoding export")
-    config = {"medusa_num_heads": heads.num_heads, "medusa_num_layers": L, "base_model_name_or_path": target_name,
+    # FasterDecoding's MedusaModel loads the base model from this name, so it is the target as transformers loads it.
+    config = {"medusa_num_heads": heads.num_heads, "medusa_num_layers": L,
+              "base_model_name_or_path": (target_reference or {}).get("load") or target_name,
               "version": "1" if heads.lm_heads is not None else "2"}
     return write_dir(out_dir, {"config.json": config, FD_WEIGHTS: tensors, FD_PICKLE: tensors,
-                                "manifest.json": manifest(tensors),
-                                "draftkit.json": _info(heads, "fasterdecoding", target_name, extra_info)})
+                               "manifest.json": manifest(tensors),
+                               "draftkit.json": _info(heads, "fasterdecoding", target_name, extra_info),
+                               "README.md": _card(heads, "fasterdecoding", Path(out_dir), target_name,
+                                                  target_reference, eval_table_md, extra_info)})
 
 
 def _load_vllm(directory: Path, config: dict) -> tuple[MedusaHeads, torch.Tensor | None]:

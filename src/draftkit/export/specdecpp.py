@@ -79,13 +79,16 @@ def load_acceptance_head(head_dir: str | Path, draft: nn.Module | None = None) -
 
 def export_specdecpp(draft, head: AcceptanceHead, tokenizer, out_dir: Path, *, target_name: str,
                      target_vocab_size: int, head_info: dict, stop_policy: dict, resolved_config_yaml: str,
-                     eval_table_md: str) -> Path:
+                     eval_table_md: str, target_reference: dict | None = None,
+                     target_context_length: int | None = None) -> Path:
     """Write the draft, the head and the policy into a staging directory, then swap it in as `out_dir`."""
     out_dir = Path(out_dir)
     with staged_directory(out_dir) as staging:
         export_hf_draft(draft, tokenizer, staging, target_name=target_name, target_vocab_size=target_vocab_size,
                         recipe=FAMILY, num_assistant_tokens=stop_policy["num_speculative_tokens"],
-                        resolved_config_yaml=resolved_config_yaml, eval_table_md=eval_table_md)
+                        resolved_config_yaml=resolved_config_yaml, eval_table_md=eval_table_md,
+                        target_reference=target_reference, target_context_length=target_context_length,
+                        shown_as=str(out_dir))
         export_acceptance_head(head, staging / HEAD_DIR, draft_fingerprint_=draft_fingerprint(draft), info=head_info)
         write_json_atomic(staging / POLICY_FILE, stop_policy)
         write_json_atomic(staging / "draftkit.json", {"family": FAMILY, "head": HEAD_DIR, "stop_policy": POLICY_FILE,

@@ -28,6 +28,7 @@ from draftkit.engine.distributed import as_settings, frozen_dtype, is_main_proce
 from draftkit.engine.loop import stage_settings, train
 from draftkit.engine.run import record_run
 from draftkit.errors import ConfigError
+from draftkit.export.card import card_commands
 from draftkit.io import write_json_atomic, write_text_atomic
 from draftkit.runtime.drafting import Drafting, DraftingOptions
 from draftkit.runtime.evaluate import evaluate_draft, interval_cell, interval_label, interval_note, load_prompts
@@ -41,6 +42,13 @@ def start_run(cfg: DictConfig, run_dir: Path):
     sink = instantiate(cfg.logger, _recursive_=False, run_dir=str(run_dir), run_config=config, run_name=run_dir.name)
     engine = OmegaConf.to_container(cfg.engine, resolve=True)
     return sink, engine, instantiate(cfg.target)
+
+
+def export_target_args(target) -> dict:
+    """What an exporter of a standalone draft LM records of the target: its name, its padded vocabulary, how a model
+    card names it (a loadable id or path, and the exact checkpoint trained against) and its context length."""
+    return {"target_name": target.name, "target_vocab_size": target.vocab_size, "target_reference": target.reference(),
+            "target_context_length": getattr(target.config.get_text_config(), "max_position_embeddings", None)}
 
 
 def frozen_weight(weight, engine: dict):
@@ -154,7 +162,7 @@ def train_and_measure(cfg: DictConfig, run_dir: Path, *, sink, engine: dict, tar
                       chain: Drafting, tree: Drafting | None, stage_engine: dict, tree_label: str):
     """A feature drafter's run between its data and its export: acceptance before training (eval.before), the
     resumable training stage, acceptance after (chain, and tree unless None; reports made before a resumed stage
-    changed the draft are dropped) and summary.md. Returns (before, after, after_tree, table)."""
+    changed the draft are dropped). Returns (before, after, after_tree, table, the stage's loss history)."""
     before = (measure_acceptance(target, chain, cfg.eval, run_dir / "eval_before.json")
               if cfg.eval.get("before") else None)
     torch.manual_seed(cfg.engine.seed)  # the step's own randomness, whatever ran before (resume restores the state)
@@ -169,12 +177,16 @@ def train_and_measure(cfg: DictConfig, run_dir: Path, *, sink, engine: dict, tar
     after_tree = measure_acceptance(target, tree, cfg.eval, run_dir / "eval_after_tree.json") if tree else None
     table = compare_markdown({"before training": before, "after training (chain)": after,
                               f"after training ({tree_label})": after_tree})
-    write_text_atomic(run_dir / "summary.md", table + "\n")
-    return before, after, after_tree, table
+    return before, after, after_tree, table, result.history
 
 
-def finish_feature_run(run_dir: Path, sink, exports: dict, before, after, after_tree, table: str, **details) -> Path:
-    """The run's summary metrics, result.json (the exports, `details`, the reports) and the console table."""
+def finish_feature_run(run_dir: Path, sink, exports: dict, before, after, after_tree, table: str, history: list[dict],
+                       *, title: str, **details) -> Path:
+    """summary.md, the run's summary metrics, result.json (the exports, `details`, the reports) and the console
+    table."""
+    write_summary(run_dir, title=title, table=table, histories={"train": history},
+                  exports={("draftkit format" if fmt == "draftkit" else fmt): folder for fmt, folder in exports.items()},
+                  reports=[before, after, after_tree])
     if after is not None:
         sink.summary({"tau_before": before["overall"]["tau"] if before else None, "tau_after": after["overall"]["tau"]})
     sink.finish()
@@ -267,6 +279,8 @@ def measure_acceptance(target, drafting: Drafting, eval_cfg: DictConfig, path: P
                             measure_speedup=eval_cfg.measure_speedup, **drafting.evaluate_args(), **evaluate_args)
     if was_training is not None:
         draft.train(was_training)
+    # The module's own name would be wrong here: a draft cut from the target carries the target's path as its name.
+    report["config"]["draft"] = f"the draft of run {path.parent} ({path.stem})"
     report["eval_settings"] = settings
     if is_main_process():  # every rank measures (a ZeRO-3 target needs them all); one writes
         write_json_atomic(path, report)
@@ -305,13 +319,61 @@ def compare_markdown(reports: dict[str, dict | None]) -> str:
     return "\n".join(lines)
 
 
+TREND_METRICS = ("alpha_hat", "top1", "alpha_hat_head0", "top1_head0")
+TREND_POINTS = 6
+CPU_SPEEDUP_NOTE = (
+    "A speedup below 1x is expected here. Speculative decoding wins when a target forward is expensive and "
+    "memory-bound (a large model on a GPU), so that checking γ + 1 tokens costs about as much as producing one. On a "
+    "CPU, and with a target as small as SmolLM2-135M, a forward's cost grows with the tokens it checks and a draft "
+    "forward costs a large share of a target forward, so τ has to be far above 1 before decoding gets faster. Judge "
+    "a draft here by τ and α; `python -m draftkit.eval --profile` predicts the speedup from the step costs.")
+
+
+def loss_trend(history: list[dict], points: int = TREND_POINTS) -> list[str]:
+    """A Markdown table of the loss (and the acceptance estimate, when the objective reports one) at a few evenly
+    spaced logged steps, first and last included."""
+    if not history:
+        return ["(no steps logged)"]
+    picks = sorted({round(i * (len(history) - 1) / max(points - 1, 1)) for i in range(points)})
+    extra = [m for m in TREND_METRICS if m in history[-1]][:1]
+    lines = ["| step | loss |" + "".join(f" {m} |" for m in extra), "|---:|---:|" + "---:|" * len(extra)]
+    for i in picks:
+        record = history[i]
+        lines.append(f"| {record['step']} | {record['loss']:.4f} |" + "".join(f" {record[m]:.3f} |" for m in extra))
+    return lines
+
+
+def write_summary(run_dir: Path, *, title: str, table: str, histories: dict[str, list[dict]],
+                  exports: dict[str, Path], reports: list[dict | None]) -> str:
+    """summary.md: what the run trained, how its loss and acceptance moved, where the draft went and the one-line
+    commands that use it (those of the export's own model card)."""
+    lines = [f"# {title}", "", f"Run directory: `{run_dir}`", "", "## Training loss", ""]
+    for stage, history in histories.items():
+        if len(histories) > 1:
+            lines += [f"Stage `{stage}`:", ""]
+        lines += [*loss_trend(history), ""]
+    lines += ["## Acceptance before and after training", "", table, ""]
+    speedups = [r["overall"].get("speedup") for r in reports if r]
+    if any(s is not None and s < 1 for s in speedups):
+        lines += [CPU_SPEEDUP_NOTE, ""]
+    lines += ["## The draft", ""]
+    for label, folder in exports.items():
+        lines += [f"- {label}: `{folder}`"]
+        lines += [f"  - `{command}`" for command in card_commands(folder)]
+    text = "\n".join(lines) + "\n"
+    if is_main_process():
+        write_text_atomic(Path(run_dir) / "summary.md", text)
+    return text
+
+
 def finish_run(run_dir: Path, sink, before: dict | None, after: dict | None, table: str, export_dir: Path,
-               what: str) -> Path:
+               what: str, *, title: str, histories: dict[str, list[dict]]) -> Path:
     """The end of a train-and-measure recipe: summary.md, the run's summary metrics, result.json, the console table."""
-    write_text_atomic(run_dir / "summary.md", table + "\n")
+    write_summary(run_dir, title=title, table=table, histories=histories, exports={"export": export_dir},
+                  reports=[before, after])
     if after is not None:
         sink.summary({"tau_before": before["overall"]["tau"] if before else None, "tau_after": after["overall"]["tau"]})
     sink.finish()
     write_json_atomic(run_dir / "result.json", {"export": str(export_dir), "before": before, "after": after})
-    print(f"\n{table}\n\n{what} exported to {export_dir}")
+    print(f"\n{table}\n\n{what} exported to {export_dir}; summary in {run_dir / 'summary.md'}")
     return export_dir

@@ -25,15 +25,17 @@ from draftkit.engine.distributed import process_index, world_size_from_env
 from draftkit.engine.loop import LoopSettings, stage_settings, train
 from draftkit.errors import ConfigError
 from draftkit.export.lm import export_hf_draft
-from draftkit.io import write_json_atomic, write_text_atomic
+from draftkit.io import write_json_atomic
 from draftkit.objectives.kl import DIVERGENCES, divergence
 from draftkit.objectives.types import LossOutput
 from draftkit.recipes.common import (
     compare_markdown,
+    export_target_args,
     load_sources,
     measure_acceptance,
     require_shared_vocabulary,
     start_run,
+    write_summary,
 )
 from draftkit.runtime import lm as lm_runtime
 from draftkit.runtime.drafting import DraftingOptions
@@ -268,6 +270,11 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
         seed=engine["seed"], micro_step=resumed_step * loop_settings.grad_accum)
     attach_teacher_rollouts(step, settings, examples, loop_settings, pad_token_id)
     started = time.perf_counter()
+    if step.teacher_rollouts is not None and resumed_step < loop_settings.steps:
+        # The first round is written before the loop starts, not inside its first step: the step bar's ETA would
+        # otherwise extrapolate a whole round of generation over every remaining step.
+        step.teacher_rollouts.prepare(step.micro_step // step.micro_steps_per_round)
+        step.generation_seconds += time.perf_counter() - started
     result = train(model=draft, step_fn=step, dataset=examples, collate=partial(collate_prompts, pad_token_id=pad_token_id),
                    settings=loop_settings, stage_dir=stage_dir, sink=sink, resume=cfg.resume, desc="distill")
     train_seconds = time.perf_counter() - started
@@ -276,11 +283,10 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
         (run_dir / "eval_after.json").unlink(missing_ok=True)
     after = measure_acceptance(target, drafting, cfg.eval, run_dir / "eval_after.json")
     table = compare_markdown({"before distillation": before, "after distillation": after})
-    write_text_atomic(run_dir / "summary.md", table + "\n")
     merged = draft.merge_and_unload() if settings.lora else draft
     export_dir = export_hf_draft(
-        merged, tokenizer, run_dir / "export", target_name=target.name, target_vocab_size=target.vocab_size,
-        recipe="distillspec", num_assistant_tokens=settings.export.num_assistant_tokens,
+        merged, tokenizer, run_dir / "export", **export_target_args(target), recipe="distillspec",
+        num_assistant_tokens=settings.export.num_assistant_tokens,
         resolved_config_yaml=OmegaConf.to_yaml(cfg, resolve=True), eval_table_md=table)
     trained_here = result.steps - (result.resumed_from or 0)
     rollouts = step.teacher_rollouts
@@ -289,6 +295,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
               "teacher_prompts_unplanned": rollouts.unplanned_written if rollouts else None,
               "generation_share": step.generation_seconds / train_seconds if trained_here else None,
               "distill_temperature": temperature}
+    write_summary(run_dir, title=f"DistillSpec draft for {target.name}", table=table,
+                  histories={"distill": result.history}, exports={"export": export_dir}, reports=[before, after])
     if after is not None:
         sink.summary({"tau_before": before["overall"]["tau"] if before else None, "tau_after": after["overall"]["tau"],
                       **{k: v for k, v in timing.items() if v is not None}})
@@ -296,5 +304,6 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     write_json_atomic(run_dir / "result.json", {"export": str(export_dir), "before": before, "after": after,
                                                 "timing": timing})
     share = f", {100 * timing['generation_share']:.0f}% of it generating" if timing["generation_share"] else ""
-    print(f"\n{table}\n\nTrained for {train_seconds:.0f} s{share}. Draft exported to {export_dir}")
+    print(f"\n{table}\n\nTrained for {train_seconds:.0f} s{share}. Draft exported to {export_dir}; summary in "
+          f"{run_dir / 'summary.md'}")
     return export_dir

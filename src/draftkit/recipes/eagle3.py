@@ -179,7 +179,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
     if settings.tree.kind != "none":
         tree = eagle3_runtime.drafting(draft, target, tree_options(settings.tree), layers,
                                        name=f"{draft.variant} draft (tree)")
-    before, after, after_tree, table = train_and_measure(
+    before, after, after_tree, table, history = train_and_measure(
         cfg, run_dir, sink=sink, engine=engine, target=target, draft=draft, step_fn=make_step(target, settings, layers),
         dataset=dataset, chain=chain, tree=tree, stage_engine=settings.train.engine,
         tree_label=f"{settings.tree.kind} tree, depth {settings.tree.depth}")
@@ -190,5 +190,6 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
         resolved_config_yaml=OmegaConf.to_yaml(cfg, resolve=True), verifier_name_or_path=verifier_name_or_path(cfg),
         verifier_architectures=list(target.config.architectures or []), eval_table_md=table,
         formats=None if settings.export.formats is None else list(settings.export.formats))
-    return finish_feature_run(run_dir, sink, exports, before, after, after_tree, table, variant=draft.variant,
+    return finish_feature_run(run_dir, sink, exports, before, after, after_tree, table, history,
+                              title=f"EAGLE-3 drafter for {target.name}", variant=draft.variant,
                               aux_layers=layers, features=settings.features.source)

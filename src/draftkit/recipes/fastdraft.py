@@ -22,6 +22,7 @@ from draftkit.export.lm import export_hf_draft
 from draftkit.objectives.ce import next_token_ce
 from draftkit.recipes.common import (
     compare_markdown,
+    export_target_args,
     finish_run,
     load_sources,
     measure_acceptance,
@@ -62,26 +63,29 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     before = (measure_acceptance(target, drafting, cfg.eval, run_dir / "eval_before.json")
               if cfg.eval.get("before") else None)
 
-    results = []
+    results = {}
     if "pretrain" in stages:
         texts = load_sources(cfg.data.pretrain, cfg.data.pretrain_limit)
         blocks = pack_texts(texts, tokenizer, seq_len=cfg.fastdraft.pretrain.seq_len)
-        results.append(train(model=draft, step_fn=lm_step, dataset=blocks, collate=batch_collate,
-              settings=stage_settings(engine, "fastdraft.pretrain.engine", **cfg.fastdraft.pretrain.engine),
-              stage_dir=run_dir / "pretrain", sink=sink, resume=cfg.resume, desc="pretrain"))
+        results["pretrain"] = train(model=draft, step_fn=lm_step, dataset=blocks, collate=batch_collate,
+                                    settings=stage_settings(engine, "fastdraft.pretrain.engine",
+                                                            **cfg.fastdraft.pretrain.engine),
+                                    stage_dir=run_dir / "pretrain", sink=sink, resume=cfg.resume, desc="pretrain")
 
     if "finetune" in stages:
         chats = self_distilled_chats(cfg.data, target, run_dir, engine["seed"])
-        results.append(train(model=draft, step_fn=lm_step, dataset=chats, collate=batch_collate,
-              settings=stage_settings(engine, "fastdraft.finetune.engine", **cfg.fastdraft.finetune.engine),
-              stage_dir=run_dir / "finetune", sink=sink, resume=cfg.resume, desc="finetune"))
+        results["finetune"] = train(model=draft, step_fn=lm_step, dataset=chats, collate=batch_collate,
+                                    settings=stage_settings(engine, "fastdraft.finetune.engine",
+                                                            **cfg.fastdraft.finetune.engine),
+                                    stage_dir=run_dir / "finetune", sink=sink, resume=cfg.resume, desc="finetune")
 
-    if any(r.resumed_from != r.steps for r in results):  # the draft changed: an earlier report is stale
+    if any(r.resumed_from != r.steps for r in results.values()):  # the draft changed: an earlier report is stale
         (run_dir / "eval_after.json").unlink(missing_ok=True)
     after = measure_acceptance(target, drafting, cfg.eval, run_dir / "eval_after.json")
     table = compare_markdown({"before training": before, "after training": after})
     export_dir = export_hf_draft(
-        draft, tokenizer, run_dir / "export", target_name=target.name, target_vocab_size=target.vocab_size,
-        recipe="fastdraft", num_assistant_tokens=cfg.fastdraft.export.num_assistant_tokens,
+        draft, tokenizer, run_dir / "export", **export_target_args(target), recipe="fastdraft",
+        num_assistant_tokens=cfg.fastdraft.export.num_assistant_tokens,
         resolved_config_yaml=OmegaConf.to_yaml(cfg, resolve=True), eval_table_md=table)
-    return finish_run(run_dir, sink, before, after, table, export_dir, "Draft")
+    return finish_run(run_dir, sink, before, after, table, export_dir, "Draft",
+                      title=f"FastDraft draft for {target.name}", histories={stage: r.history for stage, r in results.items()})

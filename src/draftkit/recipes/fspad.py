@@ -143,7 +143,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
         tree = fspad_runtime.drafting(draft, target, tree_options(settings.tree), settings.features.norm,
                                       name=f"{draft.variant} draft (tree)")
     # The step's noise is drawn after a reseed, whatever ran before (resume restores the state itself).
-    before, after, after_tree, table = train_and_measure(
+    before, after, after_tree, table, history = train_and_measure(
         cfg, run_dir, sink=sink, engine=engine, target=target, draft=draft, step_fn=make_step(target, settings),
         dataset=dataset, chain=chain, tree=tree, stage_engine=settings.train.engine,
         tree_label=f"{settings.tree.kind} tree, depth {settings.tree.depth}")
@@ -153,6 +153,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
         max_position_embeddings=target.config.get_text_config().max_position_embeddings,
         num_speculative_tokens=settings.export.num_speculative_tokens,
         resolved_config_yaml=OmegaConf.to_yaml(cfg, resolve=True), eval_table_md=table,
-        eagle_formats=None if settings.export.eagle_formats is None else list(settings.export.eagle_formats))
-    return finish_feature_run(run_dir, sink, exports, before, after, after_tree, table, variant=draft.variant,
+        eagle_formats=None if settings.export.eagle_formats is None else list(settings.export.eagle_formats),
+        target_reference=target.reference())
+    return finish_feature_run(run_dir, sink, exports, before, after, after_tree, table, history,
+                              title=f"{draft.variant} feature drafter for {target.name}", variant=draft.variant,
                               features=settings.features.source)

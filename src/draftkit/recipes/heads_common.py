@@ -13,8 +13,8 @@ from draftkit.data.collate import collate
 from draftkit.drafts.vocab import draft_index, draft_labels
 from draftkit.engine.loop import stage_settings, train
 from draftkit.errors import ConfigError
-from draftkit.io import write_json_atomic, write_text_atomic
-from draftkit.recipes.common import check_label_source, compare_markdown, measure_acceptance
+from draftkit.io import write_json_atomic
+from draftkit.recipes.common import check_label_source, compare_markdown, measure_acceptance, write_summary
 from draftkit.runtime.drafting import Drafting, DraftingOptions
 from draftkit.runtime.tree import check_tree_fits_vocabulary
 
@@ -85,14 +85,13 @@ def measure_heads(target, make_drafter: Callable[[DraftingOptions], Drafting], m
 
 
 def measure_after_training(result, measure: Callable[[str], dict], before: dict, run_dir: Path) -> tuple[dict, str]:
-    """Measure the trained heads (a report from before a resumed run trained further is stale) and write summary.md."""
+    """Measure the trained heads (a report from before a resumed run trained further is stale); returns the reports
+    and the before/after table."""
     if result.resumed_from != result.steps:
         for stale in Path(run_dir).glob("eval_after_*.json"):
             stale.unlink()
     after = measure("after")
-    table = heads_table(before, after)
-    write_text_atomic(Path(run_dir) / "summary.md", table + "\n")
-    return after, table
+    return after, heads_table(before, after)
 
 
 def heads_table(before: dict[str, dict | None], after: dict[str, dict | None]) -> str:
@@ -114,9 +113,12 @@ def train_measure_export(cfg: DictConfig, run_dir: Path, *, family: str, module,
     after, table = measure_after_training(result, measure, before, run_dir)
     export = write_export(module, run_dir / "export", architecture=architecture(module_cfg), target_name=target.name,
                           hidden_size=target.hidden_size, vocab_size=target.vocab_size, dtype=export_dtype,
-                          extra_info={"recipe": family})
+                          extra_info={"recipe": family}, eval_table_md=table, target_reference=target.reference())
+    write_summary(run_dir, title=f"{family} draft heads for {target.name}", table=table,
+                  histories={family: result.history}, exports={"export": export},
+                  reports=[*before.values(), *after.values()])
     sink.summary({f"tau_after_{name}": r["overall"]["tau"] for name, r in after.items() if r})
     sink.finish()
     write_json_atomic(run_dir / "result.json", {"export": str(export), "before": before, "after": after})
-    print(f"\n{table}\n\n{family} exported to {export}")
+    print(f"\n{table}\n\n{family} exported to {export}; summary in {run_dir / 'summary.md'}")
     return export

@@ -116,5 +116,6 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     export_dir = export_kangaroo(
         adapter, run_dir / "export", target_name=target.name, target_num_layers=target.num_layers,
         target_vocab_size=target.vocab_size, exit_layer=settings.exit_layer, threshold=settings.threshold,
-        max_draft_tokens=cfg.eval.gamma, eval_table_md=table)
-    return finish_run(run_dir, sink, before, after, table, export_dir, "Kangaroo adapter")
+        max_draft_tokens=cfg.eval.gamma, eval_table_md=table, target_reference=target.reference())
+    return finish_run(run_dir, sink, before, after, table, export_dir, "Kangaroo adapter",
+                      title=f"Kangaroo adapter for {target.name}", histories={"adapter": result.history})

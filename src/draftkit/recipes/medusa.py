@@ -31,7 +31,8 @@ from draftkit.objectives.kl import forward_kl
 from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.objectives.medusa import medusa2_loss, medusa_loss
 from draftkit.errors import ConfigError
-from draftkit.recipes.common import draft_token_map, frozen_weight, start_run, training_chats
+from draftkit.recipes.common import (draft_token_map, frozen_weight, start_run, training_chats,
+                                    write_summary)
 from draftkit.recipes.heads_common import check_heads_settings, label_mapper, measure_after_training, measure_heads
 from draftkit.runtime import medusa as medusa_runtime
 
@@ -151,16 +152,21 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     if "vllm" in m.export.formats:
         exports["vllm"] = export_medusa_vllm(heads, export_root / "vllm", target_name=target.name,
                                              target_lm_head=target.lm_head.weight if m.joint else lm_head,
-                                             dtype=m.export.dtype,
-                                             extra_info=extra)
+                                             dtype=m.export.dtype, extra_info=extra, eval_table_md=table,
+                                             target_reference=target.reference())
     if "fasterdecoding" in m.export.formats:
         exports["fasterdecoding"] = export_medusa_fasterdecoding(heads, export_root / "fasterdecoding",
                                                                  target_name=target.name, dtype=m.export.dtype,
-                                                                 extra_info=extra)
+                                                                 extra_info=extra, eval_table_md=table,
+                                                                 target_reference=target.reference())
+    write_summary(run_dir, title=f"Medusa heads for {target.name}", table=table, histories={"medusa": result.history},
+                  exports={f"{fmt} format": folder for fmt, folder in exports.items()},
+                  reports=[*before.values(), *after.values()])
     tau = {name: r["overall"]["tau"] for name, r in after.items() if r}
     sink.summary({f"tau_after_{name}": value for name, value in tau.items()})
     sink.finish()
     write_json_atomic(run_dir / "result.json", {"export": {k: str(v) for k, v in exports.items()},
                                                 "before": before, "after": after})
-    print(f"\n{table}\n\nMedusa heads exported to {', '.join(str(v) for v in exports.values())}")
+    print(f"\n{table}\n\nMedusa heads exported to {', '.join(str(v) for v in exports.values())}; summary in "
+          f"{run_dir / 'summary.md'}")
     return export_root

