@@ -7,12 +7,14 @@ import json
 import pytest
 
 from draftkit import push
+from draftkit.drafts.eagle3 import eagle3_drafter
 from draftkit.drafts.fspad import feature_drafter
 from draftkit.drafts.hydra_heads import hydra_heads
 from draftkit.drafts.lm import llama_draft
 from draftkit.drafts.medusa import medusa_heads
 from draftkit.drafts.specdecpp import acceptance_head, draft_fingerprint
 from draftkit.export import __main__ as old_cli
+from draftkit.export.eagle3 import export_eagle3
 from draftkit.export.fspad import export_feature_drafter
 from draftkit.export.heads_dir import export_heads_dir
 from draftkit.export.kangaroo import export_kangaroo
@@ -50,6 +52,13 @@ def exports(tmp_path_factory):
                            feature_layer=2, target_vocab_size=v, max_position_embeddings=2048,
                            num_speculative_tokens=3, resolved_config_yaml="", eval_table_md=TABLE,
                            target_reference=reference)
+    eagle3 = eagle3_drafter(embed_weight=target.embed_tokens.weight, lm_head_weight=target.lm_head.weight,
+                            norm_weight=target.model.get_decoder().norm.weight, num_aux_layers=3, num_heads=4,
+                            num_kv_heads=2, intermediate_size=64)
+    export_eagle3(eagle3, root / "eagle3" / "export", aux_layers=[1, 1, 1], target_name=target.name,
+                  num_target_layers=target.num_layers, max_position_embeddings=2048, num_speculative_tokens=3,
+                  resolved_config_yaml="", verifier_name_or_path="/models/target", eval_table_md=TABLE,
+                  target_reference=reference)
     arch = {"num_heads": 2, "num_layers": 1, "lm_head": "shared", "prefix_layer": False, "dropout": 0.0}
     hydra = hydra_heads(**arch, hidden_size=h, vocab_size=v, target_config=target.config,
                         lm_head_weight=target.lm_head.weight)
@@ -68,13 +77,14 @@ def exports(tmp_path_factory):
 
 FOLDERS = {"lm": "export", "medusa-vllm": "export/vllm", "medusa-fasterdecoding": "export/fasterdecoding",
            "fspad": "export", "fspad-eagle-vllm": "export/eagle-vllm", "fspad-eagle-sglang": "export/eagle-sglang",
+           "eagle3": "export", "eagle3-speculators": "export/speculators", "eagle3-sglang": "export/sglang",
            "hydra": "export", "kangaroo": "export", "specdecpp": "export"}
 
 
 @pytest.mark.parametrize("name", FOLDERS)
 def test_every_family_export_is_pushable(exports, name, hub, capsys):
     folder = exports / name.split("-")[0] / FOLDERS[name]
-    fmt = ["--format", "draftkit"] if name == "fspad" else []  # its folder also holds the EAGLE exports
+    fmt = ["--format", "draftkit"] if name in ("fspad", "eagle3") else []  # the folder also holds runtime exports
     assert push.main([str(folder), "me/draft", "--dry-run", *fmt]) == 0, capsys.readouterr().err
     assert f"would upload {folder}" in capsys.readouterr().out and hub == []
     card = (folder / "README.md").read_text()

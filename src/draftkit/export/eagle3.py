@@ -66,6 +66,7 @@ Rules, each from the loader's source (read through the search tool; facts only):
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -73,6 +74,7 @@ import torch
 
 from draftkit.drafts.eagle3 import Eagle3Drafter, eagle3_drafter
 from draftkit.export.artifact import ArtifactError, LoadedDraft
+from draftkit.export.card import draftkit_target, model_card, target_load_name
 from draftkit.export.fspad import draftkit_tensors, read_format_dir, trained_tensors, write_format_dir
 from draftkit.io import staged_directory
 
@@ -221,22 +223,6 @@ def sglang_config(arch: dict, *, max_position_embeddings: int) -> dict:
     }
 
 
-CARD = """# {name}
-
-An {variant} drafter (EAGLE-3) for speculative decoding of **{target}**, trained with draftkit (recipe `eagle3`).
-It fuses the target's residual streams entering layers {layers} (fc over {k}·h) with the next token's embedding in one
-decoder layer; the target's embedding is shared, its LM head{vocab} is the draft's frozen head. Trained parameters:
-{params:,}.
-
-## Measured acceptance
-{eval_table}
-
-## Folders
-- this folder: draftkit format (`python -m draftkit.eval --draft <this folder>`).
-{runtime_lines}
-"""
-
-
 def export_eagle3(
     draft: Eagle3Drafter,
     out_dir: Path,
@@ -251,6 +237,7 @@ def export_eagle3(
     verifier_architectures: Sequence[str] = (),
     eval_table_md: str = "(not measured)",
     formats: Sequence[str] | None = None,
+    target_reference: dict | None = None,
 ) -> dict[str, Path]:
     """Write the export folder(s); returns {format: folder}. formats: the runtime folders besides draftkit's; None
     writes every one that can hold this draft (draftkit.json says why not for the others), a list refuses one that
@@ -276,7 +263,20 @@ def export_eagle3(
                     "max_position_embeddings": max_position_embeddings},
                    {**base_info, "format": "draftkit", "runtime_exports": chosen,
                     **({"not_written": not_written} if not_written else {})})
-        lines = [f"- `{fmt}/` not written: {why}" for fmt, why in not_written.items()]
+        params = sum(p.numel() for p in draft.parameters() if p.requires_grad)
+        vocab = f" ({draft.draft_vocab_size} of {draft.vocab_size} rows)" if draft.token_map is not None else ""
+        summary = (f"An EAGLE-3 drafter ({draft.variant}) for speculative decoding, trained with draftkit (recipe "
+                   f"`eagle3`). It fuses the target's residual streams entering layers {arch['aux_layers']} (fc over "
+                   f"{len(arch['aux_layers'])}·h) with the next token's embedding in one decoder layer; the target's "
+                   f"embedding is shared and its LM head{vocab} is the draft's frozen head. Trained parameters: "
+                   f"{params:,}.")
+        card = partial(model_card, summary=summary, target_name=target_name, target_reference=target_reference,
+                       eval_table=eval_table_md)
+        load = target_load_name(target_name, target_reference)
+        evaluate = ("draftkit (any folder of this export)", "bash",
+                    f"python -m draftkit.eval --draft <this folder> --target "
+                    f"{draftkit_target(target_name, target_reference)}")
+        folders = [f"- `{fmt}/` not written: {why}" for fmt, why in not_written.items()]
         for fmt in chosen:
             config = (speculators_config(arch, max_position_embeddings=max_position_embeddings,
                                          num_speculative_tokens=num_speculative_tokens,
@@ -286,25 +286,30 @@ def export_eagle3(
             write_format_dir(staging / fmt, runtime_tensors(draft, fmt), expected_keys(arch, fmt), config,
                        {**base_info, "format": fmt})
             written[fmt] = out_dir / fmt
-            lines.append(_serve_line(fmt, num_speculative_tokens, verifier_name_or_path))
+            (staging / fmt / "README.md").write_text(card(
+                title=f"EAGLE-3 drafter for {load} ({fmt})", tags=["eagle3", fmt],
+                usage=[*_serve_usage(fmt, num_speculative_tokens, load), evaluate]))
+            folders.append(f"- `{fmt}/`: for {'vLLM and speculators' if fmt == 'speculators' else 'SGLang'}, "
+                           "with its own card.")
         (staging / "draftkit_config.yaml").write_text(resolved_config_yaml)
-        params = sum(p.numel() for p in draft.parameters() if p.requires_grad)
-        vocab = f" ({draft.draft_vocab_size} of {draft.vocab_size} rows)" if draft.token_map is not None else ""
-        (staging / "README.md").write_text(CARD.format(
-            name=out_dir.name, variant=draft.variant, target=target_name, layers=arch["aux_layers"],
-            k=len(arch["aux_layers"]), vocab=vocab, params=params, eval_table=eval_table_md, runtime_lines="\n".join(lines)))
+        (staging / "README.md").write_text(card(
+            title=f"EAGLE-3 drafter for {load} (draftkit format)", tags=["eagle3"], usage=[evaluate],
+            extra="## Folders\n\n- this folder: draftkit's format (every trained tensor, fp32).\n" + "\n".join(folders)))
     return written
 
 
-def _serve_line(fmt: str, num_speculative_tokens: int, verifier: str | None) -> str:
+def _serve_usage(fmt: str, num_speculative_tokens: int, target: str) -> list[tuple[str, str, str]]:
+    """(heading, language, command) for serving the `fmt` folder; <this folder> is the folder's path."""
     if fmt == "speculators":
-        serves = verifier or "the verifier its config names"
-        return (f"- `speculators/`: `vllm serve <export>/speculators` (serves {serves} with this draft), or `vllm serve "
-                "<target> --speculative-config '{\"method\": \"eagle3\", \"model\": \"<export>/speculators\", "
-                f"\"num_speculative_tokens\": {num_speculative_tokens}}}'`; "
-                "`speculators.SpeculatorModel.from_pretrained('<export>/speculators')`")
-    return ("- `sglang/`: `python -m sglang.launch_server --model <target> --speculative-algorithm EAGLE3 "
-            f"--speculative-draft-model-path <export>/sglang --speculative-num-steps {num_speculative_tokens}`")
+        return [("vLLM (the target named in config.json, with this draft)", "bash", "vllm serve <this folder>"),
+                ("vLLM (naming the target)", "bash",
+                 f"vllm serve {target} --speculative-config '{{\"method\": \"eagle3\", \"model\": \"<this folder>\", "
+                 f"\"num_speculative_tokens\": {num_speculative_tokens}}}'"),
+                ("speculators", "python", "from speculators import SpeculatorModel\n"
+                                          "model = SpeculatorModel.from_pretrained('<this folder>')")]
+    return [("SGLang", "bash", f"python -m sglang.launch_server --model {target} --speculative-algorithm EAGLE3 "
+                               f"--speculative-draft-model-path <this folder> --speculative-num-steps "
+                               f"{num_speculative_tokens}")]
 
 
 def load_eagle3_drafter(folder: str | os.PathLike, *, embed_weight: torch.Tensor,

@@ -189,7 +189,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Path | None:
         num_speculative_tokens=settings.export.num_speculative_tokens,
         resolved_config_yaml=OmegaConf.to_yaml(cfg, resolve=True), verifier_name_or_path=verifier_name_or_path(cfg),
         verifier_architectures=list(target.config.architectures or []), eval_table_md=table,
-        formats=None if settings.export.formats is None else list(settings.export.formats))
+        formats=None if settings.export.formats is None else list(settings.export.formats),
+        target_reference=target.reference())
     return finish_feature_run(run_dir, sink, exports, before, after, after_tree, table, history,
                               title=f"EAGLE-3 drafter for {target.name}", variant=draft.variant,
                               aux_layers=layers, features=settings.features.source)
