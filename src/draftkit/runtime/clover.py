@@ -14,8 +14,7 @@ from draftkit.runtime.tree import (
     DraftTree,
     TargetStep,
     TreeShape,
-    check_scoring_rows,
-    check_tree_fits_vocabulary,
+    check_heads_tree,
     grow_tree,
 )
 
@@ -28,11 +27,7 @@ class CloverDrafter:
     model has a draft vocabulary."""
 
     def __init__(self, clover, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor, shape: TreeShape):
-        if shape.depth > clover.num_heads:
-            raise ValueError(f"a tree of depth {shape.depth} needs {shape.depth} Clover heads; this model has "
-                             f"{clover.num_heads}. Fix: a shallower tree (tree depth <= num_heads)")
-        check_scoring_rows(lm_head_weight, clover)
-        check_tree_fits_vocabulary(shape, clover.draft_vocab_size)
+        check_heads_tree(shape, clover, lm_head_weight, "Clover")
         self.clover, self.embed_weight, self.lm_head_weight, self.shape = clover, embed_weight, lm_head_weight, shape
         self.max_depth = shape.depth
         self._cache = None

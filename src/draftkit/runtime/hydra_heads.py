@@ -14,8 +14,7 @@ from draftkit.runtime.tree import (
     DraftTree,
     TargetStep,
     TreeShape,
-    check_scoring_rows,
-    check_tree_fits_vocabulary,
+    check_heads_tree,
     grow_tree,
 )
 
@@ -26,11 +25,7 @@ class HydraDrafter:
     With a prefix layer (Hydra++), the newly committed target states run through it with its own KV cache first."""
 
     def __init__(self, heads, embed: torch.nn.Module, shape: TreeShape, shared_lm_head: torch.Tensor | None = None):
-        if shape.depth > heads.num_heads:
-            raise ValueError(f"a tree of depth {shape.depth} needs {shape.depth} Hydra heads; these have "
-                             f"{heads.num_heads}. Fix: a shallower tree (tree depth <= num_heads)")
-        check_scoring_rows(shared_lm_head, heads)
-        check_tree_fits_vocabulary(shape, heads.draft_vocab_size)
+        check_heads_tree(shape, heads, shared_lm_head, "Hydra")
         self.heads, self.embed, self.shape, self.shared_lm_head = heads, embed, shape, shared_lm_head
         self.max_depth = shape.depth
         self._cache = None

@@ -16,8 +16,7 @@ from draftkit.runtime.tree import (
     DraftTree,
     TargetStep,
     TreeShape,
-    check_scoring_rows,
-    check_tree_fits_vocabulary,
+    check_heads_tree,
     grow_tree,
 )
 
@@ -27,11 +26,7 @@ class MedusaDrafter:
     the heads over the newest committed state gives every depth's top-k at once."""
 
     def __init__(self, heads: MedusaHeads, shape: TreeShape, shared_lm_head: torch.Tensor | None = None):
-        if shape.depth > heads.num_heads:
-            raise ValueError(f"a tree of depth {shape.depth} needs {shape.depth} Medusa heads; these have "
-                             f"{heads.num_heads}. Fix: a shallower tree (tree depth <= num_heads)")
-        check_scoring_rows(shared_lm_head, heads)
-        check_tree_fits_vocabulary(shape, heads.draft_vocab_size)
+        check_heads_tree(shape, heads, shared_lm_head, "Medusa")
         self.heads, self.shape, self.shared_lm_head = heads, shape, shared_lm_head
         self.max_depth = shape.depth
         self._log_probs: torch.Tensor | None = None

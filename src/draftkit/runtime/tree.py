@@ -287,6 +287,16 @@ def check_scoring_rows(lm_head_weight: torch.Tensor | None, module) -> None:
                          "(drafts.vocab.draft_rows(weight, module.token_map))")
 
 
+def check_heads_tree(shape: TreeShape, heads, lm_head_weight: torch.Tensor | None, family: str) -> None:
+    """A tree for draft heads: head d - 1 drafts depth d, so the tree is at most as deep as there are heads; its shared
+    LM head has one row per draft id and each node's top-k fits the draft vocabulary."""
+    if shape.depth > heads.num_heads:
+        raise ValueError(f"a tree of depth {shape.depth} needs {shape.depth} {family} heads; this draft has "
+                         f"{heads.num_heads}. Fix: a shallower tree (tree depth <= num_heads)")
+    check_scoring_rows(lm_head_weight, heads)
+    check_tree_fits_vocabulary(shape, heads.draft_vocab_size)
+
+
 def tree_shape(kind: str, depth: int, *, top_k: int = 4, width: int = 4, budget: int = 16,
                paths: Iterable[Iterable[int]] | None = None) -> TreeShape:
     """A shape by name: "chain" (top-1 per depth), "static" (`paths`, or the default tree cut at `depth`), "topk",
