@@ -29,6 +29,20 @@ def test_files_and_directories_get_the_umask_modes(tmp_path, usual_umask):
     assert mode(tmp_path / "export") == 0o755
 
 
+def test_a_staged_export_is_readable_whatever_wrote_its_files(tmp_path, usual_umask):
+    """safetensors writes 0600 files; an export folder must still be readable by a serving container's user."""
+    import torch
+    from safetensors.torch import save_file
+
+    with staged_directory(tmp_path / "export") as staging:
+        save_file({"w": torch.zeros(2)}, str(staging / "model.safetensors"))
+        (staging / "sub").mkdir(mode=0o700)
+        save_file({"w": torch.zeros(2)}, str(staging / "sub" / "model.safetensors"))
+    assert mode(tmp_path / "export" / "model.safetensors") == 0o644
+    assert mode(tmp_path / "export" / "sub") == 0o755
+    assert mode(tmp_path / "export" / "sub" / "model.safetensors") == 0o644
+
+
 def test_a_failed_block_leaves_the_old_directory_and_no_staging(tmp_path):
     final = tmp_path / "export"
     with staged_directory(final) as staging:

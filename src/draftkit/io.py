@@ -78,13 +78,34 @@ def replace_directory(staging: Path, final: Path) -> None:
         os.rename(staging, final)
 
 
+def _process_umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def give_umask_modes(root: Path) -> None:
+    """Every file and folder under `root` gets the mode a plain open() or mkdir() would give it under this process's
+    umask. Some writers create private files whatever the umask (safetensors' save_file writes 0600), which a serving
+    container running as another user could not read."""
+    mask = _process_umask()
+    for folder, dirs, files in os.walk(root):
+        os.chmod(folder, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
 @contextmanager
 def staged_directory(final: Path) -> Iterator[Path]:
-    """Yield an empty staging directory; when the block finishes it replaces `final` whole (replace_directory). If the
-    block raises, `final` is left as it was and the staging directory is removed."""
+    """Yield an empty staging directory; when the block finishes it replaces `final` whole (replace_directory), its
+    contents readable as the umask allows (give_umask_modes). If the block raises, `final` is left as it was and the
+    staging directory is removed."""
     staging = make_staging_dir(final)
     try:
         yield staging
+        give_umask_modes(staging)
         replace_directory(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from draftkit.errors import UserError
-from draftkit.io import make_staging_dir, sha256_file
+from draftkit.io import give_umask_modes, make_staging_dir, sha256_file
 
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 
@@ -273,6 +273,7 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        give_umask_modes(staging)  # save_pretrained's safetensors are private otherwise; the cache may be shared
         try:
             os.rename(staging, out)
         except OSError:
