@@ -653,6 +653,9 @@ def run(args: argparse.Namespace) -> None:
 
     def reference_data() -> dict:
         answers_ready.wait()
+        first_config = work / "draftkit" / families[0] / "config.yaml"  # what the data is read with
+        while not first_config.is_file() and not sides[families[0], "draftkit"].done():
+            time.sleep(2)
         with data_lock:
             return step(work / "data" / "data.json", lambda: write_reference_data(
                 training_conversations(work / "draftkit" / families[0]), work / "data"))
