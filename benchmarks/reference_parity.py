@@ -175,6 +175,28 @@ STOPPING = threading.Event()  # set by a signal: no new process starts while the
 SLOTS = threading.BoundedSemaphore(1)
 
 
+def kill_tree(pid: int, sig: int) -> None:
+    """Signal a child's process group and the group of every process below it: torchrun starts its worker in a session
+    of its own, which killing torchrun's group alone leaves running (and holding the GPU)."""
+    children: dict[int, list[int]] = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat_file.parent.name))
+    tree, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        tree.append(current)
+        queue.extend(children.get(current, []))
+    for member in tree:
+        try:
+            os.killpg(os.getpgid(member), sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def stop_children(signum, _frame) -> None:
     """`timeout` or a killed GPU call ends this driver: end the child's whole process group too (it runs in its own
     session, which would otherwise outlive us and race the rerun)."""
@@ -182,7 +204,7 @@ def stop_children(signum, _frame) -> None:
     with RUNNING_LOCK:
         for process in RUNNING:
             if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
+                kill_tree(process.pid, signal.SIGKILL)
     raise SystemExit(128 + signum)
 
 
@@ -207,17 +229,17 @@ def _run_logged(command: list[str], log_file: Path, *, env: dict | None, cwd: Pa
         with RUNNING_LOCK:
             RUNNING.add(process)
             if STOPPING.is_set():  # the signal came while it started
-                os.killpg(process.pid, signal.SIGKILL)
+                kill_tree(process.pid, signal.SIGKILL)
         timed_out = False
         try:
             code = process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             timed_out = True
-            os.killpg(process.pid, signal.SIGTERM)
+            kill_tree(process.pid, signal.SIGTERM)
             try:
                 code = process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+                kill_tree(process.pid, signal.SIGKILL)
                 code = process.wait()
         finally:
             with RUNNING_LOCK:
