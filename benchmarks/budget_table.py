@@ -3,14 +3,16 @@ then measured by `python -m draftkit.eval` on held-out prompts (trees where the 
 
     python benchmarks/budget_table.py train --work /tmp/budget --families eagle1,fspad,hydra \\
         --prompts <sharegpt prompts>.jsonl.gz --target-path <SmolLM2 .gguf> --deadline-s 500 --parallel 4 \\
-        [--set engine.save_every=200 ...]
+        [--set engine.save_every=200 ...] [--eval-prompts <spec_bench>/question.jsonl --out benchmarks/results]
     python benchmarks/budget_table.py eval --work /tmp/budget --eval-prompts <spec_bench>/question.jsonl \\
         --target-path <SmolLM2 .gguf> --out benchmarks/results
 
 `train` runs the families side by side on one machine (`--parallel` processes; a 135M target leaves a GPU mostly idle
 in one process), every one on the self-distilled answers the first run writes (copied, not generated again). It stops
 them all at `--deadline-s` and a later `train` with the same --work resumes each from its checkpoints, so a budget
-longer than one call runs over several calls. `eval` measures every finished family, several at a time, with
+longer than one call runs over several calls. Given --eval-prompts, `train` also measures each family the moment it
+has trained (and any trained earlier but not yet measured), beside the runs still training, and writes the table of
+what is measured when it stops. `eval` measures every finished family, several at a time, with
 speedup off (tokens/s means little while families share a device): τ with its 95% per-prompt bootstrap interval, α by
 position, and the number of prompts. It writes budget_<budget>_<target>_<machine>_<date>.json and .md to --out.
 """
@@ -96,6 +98,7 @@ def train(args) -> None:
     answers = args.work / "selfdistill.jsonl"
     pending = [f for f in args.families if export_dir(args.work / f) is None]
     running: dict[str, subprocess.Popen] = {}
+    evaluating: dict[str, subprocess.Popen] = {}
     logs = {}
 
     def launch(family: str) -> None:
@@ -111,6 +114,9 @@ def train(args) -> None:
                                            start_new_session=True)
 
     try:
+        for family in args.families if args.eval_prompts is not None else []:  # trained in an earlier call
+            if family not in pending and (command := eval_command(family, args)) is not None:
+                evaluating[family] = start_eval(family, command, args)
         if pending and not answers.is_file():  # the first family writes the answers every other family reuses
             first = pending.pop(0)
             launch(first)
@@ -120,48 +126,64 @@ def train(args) -> None:
                 time.sleep(5)
             if (args.work / first / "selfdistill.jsonl").is_file():
                 shutil.copy(args.work / first / "selfdistill.jsonl", answers)
-        while (pending or running) and time.monotonic() < deadline:
+        while (pending or running or evaluating) and time.monotonic() < deadline:
             for family, proc in list(running.items()):
                 if proc.poll() is not None:
                     state = "finished" if proc.returncode == 0 else f"failed ({proc.returncode}, see train.log)"
                     print(f"[budget] {family} {state}", flush=True)
                     del running[family]
+                    # --eval-prompts: measure it now, while the others train, rather than in a later call
+                    if args.eval_prompts is not None and (command := eval_command(family, args)) is not None:
+                        evaluating[family] = start_eval(family, command, args)
+            for family, proc in list(evaluating.items()):
+                if proc.poll() is not None:
+                    print(f"[budget] eval {family}: exit {proc.returncode}", flush=True)
+                    del evaluating[family]
             while pending and len(running) < args.parallel:
                 launch(pending.pop(0))
             time.sleep(5)
     finally:
-        stop(running)
+        stop({**running, **evaluating})
         for log in logs.values():
             log.close()
         done = [f for f in args.families if export_dir(args.work / f) is not None]
         print(f"[budget] finished: {done}; to continue: {[f for f in args.families if f not in done]}", flush=True)
+        if args.eval_prompts is not None and any((args.work / "eval" / f / "eval.json").is_file() for f in done):
+            write_table(args)
+
+
+def eval_command(family: str, args) -> list[str] | None:
+    """The draftkit.eval command measuring a trained family (None while it is not trained or once it is measured)."""
+    export = export_dir(args.work / family)
+    out = args.work / "eval" / family
+    if export is None or (out / "eval.json").is_file():
+        return None
+    target = ["--target", args.target_path] if args.target_path else []
+    return [sys.executable, "-m", "draftkit.eval", "--draft", str(export), *target, "--prompts", str(args.eval_prompts),
+            "--limit-per-category", str(args.limit_per_category), "--max-new-tokens", str(args.max_new_tokens),
+            "--no-speedup", "--no-progress", "--out", str(out), *FAMILIES[family][1]]
+
+
+def start_eval(family: str, command: list[str], args) -> subprocess.Popen:
+    (args.work / "eval" / family).mkdir(parents=True, exist_ok=True)
+    log = open(args.work / "eval" / f"{family}.log", "w")
+    print(f"[budget] eval {family}: {shlex.join(command)}", flush=True)
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def evaluate(args) -> None:
     jobs = {}
     for family in args.families:
-        export = export_dir(args.work / family)
-        if export is None:
+        if export_dir(args.work / family) is None:
             print(f"[budget] {family}: not trained, skipped", flush=True)
-            continue
-        out = args.work / "eval" / family
-        if (out / "eval.json").is_file():
-            continue
-        target = ["--target", args.target_path] if args.target_path else []
-        command = [sys.executable, "-m", "draftkit.eval", "--draft", str(export), *target, "--prompts",
-                   str(args.eval_prompts), "--limit-per-category", str(args.limit_per_category), "--max-new-tokens",
-                   str(args.max_new_tokens), "--no-speedup", "--no-progress", "--out", str(out),
-                   *FAMILIES[family][1]]
-        jobs[family] = command
+        elif (command := eval_command(family, args)) is not None:
+            jobs[family] = command
     running: dict[str, subprocess.Popen] = {}
     queue = list(jobs)
     while queue or running:
         while queue and len(running) < args.parallel:
             family = queue.pop(0)
-            (args.work / "eval" / family).mkdir(parents=True, exist_ok=True)
-            log = open(args.work / "eval" / f"{family}.log", "w")
-            print(f"[budget] eval {family}: {shlex.join(jobs[family])}", flush=True)
-            running[family] = subprocess.Popen(jobs[family], stdout=log, stderr=subprocess.STDOUT)
+            running[family] = start_eval(family, jobs[family], args)
         for family, proc in list(running.items()):
             if proc.poll() is not None:
                 print(f"[budget] eval {family}: exit {proc.returncode}", flush=True)
@@ -230,7 +252,8 @@ def main() -> None:
     parser.add_argument("--target-path", help="the target (GGUF file or HF dir); default: the built-in SmolLM2")
     parser.add_argument("--parallel", type=int, default=4, help="families trained (or evaluated) at once")
     parser.add_argument("--deadline-s", type=float, default=540, help="train: stop every run after this long")
-    parser.add_argument("--eval-prompts", type=Path, help="eval: Spec-Bench style prompts (held out)")
+    parser.add_argument("--eval-prompts", type=Path, help="Spec-Bench style prompts (held out): needed by eval; given "
+                        "to train, each family is measured as soon as it has trained")
     parser.add_argument("--limit-per-category", type=int, default=10)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
