@@ -22,6 +22,13 @@ def throughput(run_dir: Path, stage: str) -> dict:
             "final_loss": rows[-1][f"{stage}/loss"] if rows else None}
 
 
+def selfdistill_finished(run_dir: Path) -> bool:
+    """A draftkit run's self-distilled answers are complete once its training stage has logged (the answers come
+    first), so other runs can start from a copy while it trains."""
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.is_file() and metrics.stat().st_size > 0
+
+
 def summary(report: dict | None) -> dict | None:
     if report is None:
         return None

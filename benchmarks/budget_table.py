@@ -30,7 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import machine  # benchmarks/ is the script's folder, hence on sys.path
+# benchmarks/ is the script's folder, hence on sys.path
+from bench_common import machine, selfdistill_finished
 
 EAGLE1 = ["fspad.feature_sampling=false", "fspad.partial_alignment=false"]
 # family -> (recipe overrides, eval arguments): each family decodes the way its method does
@@ -73,12 +74,6 @@ def train_command(family: str, run_dir: Path, args) -> list[str]:
     prompts = ",".join(str(Path(p).resolve()) if Path(p).exists() else p for p in args.prompts)  # builtin:, hf:
     return [sys.executable, "-m", "draftkit.train", *overrides, f"budget={args.budget}", f"data.prompts=[{prompts}]",
             "eval=none", "logger=jsonl", *target, *args.extra, f"hydra.run.dir={run_dir}"]
-
-
-def selfdistill_finished(run_dir: Path) -> bool:
-    """A run's answers are complete once its training stage has logged (the answers come first)."""
-    metrics = run_dir / "metrics.jsonl"
-    return metrics.is_file() and metrics.stat().st_size > 0
 
 
 def stop(processes: dict[str, subprocess.Popen]) -> None:
@@ -166,9 +161,9 @@ def eval_command(family: str, args) -> list[str] | None:
 
 def start_eval(family: str, command: list[str], args) -> subprocess.Popen:
     (args.work / "eval" / family).mkdir(parents=True, exist_ok=True)
-    log = open(args.work / "eval" / f"{family}.log", "w")
     print(f"[budget] eval {family}: {shlex.join(command)}", flush=True)
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(args.work / "eval" / f"{family}.log", "w") as log:  # the child keeps its own copy of the handle
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def evaluate(args) -> None:
@@ -260,6 +255,8 @@ def main() -> None:
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                         help="an override added to every training command (repeatable)")
     args = parser.parse_args()
+    if args.parallel < 1:
+        parser.error(f"--parallel {args.parallel}: run at least one family at a time (--parallel 1 or more)")
     args.families = [f.strip() for f in args.families.split(",") if f.strip()]
     unknown = sorted(set(args.families) - set(FAMILIES))
     if unknown:

@@ -42,7 +42,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench_common import machine, selected_families, spec_bench  # benchmarks/ is the script's folder, hence on sys.path
+# benchmarks/ is the script's folder, hence on sys.path
+from bench_common import machine, selected_families, selfdistill_finished, spec_bench
 
 HERE = Path(__file__).resolve().parent
 PATCHES = HERE / "reference_patches"
@@ -570,6 +571,13 @@ def evaluate(draft: Path, out: Path, budget: dict, decode: str, target_path: str
 
 # ------------------------------------------------------------------------------------------------------------- report
 
+def tau_cell(side: dict) -> str:
+    if not side:
+        return "–"
+    interval = " [{:.2f}–{:.2f}]".format(*side["tau_ci"]) if side.get("tau_ci") else ""
+    return f"{side['tau']:.3f}{interval}"
+
+
 def markdown(result: dict) -> str:
     settings, m = result["settings"], result["machine"]
     where = m.get("gpu") or f"CPU ({m['platform']})"
@@ -590,9 +598,7 @@ def markdown(result: dict) -> str:
         check = (row.get("import_check") or {}).get("max_abs_diff", "–")
         for decode, pair in row.get("eval", {}).items():
             d, r = pair.get("draftkit") or {}, pair.get("reference") or {}
-            cell = lambda x: (f"{x['tau']:.3f}" + (" [{:.2f}–{:.2f}]".format(*x["tau_ci"]) if x.get("tau_ci") else "")  # noqa: E731
-                              if x else "–")
-            lines.append(f"| {family} | {decode} | {cell(d)} | {cell(r)} | {d.get('prompts', '–')} | {ref.repo}@"
+            lines.append(f"| {family} | {decode} | {tau_cell(d)} | {tau_cell(r)} | {d.get('prompts', '–')} | {ref.repo}@"
                          f"{ref.commit[:7]}, {len(row.get('patches', []))} | {wall:.0f}"
                          f"{' (timed out)' if train.get('timed_out') else ''} | {check} |")
     lines += ["", "Every patch applied is in the JSON (`families.<f>.patches`, with its text) and in "
@@ -652,9 +658,9 @@ def run(args: argparse.Namespace) -> None:
         """The first draftkit run generates the target's answers; every other run and the reference data start from
         them as soon as that run has begun training on them."""
         while not answers_ready.is_set():
-            metrics = run_dir / "metrics.jsonl"
-            if (metrics.is_file() and metrics.stat().st_size > 0) or trainer.done():
-                if (run_dir / "selfdistill.jsonl").is_file() and (metrics.is_file() or trainer.exception() is None):
+            finished = selfdistill_finished(run_dir)
+            if finished or trainer.done():
+                if (run_dir / "selfdistill.jsonl").is_file() and (finished or trainer.exception() is None):
                     shutil.copy(run_dir / "selfdistill.jsonl", answers.with_suffix(".partial"))
                     os.replace(answers.with_suffix(".partial"), answers)
                 answers_ready.set()  # a failed first run lets the others start and generate for themselves
@@ -782,6 +788,8 @@ def main() -> None:
     r.add_argument("--trainer-timeout-s", type=float, default=900.0,
                    help="wall-clock budget of each reference trainer (EAGLE-1: its data step and training together)")
     args = parser.parse_args()
+    if args.verb == "run" and args.parallel < 1:
+        parser.error(f"--parallel {args.parallel}: run at least one trainer at a time (--parallel 1 or more)")
     if args.verb == "pack":
         pack(args.mirrors, args.to)
     else:
