@@ -20,16 +20,23 @@ Per family (each step resumable: a finished step is skipped when the command run
   5. `python -m draftkit.eval` measures both drafts with the same prompts (Spec-Bench qa, rag, summarization,
      translation), tree and settings.
 Writes reference_parity_<machine>_<date>.json and .md to --out: the reference commits, every patch applied (with its
-text), the commands, wall times and τ per side.
+text), the commands, wall times, τ per side and the paired difference Δτ (both sides decode the same prompts, so the
+prompts are resampled together). Runs made apart on subsets of the families (a GPU call too short for all three) join
+into one result:
+
+    python benchmarks/reference_parity.py merge first.json second.json --out benchmarks/results/<name>.json \\
+        [--eval-root <work>/eval] [--note "..."]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import io
 import json
 import os
+import random
 import shlex
 import shutil
 import signal
@@ -341,12 +348,13 @@ def write_reference_data(conversations: list[list[dict]], data_dir: Path) -> dic
                 for i, chat in enumerate(kept)]
     (data_dir / "sharegpt.json").write_text(json.dumps(sharegpt, ensure_ascii=False))
     (data_dir / "medusa.json").write_text(json.dumps(kept, ensure_ascii=False))
+    digest = hashlib.sha256(json.dumps(kept, ensure_ascii=False).encode()).hexdigest()
     hydra = data_dir / "hydra"
     hydra.mkdir(exist_ok=True)
     lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in sharegpt)
     (hydra / "train.json").write_text(lines)  # every conversation trains, as in draftkit
     (hydra / "val.json").write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in sharegpt[:8]))
-    return {"conversations": len(conversations), "written": len(kept),
+    return {"conversations": len(conversations), "written": len(kept), "sha256": digest,
             "left_out_with_system_turn": len(conversations) - len(kept),
             "note": "Hydra's val.json (8 of the training conversations) is read by its trainer but not evaluated "
                     "(eval_strategy no); EAGLE-1's main.py trains on the first 95% of the data files, its own split"}
@@ -562,11 +570,43 @@ def evaluate(draft: Path, out: Path, budget: dict, decode: str, target_path: str
     record = run_logged(command, out / "eval.log")
     report = json.loads((out / "eval.json").read_text())
     o = report["overall"]
-    return {"command": record["command"], "wall_s": record["wall_s"], "tau": o["tau"], "tau_ci": o.get("tau_ci"),
-            "alpha": o.get("alpha"),
-            "prompts": o.get("prompts"), "new_tokens": o.get("new_tokens"),
-            "outputs_differing_from_ar": o.get("outputs_differing_from_ar"),
-            "categories": {c: s["tau"] for c, s in report["categories"].items()}}
+    return {"command": record["command"], "wall_s": record["wall_s"], **evaluation_record(report)}
+
+
+def evaluation_record(report: dict) -> dict:
+    """What the result keeps of one eval.json: the pooled numbers, and each prompt's counts, so that two sides measured
+    on the same prompts can be compared prompt by prompt (paired_tau_difference)."""
+    o = report["overall"]
+    return {"tau": o["tau"], "tau_ci": o.get("tau_ci"), "alpha": o.get("alpha"), "prompts": o.get("prompts"),
+            "new_tokens": o.get("new_tokens"), "outputs_differing_from_ar": o.get("outputs_differing_from_ar"),
+            "categories": {c: s["tau"] for c, s in report["categories"].items()},
+            "per_prompt": [[str(r["question_id"]), r["new_tokens"], r["target_forwards"]] for r in report["prompts"]]}
+
+
+def paired_tau_difference(draftkit: dict, reference: dict, *, seed: int = 0, resamples: int = 1000,
+                          level: float = 0.95) -> dict | None:
+    """τ(draftkit) - τ(reference) on the prompts both sides answered, with a percentile interval from resampling those
+    prompts (the same draw for both sides). Pairing removes the variation between prompts that the two sides share, so
+    the interval is much narrower than the gap between two separate τ intervals would suggest. None when a side has no
+    per-prompt counts or fewer than two prompts are shared."""
+    if not draftkit.get("per_prompt") or not reference.get("per_prompt"):
+        return None
+    ours = {q: (n, f) for q, n, f in draftkit["per_prompt"]}
+    theirs = {q: (n, f) for q, n, f in reference["per_prompt"]}
+    shared = [q for q in ours if q in theirs]
+    if len(shared) < 2:
+        return None
+
+    def difference(picked: list[str]) -> float:
+        return (sum(ours[q][0] for q in picked) / sum(ours[q][1] for q in picked)
+                - sum(theirs[q][0] for q in picked) / sum(theirs[q][1] for q in picked))
+
+    rng = random.Random(seed)
+    draws = sorted(difference(rng.choices(shared, k=len(shared))) for _ in range(resamples))
+    tail = (1.0 - level) / 2
+    low, high = draws[int(tail * (resamples - 1))], draws[int(round((1.0 - tail) * (resamples - 1)))]
+    return {"delta": difference(shared), "ci": [low, high], "prompts": len(shared),
+            "method": f"paired per-prompt bootstrap, {resamples} resamples, {level:.0%} percentile interval"}
 
 
 # ------------------------------------------------------------------------------------------------------------- report
@@ -590,20 +630,70 @@ def markdown(result: dict) -> str:
     if result["budget"] == "cpu-smoke":
         lines += ["**CPU smoke budget: these numbers prove that the pipeline runs, not the quality of either side.**", ""]
     lines += ["τ: tokens per target forward, with its 95% per-prompt bootstrap interval where recorded.", "",
-              "| family | decode | draftkit τ | reference τ | prompts | reference (commit, patches) | reference train s | "
-              "import check max abs diff |", "|---|---|---|---|---|---|---|---|"]
+              "Δτ: draftkit minus reference on the same prompts, with its 95% paired bootstrap interval (both sides "
+              "resampled together); an interval that holds 0 means the two are not told apart by these prompts.", "",
+              "| family | decode | draftkit τ | reference τ | Δτ (paired) | prompts | reference (commit, patches) | "
+              "reference train s | import check max abs diff |", "|---|---|---|---|---|---|---|---|---|"]
     for family, row in result["families"].items():
         ref, train = REFERENCES[family], row.get("reference_train") or {}
         wall = sum(r["wall_s"] for r in train.values() if isinstance(r, dict) and "wall_s" in r)
         check = (row.get("import_check") or {}).get("max_abs_diff", "–")
         for decode, pair in row.get("eval", {}).items():
             d, r = pair.get("draftkit") or {}, pair.get("reference") or {}
-            lines.append(f"| {family} | {decode} | {tau_cell(d)} | {tau_cell(r)} | {d.get('prompts', '–')} | {ref.repo}@"
+            delta = paired_tau_difference(d, r) if d and r else None
+            delta_cell = "{:+.3f} [{:+.2f}, {:+.2f}]".format(delta["delta"], *delta["ci"]) if delta else "–"
+            lines.append(f"| {family} | {decode} | {tau_cell(d)} | {tau_cell(r)} | {delta_cell} | "
+                         f"{d.get('prompts', '–')} | {ref.repo}@"
                          f"{ref.commit[:7]}, {len(row.get('patches', []))} | {wall:.0f}"
                          f"{' (timed out)' if train.get('timed_out') else ''} | {check} |")
     lines += ["", "Every patch applied is in the JSON (`families.<f>.patches`, with its text) and in "
               "benchmarks/reference_patches/."]
+    lines += [f"- {note}" for note in result.get("notes", [])]
+    if result.get("sources"):
+        lines += ["", "Runs merged into this result (`reference_parity.py merge`), each row from the last run that "
+                  "measured its family:"]
+        lines += [f"- {', '.join(source['families'])}: `{source['reproduce']}`" for source in result["sources"]]
     return "\n".join(lines) + "\n"
+
+
+# -------------------------------------------------------------------------------------------------------------- merge
+
+def merge(parts: list[dict], names: list[str], eval_roots: list[Path] = (), notes: list[str] = ()) -> dict:
+    """One result from runs made apart (one GPU call too short for every family): equal settings, data and reference
+    commits are required; a family measured in several parts keeps the last one's row. eval_roots are run work
+    folders' eval/ directories, read for per-prompt counts a part recorded before results kept them."""
+    parts = copy.deepcopy(parts)  # per-prompt counts are filled into the merged rows, never into the caller's
+    first = parts[0]
+    for part, name in zip(parts[1:], names[1:]):
+        for key in ("settings", "references", "budget"):
+            if part[key] != first[key]:
+                raise SystemExit(f"{name} was run with other {key} than {names[0]}: merge only runs of one budget")
+        same_data = {k: part["data"].get(k) for k in ("conversations", "written", "sha256")}
+        if same_data != {k: first["data"].get(k) for k in same_data}:
+            raise SystemExit(f"{name} trained on other data than {names[0]} ({same_data}): merge only runs that "
+                             "share the self-distilled conversations")
+    merged = {key: value for key, value in parts[-1].items() if key not in ("families", "reproduce")}
+    merged["families"], merged["sources"] = {}, []
+    for part, name in zip(parts, names):
+        merged["families"].update({family: {**row, "source": name} for family, row in part["families"].items()})
+        merged["sources"].append({"file": name, "families": list(part["families"]), "reproduce": part["reproduce"]})
+    merged["families"] = {f: merged["families"][f] for f in FAMILIES if f in merged["families"]}
+    for family, row in merged["families"].items():
+        for decode, sides in row.get("eval", {}).items():
+            for side, record in sides.items():
+                if record.get("per_prompt"):
+                    continue
+                for root in eval_roots:
+                    report = root / f"{family}_{side}_{decode}" / "eval.json"
+                    if report.is_file():
+                        found = evaluation_record(json.loads(report.read_text()))
+                        if abs(found["tau"] - record["tau"]) > 1e-9:
+                            raise SystemExit(f"{report} has τ {found['tau']}, the result {record['tau']}: not the "
+                                             "evaluation this result recorded")
+                        record["per_prompt"] = found["per_prompt"]
+                        break
+    merged["notes"] = [*first.get("notes", []), *notes]
+    return merged
 
 
 # ---------------------------------------------------------------------------------------------------------------- run
@@ -770,6 +860,12 @@ def main() -> None:
     p = verbs.add_parser("pack", help="tar the reference files the trainers need, at their recorded commits")
     p.add_argument("--mirrors", type=Path, required=True, help="folder of fetched mirrors (<owner>+<name>/repo)")
     p.add_argument("--to", type=Path, required=True, help="the .tar.gz to write")
+    m = verbs.add_parser("merge", help="one result from runs made apart (each a subset of the families)")
+    m.add_argument("parts", type=Path, nargs="+", help="result JSONs of `run`, oldest first (a later row wins)")
+    m.add_argument("--out", type=Path, required=True, help="the merged JSON (and .md beside it) to write")
+    m.add_argument("--eval-root", type=Path, action="append", default=[],
+                   help="a run's <work>/eval folder, for per-prompt counts the parts lack (repeatable)")
+    m.add_argument("--note", action="append", default=[], help="a line added under the table (repeatable)")
     r = verbs.add_parser("run", help="train both sides, import, evaluate, write the result")
     r.add_argument("--refs", type=Path, required=True, help="the tarball `pack` wrote, or its unpacked folder")
     r.add_argument("--work", type=Path, required=True, help="folder for runs, data, checkpoints (resumable)")
@@ -792,6 +888,14 @@ def main() -> None:
         parser.error(f"--parallel {args.parallel}: run at least one trainer at a time (--parallel 1 or more)")
     if args.verb == "pack":
         pack(args.mirrors, args.to)
+    elif args.verb == "merge":
+        merged = merge([json.loads(p.read_text()) for p in args.parts], [p.name for p in args.parts],
+                       args.eval_root, args.note)
+        merged["reproduce"] = shlex.join([sys.executable, *sys.argv])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(merged, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(merged))
+        print(markdown(merged))
     else:
         run(args)
 
