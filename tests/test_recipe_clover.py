@@ -148,3 +148,12 @@ def test_eval_cli_runs_clover_and_refuses_another_target(tmp_path, target, user_
             assert json.loads((tmp_path / "eval" / "eval.json").read_text())["config"]["gamma"] == 2
         else:
             assert re.search("hidden_size=48.*trained for tiny-h32", user_error(eval_main, args))
+
+
+def test_initial_weights_follow_engine_seed_not_the_random_state_before_the_run(tmp_path):
+    def first_loss(name, torch_state_seed, engine_seed):
+        torch.manual_seed(torch_state_seed)  # whatever a caller ran before the recipe
+        run_recipe(tmp_path / name, f"engine.seed={engine_seed}", "engine.steps=1", "eval=none")
+        return json.loads((tmp_path / name / "train" / "history.json").read_text())[0]["loss"]
+
+    assert first_loss("a", 123, 0) == first_loss("b", 7, 0) == pytest.approx(33.7373, abs=1e-4)

@@ -21,7 +21,7 @@ from draftkit.drafts.vocab import draft_rows
 from draftkit.export import clover as clover_export
 from draftkit.objectives.clover import clover_loss
 from draftkit.objectives.linear_logits import LinearLogits
-from draftkit.recipes.common import draft_token_map, frozen_weight, start_run, training_chats
+from draftkit.recipes.common import draft_token_map, frozen_weight, seeded_init, start_run, training_chats
 from draftkit.recipes.heads_common import check_heads_settings, teacher_columns, train_measure_export
 from draftkit.runtime import clover as clover_runtime
 
@@ -67,9 +67,10 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     token_map = draft_token_map(chats, c.draft_vocab_size, target, run_dir)
     decoder = target.model.get_decoder()
     # A partial keeps the target's HF config and modules out of OmegaConf, which would try to convert them.
-    model = instantiate(c.model, _partial_=True)(
-        hidden_size=target.hidden_size, target_config=target.config, init_layer=decoder.layers[-1],
-        final_norm=decoder.norm, token_map=token_map).to(target.device)
+    with seeded_init(engine["seed"]):
+        model = instantiate(c.model, _partial_=True)(
+            hidden_size=target.hidden_size, target_config=target.config, init_layer=decoder.layers[-1],
+            final_norm=decoder.norm, token_map=token_map).to(target.device)
     lm_head = frozen_weight(target.lm_head.weight, engine)
     scoring_head = draft_rows(lm_head, token_map)
 
