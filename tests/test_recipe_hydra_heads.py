@@ -157,3 +157,14 @@ def test_export_round_trip_key_checks_and_target_mismatch(tmp_path, target, user
                            hidden_size=target.hidden_size, vocab_size=target.vocab_size)
     line = user_error(eval_main, ["--draft", str(out), "--target", str(directory), "--no-progress"])
     assert re.search("hidden_size=48.*trained for tiny-h32", line)
+
+
+def test_hydra_plus_plus_prefix_layer_follows_engine_seed_not_the_random_state_before_the_run(tmp_path):
+    # The prefix layer is the randomly initialised part; it starts as the identity (o_proj and down_proj at zero), so its
+    # random weights show in the loss from the second step on.
+    def history(name, torch_state_seed):
+        torch.manual_seed(torch_state_seed)  # whatever a caller ran before the recipe
+        run_recipe(tmp_path / name, "hydra_heads.heads.prefix_layer=true", "eval=none")
+        return losses(tmp_path / name)
+
+    assert history("a", 123) == history("b", 7)

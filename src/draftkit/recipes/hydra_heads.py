@@ -21,7 +21,7 @@ from draftkit.export import hydra_heads as hydra_export
 from draftkit.objectives.hydra_heads import hydra_loss
 from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.errors import ConfigError
-from draftkit.recipes.common import draft_token_map, frozen_weight, start_run, training_chats
+from draftkit.recipes.common import draft_token_map, frozen_weight, seeded_init, start_run, training_chats
 from draftkit.recipes.heads_common import check_heads_settings, label_mapper, teacher_columns, train_measure_export
 from draftkit.runtime import hydra_heads as hydra_runtime
 
@@ -78,8 +78,9 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     token_map = draft_token_map(chats, h.draft_vocab_size, target, run_dir)
     # A partial keeps the target's HF config out of OmegaConf, which would try to convert it.
     build = instantiate(h.heads, _partial_=True)
-    heads = build(hidden_size=target.hidden_size, vocab_size=target.vocab_size, target_config=target.config,
-                  lm_head_weight=target.lm_head.weight, token_map=token_map).to(target.device)
+    with seeded_init(engine["seed"]):
+        heads = build(hidden_size=target.hidden_size, vocab_size=target.vocab_size, target_config=target.config,
+                      lm_head_weight=target.lm_head.weight, token_map=token_map).to(target.device)
     lm_head = frozen_weight(target.lm_head.weight, engine)
     shared = draft_rows(lm_head, token_map) if heads.lm_heads is None else None
     # Own heads do not hold the target's rows, which the chunked teacher is made from (frozen: ZeRO-3 swaps them).
