@@ -72,3 +72,34 @@ def test_write_json_atomic_replaces_and_leaves_no_temporary(tmp_path):
     write_json_atomic(path, {"v": 2})
     assert path.read_text() == '{\n  "v": 2\n}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_a_killed_writers_staging_is_removed_by_the_next_write_and_nothing_else(tmp_path):
+    """A process killed mid-export (preemption, OOM killer) leaves its hidden staging folder; the next write of the
+    same path removes it. A live process's staging, another host's and unrelated hidden files stay."""
+    import secrets
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    final = tmp_path / "export"
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, pathlib, signal\n"
+        "from draftkit.io import staged_directory\n"
+        f"with staged_directory(pathlib.Path({str(final)!r})) as staging:\n"
+        "    (staging / 'weights.bin').write_bytes(b'x' * 1000)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n")])
+    assert killed.returncode == -signal.SIGKILL
+    leftovers = [p.name for p in tmp_path.iterdir()]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".export.")
+    live = tmp_path / f".export.{socket.gethostname()}~{os.getpid()}.{secrets.token_hex(4)}"
+    elsewhere = tmp_path / f".export.another-host~1.{secrets.token_hex(4)}"
+    unrelated = tmp_path / ".export.notes"
+    for keep in (live, elsewhere, unrelated):
+        keep.mkdir()
+
+    with staged_directory(final) as staging:
+        (staging / "weights.bin").write_bytes(b"y")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["export", live.name, elsewhere.name, unrelated.name])
+    assert (final / "weights.bin").read_bytes() == b"y"

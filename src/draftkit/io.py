@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -27,8 +29,51 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _writer() -> str:
+    """This process as staging names record it: host and pid, so a later writer can tell a dead writer's leftovers
+    (a run killed mid-save, a preempted job) from a live writer's work in progress."""
+    return f"{socket.gethostname()}~{os.getpid()}"
+
+
 def _sibling(path: Path, suffix: str) -> Path:
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}{suffix}")
+    remove_stale_staging(path)
+    return path.with_name(f".{path.name}.{_writer()}.{secrets.token_hex(4)}{suffix}")
+
+
+_STAGING = re.compile(r"(?:old\.)?(?P<host>[^/]+)~(?P<pid>\d+)\.[0-9a-f]{8}(?:\.tmp)?")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_staging(path: Path) -> list[Path]:
+    """Remove the staging files and folders next to `path` that a process of this host left when it died before
+    renaming them into place (they are hidden, and a checkpoint's can be gigabytes). Another host's, a live process's,
+    and anything not named like a staging entry are left alone. Returns what was removed."""
+    path = Path(path)
+    prefix, host, removed = f".{path.name}.", socket.gethostname(), []
+    try:
+        candidates = [entry for entry in os.scandir(path.parent) if entry.name.startswith(prefix)]
+    except FileNotFoundError:
+        return removed
+    for entry in candidates:
+        match = _STAGING.fullmatch(entry.name[len(prefix):])
+        if match is None or match["host"] != host or _alive(int(match["pid"])):
+            continue
+        stale = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+        removed.append(stale)
+    return removed
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
