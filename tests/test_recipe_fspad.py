@@ -141,7 +141,10 @@ def test_pinned_losses(eagle_run, fspad_run):
 def test_training_lowers_the_loss_and_the_trained_draft_is_accepted(tmp_path):
     # The default tiny target mostly repeats its last token: learnable in a few dozen steps, so a draft that trained
     # and drafts with the same alignment must then be accepted almost always.
-    run_recipe(tmp_path, "engine.max_steps_per_stage=30", "engine.lr=3e-3", "eval.before=false", "eval.gamma=3")
+    # A static tree: this barely trained draft is right but unsure, so EAGLE-2's confidence-grown default tree spends
+    # its budget on siblings near the root.
+    run_recipe(tmp_path, "engine.max_steps_per_stage=30", "engine.lr=3e-3", "eval.before=false", "eval.gamma=3",
+               "fspad.tree.kind=static", "fspad.tree.depth=4")
     curve = losses(tmp_path)
     assert sum(curve[-5:]) / 5 < 0.8 * sum(curve[:5]) / 5
     after = json.loads((tmp_path / "eval_after.json").read_text())["overall"]
