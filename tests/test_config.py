@@ -173,6 +173,14 @@ def test_cfg_job_prints_the_composed_config_with_overlays_in_any_order():
     assert "max_steps_per_stage: 3" in proc.stdout
 
 
+def test_cfg_job_prints_the_config_that_runs_with_the_typed_value_in_every_stage():
+    proc = subprocess.run([sys.executable, "-m", "draftkit.train", "+recipe=fastdraft", "engine.lr=1e-4", "--cfg", "job"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    printed = OmegaConf.create(proc.stdout)
+    assert printed.engine.lr == printed.fastdraft.pretrain.engine.lr == printed.fastdraft.finetune.engine.lr == 1e-4
+
+
 def _stage(cfg, path):
     from draftkit.engine.loop import stage_settings
 

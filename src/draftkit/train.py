@@ -16,7 +16,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from draftkit.config import CONFIG_MODULE, PRIMARY_CONFIG, apply_precedence, compose, prepare_overrides, validate
 from draftkit.engine.distributed import is_main_process, world_size_from_env
@@ -81,11 +81,28 @@ def run_recipe(overrides: list[str], run_dir: str | Path) -> Path | None:
     return importlib.import_module(f"draftkit.recipes.{name}").run(cfg, Path(run_dir))
 
 
+def _printed_config(flags: list[str]) -> str | None:
+    """Which config `--cfg <job|hydra|all>` (or -c) asks Hydra to print, None without the flag."""
+    for i, flag in enumerate(flags):
+        if flag in ("--cfg", "-c") and i + 1 < len(flags):
+            return flags[i + 1]
+        if flag.startswith("--cfg="):
+            return flag.split("=", 1)[1]
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     overrides = [a for a in args if "=" in a and not a.startswith("-")]
     hydra_flags = [a for a in args if a not in overrides]  # --help, --cfg job, -m ... (kept in order)
     _job.update(run_dir=None, checked=False, argv=overrides)
+    if _printed_config(hydra_flags) == "job" and not any(f in ("-p", "--package") or f.startswith("--package=")
+                                                         for f in hydra_flags):
+        # Printed here rather than by Hydra, which prints before the precedence rule: this is the config that runs.
+        with reported("train"):
+            cfg = compose(prepare_overrides(overrides))
+        print(OmegaConf.to_yaml(cfg, resolve="--resolve" in hydra_flags), end="")
+        return
     informational = any(f in ("--help", "-h", "--hydra-help", "--info", "-i") or f.startswith(("--cfg", "-c"))
                         for f in hydra_flags)
     multirun = any(f in ("-m", "--multirun") for f in hydra_flags)
