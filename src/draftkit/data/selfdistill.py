@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from draftkit.data.chat import first_prompt, prompt_ids, render_chat
-from draftkit.data.sources import DataError
+from draftkit.data.sources import DataError, load_records
 
 
 def prompts_from_records(
@@ -181,13 +181,63 @@ def regenerate_responses(
             for conversation, key in zip(conversations, keys)]
 
 
+def _question(prompt: list[dict]) -> str:
+    """A prompt's user turn with its whitespace normalised: what two copies of one question share."""
+    return " ".join(prompt[-1]["content"].split())
+
+
+def distinct_training_prompts(prompts: list[list[dict]], heldout: Iterable[list[dict]] = ()) -> list[list[dict]]:
+    """`prompts` without repeats (the first copy of each prompt stays: greedy answers to copies are copies, which only
+    weight that prompt more) and without the questions of `heldout` (the evaluation prompts: a draft must never train
+    on what it is measured on). Says what it left out."""
+    banned = {_question(p) for p in heldout}
+    seen, kept, repeats, evaluated = set(), [], 0, 0
+    for prompt in prompts:
+        key = (tuple((m["role"], m["content"]) for m in prompt[:-1]), _question(prompt))
+        if key[1] in banned:
+            evaluated += 1
+        elif key in seen:
+            repeats += 1
+        else:
+            seen.add(key)
+            kept.append(prompt)
+    if repeats or evaluated:
+        print(f"Training prompts: {len(kept)} kept; left out {repeats} repeats and {evaluated} that are evaluation "
+              "prompts (data.eval_prompts)")
+    return kept
+
+
+def evaluation_questions(source: str | None) -> list[list[dict]]:
+    """The prompts of `data.eval_prompts` (none when it is unset): what distinct_training_prompts keeps out."""
+    return prompts_from_records(load_records(source)) if source else []
+
+
+def without_evaluation_questions(records: datasets.Dataset, heldout: list[list[dict]]) -> datasets.Dataset:
+    """Chat `records` (replies included) whose first question is none of `heldout`'s; says how many it left out."""
+    banned = {_question(p) for p in heldout}
+    if not banned or "messages" not in records.column_names:
+        return records
+
+    def kept(record) -> bool:
+        found = first_prompt(record["messages"])
+        return found is None or _question(found[0]) not in banned
+
+    remaining = records.filter(kept)
+    if len(remaining) < len(records):
+        print(f"Training records: left out {len(records) - len(remaining)} whose question is an evaluation prompt "
+              "(data.eval_prompts)")
+    return remaining
+
+
 def answered_prompts(records, model, tokenizer, *, num_prompts: int, max_prompt_tokens: int | None, cache_file,
                      max_new_tokens: int, temperature: float, top_p: float, batch_size: int,
-                     seed: int) -> list[list[dict]]:
-    """Self-distillation data: the chat `records` cut to their first prompt, shuffled with `seed` (mixing the sources),
-    the first `num_prompts` of them, each with the target's reply (regenerate_responses: cached, resumable). With a
-    finished cache nothing is generated, so this also reads back exactly what a run trained on."""
+                     seed: int, heldout: Iterable[list[dict]] = ()) -> list[list[dict]]:
+    """Self-distillation data: the chat `records` cut to their first prompt, each prompt once and none of `heldout`'s
+    questions (distinct_training_prompts), shuffled with `seed` (mixing the sources), the first `num_prompts` of them,
+    each with the target's reply (regenerate_responses: cached, resumable). With a finished cache nothing is generated,
+    so this also reads back exactly what a run trained on."""
     prompts = prompts_from_records(records, max_prompt_tokens=max_prompt_tokens, tokenizer=tokenizer)
+    prompts = distinct_training_prompts(prompts, heldout)
     random.Random(seed).shuffle(prompts)
     return regenerate_responses(model, tokenizer, prompts[:num_prompts], cache_file=cache_file,
                                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,

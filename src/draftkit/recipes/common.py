@@ -22,7 +22,7 @@ from draftkit.data.feature_cache import (
     collate_with_features,
     expected_manifest,
 )
-from draftkit.data.selfdistill import answered_prompts
+from draftkit.data.selfdistill import answered_prompts, evaluation_questions, without_evaluation_questions
 from draftkit.data.sources import load_records, prompt_file
 from draftkit.drafts.vocab import coverage, select_tokens
 from draftkit.engine.distributed import as_settings, frozen_dtype, is_main_process, main_process_first
@@ -230,7 +230,8 @@ def self_distilled_conversations(data_cfg: DictConfig, target, run_dir: Path, se
             load_sources(data_cfg.prompts, data_cfg.prompts_limit), target.model, target.tokenizer,
             num_prompts=gen.num_prompts, max_prompt_tokens=gen.max_prompt_tokens,
             cache_file=Path(run_dir) / "selfdistill.jsonl", max_new_tokens=gen.max_new_tokens,
-            temperature=gen.temperature, top_p=gen.top_p, batch_size=gen.batch_size, seed=seed)
+            temperature=gen.temperature, top_p=gen.top_p, batch_size=gen.batch_size, seed=seed,
+            heldout=evaluation_questions(data_cfg.get("eval_prompts")))
 
 
 def self_distilled_chats(data_cfg: DictConfig, target, run_dir: Path, seed: int) -> Dataset:
@@ -243,7 +244,8 @@ def self_distilled_chats(data_cfg: DictConfig, target, run_dir: Path, seed: int)
 
 def dataset_chats(data_cfg: DictConfig, tokenizer) -> Dataset:
     """`data.prompts` records with the replies they carry (no regeneration), tokenized for training."""
-    records = load_sources(data_cfg.prompts, data_cfg.prompts_limit)
+    records = without_evaluation_questions(load_sources(data_cfg.prompts, data_cfg.prompts_limit),
+                                           evaluation_questions(data_cfg.get("eval_prompts")))
     return tokenize_chat(records, tokenizer, max_length=data_cfg.max_length, too_long=data_cfg.too_long)
 
 
