@@ -45,7 +45,7 @@ import sys
 import tarfile
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -816,12 +816,18 @@ def run(args: argparse.Namespace) -> None:
 
     def evaluation(family: str, side: str, decode: str, after: Future) -> None:  # 5. same runtime, prompts, tree
         after.result()
+        # Evaluations start once every trainer has stopped: the reference trainers save only at their end, and beside
+        # evaluations on the same GPU they slowed to about 2 s per step and did not finish within a call.
+        wait(list(sides.values()))
         row = result["families"][family]
         draft = Path(row["draftkit_artifact"]) if side == "draftkit" else work / "converted" / family
         if side == "reference" and not row.get("convert"):
             return
-        record = step(work / "eval" / f"{family}_{side}_{decode}.json", lambda: evaluate(
-            draft, work / "eval" / f"{family}_{side}_{decode}", budget, decode, args.target_path, prompts))
+        folder = work / "eval" / f"{family}_{side}_{decode}"
+        record = step(folder.with_suffix(".json"), lambda: evaluate(
+            draft, folder, budget, decode, args.target_path, prompts))
+        if "per_prompt" not in record:  # finished by a version that kept only the pooled numbers
+            record = {**record, **evaluation_record(json.loads((folder / "eval.json").read_text()))}
         with lock:
             row.setdefault("eval", {}).setdefault(decode, {})[side] = record
         save()
