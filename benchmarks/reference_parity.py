@@ -36,7 +36,6 @@ import hashlib
 import io
 import json
 import os
-import random
 import shlex
 import shutil
 import signal
@@ -48,6 +47,8 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+
+from draftkit.runtime.evaluate import BOOTSTRAP, bootstrap_ratio_difference
 
 # benchmarks/ is the script's folder, hence on sys.path
 from bench_common import machine, selected_families, selfdistill_finished, spec_bench
@@ -584,30 +585,24 @@ def evaluation_record(report: dict) -> dict:
             "per_prompt": [[str(r["question_id"]), r["new_tokens"], r["target_forwards"]] for r in report["prompts"]]}
 
 
-def paired_tau_difference(draftkit: dict, reference: dict, *, seed: int = 0, resamples: int = 1000,
-                          level: float = 0.95) -> dict | None:
-    """τ(draftkit) - τ(reference) on the prompts both sides answered, with a percentile interval from resampling those
-    prompts (the same draw for both sides). Pairing removes the variation between prompts that the two sides share, so
-    the interval is much narrower than the gap between two separate τ intervals would suggest. None when a side has no
-    per-prompt counts or fewer than two prompts are shared."""
+def paired_tau_difference(draftkit: dict, reference: dict) -> dict | None:
+    """τ(draftkit) - τ(reference) on the prompts both sides answered, with the eval's bootstrap interval drawn over
+    those prompts for both sides at once (runtime.evaluate.bootstrap_ratio_difference). Pairing removes the variation
+    between prompts that the two sides share, so the interval is much narrower than the gap between two separate τ
+    intervals would suggest. None when a side has no per-prompt counts or fewer than two prompts are shared."""
     if not draftkit.get("per_prompt") or not reference.get("per_prompt"):
         return None
     ours = {q: (n, f) for q, n, f in draftkit["per_prompt"]}
     theirs = {q: (n, f) for q, n, f in reference["per_prompt"]}
     shared = [q for q in ours if q in theirs]
-    if len(shared) < 2:
+    interval = bootstrap_ratio_difference([ours[q] for q in shared], [theirs[q] for q in shared])
+    if interval is None:
         return None
-
-    def difference(picked: list[str]) -> float:
-        return (sum(ours[q][0] for q in picked) / sum(ours[q][1] for q in picked)
-                - sum(theirs[q][0] for q in picked) / sum(theirs[q][1] for q in picked))
-
-    rng = random.Random(seed)
-    draws = sorted(difference(rng.choices(shared, k=len(shared))) for _ in range(resamples))
-    tail = (1.0 - level) / 2
-    low, high = draws[int(tail * (resamples - 1))], draws[int(round((1.0 - tail) * (resamples - 1)))]
-    return {"delta": difference(shared), "ci": [low, high], "prompts": len(shared),
-            "method": f"paired per-prompt bootstrap, {resamples} resamples, {level:.0%} percentile interval"}
+    delta = (sum(ours[q][0] for q in shared) / sum(ours[q][1] for q in shared)
+             - sum(theirs[q][0] for q in shared) / sum(theirs[q][1] for q in shared))
+    return {"delta": delta, "ci": interval, "prompts": len(shared),
+            "method": f"paired per-prompt bootstrap, {BOOTSTRAP['resamples']} resamples, "
+                      f"{BOOTSTRAP['level']:.0%} percentile interval"}
 
 
 # ------------------------------------------------------------------------------------------------------------- report

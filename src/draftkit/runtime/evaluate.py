@@ -113,6 +113,17 @@ def eos_token_ids(target: Target) -> list[int]:
 BOOTSTRAP = {"method": "per-prompt bootstrap, percentile interval", "level": 0.95, "resamples": 1000}
 
 
+def _resample_rows(count: int, seed: int, resamples: int) -> torch.Tensor:
+    """[resamples, count] row indices drawn with replacement by Python's own seeded generator (the same draw anywhere)."""
+    rng = random.Random(seed)
+    return torch.tensor([rng.choices(range(count), k=count) for _ in range(resamples)])
+
+
+def _percentile_interval(values: torch.Tensor, level: float) -> list[float]:
+    tail = (1.0 - level) / 2
+    return torch.quantile(values, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+
+
 def bootstrap_ratios(numerators: list[list[float]], denominators: list[list[float]], *, seed: int = 0,
                      resamples: int = BOOTSTRAP["resamples"], level: float = BOOTSTRAP["level"]
                      ) -> list[list[float] | None]:
@@ -126,18 +137,32 @@ def bootstrap_ratios(numerators: list[list[float]], denominators: list[list[floa
     columns = len(numerators[0]) if count else 0
     if count < 2:
         return [None] * columns
-    rng = random.Random(seed)
-    picked = torch.tensor([rng.choices(range(count), k=count) for _ in range(resamples)])  # [resamples, prompts]
+    picked = _resample_rows(count, seed, resamples)  # [resamples, prompts]
     top = torch.tensor(numerators, dtype=torch.float64)[picked].sum(dim=1)  # [resamples, columns]
     bottom = torch.tensor(denominators, dtype=torch.float64)[picked].sum(dim=1)
-    tail = (1.0 - level) / 2
-    quantiles = torch.tensor([tail, 1.0 - tail], dtype=torch.float64)
     intervals: list[list[float] | None] = []
     for column in range(columns):
         defined = bottom[:, column] > 0
         ratios = top[defined, column] / bottom[defined, column]
-        intervals.append(torch.quantile(ratios, quantiles).tolist() if ratios.numel() else None)
+        intervals.append(_percentile_interval(ratios, level) if ratios.numel() else None)
     return intervals
+
+
+def bootstrap_ratio_difference(first: list[tuple[float, float]], second: list[tuple[float, float]], *, seed: int = 0,
+                               resamples: int = BOOTSTRAP["resamples"], level: float = BOOTSTRAP["level"]
+                               ) -> list[float] | None:
+    """Percentile interval of sum(n1)/sum(d1) - sum(n2)/sum(d2), where first[i] and second[i] are (numerator,
+    denominator) of the same prompt i measured two ways (two drafts on the same prompts), resampling the prompts
+    together: the variation between prompts that both share cancels, as a paired comparison should. None with fewer
+    than two prompts."""
+    if len(first) != len(second):
+        raise ValueError(f"paired rows differ in number: {len(first)} vs {len(second)}")
+    if len(first) < 2:
+        return None
+    picked = _resample_rows(len(first), seed, resamples)
+    a = torch.tensor(first, dtype=torch.float64)[picked].sum(dim=1)  # [resamples, 2]
+    b = torch.tensor(second, dtype=torch.float64)[picked].sum(dim=1)
+    return _percentile_interval(a[:, 0] / a[:, 1] - b[:, 0] / b[:, 1], level)
 
 
 def _intervals(rows: list[dict], gamma: int, seed: int) -> tuple[list[float] | None, list[list[float] | None]]:
