@@ -8,7 +8,8 @@ then measured by `python -m draftkit.eval` on held-out prompts (trees where the 
         --target-path <SmolLM2 .gguf> --out benchmarks/results
 
 `train` runs the families side by side on one machine (`--parallel` processes; a 135M target leaves a GPU mostly idle
-in one process), every one on the self-distilled answers the first run writes (copied, not generated again). It stops
+in one process), every one on the self-distilled answers the first run completes (copied, not generated again; a
+<work>/selfdistill.jsonl carried in from an earlier session is reused, only what it lacks is answered). It stops
 them all at `--deadline-s` and a later `train` with the same --work resumes each from its checkpoints, so a budget
 longer than one call runs over several calls. Given --eval-prompts, `train` also measures each family the moment it
 has trained (and any trained earlier but not yet measured), beside the runs still training, and writes the table of
@@ -102,7 +103,8 @@ def train(args) -> None:
         if answers.is_file() and not (run_dir / "selfdistill.jsonl").is_file():
             shutil.copy(answers, run_dir / "selfdistill.jsonl")
         command = train_command(family, run_dir, args)
-        (run_dir / "budget_command.txt").write_text(shlex.join(command) + "\n")
+        with open(run_dir / "budget_command.txt", "a") as record:  # one line per call: a resume may change steps
+            record.write(shlex.join(command) + "\n")
         logs[family] = open(run_dir / "train.log", "a")
         print(f"[budget] start {family}: {shlex.join(command)}", flush=True)
         running[family] = subprocess.Popen(command, stdout=logs[family], stderr=subprocess.STDOUT,
@@ -112,7 +114,9 @@ def train(args) -> None:
         for family in args.families if args.eval_prompts is not None else []:  # trained in an earlier call
             if family not in pending and (command := eval_command(family, args)) is not None:
                 evaluating[family] = start_eval(family, command, args)
-        if pending and not answers.is_file():  # the first family writes the answers every other family reuses
+        # The first family answers alone: every prompt, or those the answers carried in (an earlier call or session)
+        # lack; once it trains, the others start from a copy of its complete answers.
+        if pending:
             first = pending.pop(0)
             launch(first)
             while not selfdistill_finished(args.work / first) and running[first].poll() is None:
@@ -195,15 +199,17 @@ def write_table(args) -> None:
             continue
         report = json.loads(report_file.read_text())
         run_dir = args.work / family
-        command = (run_dir / "budget_command.txt").read_text().strip()
+        commands = (run_dir / "budget_command.txt").read_text().strip().splitlines()
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
         steps = max((m.get("step", 0) for m in metrics), default=0)
         o = report["overall"]
-        rows[family] = {"train_command": command, "train_steps": steps, "eval_config": report["config"],
+        rows[family] = {"train_command": commands[-1], "train_steps": steps, "eval_config": report["config"],
                         "tau": o["tau"], "tau_ci": o.get("tau_ci"), "alpha": o["alpha"], "alpha_ci": o.get("alpha_ci"),
                         "prompts": o["prompts"], "new_tokens": o["new_tokens"],
                         "categories": {c: s["tau"] for c, s in report["categories"].items()},
                         "tree": report["config"].get("tree")}
+        if len(commands) > 1:  # continued over several calls, possibly with other steps (a changed lr schedule)
+            rows[family]["train_commands_by_call"] = commands
     info, date = machine(), time.strftime("%Y-%m-%d")
     tag = info.get("gpu", "cpu").split()[-1].lower()
     stem = f"budget_{args.budget}_smollm2_135m_{tag}_{date}"

@@ -308,6 +308,15 @@ def test_a_run_directory_is_continued_only_with_its_config_unless_forced(inputs,
     assert check_resume(run_dir, compose([*base, "fastdraft.pretrain.engine.lr=0.5", "resume=force"])) == [
         "fastdraft.pretrain.engine.lr: 0.003 -> 0.5"]
     assert check_resume(run_dir, compose([*base, "engine.steps=7", "eval.max_new_tokens=4"])) == []
+    # what resume allows is recorded, with how the run was started before
+    first_start = json.loads((run_dir / "run_info.json").read_text())
+    record_run(run_dir, compose([*base, "engine.steps=7"]))
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["changed_on_resume"] == [] and info["changed_safely_on_resume"] == [
+        "engine.steps: 100 -> 7", "fastdraft.finetune.engine.steps: 80 -> 7",
+        "fastdraft.pretrain.engine.steps: 120 -> 7"]
+    assert info["earlier_starts"] == [{key: first_start[key] for key in (
+        "argv", "started", "git", "changed_on_resume", "changed_safely_on_resume")}]
     # a directory with nothing done yet (a run that failed while starting) takes any config
     (run_dir / "selfdistill.jsonl").unlink()
     assert check_resume(run_dir, compose([*base, "engine.lr=0.5"])) == []

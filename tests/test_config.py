@@ -58,8 +58,8 @@ def test_a_budget_only_changes_settings_the_recipe_has(recipe, budget):
 
 def test_gpu30_merges_the_recipes_own_budget_after_the_shared_one_and_typed_values_win():
     cfg = compose(["+recipe=fspad", "budget=gpu30"])
-    assert cfg.fspad.train.engine.steps == 5000 and cfg.data.selfdistill.num_prompts == 8192
-    assert cfg.engine.precision == "bf16"
+    assert cfg.fspad.train.engine.steps == 10000 and cfg.data.selfdistill.num_prompts == 16384
+    assert cfg.engine.precision == "bf16" and cfg.engine.group_by_length is True
     typed = compose(["+recipe=fspad", "budget=gpu30", "fspad.train.engine.steps=7", "engine.precision=fp32"])
     assert typed.fspad.train.engine.steps == 7 and typed.engine.precision == "fp32"
     assert compose(["+recipe=medusa", "+budget=gpu30"]).engine.steps == 7000

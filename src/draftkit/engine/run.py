@@ -7,6 +7,7 @@ import errno
 import fcntl
 import fnmatch
 import importlib.metadata
+import json
 import os
 import platform
 import socket
@@ -78,13 +79,14 @@ def _flat(node, prefix: str = "") -> dict:
     return {prefix: node}
 
 
-def config_changes(old: dict, new: dict) -> list[str]:
+def config_changes(old: dict, new: dict, *, safe: bool = False) -> list[str]:
     """`key: old -> new` for every setting both configs have that differs and is not safe to change on resume (a key
-    only one of them has is a setting another draftkit version added or removed, not a change the user made)."""
+    only one of them has is a setting another draftkit version added or removed, not a change the user made).
+    safe=True: the differing settings that may change on resume instead, which a run records but never refuses."""
     before, after = _flat(old), _flat(new)
     changes = []
     for key in sorted(set(before) & set(after)):
-        if before[key] == after[key] or any(fnmatch.fnmatchcase(key, p) for p in SAFE_TO_CHANGE_ON_RESUME):
+        if before[key] == after[key] or any(fnmatch.fnmatchcase(key, p) for p in SAFE_TO_CHANGE_ON_RESUME) != safe:
             continue
         changes.append(f"{key}: {before[key]} -> {after[key]}")
     return changes
@@ -146,18 +148,34 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
 
 def record_run(run_dir: Path, cfg: DictConfig) -> None:
     """Check that `cfg` may continue what run_dir holds (check_resume), then record it: config.yaml is the resolved
-    config this run uses, run_info.json how it was started."""
+    config this run uses, run_info.json how it was started. A continued run keeps how each earlier start was made
+    (earlier_starts) and names the settings it changed that resume allows (a longer engine.steps stretches the lr
+    schedule from the resumed step on, so the steps before it followed another schedule)."""
     if not is_main_process():
         return
     run_dir = Path(run_dir)
     changes = check_resume(run_dir, cfg)
     if changes:
         print(f"[draftkit] note: resume=force: continuing {run_dir} with changed settings ({'; '.join(changes)})")
+    safe_changes, earlier_starts = [], []
+    if cfg.get("resume", True) is not False and holds_work(run_dir):
+        if (run_dir / "config.yaml").is_file():
+            recorded = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=False)
+            safe_changes = config_changes(recorded, OmegaConf.to_container(cfg, resolve=True), safe=True)
+        if (run_dir / "run_info.json").is_file():
+            earlier = json.loads((run_dir / "run_info.json").read_text())
+            earlier_starts = [*earlier.pop("earlier_starts", []),
+                              {key: earlier.get(key) for key in ("argv", "started", "git", "changed_on_resume",
+                                                                  "changed_safely_on_resume")}]
+    if safe_changes:
+        print(f"[draftkit] note: continuing {run_dir} with changed settings ({'; '.join(safe_changes)})")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     write_json_atomic(run_dir / "run_info.json", {
         "argv": sys.argv,
         "changed_on_resume": changes,
+        "changed_safely_on_resume": safe_changes,
+        "earlier_starts": earlier_starts,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "git": git_state(),
         "python": sys.version.split()[0],

@@ -1,0 +1,58 @@
+"""benchmarks/budget_table.py: a family trained and measured end to end on the tiny target, and the table's record of a
+run continued over several calls."""
+
+import json
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import budget_table  # noqa: E402  (a script in benchmarks/, imported for its table code)
+
+
+def questions(path: Path) -> Path:
+    rows = [{"question_id": i, "category": category, "turns": [f"Say something about {category} number {i}."]}
+            for i, category in enumerate(["qa", "rag", "qa", "rag"])]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_a_family_is_trained_then_measured_on_the_held_out_prompts_and_tabled(tmp_path, target_dir):
+    directory, _ = target_dir
+    work, out = tmp_path / "work", tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "budget_table.py"), "train", "--work", str(work), "--families", "eagle1",
+         "--budget", "smoke", "--target-path", str(directory), "--parallel", "1", "--deadline-s", "240",
+         "--eval-prompts", str(questions(tmp_path / "question.jsonl")), "--limit-per-category", "1",
+         "--max-new-tokens", "8", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (table,) = out.glob("budget_smoke_*.json")
+    row = json.loads(table.read_text())["families"]["eagle1"]
+    # budget=smoke caps the stage at 5 steps; one prompt of each of the two categories; EAGLE-1 decodes a dynamic tree
+    assert row["train_steps"] == 5 and row["prompts"] == 2 and set(row["categories"]) == {"qa", "rag"}
+    assert row["tree"]["kind"] == "dynamic" and "train_commands_by_call" not in row
+    assert row["train_command"] == (work / "eagle1" / "budget_command.txt").read_text().strip()
+    assert "target.dtype=float32" in row["train_command"] and "budget=smoke" in row["train_command"]
+
+
+def test_a_run_continued_over_several_calls_keeps_every_calls_command(tmp_path):
+    work = tmp_path / "work"
+    (work / "fspad").mkdir(parents=True)
+    (work / "fspad" / "budget_command.txt").write_text("train engine.steps=3000\ntrain engine.steps=5000\n")
+    (work / "fspad" / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (2500, 5000)))
+    (work / "eval" / "fspad").mkdir(parents=True)
+    (work / "eval" / "fspad" / "eval.json").write_text(json.dumps({
+        "config": {"tree": {"kind": "dynamic", "depth": 6, "top_k": 10, "total_tokens": 59}},
+        "overall": {"tau": 2.3, "tau_ci": [2.1, 2.5], "alpha": [0.65, 0.61], "prompts": 40, "new_tokens": 3675},
+        "categories": {"qa": {"tau": 3.0}}}))
+    args = Namespace(families=["fspad"], work=work, budget="gpu30", out=tmp_path / "out")
+    budget_table.write_table(args)
+    (table,) = args.out.glob("budget_gpu30_*.json")
+    row = json.loads(table.read_text())["families"]["fspad"]
+    assert row["train_command"] == "train engine.steps=5000" and row["train_steps"] == 5000
+    assert row["train_commands_by_call"] == ["train engine.steps=3000", "train engine.steps=5000"]
+    (markdown,) = args.out.glob("budget_gpu30_*.md")
+    assert "| fspad | 5000 | 2.30 | 2.10–2.50 | 0.65 | 0.61 | – | 40 | dynamic tree, 59 tokens, depth 6 |" in \
+        markdown.read_text()
