@@ -236,6 +236,15 @@ def test_grouping_by_length_cuts_padding_and_still_visits_every_example_once_per
     assert epoch(True)[2] == grouped_batches  # a function of (seed, epoch): resume replays it
 
 
+def test_grouping_by_length_refuses_examples_without_a_length():
+    from draftkit.engine.batches import BatchStream
+
+    stream = BatchStream([{"prompt": [1, 2], "reply": [3]}] * 8, 4, lambda rows: rows, group_by_length=True)
+    with pytest.raises(ConfigError, match=r"no input_ids \(nor does its dataset give lengths\)\. Fix: "
+                                          r"engine\.group_by_length=false"):
+        stream.next()
+
+
 class Rows:
     def __init__(self):
         self.rows = []

@@ -71,6 +71,16 @@ def test_labels_are_soft_acceptances_with_mixed_positions_left_out(finished_run)
     assert len(heldout) == 2 and all(all(e["loss_mask"]) for e in heldout)  # held-out labels are not mixed
 
 
+def test_labelled_examples_group_by_length_on_their_prompt_and_response_tokens(finished_run, tmp_path):
+    run_dir, _ = finished_run
+    examples = read_labels(sorted((run_dir / "specdecpp_labels" / "train").glob("shard_*.safetensors")))
+    assert examples.lengths == [len(e["prompt_ids"]) + len(e["tokens"]) for e in examples]
+    assert len(set(examples.lengths)) > 1  # the grouping has lengths to sort
+    # budget=gpu30 groups every recipe's micro-batches by length
+    run_recipe(tmp_path / "grouped", "engine.group_by_length=true")
+    assert json.loads((tmp_path / "grouped" / "head" / "settings.json").read_text())["group_by_length"] is True
+
+
 def test_training_lowers_the_loss(finished_run, tmp_path):
     run_dir, _ = finished_run
     _, draft = the_draft()

@@ -134,7 +134,7 @@ def build_acceptance_labels(
     target_model, draft_model, prompts: Sequence[Sequence[int]], cache_dir: str | os.PathLike, *, identity: dict,
     temperature: float, max_new_tokens: int, mixing_fraction: float, batch_size: int, seed: int,
     stop_ids: Sequence[int], pad_token_id: int, progress: bool = True, desc: str = "acceptance labels",
-) -> list[dict]:
+) -> LabelledExamples:
     """Label every prompt (token id lists) into `cache_dir`, resuming an interrupted build; returns the examples
     (`read_labels`). `identity` names what the labels depend on besides the prompts and settings (fingerprints of
     the target and the draft)."""
@@ -176,7 +176,16 @@ def build_acceptance_labels(
     return read_labels(paths)
 
 
-def read_labels(paths: Sequence[Path]) -> list[dict]:
+class LabelledExamples(list):
+    """The labelled examples, each with its token count (prompt and response: what a collated row holds), so the
+    engine can group micro-batches by length (engine.group_by_length)."""
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(example["prompt_ids"]) + len(example["tokens"]) for example in self]
+
+
+def read_labels(paths: Sequence[Path]) -> LabelledExamples:
     """Shards -> one example per prompt, in prompt order: {"prompt_ids", "tokens", "accept", "draft_prob",
     "loss_mask"} (lists over the response's counted positions)."""
     examples = {}
@@ -189,7 +198,7 @@ def read_labels(paths: Sequence[Path]) -> list[dict]:
                 "tokens": t["tokens"][row, :length].tolist(), "accept": t["accept"][row, :length].tolist(),
                 "draft_prob": t["draft_prob"][row, :length].tolist(),
                 "loss_mask": t["loss_mask"][row, :length].tolist()}
-    return [examples[i] for i in sorted(examples)]
+    return LabelledExamples(examples[i] for i in sorted(examples))
 
 
 def _right_pad_values(rows: Sequence[Sequence], width: int, dtype: torch.dtype) -> torch.Tensor:

@@ -18,8 +18,12 @@ def example_lengths(dataset: Sequence) -> list[int]:
     if hasattr(dataset, "lengths"):
         return list(dataset.lengths)
     if hasattr(dataset, "column_names"):  # a datasets.Dataset
-        return [len(ids) for ids in dataset["input_ids"]]
-    return [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+        if "input_ids" in dataset.column_names:
+            return [len(ids) for ids in dataset["input_ids"]]
+    elif len(dataset) and "input_ids" in dataset[0]:
+        return [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+    raise ConfigError("engine.group_by_length=true needs each example's token count, and this stage's examples have "
+                      "no input_ids (nor does its dataset give lengths). Fix: engine.group_by_length=false")
 
 
 class BatchStream:
