@@ -53,7 +53,11 @@ FAMILIES = {
     "kangaroo": (["+recipe=kangaroo"], []),
     "fastdraft": (["+recipe=fastdraft", "draft=from_target"], []),
     "distillspec": (["+recipe=distillspec"], []),
+    # SpecDec++'s acceptance head is trained for a draft LM: FastDraft's, trained first in the same --work
+    "specdecpp": (["+recipe=specdecpp", "draft=pretrained"], []),
 }
+# family -> the family whose trained draft it builds on (its export becomes draft.path)
+BUILDS_ON = {"specdecpp": "fastdraft"}
 
 
 def export_dir(run_dir: Path) -> Path | None:
@@ -70,6 +74,8 @@ def export_dir(run_dir: Path) -> Path | None:
 
 def train_command(family: str, run_dir: Path, args) -> list[str]:
     overrides, _ = FAMILIES[family]
+    if family in BUILDS_ON:
+        overrides = [*overrides, f"draft.path={export_dir(args.work / BUILDS_ON[family])}"]
     # fp32, as the evaluation runs it: the features a drafter learns are those it will read
     target = ["target=hf", f"target.path={args.target_path}", "target.dtype=float32"] if args.target_path else []
     prompts = ",".join(str(Path(p).resolve()) if Path(p).exists() else p for p in args.prompts)  # builtin:, hf:
@@ -116,8 +122,8 @@ def train(args) -> None:
                 evaluating[family] = start_eval(family, command, args)
         # The first family answers alone: every prompt, or those the answers carried in (an earlier call or session)
         # lack; once it trains, the others start from a copy of its complete answers.
-        if pending:
-            first = pending.pop(0)
+        if first := next((f for f in pending if f not in BUILDS_ON), None):
+            pending.remove(first)
             launch(first)
             while not selfdistill_finished(args.work / first) and running[first].poll() is None:
                 if time.monotonic() > deadline:
@@ -138,8 +144,16 @@ def train(args) -> None:
                 if proc.poll() is not None:
                     print(f"[budget] eval {family}: exit {proc.returncode}", flush=True)
                     del evaluating[family]
-            while pending and len(running) < args.parallel:
-                launch(pending.pop(0))
+            for family in [f for f in pending if f in BUILDS_ON]:
+                base = BUILDS_ON[family]
+                if base not in pending and base not in running and export_dir(args.work / base) is None:
+                    print(f"[budget] {family} skipped: {base}, whose draft it builds on, did not finish", flush=True)
+                    pending.remove(family)
+            ready = [f for f in pending if f not in BUILDS_ON or export_dir(args.work / BUILDS_ON[f]) is not None]
+            while ready and len(running) < args.parallel:
+                family = ready.pop(0)
+                pending.remove(family)
+                launch(family)
             time.sleep(5)
     finally:
         stop({**running, **evaluating})
@@ -267,6 +281,10 @@ def main() -> None:
     unknown = sorted(set(args.families) - set(FAMILIES))
     if unknown:
         parser.error(f"unknown families {unknown}; choose from {list(FAMILIES)}")
+    for family, base in BUILDS_ON.items():
+        if family in args.families and base not in args.families and export_dir(args.work / base) is None:
+            parser.error(f"{family} trains for {base}'s draft, which --work holds no finished run of: add {base} to "
+                         "--families")
     args.work.mkdir(parents=True, exist_ok=True)
     if args.phase == "train":
         train(args)

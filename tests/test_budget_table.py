@@ -56,3 +56,26 @@ def test_a_run_continued_over_several_calls_keeps_every_calls_command(tmp_path):
     (markdown,) = args.out.glob("budget_gpu30_*.md")
     assert "| fspad | 5000 | 2.30 | 2.10–2.50 | 0.65 | 0.61 | – | 40 | dynamic tree, 59 tokens, depth 6 |" in \
         markdown.read_text()
+
+
+def test_specdecpp_trains_its_head_for_the_fastdraft_draft_trained_first(tmp_path):
+    from draftkit.targets.tiny import tiny_target
+
+    target = tiny_target(num_layers=3)  # FastDraft's draft=from_target keeps two of its layers
+    target.model.save_pretrained(tmp_path / "target")
+    target.tokenizer.save_pretrained(tmp_path / "target")
+    work, out = tmp_path / "work", tmp_path / "out"
+    common = [sys.executable, str(BENCHMARKS / "budget_table.py"), "train", "--work", str(work), "--budget", "smoke",
+              "--target-path", str(tmp_path / "target"), "--parallel", "2"]
+    refused = subprocess.run([*common, "--families", "specdecpp"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and refused.stderr.strip().endswith(
+        "specdecpp trains for fastdraft's draft, which --work holds no finished run of: add fastdraft to --families")
+    done = subprocess.run(
+        [*common, "--families", "specdecpp,fastdraft", "--eval-prompts", str(questions(tmp_path / "question.jsonl")),
+         "--limit-per-category", "1", "--max-new-tokens", "8", "--out", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(next(out.glob("budget_smoke_*.json")).read_text())["families"]
+    assert set(rows) == {"fastdraft", "specdecpp"}
+    fastdraft_export = json.loads((work / "fastdraft" / "result.json").read_text())["export"]
+    assert f"draft.path={fastdraft_export}" in rows["specdecpp"]["train_command"]
