@@ -487,6 +487,20 @@ def test_training_prompts_are_distinct_and_never_an_evaluation_question():
     assert kept == [prompt("hi"), prompt("What is 2+2?"), prompt("hi", system="be brief"), prompt("tell me more")]
 
 
+def test_asking_for_more_answers_than_there_are_prompts_answers_each_once_and_says_so(tmp_path, capsys):
+    from draftkit.data.selfdistill import answered_prompts
+
+    target = tiny_target()
+    records = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": q}]}
+                                          for q in ("one", "two", "two", "three")])
+    chats = answered_prompts(records, target.model, target.tokenizer, num_prompts=16384, max_prompt_tokens=None,
+                             cache_file=tmp_path / "answers.jsonl", max_new_tokens=4, temperature=0.0, top_p=1.0,
+                             batch_size=8, seed=0)
+    assert sorted(chat[0]["content"] for chat in chats) == ["one", "three", "two"]
+    assert ("Self-distillation: data.selfdistill.num_prompts=16384, and the prompts give 3 distinct questions: all 3 "
+            "are answered") in capsys.readouterr().out
+
+
 def test_records_whose_question_is_an_evaluation_prompt_are_left_out_of_training_on_the_datas_replies():
     from draftkit.data.selfdistill import without_evaluation_questions
 

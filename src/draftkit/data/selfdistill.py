@@ -238,6 +238,9 @@ def answered_prompts(records, model, tokenizer, *, num_prompts: int, max_prompt_
     so this also reads back exactly what a run trained on."""
     prompts = prompts_from_records(records, max_prompt_tokens=max_prompt_tokens, tokenizer=tokenizer)
     prompts = distinct_training_prompts(prompts, heldout)
+    if len(prompts) < num_prompts:
+        print(f"Self-distillation: data.selfdistill.num_prompts={num_prompts}, and the prompts give {len(prompts)} "
+              f"distinct questions: all {len(prompts)} are answered")
     random.Random(seed).shuffle(prompts)
     return regenerate_responses(model, tokenizer, prompts[:num_prompts], cache_file=cache_file,
                                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
