@@ -183,13 +183,17 @@ def eagle3_run(tmp_path_factory):
 
 def test_pinned_losses(eagle3_run, tmp_path):
     assert losses(eagle3_run[0]) == pytest.approx(PINNED_EAGLE3, abs=1e-4)
-    run_recipe(tmp_path, "eagle3.ttt.steps=3", "eagle3.feature_sampling=true", "eagle3.partial_alignment=true",
-               "eval=none")
-    assert losses(tmp_path) == pytest.approx(PINNED_FSPAD_OPTIONS, abs=1e-4)
+    # The target's head, frozen: the same start (the trained head starts as its copy), then a slower descent.
+    run_recipe(tmp_path / "frozen", "eagle3.ttt.steps=3", "eagle3.lm_head=frozen", "eval=none")
+    assert losses(tmp_path / "frozen") == pytest.approx(PINNED_FROZEN_HEAD, abs=1e-4)
+    run_recipe(tmp_path / "fspad", "eagle3.ttt.steps=3", "eagle3.feature_sampling=true",
+               "eagle3.partial_alignment=true", "eval=none")
+    assert losses(tmp_path / "fspad") == pytest.approx(PINNED_FSPAD_OPTIONS, abs=1e-4)
 
 
-PINNED_EAGLE3 = [14.0916, 14.0863, 14.0834]
-PINNED_FSPAD_OPTIONS = [14.1551, 14.1339, 14.1300]
+PINNED_EAGLE3 = [14.0916, 14.0834, 14.0781]
+PINNED_FROZEN_HEAD = [14.0916, 14.0863, 14.0834]
+PINNED_FSPAD_OPTIONS = [14.1551, 14.1311, 14.1245]
 
 
 def test_offline_training_matches_online(eagle3_run, tmp_path):
@@ -230,6 +234,24 @@ def test_the_recipe_exports_and_eval_loads_the_artifact(eagle3_run, tmp_path):
     assert out.tokens == reference
     tree = json.loads((run_dir / "eval_after_tree.json").read_text())
     assert tree["overall"]["outputs_differing_from_ar"] == 0
+
+
+def test_the_draft_trains_its_own_head_while_the_teacher_reads_the_targets(eagle3_run):
+    _, export = eagle3_run
+    target = tiny_target()
+    module, info = load_eagle3_drafter(export, embed_weight=target.embed_tokens.weight,
+                                       lm_head_weight=target.lm_head.weight)
+    assert info["architecture"]["lm_head_trained"] is True
+    assert torch.equal(load_file(str(export / "model.safetensors"))["lm_head.weight"].float(), module.lm_head.weight)
+    assert not torch.allclose(module.lm_head.weight, target.lm_head.weight)  # three steps moved it
+    assert module.teacher_head_weight.data_ptr() == target.lm_head.weight.data_ptr()  # the target's own rows
+    arch = info["architecture"]
+    frozen = eagle3_drafter(embed_weight=target.embed_tokens.weight, lm_head_weight=target.lm_head.weight,
+                            norm_weight=torch.ones(arch["hidden_size"]), num_aux_layers=len(arch["aux_layers"]),
+                            num_heads=arch["num_attention_heads"], num_kv_heads=arch["num_key_value_heads"],
+                            intermediate_size=arch["intermediate_size"])
+    assert not frozen.lm_head_trained and frozen.teacher_head_weight is frozen.lm_head.weight
+    assert "lm_head.weight" not in {n for n, p in frozen.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("tree", [None, "chain"])  # None: the family's default, EAGLE-2's dynamic tree

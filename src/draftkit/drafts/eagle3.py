@@ -10,9 +10,9 @@ At draft position t the module reads g_t and the embedding of x_{t+1} and predic
 
 `out` (before `norm`) stands in for g at the next draft step, which reads (out, x_{t+2}) at position t + 1 without the
 fc; that is what the runtimes do (vLLM and SGLang feed the draft's pre-norm state back) and what training-time test
-(`unroll`) simulates. The embedding and LM head are the target's, frozen (the LM head holds only the draft vocabulary's
-rows with a `token_map`, drafts/vocab.py); fc, the layer and the final norm (started from the target's final norm)
-are trained.
+(`unroll`) simulates. The embedding is the target's, frozen; the LM head holds the target's rows (only the draft
+vocabulary's with a `token_map`, drafts/vocab.py), frozen, or with `train_lm_head` a trained copy of them, as EAGLE-3
+trains its head. fc, the layer and the final norm (started from the target's final norm) are trained.
 
 FSPAD's two parts fit as options (drafts/fspad.py): feature sampling gates the layer's hidden input with the token
 embedding, and partial alignment makes the MLP write 2h: `predict` goes to the norm and LM head, `regress` is fed back
@@ -87,6 +87,7 @@ class Eagle3Drafter(nn.Module):
         partial_alignment: bool,
         norm_before_residual: bool,
         token_map: torch.Tensor | None,
+        train_lm_head: bool = False,
     ):
         super().__init__()
         vocab_size, hidden_size = lm_head_weight.shape
@@ -97,6 +98,13 @@ class Eagle3Drafter(nn.Module):
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.intermediate_size, self.rope_theta, self.rms_norm_eps = intermediate_size, rope_theta, rms_norm_eps
         attach_frozen_vocabulary(self, embed_weight, lm_head_weight, token_map)
+        # EAGLE-3's reference trains the draft's own head (from a random start; here from the target's rows). The
+        # target's rows stay for the teacher, as a plain attribute: a buffer of V x h would be broadcast by DDP every
+        # step and written into every checkpoint, though the target holds it.
+        self._target_head_rows = None
+        if train_lm_head:
+            self._target_head_rows = self.lm_head.weight.detach()
+            self.lm_head.weight = nn.Parameter(self._target_head_rows.clone(), requires_grad=True)
         self.fc = nn.Linear(num_aux_layers * hidden_size, hidden_size, bias=False)
         self.feature_sampling = FeatureSampling(hidden_size, intermediate_size, rms_norm_eps) if feature_sampling else None
         self.layers = nn.ModuleList([Eagle3Layer(hidden_size, num_heads, num_kv_heads, intermediate_size, rope_theta,
@@ -106,6 +114,15 @@ class Eagle3Drafter(nn.Module):
         self.norm = RMSNorm(hidden_size, rms_norm_eps)
         with torch.no_grad():
             self.norm.weight.copy_(norm_weight.detach().float())
+
+    @property
+    def lm_head_trained(self) -> bool:
+        return self._target_head_rows is not None
+
+    @property
+    def teacher_head_weight(self) -> torch.Tensor:
+        """The target's LM head rows (the draft vocabulary's), through which the teacher's distribution is scored."""
+        return self.lm_head.weight if self._target_head_rows is None else self._target_head_rows
 
     @property
     def partial_alignment(self) -> bool:
@@ -243,10 +260,13 @@ def eagle3_drafter(
     partial_alignment: bool = False,
     norm_before_residual: bool = False,
     token_map: torch.Tensor | None = None,
+    train_lm_head: bool = False,
     seed: int = 0,
 ) -> Eagle3Drafter:
     """A freshly initialised EAGLE-3 drafter around the target's frozen embedding and LM head; norm_weight: the target's
-    final norm (the draft's own norm starts there). token_map: int64 ascending target ids, the draft vocabulary."""
+    final norm (the draft's own norm starts there). token_map: int64 ascending target ids, the draft vocabulary.
+    train_lm_head: the draft trains its own copy of the head's rows (EAGLE-3's reference trains its head); the
+    teacher's distribution still goes through the target's rows (teacher_head_weight)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return Eagle3Drafter(
@@ -254,4 +274,4 @@ def eagle3_drafter(
             num_aux_layers=num_aux_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
             intermediate_size=intermediate_size, rope_theta=rope_theta, rms_norm_eps=rms_norm_eps,
             feature_sampling=feature_sampling, partial_alignment=partial_alignment,
-            norm_before_residual=norm_before_residual, token_map=token_map)
+            norm_before_residual=norm_before_residual, token_map=token_map, train_lm_head=train_lm_head)

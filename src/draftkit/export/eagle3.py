@@ -92,6 +92,7 @@ def architecture(draft: Eagle3Drafter, aux_layers: Sequence[int]) -> dict:
         "feature_sampling": draft.feature_sampling is not None, "partial_alignment": draft.partial_alignment,
         "norm_before_residual": draft.norm_before_residual,
         "draft_vocab_size": None if draft.token_map is None else draft.draft_vocab_size,
+        "lm_head_trained": draft.lm_head_trained,
     }
 
 
@@ -140,6 +141,8 @@ def expected_keys(arch: dict, fmt: str) -> dict[str, list[int]]:
     if fmt == "draftkit":
         if size is not None:
             keys["token_map"] = [size]
+        if arch.get("lm_head_trained"):  # a frozen head is the target's rows, rebuilt from the target on load
+            keys["lm_head.weight"] = [size if size is not None else arch["vocab_size"], h]
         if arch["feature_sampling"]:
             i = arch["intermediate_size"]
             keys.update({"feature_sampling.norm.weight": [h], "feature_sampling.gate_proj.weight": [i, h],
@@ -333,7 +336,8 @@ def load_eagle3_drafter(folder: str | os.PathLike, *, embed_weight: torch.Tensor
         num_kv_heads=arch["num_key_value_heads"], intermediate_size=arch["intermediate_size"],
         rope_theta=arch["rope_theta"], rms_norm_eps=arch["rms_norm_eps"], feature_sampling=arch["feature_sampling"],
         partial_alignment=arch["partial_alignment"], norm_before_residual=arch["norm_before_residual"],
-        token_map=None if token_map is None else token_map.to(lm_head_weight.device))
+        token_map=None if token_map is None else token_map.to(lm_head_weight.device),
+        train_lm_head=fmt == "draftkit" and bool(arch.get("lm_head_trained")))  # runtime folders carry their head
     prefix = _LAYER_PREFIX[fmt]
     state = {("layers.0." + k.removeprefix(prefix) if k.startswith(prefix) else k): v.float() for k, v in tensors.items()}
     missing, unexpected = draft.load_state_dict(state, strict=False)

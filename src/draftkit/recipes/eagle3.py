@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from draftkit.data.feature_cache import target_features
@@ -65,7 +66,8 @@ def build_draft(target, settings, layers, token_map: torch.Tensor | None = None)
         num_heads=text.num_attention_heads, num_kv_heads=getattr(text, "num_key_value_heads", text.num_attention_heads),
         intermediate_size=text.intermediate_size, rope_theta=rope_theta(text), rms_norm_eps=text.rms_norm_eps,
         feature_sampling=settings.feature_sampling, partial_alignment=settings.partial_alignment,
-        norm_before_residual=settings.norm_before_residual, token_map=token_map, seed=settings.seed)
+        norm_before_residual=settings.norm_before_residual, token_map=token_map,
+        train_lm_head=settings.lm_head == "trained", seed=settings.seed)
     return draft.to(target.device)
 
 
@@ -96,15 +98,17 @@ def feature_step(model: Eagle3Drafter, batch: dict, features: torch.Tensor, *, s
     for step, ((predict, fed_back), mask) in enumerate(zip(outputs, masks)):
         # Only counted positions go through the head (the step's largest cost at a large vocabulary).
         teacher_states = _shifted(last, step, length)[mask]
+        # The teacher is the target's distribution, through the target's rows even when the draft trains its head.
         if loss_chunk_size is None:
             with torch.no_grad():
-                teacher_logits.append(drafter.lm_head(teacher_states))
+                teacher_logits.append(F.linear(teacher_states, drafter.teacher_head_weight))
             draft_logits.append(drafter.head_logits(predict[mask]))
         else:
-            lm_head = drafter.lm_head.weight
             with torch.no_grad():
-                teacher_logits.append(LinearLogits(teacher_states, lm_head, chunk_size=loss_chunk_size))
-            draft_logits.append(LinearLogits(drafter.head_input(predict[mask]), lm_head, chunk_size=loss_chunk_size))
+                teacher_logits.append(LinearLogits(teacher_states, drafter.teacher_head_weight,
+                                                   chunk_size=loss_chunk_size))
+            draft_logits.append(LinearLogits(drafter.head_input(predict[mask]), drafter.lm_head.weight,
+                                             chunk_size=loss_chunk_size))
         if fused_targets is not None:
             regress.append(fed_back[mask])
             regress_targets.append(_shifted(fused_targets, step, length)[mask])
@@ -135,6 +139,9 @@ def validate(cfg: DictConfig) -> list[str]:
     if isinstance(ttt.steps, bool) or not isinstance(ttt.steps, int) or ttt.steps < 1:
         raise ConfigError(f"eagle3.ttt.steps={ttt.steps!r}. Fix: give the number of unrolled draft steps, >= 1")
     step_weights(ttt.steps, ttt.decay, None if ttt.step_weights is None else list(ttt.step_weights))
+    if settings.lm_head not in ("trained", "frozen"):
+        raise ConfigError(f"eagle3.lm_head={settings.lm_head!r}. Fix: choose trained (EAGLE-3's own head) or frozen "
+                          "(the target's)")
     for fmt in settings.export.formats or ():
         if fmt not in RUNTIME_FORMATS:
             raise ConfigError(f"eagle3.export.formats lists {fmt!r}. Fix: choose from {list(RUNTIME_FORMATS)}")
