@@ -40,6 +40,8 @@ FAMILIES = {
     "eagle1": (["+recipe=fspad", *EAGLE1], []),  # draftkit.eval runs feature drafters as a dynamic tree
     "fspad": (["+recipe=fspad"], []),
     "eagle3": (["+recipe=eagle3"], []),
+    # EAGLE-3 scoring with the target's frozen head instead of training its own (the default, as its reference does)
+    "eagle3_frozen_head": (["+recipe=eagle3", "eagle3.lm_head=frozen"], []),
     # FSPAD's two options on EAGLE-3, one at a time and together (the ablation of issue 17)
     "eagle3_fs": (["+recipe=eagle3", "eagle3.feature_sampling=true"], []),
     "eagle3_pa": (["+recipe=eagle3", "eagle3.partial_alignment=true"], []),
@@ -224,6 +226,9 @@ def write_table(args) -> None:
                         "tree": report["config"].get("tree")}
         if len(commands) > 1:  # continued over several calls, possibly with other steps (a changed lr schedule)
             rows[family]["train_commands_by_call"] = commands
+    if not rows:  # an empty table in --out would pass for a result
+        raise SystemExit(f"budget_table: no family of {args.families} is measured under {args.work / 'eval'}; "
+                         "nothing written. Fix: run `eval` (or `train --eval-prompts`) first")
     info, date = machine(), time.strftime("%Y-%m-%d")
     tag = info.get("gpu", "cpu").split()[-1].lower()
     stem = f"budget_{args.budget}_smollm2_135m_{tag}_{date}"

@@ -79,3 +79,11 @@ def test_specdecpp_trains_its_head_for_the_fastdraft_draft_trained_first(tmp_pat
     assert set(rows) == {"fastdraft", "specdecpp"}
     fastdraft_export = json.loads((work / "fastdraft" / "result.json").read_text())["export"]
     assert f"draft.path={fastdraft_export}" in rows["specdecpp"]["train_command"]
+
+
+def test_a_table_of_nothing_measured_is_refused_and_nothing_is_written(tmp_path):
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "budget_table.py"), "table", "--work", str(tmp_path / "w"),
+                           "--families", "eagle3,eagle3_frozen_head", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "no family of ['eagle3', 'eagle3_frozen_head'] is measured" in done.stderr
+    assert not (tmp_path / "out").exists()
