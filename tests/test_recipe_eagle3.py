@@ -251,6 +251,14 @@ def test_the_draft_trains_its_own_head_while_the_teacher_reads_the_targets(eagle
                             num_heads=arch["num_attention_heads"], num_kv_heads=arch["num_key_value_heads"],
                             intermediate_size=arch["intermediate_size"])
     assert not frozen.lm_head_trained and frozen.teacher_head_weight is frozen.lm_head.weight
+    # a bf16 target: the trained head is an fp32 master copy, the teacher reads the bf16 rows as they are
+    half = target.lm_head.weight.detach().to(torch.bfloat16)
+    trained = eagle3_drafter(embed_weight=target.embed_tokens.weight.detach().to(torch.bfloat16), lm_head_weight=half,
+                             norm_weight=torch.ones(arch["hidden_size"]), num_aux_layers=len(arch["aux_layers"]),
+                             num_heads=arch["num_attention_heads"], num_kv_heads=arch["num_key_value_heads"],
+                             intermediate_size=arch["intermediate_size"], train_lm_head=True)
+    assert trained.lm_head.weight.dtype == torch.float32 and torch.equal(trained.lm_head.weight, half.float())
+    assert trained.teacher_head_weight.data_ptr() == half.data_ptr()
     assert "lm_head.weight" not in {n for n, p in frozen.named_parameters() if p.requires_grad}
 
 

@@ -104,7 +104,8 @@ class Eagle3Drafter(nn.Module):
         self._target_head_rows = None
         if train_lm_head:
             self._target_head_rows = self.lm_head.weight.detach()
-            self.lm_head.weight = nn.Parameter(self._target_head_rows.clone(), requires_grad=True)
+            # fp32 like every trained weight (a bf16 target's rows would make bf16 master weights)
+            self.lm_head.weight = nn.Parameter(self._target_head_rows.to(torch.float32, copy=True), requires_grad=True)
         self.fc = nn.Linear(num_aux_layers * hidden_size, hidden_size, bias=False)
         self.feature_sampling = FeatureSampling(hidden_size, intermediate_size, rms_norm_eps) if feature_sampling else None
         self.layers = nn.ModuleList([Eagle3Layer(hidden_size, num_heads, num_kv_heads, intermediate_size, rope_theta,
