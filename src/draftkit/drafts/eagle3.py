@@ -27,6 +27,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from draftkit.drafts.fspad import (
     MLP,
@@ -124,6 +125,13 @@ class Eagle3Drafter(nn.Module):
     def teacher_head_weight(self) -> torch.Tensor:
         """The target's LM head rows (the draft vocabulary's), through which the teacher's distribution is scored."""
         return self.lm_head.weight if self._target_head_rows is None else self._target_head_rows
+
+    def teacher_logits(self, target_states: torch.Tensor) -> torch.Tensor:
+        """The target's logits over the draft vocabulary from its post-norm states. The frozen head is called as a
+        module, which ZeRO-3 gathers (its parameters are empty outside a module call)."""
+        if self._target_head_rows is None:
+            return self.lm_head(target_states)
+        return F.linear(target_states, self._target_head_rows)
 
     @property
     def partial_alignment(self) -> bool:

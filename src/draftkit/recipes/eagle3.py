@@ -17,7 +17,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from draftkit.data.feature_cache import target_features
@@ -101,7 +100,7 @@ def feature_step(model: Eagle3Drafter, batch: dict, features: torch.Tensor, *, s
         # The teacher is the target's distribution, through the target's rows even when the draft trains its head.
         if loss_chunk_size is None:
             with torch.no_grad():
-                teacher_logits.append(F.linear(teacher_states, drafter.teacher_head_weight))
+                teacher_logits.append(drafter.teacher_logits(teacher_states))
             draft_logits.append(drafter.head_logits(predict[mask]))
         else:
             with torch.no_grad():
