@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from draftkit.drafts import seeded_init
 from draftkit.drafts.fspad import (
     MLP,
     Attention,
@@ -276,8 +277,7 @@ def eagle3_drafter(
     final norm (the draft's own norm starts there). token_map: int64 ascending target ids, the draft vocabulary.
     train_lm_head: the draft trains its own copy of the head's rows (EAGLE-3's reference trains its head); the
     teacher's distribution still goes through the target's rows (teacher_head_weight)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_init(seed):
         return Eagle3Drafter(
             embed_weight=embed_weight, lm_head_weight=lm_head_weight, norm_weight=norm_weight,
             num_aux_layers=num_aux_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from draftkit.drafts import seeded_init
 from draftkit.drafts.vocab import draft_rows, register_token_map
 
 
@@ -301,8 +302,7 @@ def feature_drafter(
     loader builds fc without one). head_norm_weight: the target's final norm, for drafters fed pre-norm features.
     token_map: int64 [size] ascending target ids, the draft vocabulary (None: the target's whole vocabulary).
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_init(seed):
         return FeatureDrafter(
             embed_weight=embed_weight, lm_head_weight=lm_head_weight, num_heads=num_heads, num_kv_heads=num_kv_heads,
             intermediate_size=intermediate_size, rope_theta=rope_theta, rms_norm_eps=rms_norm_eps,

@@ -14,6 +14,7 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm, LlamaRotaryEmbedding
 
+from draftkit.drafts import seeded_init
 from draftkit.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -85,8 +86,7 @@ def kangaroo_adapter(
             f"{num_layers}-layer target (the paper uses 2 of 32)"
         )
     config = adapter_config(target_config)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_init(seed):
         adapter = KangarooAdapter(config)
     layer = adapter.layers[0]
     with torch.no_grad():

@@ -7,6 +7,8 @@ import copy
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from draftkit.drafts import seeded_init
+
 
 def llama_draft(
     vocab_size: int,
@@ -62,8 +64,7 @@ def llama_draft(
         pad_token_id=pad_token_id,
         **context,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_init(seed):
         model = LlamaForCausalLM(config)
         if embedding_init == "target_pca":
             if target_embedding is None:

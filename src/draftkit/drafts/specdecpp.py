@@ -13,6 +13,8 @@ import json
 import torch
 from torch import nn
 
+from draftkit.drafts import seeded_init
+
 
 class ResBlock(nn.Module):
     def __init__(self, hidden_size: int):
@@ -43,8 +45,7 @@ class AcceptanceHead(nn.Module):
 def acceptance_head(hidden_size: int, num_layers: int = 3, seed: int = 0) -> AcceptanceHead:
     if num_layers < 0 or hidden_size < 1:
         raise ValueError(f"acceptance head needs hidden_size >= 1 and num_layers >= 0; got {hidden_size}, {num_layers}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_init(seed):
         return AcceptanceHead(hidden_size, num_layers)
 
 

@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from draftkit.drafts import seeded_init
 from draftkit.drafts.vocab import draft_rows
 from draftkit.export import clover as clover_export
 from draftkit.objectives.clover import clover_loss
 from draftkit.objectives.linear_logits import LinearLogits
-from draftkit.recipes.common import draft_token_map, frozen_weight, seeded_init, start_run, training_chats
+from draftkit.recipes.common import draft_token_map, frozen_weight, start_run, training_chats
 from draftkit.recipes.heads_common import check_heads_settings, teacher_columns, train_measure_export
 from draftkit.runtime import clover as clover_runtime
 

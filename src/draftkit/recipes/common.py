@@ -4,7 +4,6 @@ and tabulating before/after results."""
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -151,15 +150,6 @@ def feature_training_data(target, chats, settings, stages: list[str], run_dir: P
     cache = FeatureCache(cache_dir)
     cache.check(expected_manifest(target, chats, **cache_settings))  # refused before any training starts
     return FeatureExamples(chats, cache)
-
-
-@contextmanager
-def seeded_init(seed: int):
-    """Build a module's random initial weights from `seed` (engine.seed), leaving the global CPU generator as it was:
-    a draft's initialisation then follows the run's seed, not whatever ran before it."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def tree_options(tree_cfg) -> DraftingOptions:

@@ -16,12 +16,13 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from draftkit.drafts import seeded_init
 from draftkit.drafts.vocab import draft_rows
 from draftkit.export import hydra_heads as hydra_export
 from draftkit.objectives.hydra_heads import hydra_loss
 from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.errors import ConfigError
-from draftkit.recipes.common import draft_token_map, frozen_weight, seeded_init, start_run, training_chats
+from draftkit.recipes.common import draft_token_map, frozen_weight, start_run, training_chats
 from draftkit.recipes.heads_common import check_heads_settings, label_mapper, teacher_columns, train_measure_export
 from draftkit.runtime import hydra_heads as hydra_runtime
 
