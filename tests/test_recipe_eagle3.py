@@ -305,6 +305,13 @@ def test_bad_settings_are_refused_before_work(tmp_path):
     assert not any((tmp_path / name / "train").exists() for name in "abcd")
 
 
+
+def test_an_unknown_head_setting_is_one_error_naming_both_choices(tmp_path):
+    with pytest.raises(ValueError, match=r"eagle3.lm_head='shared'. Fix: choose trained .* or frozen"):
+        run_recipe(tmp_path, "eagle3.lm_head=shared")
+    assert not (tmp_path / "train").exists()
+
+
 # ---------------------------------------------------------------- runtime
 
 
