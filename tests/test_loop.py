@@ -174,13 +174,39 @@ def test_stage_settings_caps_steps_and_rejects_unknown_keys():
 @pytest.mark.parametrize("key, value", [("steps", 0), ("steps", "abc"), ("steps", 2.5), ("micro_batch_size", 0),
                                         ("save_every", 0), ("log_every", 0), ("grad_accum", 0), ("lr", -1.0),
                                         ("lr", "fast"), ("betas", [0.9]), ("max_grad_norm", 0), ("precision", "fp16"),
-                                        ("group_by_length", "yes"), ("max_steps_per_stage", 0), ("warmup_steps", -1)])
+                                        ("group_by_length", "yes"), ("tf32", 1), ("max_steps_per_stage", 0),
+                                        ("warmup_steps", -1)])
 def test_engine_values_that_cannot_work_are_refused_by_their_name(key, value):
     with pytest.raises(ConfigError, match=rf"^engine\.{re.escape(f'{key}={value!r}')}: must be .*Fix: e\.g\. engine\.{key}="):
         stage_settings({"steps": 10, key: value})
     # a stage's own value is named by its node
     with pytest.raises(ConfigError, match=rf"^fastdraft\.pretrain\.engine\.{key}="):
         stage_settings({"steps": 10}, "fastdraft.pretrain.engine", **{key: value})
+
+
+def test_tf32_holds_while_the_steps_run_and_full_fp32_is_back_after_them_even_after_an_error(tmp_path):
+    seen = []
+
+    def watching_step(model, batch):
+        seen.append(torch.get_float32_matmul_precision())
+        return lm_step(model, batch)
+
+    assert torch.get_float32_matmul_precision() == "highest"
+    run(tmp_path / "tf32", step_fn=watching_step, steps=2, tf32=True)
+    assert seen == ["high", "high"] and torch.get_float32_matmul_precision() == "highest"
+    assert json.loads((tmp_path / "tf32" / "settings.json").read_text())["tf32"] is True
+
+    seen.clear()
+    run(tmp_path / "fp32", step_fn=watching_step, steps=2)
+    assert seen == ["highest", "highest"]
+
+    def failing_step(model, batch):
+        watching_step(model, batch)
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run(tmp_path / "failing", step_fn=failing_step, steps=2, tf32=True)
+    assert seen[-1] == "high" and torch.get_float32_matmul_precision() == "highest"
 
 
 def test_dataset_smaller_than_a_batch_is_a_clear_error(tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -75,6 +75,9 @@ class LoopSettings:
     seed: int = 0
     group_by_length: bool = False
     """micro-batches of similar lengths (less padding; engine/batches.py), instead of a plain shuffle"""
+    tf32: bool = False
+    """fp32 matmuls inside the training steps run in TF32 on GPUs that have it (an fp32 frozen target's forward
+    above all); what runs outside the steps (self-distilled answers, feature caches, evaluation) keeps full fp32"""
     count_flops: bool = False
     """count the model FLOPs of the first micro-step (engine/flops.py); log FLOPs per token and achieved TFLOP/s"""
     peak_tflops: float | None = None
@@ -128,6 +131,7 @@ _RULES = {
     "keep_checkpoints": (*_whole(0), 2),
     "seed": (*_whole(0), 0),
     "group_by_length": (lambda v: isinstance(v, bool), "true or false", "true"),
+    "tf32": (lambda v: isinstance(v, bool), "true or false", "true"),
     "count_flops": (lambda v: isinstance(v, bool), "true or false", "true"),
     "peak_tflops": (lambda v: v is None or (_number(0.0)[0](v) and v > 0), "a number > 0, or null", 989),
     "max_steps_per_stage": (lambda v: v is None or _whole(1)[0](v), "a whole number >= 1, or null", 3),
@@ -216,6 +220,18 @@ def cosine_with_warmup(step: int, settings: LoopSettings) -> float:
     span = max(1, settings.steps - settings.warmup_steps)
     progress = min(1.0, (step - settings.warmup_steps) / span)
     return settings.min_lr_ratio + (1 - settings.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@contextmanager
+def fp32_matmul_precision(tf32: bool):
+    """TF32 for fp32 matmuls while the steps run (tf32=true), and whatever was set before once they stop, however they
+    stop: the losslessness checks after training compare greedy outputs token for token, which TF32 rounding can flip."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if tf32 else before)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def _move(batch: dict, device) -> dict:
@@ -389,40 +405,41 @@ def train(
         tokens_since_log, positions_since_log, t_log = 0, 0, time.perf_counter()
 
     try:
-        for step in range(start_step, settings.steps):
-            loss_sum = torch.zeros((), device=runtime.device)
-            count = torch.zeros((), device=runtime.device)
-            metric_sums: dict[str, torch.Tensor] = {}
-            for micro in range(settings.grad_accum):
-                batch = stream.next()
-                tokens = int(batch["attention_mask"].sum())  # on the host: no sync
-                tokens_since_log += tokens * runtime.num_processes
-                positions_since_log += batch["attention_mask"].numel() * runtime.num_processes
-                batch = _move(batch, runtime.device)
-                last = micro == settings.grad_accum - 1
-                # The first micro-step of the run is counted (from shapes: no sync); it runs a little slower for it.
-                counting = flops.counting(tokens) if flops is not None and flops.per_token is None else nullcontext()
-                with runtime.micro_context(last), runtime.autocast(), counting:
-                    out = step_fn(model, batch)
-                    runtime.backward(out.loss_sum, last)
-                loss_sum += out.loss_sum.detach().float()
-                count += out.count
-                for k, v in out.metrics.items():
-                    metric_sums[k] = metric_sums.get(k, 0) + v.detach()
-            global_count = runtime.reduce_sum(count)
-            global_loss = runtime.reduce_sum(loss_sum)
-            scale = runtime.num_processes / global_count.clamp(min=1)
-            grad_norm = runtime.optimizer_step(params, scale, settings.max_grad_norm)
-            scheduler.step()
-            extra = {k: runtime.reduce_sum(v) / global_count.clamp(min=1) for k, v in metric_sums.items()}
-            extra["tokens"] = global_count
-            pending.append((step + 1, global_loss / global_count.clamp(min=1), grad_norm.detach().float(), extra))
-            bar.update(1)
-            done = step + 1 == settings.steps
-            if (step + 1) % settings.log_every == 0 or done or (step + 1) % settings.save_every == 0:
-                flush(step + 1)  # also validates every loss since the last flush before a checkpoint is written
-            if (step + 1) % settings.save_every == 0 or done:
-                save(step + 1)
+        with fp32_matmul_precision(settings.tf32):
+            for step in range(start_step, settings.steps):
+                loss_sum = torch.zeros((), device=runtime.device)
+                count = torch.zeros((), device=runtime.device)
+                metric_sums: dict[str, torch.Tensor] = {}
+                for micro in range(settings.grad_accum):
+                    batch = stream.next()
+                    tokens = int(batch["attention_mask"].sum())  # on the host: no sync
+                    tokens_since_log += tokens * runtime.num_processes
+                    positions_since_log += batch["attention_mask"].numel() * runtime.num_processes
+                    batch = _move(batch, runtime.device)
+                    last = micro == settings.grad_accum - 1
+                    # The first micro-step of the run is counted (from shapes: no sync); it runs a little slower for it.
+                    counting = flops.counting(tokens) if flops is not None and flops.per_token is None else nullcontext()
+                    with runtime.micro_context(last), runtime.autocast(), counting:
+                        out = step_fn(model, batch)
+                        runtime.backward(out.loss_sum, last)
+                    loss_sum += out.loss_sum.detach().float()
+                    count += out.count
+                    for k, v in out.metrics.items():
+                        metric_sums[k] = metric_sums.get(k, 0) + v.detach()
+                global_count = runtime.reduce_sum(count)
+                global_loss = runtime.reduce_sum(loss_sum)
+                scale = runtime.num_processes / global_count.clamp(min=1)
+                grad_norm = runtime.optimizer_step(params, scale, settings.max_grad_norm)
+                scheduler.step()
+                extra = {k: runtime.reduce_sum(v) / global_count.clamp(min=1) for k, v in metric_sums.items()}
+                extra["tokens"] = global_count
+                pending.append((step + 1, global_loss / global_count.clamp(min=1), grad_norm.detach().float(), extra))
+                bar.update(1)
+                done = step + 1 == settings.steps
+                if (step + 1) % settings.log_every == 0 or done or (step + 1) % settings.save_every == 0:
+                    flush(step + 1)  # also validates every loss since the last flush before a checkpoint is written
+                if (step + 1) % settings.save_every == 0 or done:
+                    save(step + 1)
     finally:  # the bar ends its line before any error message is printed
         bar.close()
     if runtime.is_main_process:
