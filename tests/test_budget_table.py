@@ -7,6 +7,12 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from draftkit.config import compose
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 import budget_table  # noqa: E402  (a script in benchmarks/, imported for its table code)
@@ -87,3 +93,14 @@ def test_a_table_of_nothing_measured_is_refused_and_nothing_is_written(tmp_path)
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "no family of ['eagle3', 'eagle3_frozen_head'] is measured" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", sorted(budget_table.FAMILIES))
+def test_every_family_composes_at_gpu30_with_its_own_settings_winning_over_the_budget(family):
+    overrides, _ = budget_table.FAMILIES[family]
+    cfg = compose([*overrides, "budget=gpu30", "data=sharegpt"])
+    for override in overrides[1:]:
+        key, value = override.split("=", 1)
+        if key == "draft":  # a config group chosen, not a value
+            continue
+        assert OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(cfg, key)}))["v"] == yaml.safe_load(value)
