@@ -224,8 +224,9 @@ def cosine_with_warmup(step: int, settings: LoopSettings) -> float:
 
 @contextmanager
 def fp32_matmul_precision(tf32: bool):
-    """TF32 for fp32 matmuls while the steps run (tf32=true), and whatever was set before once they stop, however they
-    stop: the losslessness checks after training compare greedy outputs token for token, which TF32 rounding can flip."""
+    """TF32 for fp32 matmuls while a micro-step's forward and backward run (tf32=true), and whatever was set before once
+    they stop, however they stop: the losslessness checks after training compare greedy outputs token for token, which
+    TF32 rounding can flip."""
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high" if tf32 else before)
     try:
@@ -405,41 +406,41 @@ def train(
         tokens_since_log, positions_since_log, t_log = 0, 0, time.perf_counter()
 
     try:
-        with fp32_matmul_precision(settings.tf32):
-            for step in range(start_step, settings.steps):
-                loss_sum = torch.zeros((), device=runtime.device)
-                count = torch.zeros((), device=runtime.device)
-                metric_sums: dict[str, torch.Tensor] = {}
-                for micro in range(settings.grad_accum):
-                    batch = stream.next()
-                    tokens = int(batch["attention_mask"].sum())  # on the host: no sync
-                    tokens_since_log += tokens * runtime.num_processes
-                    positions_since_log += batch["attention_mask"].numel() * runtime.num_processes
-                    batch = _move(batch, runtime.device)
-                    last = micro == settings.grad_accum - 1
-                    # The first micro-step of the run is counted (from shapes: no sync); it runs a little slower for it.
-                    counting = flops.counting(tokens) if flops is not None and flops.per_token is None else nullcontext()
-                    with runtime.micro_context(last), runtime.autocast(), counting:
-                        out = step_fn(model, batch)
-                        runtime.backward(out.loss_sum, last)
-                    loss_sum += out.loss_sum.detach().float()
-                    count += out.count
-                    for k, v in out.metrics.items():
-                        metric_sums[k] = metric_sums.get(k, 0) + v.detach()
-                global_count = runtime.reduce_sum(count)
-                global_loss = runtime.reduce_sum(loss_sum)
-                scale = runtime.num_processes / global_count.clamp(min=1)
-                grad_norm = runtime.optimizer_step(params, scale, settings.max_grad_norm)
-                scheduler.step()
-                extra = {k: runtime.reduce_sum(v) / global_count.clamp(min=1) for k, v in metric_sums.items()}
-                extra["tokens"] = global_count
-                pending.append((step + 1, global_loss / global_count.clamp(min=1), grad_norm.detach().float(), extra))
-                bar.update(1)
-                done = step + 1 == settings.steps
-                if (step + 1) % settings.log_every == 0 or done or (step + 1) % settings.save_every == 0:
-                    flush(step + 1)  # also validates every loss since the last flush before a checkpoint is written
-                if (step + 1) % settings.save_every == 0 or done:
-                    save(step + 1)
+        for step in range(start_step, settings.steps):
+            loss_sum = torch.zeros((), device=runtime.device)
+            count = torch.zeros((), device=runtime.device)
+            metric_sums: dict[str, torch.Tensor] = {}
+            for micro in range(settings.grad_accum):
+                batch = stream.next()
+                tokens = int(batch["attention_mask"].sum())  # on the host: no sync
+                tokens_since_log += tokens * runtime.num_processes
+                positions_since_log += batch["attention_mask"].numel() * runtime.num_processes
+                batch = _move(batch, runtime.device)
+                last = micro == settings.grad_accum - 1
+                # The first micro-step of the run is counted (from shapes: no sync); it runs a little slower for it.
+                counting = flops.counting(tokens) if flops is not None and flops.per_token is None else nullcontext()
+                with runtime.micro_context(last), runtime.autocast(), counting, \
+                        fp32_matmul_precision(settings.tf32):
+                    out = step_fn(model, batch)
+                    runtime.backward(out.loss_sum, last)
+                loss_sum += out.loss_sum.detach().float()
+                count += out.count
+                for k, v in out.metrics.items():
+                    metric_sums[k] = metric_sums.get(k, 0) + v.detach()
+            global_count = runtime.reduce_sum(count)
+            global_loss = runtime.reduce_sum(loss_sum)
+            scale = runtime.num_processes / global_count.clamp(min=1)
+            grad_norm = runtime.optimizer_step(params, scale, settings.max_grad_norm)
+            scheduler.step()
+            extra = {k: runtime.reduce_sum(v) / global_count.clamp(min=1) for k, v in metric_sums.items()}
+            extra["tokens"] = global_count
+            pending.append((step + 1, global_loss / global_count.clamp(min=1), grad_norm.detach().float(), extra))
+            bar.update(1)
+            done = step + 1 == settings.steps
+            if (step + 1) % settings.log_every == 0 or done or (step + 1) % settings.save_every == 0:
+                flush(step + 1)  # also validates every loss since the last flush before a checkpoint is written
+            if (step + 1) % settings.save_every == 0 or done:
+                save(step + 1)
     finally:  # the bar ends its line before any error message is printed
         bar.close()
     if runtime.is_main_process:
