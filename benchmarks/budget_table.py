@@ -8,14 +8,17 @@ then measured by `python -m draftkit.eval` on held-out prompts (trees where the 
         --target-path <SmolLM2 .gguf> --out benchmarks/results
 
 `train` runs the families side by side on one machine (`--parallel` processes; a 135M target leaves a GPU mostly idle
-in one process), every one on the self-distilled answers the first run completes (copied, not generated again; a
-<work>/selfdistill.jsonl carried in from an earlier session is reused, only what it lacks is answered). It stops
-them all at `--deadline-s` and a later `train` with the same --work resumes each from its checkpoints, so a budget
-longer than one call runs over several calls. Given --eval-prompts, `train` also measures each family the moment it
-has trained (and any trained earlier but not yet measured), beside the runs still training, and writes the table of
-what is measured when it stops. `eval` measures every finished family, several at a time, with
-speedup off (tokens/s means little while families share a device): τ with its 95% per-prompt bootstrap interval, α by
-position, and the number of prompts. It writes budget_<budget>_<target>_<machine>_<date>.json and .md to --out.
+in one process; `--devices 0,1,...` puts each process on the GPU the fewest of them use, so on a machine of several
+GPUs each family can have one to itself), every one on the self-distilled answers the first run completes (copied,
+not generated again; a <work>/selfdistill.jsonl carried in from an earlier session is reused, only what it lacks is
+answered). It stops them all at `--deadline-s` and a later `train` with the same --work resumes each from its
+checkpoints, so a budget longer than one call runs over several calls. Given --eval-prompts, `train` also measures
+each family the moment it has trained (and any trained earlier but not yet measured), beside the runs still training,
+and writes the table of what is measured when it stops. A budget is minutes, so each call's wall time per family, and
+how many of this script's processes shared its device at most, go to <run>/budget_calls.jsonl and into the table.
+`eval` measures every finished family, several at a time, with speedup off (tokens/s means little while families
+share a device): τ with its 95% per-prompt bootstrap interval, α by position, and the number of prompts. It writes
+budget_<budget>_<target>_<machine>_<date>.json and .md to --out.
 """
 
 from __future__ import annotations
@@ -88,6 +91,17 @@ def train_command(family: str, run_dir: Path, args) -> list[str]:
             "eval=none", "logger=jsonl", *target, *args.extra, f"hydra.run.dir={run_dir}"]
 
 
+def least_used(devices: list[str], in_use: list[str]) -> str:
+    """The device the fewest of our processes run on (the earlier one given on a tie)."""
+    return min(devices, key=lambda device: (in_use.count(device), devices.index(device)))
+
+
+def start(command: list[str], log, device: str | None) -> subprocess.Popen:
+    """A process of its own session (stopped with its children), on `device` when one is given."""
+    env = None if device is None else {**os.environ, "CUDA_VISIBLE_DEVICES": device}
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+
 def stop(processes: dict[str, subprocess.Popen]) -> None:
     """SIGINT, as Ctrl-C would: each run keeps its last checkpoint and resumes from it."""
     for proc in processes.values():
@@ -107,6 +121,12 @@ def train(args) -> None:
     running: dict[str, subprocess.Popen] = {}
     evaluating: dict[str, subprocess.Popen] = {}
     logs = {}
+    placed: dict[int, str | None] = {}  # pid -> its device (None without --devices: every process shares one)
+    calls: dict[str, dict] = {}  # family -> this call's record, written to budget_calls.jsonl when it ends
+
+    def device_for_next() -> str | None:
+        live = [placed[p.pid] for p in (*running.values(), *evaluating.values()) if p.poll() is None]
+        return least_used(args.devices, live) if args.devices else None
 
     def launch(family: str) -> None:
         run_dir = args.work / family
@@ -117,14 +137,39 @@ def train(args) -> None:
         with open(run_dir / "budget_command.txt", "a") as record:  # one line per call: a resume may change steps
             record.write(shlex.join(command) + "\n")
         logs[family] = open(run_dir / "train.log", "a")
-        print(f"[budget] start {family}: {shlex.join(command)}", flush=True)
-        running[family] = subprocess.Popen(command, stdout=logs[family], stderr=subprocess.STDOUT,
-                                           start_new_session=True)
+        device = device_for_next()
+        print(f"[budget] start {family}" + (f" on device {device}" if device is not None else "") +
+              f": {shlex.join(command)}", flush=True)
+        running[family] = start(command, logs[family], device)
+        placed[running[family].pid] = device
+        calls[family] = {"command": shlex.join(command), "device": device, "started": time.monotonic(),
+                         "most_processes_on_its_device": 1}
+
+    def note_sharing() -> None:
+        live = [placed[p.pid] for p in (*running.values(), *evaluating.values()) if p.poll() is None]
+        for family, proc in running.items():
+            if proc.poll() is None:
+                record = calls[family]
+                record["most_processes_on_its_device"] = max(record["most_processes_on_its_device"],
+                                                             live.count(placed[proc.pid]))
+
+    def record_call(family: str) -> None:
+        record = calls.pop(family)
+        record["seconds"] = round(time.monotonic() - record.pop("started"), 1)
+        record["returncode"] = running[family].returncode
+        record["finished"] = export_dir(args.work / family) is not None
+        with open(args.work / family / "budget_calls.jsonl", "a") as calls_file:
+            calls_file.write(json.dumps(record) + "\n")
+
+    def evaluate_now(family: str, command: list[str]) -> None:
+        device = device_for_next()
+        evaluating[family] = start_eval(family, command, args, device)
+        placed[evaluating[family].pid] = device
 
     try:
         for family in args.families if args.eval_prompts is not None else []:  # trained in an earlier call
             if family not in pending and (command := eval_command(family, args)) is not None:
-                evaluating[family] = start_eval(family, command, args)
+                evaluate_now(family, command)
         # The first family answers alone: every prompt, or those the answers carried in (an earlier call or session)
         # lack; once it trains, the others start from a copy of its complete answers.
         if first := next((f for f in pending if f not in BUILDS_ON), None):
@@ -133,6 +178,7 @@ def train(args) -> None:
             while not selfdistill_finished(args.work / first) and running[first].poll() is None:
                 if time.monotonic() > deadline:
                     return
+                note_sharing()
                 time.sleep(5)
             if (args.work / first / "selfdistill.jsonl").is_file():
                 shutil.copy(args.work / first / "selfdistill.jsonl", answers)
@@ -141,10 +187,11 @@ def train(args) -> None:
                 if proc.poll() is not None:
                     state = "finished" if proc.returncode == 0 else f"failed ({proc.returncode}, see train.log)"
                     print(f"[budget] {family} {state}", flush=True)
+                    record_call(family)
                     del running[family]
                     # --eval-prompts: measure it now, while the others train, rather than in a later call
                     if args.eval_prompts is not None and (command := eval_command(family, args)) is not None:
-                        evaluating[family] = start_eval(family, command, args)
+                        evaluate_now(family, command)
             for family, proc in list(evaluating.items()):
                 if proc.poll() is not None:
                     print(f"[budget] eval {family}: exit {proc.returncode}", flush=True)
@@ -159,9 +206,12 @@ def train(args) -> None:
                 family = ready.pop(0)
                 pending.remove(family)
                 launch(family)
+            note_sharing()
             time.sleep(5)
     finally:
         stop({**running, **evaluating})
+        for family in list(calls):
+            record_call(family)
         for log in logs.values():
             log.close()
         done = [f for f in args.families if export_dir(args.work / f) is not None]
@@ -182,11 +232,12 @@ def eval_command(family: str, args) -> list[str] | None:
             "--no-speedup", "--no-progress", "--out", str(out), *FAMILIES[family][1]]
 
 
-def start_eval(family: str, command: list[str], args) -> subprocess.Popen:
+def start_eval(family: str, command: list[str], args, device: str | None = None) -> subprocess.Popen:
     (args.work / "eval" / family).mkdir(parents=True, exist_ok=True)
-    print(f"[budget] eval {family}: {shlex.join(command)}", flush=True)
+    print(f"[budget] eval {family}" + (f" on device {device}" if device is not None else "") +
+          f": {shlex.join(command)}", flush=True)
     with open(args.work / "eval" / f"{family}.log", "w") as log:  # the child keeps its own copy of the handle
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return start(command, log, device)
 
 
 def evaluate(args) -> None:
@@ -197,11 +248,14 @@ def evaluate(args) -> None:
         elif (command := eval_command(family, args)) is not None:
             jobs[family] = command
     running: dict[str, subprocess.Popen] = {}
+    placed: dict[int, str | None] = {}
     queue = list(jobs)
     while queue or running:
         while queue and len(running) < args.parallel:
             family = queue.pop(0)
-            running[family] = start_eval(family, jobs[family], args)
+            device = least_used(args.devices, [placed[p.pid] for p in running.values()]) if args.devices else None
+            running[family] = start_eval(family, jobs[family], args, device)
+            placed[running[family].pid] = device
         for family, proc in list(running.items()):
             if proc.poll() is not None:
                 print(f"[budget] eval {family}: exit {proc.returncode}", flush=True)
@@ -229,6 +283,13 @@ def write_table(args) -> None:
                         "tree": report["config"].get("tree")}
         if len(commands) > 1:  # continued over several calls, possibly with other steps (a changed lr schedule)
             rows[family]["train_commands_by_call"] = commands
+        calls_file = run_dir / "budget_calls.jsonl"
+        if calls_file.is_file():  # runs trained before the calls were timed have none
+            calls = [json.loads(line) for line in calls_file.read_text().splitlines() if line.strip()]
+            rows[family]["train_calls"] = calls
+            rows[family]["train_minutes"] = round(sum(c["seconds"] for c in calls) / 60, 1)
+            # wall time means the family's own cost only when nothing else of this script ran on its device
+            rows[family]["device_shared"] = any(c["most_processes_on_its_device"] > 1 for c in calls)
     if not rows:  # an empty table in --out would pass for a result
         raise SystemExit(f"budget_table: no family of {args.families} is measured under {args.work / 'eval'}; "
                          "nothing written. Fix: run `eval` (or `train --eval-prompts`) first")
@@ -248,10 +309,12 @@ def markdown(result: dict) -> str:
     def cell(value, digits=2):
         return "–" if value is None else f"{value:.{digits}f}"
 
-    lines = [f"budget={result['budget']}, {result['machine'].get('gpu', 'CPU')}, {result['date']}. τ: tokens per target "
-             "forward on held-out prompts (greedy, fp32), with its 95% per-prompt bootstrap interval.", "",
-             "| family | steps | τ | 95% interval | α@1 | α@2 | α@3 | prompts | decoding |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---|"]
+    lines = [f"budget={result['budget']}, {result['machine'].get('gpu', 'CPU')}, {result['date']}. τ: tokens per "
+             "target forward on held-out prompts (greedy, fp32), with its 95% per-prompt bootstrap interval. Minutes: "
+             "the wall time of the family's training command, summed over the calls it ran in (its answers included).",
+             "",
+             "| family | steps | minutes | τ | 95% interval | α@1 | α@2 | α@3 | prompts | decoding |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---|"]
     for family, row in result["families"].items():
         ci = row["tau_ci"]
         alphas = (list(row["alpha"]) + [None] * 3)[:3]
@@ -259,7 +322,10 @@ def markdown(result: dict) -> str:
         if isinstance(tree, dict):  # e.g. "dynamic tree, 59 tokens, depth 6"
             nodes = tree.get("total_tokens") or tree.get("size")
             tree = f"{tree['kind']}" + (f" tree, {nodes} tokens, depth {tree.get('depth')}" if nodes else "")
-        lines.append(f"| {family} | {row['train_steps']} | {cell(row['tau'])} | "
+        # "(shared)": the device also ran other families or evaluations, so the wall time overstates its own cost
+        minutes = "–" if row.get("train_minutes") is None else \
+            f"{row['train_minutes']:.1f}" + (" (shared)" if row.get("device_shared") else "")
+        lines.append(f"| {family} | {row['train_steps']} | {minutes} | {cell(row['tau'])} | "
                      f"{'–' if not ci else f'{ci[0]:.2f}–{ci[1]:.2f}'} | " + " | ".join(cell(a) for a in alphas)
                      + f" | {row['prompts']} | {tree} |")
     return "\n".join(lines) + "\n"
@@ -274,6 +340,8 @@ def main() -> None:
     parser.add_argument("--prompts", nargs="+", default=["builtin:prompts"], help="data.prompts for every family")
     parser.add_argument("--target-path", help="the target (GGUF file or HF dir); default: the built-in SmolLM2")
     parser.add_argument("--parallel", type=int, default=4, help="families trained (or evaluated) at once")
+    parser.add_argument("--devices", default="", help="CUDA devices to spread the processes over, e.g. 0,1,2,3 (each "
+                        "goes to the one the fewest use); default: every process sees what this script sees")
     parser.add_argument("--deadline-s", type=float, default=540, help="train: stop every run after this long")
     parser.add_argument("--eval-prompts", type=Path, help="Spec-Bench style prompts (held out): needed by eval; given "
                         "to train, each family is measured as soon as it has trained")
@@ -286,6 +354,9 @@ def main() -> None:
     if args.parallel < 1:
         parser.error(f"--parallel {args.parallel}: run at least one family at a time (--parallel 1 or more)")
     args.families = [f.strip() for f in args.families.split(",") if f.strip()]
+    args.devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    if not all(d.isdigit() for d in args.devices) or len(set(args.devices)) != len(args.devices):
+        parser.error(f"--devices {','.join(args.devices)}: give distinct CUDA device numbers, e.g. --devices 0,1,2,3")
     unknown = sorted(set(args.families) - set(FAMILIES))
     if unknown:
         parser.error(f"unknown families {unknown}; choose from {list(FAMILIES)}")

@@ -241,6 +241,9 @@ def test_the_log_reports_the_share_of_positions_that_are_padding(tmp_path):
           settings=LoopSettings(steps=2, micro_batch_size=4, log_every=2, save_every=2, warmup_steps=1),
           resume=False, desc="test")
     assert sink.rows[-1]["test/padding_fraction"] == pytest.approx(1 - 20 / 32)
+    # both rates over the same interval: 2 steps of 20 tokens
+    row = sink.rows[-1]
+    assert row["test/steps_per_s"] > 0 and row["test/steps_per_s"] / row["test/tokens_per_s"] == pytest.approx(2 / 40)
 
 
 def test_grouping_by_length_cuts_padding_and_still_visits_every_example_once_per_epoch():

@@ -392,9 +392,11 @@ def train(
             history.append(record)
         last = history[-1]
         tokens_per_s = tokens_since_log / max(elapsed, 1e-9)
-        # padding_fraction: the share of computed positions that are padding (time spent on no token)
+        # padding_fraction: the share of computed positions that are padding (time spent on no token); steps_per_s is
+        # what sizes a step budget to a time budget (tokens per step vary with the data)
         logged = {**{k: v for k, v in last.items() if k != "step"}, "lr": scheduler.get_last_lr()[0],
-                  "tokens_per_s": tokens_per_s, "padding_fraction": 1 - tokens_since_log / max(positions_since_log, 1)}
+                  "tokens_per_s": tokens_per_s, "steps_per_s": len(values) / max(elapsed, 1e-9),
+                  "padding_fraction": 1 - tokens_since_log / max(positions_since_log, 1)}
         if flops is not None:
             logged.update(flops.rates(tokens_per_s))
         if torch.cuda.is_available():
