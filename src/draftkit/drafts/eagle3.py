@@ -24,6 +24,7 @@ EAGLE-3 loaders, so such drafts export in draftkit's format only. Parameter name
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -180,14 +181,17 @@ class Eagle3Drafter(nn.Module):
         attn_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         ttt_steps: int | None = None,
-    ) -> DraftOutput | list[tuple[torch.Tensor, torch.Tensor]]:
+        score: Callable[["Eagle3Drafter", list], tuple] | None = None,
+    ) -> DraftOutput | list[tuple[torch.Tensor, torch.Tensor]] | tuple:
         """features [B, T, k*h] (the target's fused layers at t) or [B, T, h] (draft states fed back), input_ids [B, T]
         (x_{t+1}) at draft positions `positions` [B, T] (default: after the cache). attn_mask: bool [T, S] or
         [B, 1, T, S] over cached + new positions; None is causal. predict feeds head_logits; regress is fed back.
-        With ttt_steps, returns `unroll(features, input_ids, ttt_steps)` instead: training goes through forward, so a
-        DDP or DeepSpeed wrapper sees it."""
+        With ttt_steps, returns `unroll(features, input_ids, ttt_steps)` instead, or `score(self, unrolled)` given a
+        score: training goes through forward, so a DDP or DeepSpeed wrapper sees it, and a loss scored here reads the
+        head's weight where ZeRO-3 has gathered it (it is empty outside the forward)."""
         if ttt_steps is not None:
-            return self.unroll(features, input_ids, ttt_steps)
+            unrolled = self.unroll(features, input_ids, ttt_steps)
+            return unrolled if score is None else score(self, unrolled)
         if positions is None:
             positions = default_positions(input_ids, cache)
         embedded, hidden = self._layer_input(features, input_ids)

@@ -25,6 +25,7 @@ from draftkit.errors import ConfigError
 from draftkit.export.eagle3 import RUNTIME_FORMATS, export_eagle3, format_refusal
 from draftkit.objectives.eagle3 import eagle3_loss, step_weights, ttt_masks
 from draftkit.objectives.linear_logits import LinearLogits
+from draftkit.objectives.types import LossOutput
 from draftkit.recipes.common import (
     check_draft_vocab_size,
     check_feature_recipe,
@@ -82,37 +83,44 @@ def feature_step(model: Eagle3Drafter, batch: dict, features: torch.Tensor, *, s
     """One loss on a batch whose features [B, T, (k + 1) h] are given (fused aux layers, then the post-norm last
     state): the drafter unrolled `steps` times (training-time test), step j scored against the target's distribution
     of x_{t+j+2}, both through the draft's frozen LM head (its draft vocabulary's rows)."""
-    # The unroll goes through the wrapper the loop hands over (DDP or DeepSpeed, for their gradient hooks); the frozen
-    # LM head and the sizes are read from the drafter itself, which a DDP wrapper does not expose as attributes.
+    # The unroll goes through the wrapper the loop hands over (DDP or DeepSpeed, for their gradient hooks); the sizes
+    # are read from the drafter itself, which a DDP wrapper does not expose as attributes.
     drafter = getattr(model, "module", model)
     fused_width = drafter.num_aux_layers * drafter.hidden_size
     aux, last = features[..., :fused_width], features[..., fused_width:]
     input_ids, labels = batch["input_ids"], batch["labels"]
     length = input_ids.shape[1] - 1
     masks = ttt_masks(labels, steps)
-    outputs = model(aux[:, :-1], input_ids[:, 1:], ttt_steps=steps)
-    with torch.no_grad():
-        fused_targets = drafter.hidden_input(aux) if drafter.partial_alignment else None
-    draft_logits, teacher_logits, regress, regress_targets = [], [], [], []
-    for step, ((predict, fed_back), mask) in enumerate(zip(outputs, masks)):
-        # Only counted positions go through the head (the step's largest cost at a large vocabulary).
-        teacher_states = _shifted(last, step, length)[mask]
-        # The teacher is the target's distribution, through the target's rows even when the draft trains its head.
-        if loss_chunk_size is None:
-            with torch.no_grad():
-                teacher_logits.append(drafter.teacher_logits(teacher_states))
-            draft_logits.append(drafter.head_logits(predict[mask]))
-        else:
-            with torch.no_grad():
-                teacher_logits.append(LinearLogits(teacher_states, drafter.teacher_head_weight,
-                                                   chunk_size=loss_chunk_size))
-            draft_logits.append(LinearLogits(drafter.head_input(predict[mask]), drafter.lm_head.weight,
-                                             chunk_size=loss_chunk_size))
-        if fused_targets is not None:
-            regress.append(fed_back[mask])
-            regress_targets.append(_shifted(fused_targets, step, length)[mask])
-    return eagle3_loss(draft_logits, teacher_logits, weights, regress=regress or None,
-                       regress_targets=regress_targets or None, regression_weight=regression_weight)
+
+    def score(drafter: Eagle3Drafter, outputs) -> tuple:
+        # Runs inside the drafter's forward: under ZeRO-3 the head's weight is gathered there and only there, which a
+        # chunked loss reading it directly needs. A tuple, so DeepSpeed hooks the loss for its backward.
+        with torch.no_grad():
+            fused_targets = drafter.hidden_input(aux) if drafter.partial_alignment else None
+        draft_logits, teacher_logits, regress, regress_targets = [], [], [], []
+        for step, ((predict, fed_back), mask) in enumerate(zip(outputs, masks)):
+            # Only counted positions go through the head (the step's largest cost at a large vocabulary).
+            teacher_states = _shifted(last, step, length)[mask]
+            # The teacher is the target's distribution, through the target's rows even when the draft trains its head.
+            if loss_chunk_size is None:
+                with torch.no_grad():
+                    teacher_logits.append(drafter.teacher_logits(teacher_states))
+                draft_logits.append(drafter.head_logits(predict[mask]))
+            else:
+                with torch.no_grad():
+                    teacher_logits.append(LinearLogits(teacher_states, drafter.teacher_head_weight,
+                                                       chunk_size=loss_chunk_size))
+                draft_logits.append(LinearLogits(drafter.head_input(predict[mask]), drafter.lm_head.weight,
+                                                 chunk_size=loss_chunk_size))
+            if fused_targets is not None:
+                regress.append(fed_back[mask])
+                regress_targets.append(_shifted(fused_targets, step, length)[mask])
+        out = eagle3_loss(draft_logits, teacher_logits, weights, regress=regress or None,
+                          regress_targets=regress_targets or None, regression_weight=regression_weight)
+        return out.loss_sum, out.count, out.metrics
+
+    loss_sum, count, metrics = model(aux[:, :-1], input_ids[:, 1:], ttt_steps=steps, score=score)
+    return LossOutput(loss_sum=loss_sum, count=count, metrics=metrics)
 
 
 def make_step(target, settings, layers: list[int]):
