@@ -85,6 +85,8 @@ FOLDERS = {"lm": "export", "medusa-vllm": "export/vllm", "medusa-fasterdecoding"
 def test_every_family_export_is_pushable(exports, name, hub, capsys):
     folder = exports / name.split("-")[0] / FOLDERS[name]
     fmt = ["--format", "draftkit"] if name in ("fspad", "eagle3") else []  # the folder also holds runtime exports
+    if name == "eagle3-speculators":  # its config names the target by a local path
+        fmt = ["--verifier", "HuggingFaceTB/SmolLM2-135M-Instruct"]
     assert push.main([str(folder), "me/draft", "--dry-run", *fmt]) == 0, capsys.readouterr().err
     assert f"would upload {folder}" in capsys.readouterr().out and hub == []
     card = (folder / "README.md").read_text()
@@ -129,3 +131,34 @@ def test_the_specdecpp_head_stays_with_its_draft(exports, hub):
     assert push.main([str(exports / "specdecpp"), "me/sdpp"]) == 0
     assert hub[1][2]["ignore_patterns"] == [".*"]
     assert json.loads((exports / "specdecpp" / "export" / "draftkit.json").read_text())["head"] == "acceptance_head"
+
+
+def test_a_speculators_export_goes_up_naming_the_targets_hub_id_and_never_a_local_path(exports, hub, capsys):
+    folder = exports / "eagle3" / "export" / "speculators"
+    own_config = (folder / "config.json").read_text()
+    assert json.loads(own_config)["speculators_config"]["verifier"]["name_or_path"] == "/models/target"
+    assert push.main([str(folder), "me/eagle3"]) == 2 and hub == []  # vllm serve elsewhere would not find the target
+    err = capsys.readouterr().err
+    assert "names the verifier '/models/target', which only this machine can find" in err and "--verifier" in err
+    for bad in ("/models/target", "./target", "builtin:smollm2-135m-instruct"):
+        assert push.main([str(folder), "me/eagle3", "--verifier", bad]) == 2 and hub == []
+        assert "is not a Hub id" in capsys.readouterr().err
+    assert push.main([str(folder), "me/eagle3", "--verifier", "HuggingFaceTB/SmolLM2-135M-Instruct"]) == 0
+    uploaded = hub[1][2]["files"]
+    config = json.loads(uploaded["config.json"])
+    assert config["speculators_config"]["verifier"]["name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    # the rest of the config and every other file go up as they are; the folder itself is unchanged, nothing is left
+    del config["speculators_config"]["verifier"]["name_or_path"]
+    expected = json.loads(own_config)
+    del expected["speculators_config"]["verifier"]["name_or_path"]
+    assert config == expected
+    assert {name: data for name, data in uploaded.items() if name != "config.json"} == \
+        {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != "config.json"}
+    assert (folder / "config.json").read_text() == own_config
+    assert not list(folder.parent.glob(".upload-*"))
+
+
+def test_a_verifier_is_refused_for_an_export_that_names_no_target(exports, hub, capsys):
+    folder = exports / "medusa" / "export" / "vllm"
+    assert push.main([str(folder), "me/heads", "--verifier", "HuggingFaceTB/SmolLM2-135M-Instruct"]) == 2
+    assert "is not a speculators export" in capsys.readouterr().err and hub == []

@@ -302,7 +302,17 @@ def test_bad_settings_are_refused_before_work(tmp_path):
                    "eagle3.export.formats=[speculators]")
     with pytest.raises(ValueError, match=r"eagle3.ttt.steps=0"):
         run_recipe(tmp_path / "d", "eagle3.ttt.steps=0")
-    assert not any((tmp_path / name / "train").exists() for name in "abcd")
+    # an upload whose config names a target by a path of this machine: refused before training, not after it
+    with pytest.raises(ValueError, match=r"push_format=speculators would upload a config naming no target \(this "
+                                         r"one is built in-process\).* Fix: eagle3.export.verifier=<the target's Hub"):
+        run_recipe(tmp_path / "e", "push_to_hub=me/eagle3", "push_format=speculators")
+    with pytest.raises(ValueError, match=r"naming the target '/models/smollm2', which only this machine can find"):
+        run_recipe(tmp_path / "f", "push_to_hub=me/eagle3", "push_format=speculators",
+                   "eagle3.export.verifier=/models/smollm2")
+    assert not any((tmp_path / name / "train").exists() for name in "abcdef")
+    named = compose(["+recipe=eagle3", "+debug=tiny", "push_to_hub=me/eagle3", "push_format=speculators",
+                     "eagle3.export.verifier=HuggingFaceTB/SmolLM2-135M-Instruct"])
+    assert eagle3.validate(named)  # the stages to run: nothing refused
 
 
 

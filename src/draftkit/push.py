@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from draftkit.errors import reported
-from draftkit.export.hub import check_card, check_repo_id, check_tensors, find_artifact, find_artifacts, push_to_hub
+from draftkit.export.hub import (check_card, check_repo_id, check_tensors, find_artifact, find_artifacts, push_to_hub,
+                                 uploaded_config)
 
 
 def parser(prog: str = "python -m draftkit.push") -> argparse.ArgumentParser:
@@ -35,6 +36,9 @@ def parser(prog: str = "python -m draftkit.push") -> argparse.ArgumentParser:
                                                  "saved by `huggingface-cli login`)")
     p.add_argument("--revision", default=None, help="branch to push to (default: main)")
     p.add_argument("--commit-message", default=None, help="commit message (default: names the uploaded folder)")
+    p.add_argument("--verifier", default=None,
+                   help="for a speculators export: the target's Hub id, written into the uploaded config.json in place "
+                        "of a local path (the folder itself is unchanged)")
     p.add_argument("--dry-run", action="store_true", help="run every local check and print what would be uploaded, "
                                                           "without touching the network")
     return p
@@ -57,11 +61,12 @@ def run(args: argparse.Namespace, command: str = "push") -> int:
             artifact = find_artifact(args.path, args.fmt)
             check_card(artifact)
             summary = check_tensors(artifact)
+            uploaded_config(artifact, args.verifier)
             if args.dry_run:
                 print(f"would upload {artifact} to https://huggingface.co/{args.repo_id} ({summary}; all checks passed)")
                 return 0
             url = push_to_hub(args.path, args.repo_id, fmt=args.fmt, private=args.private or None, token=args.token,
-                              commit_message=args.commit_message, revision=args.revision)
+                              commit_message=args.commit_message, revision=args.revision, verifier=args.verifier)
     except SystemExit as stop:  # the one line is printed; the status is returned
         return stop.code
     print(f"uploaded {artifact} to https://huggingface.co/{args.repo_id} ({url})")

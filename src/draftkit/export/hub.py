@@ -12,7 +12,10 @@ upload_folder).
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 from draftkit.errors import UserError
@@ -101,6 +104,46 @@ def check_card(artifact: Path) -> str:
     return text
 
 
+def only_here(name_or_path: str) -> bool:
+    """True for a model reference only this machine can resolve: a path (absolute, relative or home), a folder that
+    exists here, or anything not shaped as a Hub id."""
+    return (name_or_path.startswith(("/", ".", "~")) or Path(name_or_path).expanduser().exists()
+            or not re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path))
+
+
+def uploaded_config(artifact: Path, verifier: str | None = None) -> dict | None:
+    """The config.json to upload in place of the folder's own, None to upload it as it is. A speculators export names
+    its target (speculators_config.verifier), which `vllm serve <repo>` loads wherever the repo is served: `verifier`
+    (a Hub id) replaces it in the upload; without one, a target only this machine can find is refused."""
+    config = json.loads((artifact / "config.json").read_text())
+    speculators = config.get("speculators_config")
+    if speculators is None:
+        if verifier is not None:
+            raise HubExportError(f"--verifier {verifier}: {artifact} is not a speculators export, the only kind that "
+                                 "names its target. Fix: leave --verifier out")
+        return None
+    if verifier is not None:
+        if only_here(verifier):
+            raise HubExportError(f"--verifier {verifier!r} is not a Hub id: whoever serves the upload could not load "
+                                 "it. Fix: the target's Hub id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
+        speculators.setdefault("verifier", {})["name_or_path"] = verifier
+        return config
+    named = (speculators.get("verifier") or {}).get("name_or_path")
+    if not named or only_here(named):
+        raise HubExportError(f"{artifact / 'config.json'} names the verifier {named!r}, which only this machine can "
+                             "find: `vllm serve` of the upload would not load the target. Fix: --verifier <the "
+                             "target's Hub id> (e.g. HuggingFaceTB/SmolLM2-135M-Instruct), or export with "
+                             "eagle3.export.verifier=<Hub id>")
+    return None
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)  # weights are not copied when the staging folder shares their filesystem
+    except OSError:
+        shutil.copy2(source, destination)
+
+
 def check_repo_id(repo_id: str) -> None:
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
         raise HubExportError(f"repo id {repo_id!r} is not of the form <user or org>/<name>. Fix: e.g. "
@@ -108,19 +151,30 @@ def check_repo_id(repo_id: str) -> None:
 
 
 def push_to_hub(path: str | Path, repo_id: str, *, fmt: str | None = None, private: bool | None = None,
-                token: str | None = None, commit_message: str | None = None, revision: str | None = None) -> str:
+                token: str | None = None, commit_message: str | None = None, revision: str | None = None,
+                verifier: str | None = None) -> str:
     """Upload one artifact (see find_artifact) to `repo_id` after every local check; returns the URL of the commit.
-    Other artifacts nested in its folder (the EAGLE folders inside FSPAD's) are left out: each is its own repository."""
+    Other artifacts nested in its folder (the EAGLE folders inside FSPAD's) are left out: each is its own repository.
+    verifier: the target's Hub id for a speculators export's config (see uploaded_config); the folder is not changed,
+    the upload is staged beside it."""
     from huggingface_hub import HfApi
 
     check_repo_id(repo_id)
     artifact = find_artifact(path, fmt)
     check_card(artifact)
     check_tensors(artifact)
-    nested = [f"{p.name}/*" for p in artifact.iterdir() if p.is_dir() and is_artifact(p)]
+    config = uploaded_config(artifact, verifier)
+    nested = [p.name for p in artifact.iterdir() if p.is_dir() and is_artifact(p)]
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(artifact), repo_type="model", revision=revision,
-                             commit_message=commit_message or f"Upload draft model from draftkit ({artifact})",
-                             ignore_patterns=[".*", *nested])
+    with tempfile.TemporaryDirectory(dir=artifact.parent, prefix=".upload-") as staging:
+        folder = artifact
+        if config is not None:
+            folder = Path(staging) / artifact.name
+            shutil.copytree(artifact, folder, ignore=shutil.ignore_patterns(*nested), copy_function=_link_or_copy)
+            (folder / "config.json").unlink()  # a link to the folder's own file: replaced, not written through
+            (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", revision=revision,
+                                 commit_message=commit_message or f"Upload draft model from draftkit ({artifact})",
+                                 ignore_patterns=[".*", *(f"{name}/*" for name in nested)])
     return str(getattr(info, "commit_url", info))

@@ -23,6 +23,7 @@ from draftkit.data.feature_cache import target_features
 from draftkit.drafts.eagle3 import Eagle3Drafter, eagle3_drafter
 from draftkit.errors import ConfigError
 from draftkit.export.eagle3 import RUNTIME_FORMATS, export_eagle3, format_refusal
+from draftkit.export.hub import only_here
 from draftkit.objectives.eagle3 import eagle3_loss, step_weights, ttt_masks
 from draftkit.objectives.linear_logits import LinearLogits
 from draftkit.objectives.types import LossOutput
@@ -152,6 +153,15 @@ def validate(cfg: DictConfig) -> list[str]:
     for fmt in settings.export.formats or ():
         if fmt not in RUNTIME_FORMATS:
             raise ConfigError(f"eagle3.export.formats lists {fmt!r}. Fix: choose from {list(RUNTIME_FORMATS)}")
+    if cfg.get("push_to_hub") and cfg.get("push_format") == "speculators":
+        # the upload's config names the target that `vllm serve <repo>` loads: refused now rather than after training
+        named = settings.export.verifier or cfg.target.get("path")
+        if not named or only_here(str(named)):
+            what = f"the target {str(named)!r}, which only this machine can find" if named else \
+                "no target (this one is built in-process)"
+            raise ConfigError(f"push_to_hub with push_format=speculators would upload a config naming {what}, so "
+                              "`vllm serve` of the upload could not load it. Fix: eagle3.export.verifier=<the target's "
+                              "Hub id>, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
     return stages
 
 
