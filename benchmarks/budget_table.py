@@ -124,9 +124,11 @@ def train(args) -> None:
     placed: dict[int, str | None] = {}  # pid -> its device (None without --devices: every process shares one)
     calls: dict[str, dict] = {}  # family -> this call's record, written to budget_calls.jsonl when it ends
 
+    def live_devices() -> list[str | None]:
+        return [placed[p.pid] for p in (*running.values(), *evaluating.values()) if p.poll() is None]
+
     def device_for_next() -> str | None:
-        live = [placed[p.pid] for p in (*running.values(), *evaluating.values()) if p.poll() is None]
-        return least_used(args.devices, live) if args.devices else None
+        return least_used(args.devices, live_devices()) if args.devices else None
 
     def launch(family: str) -> None:
         run_dir = args.work / family
@@ -146,7 +148,7 @@ def train(args) -> None:
                          "most_processes_on_its_device": 1}
 
     def note_sharing() -> None:
-        live = [placed[p.pid] for p in (*running.values(), *evaluating.values()) if p.poll() is None]
+        live = live_devices()
         for family, proc in running.items():
             if proc.poll() is None:
                 record = calls[family]
@@ -253,7 +255,8 @@ def evaluate(args) -> None:
     while queue or running:
         while queue and len(running) < args.parallel:
             family = queue.pop(0)
-            device = least_used(args.devices, [placed[p.pid] for p in running.values()]) if args.devices else None
+            live = [placed[p.pid] for p in running.values() if p.poll() is None]
+            device = least_used(args.devices, live) if args.devices else None
             running[family] = start_eval(family, jobs[family], args, device)
             placed[running[family].pid] = device
         for family, proc in list(running.items()):

@@ -313,6 +313,11 @@ def test_bad_settings_are_refused_before_work(tmp_path):
     named = compose(["+recipe=eagle3", "+debug=tiny", "push_to_hub=me/eagle3", "push_format=speculators",
                      "eagle3.export.verifier=HuggingFaceTB/SmolLM2-135M-Instruct"])
     assert eagle3.validate(named)  # the stages to run: nothing refused
+    # a Hub id whose GGUF file is converted here: the export would name the converted folder, not the id
+    gguf = compose(["+recipe=eagle3", "+debug=tiny", "push_to_hub=me/eagle3", "push_format=speculators", "target=hf",
+                    "target.path=HuggingFaceTB/SmolLM2-135M-Instruct-GGUF", "target.gguf_file=model.gguf"])
+    with pytest.raises(ValueError, match="which only this machine can find"):
+        eagle3.validate(gguf)
 
 
 

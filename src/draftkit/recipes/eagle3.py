@@ -156,9 +156,12 @@ def validate(cfg: DictConfig) -> list[str]:
     if cfg.get("push_to_hub") and cfg.get("push_format") == "speculators":
         # the upload's config names the target that `vllm serve <repo>` loads: refused now rather than after training
         named = settings.export.verifier or cfg.target.get("path")
-        if not named or only_here(str(named)):
-            what = f"the target {str(named)!r}, which only this machine can find" if named else \
-                "no target (this one is built in-process)"
+        # a GGUF target is named by the folder it is converted into here (verifier_name_or_path), whatever its path
+        converted = not settings.export.verifier and (cfg.target.get("gguf_file") or str(named).endswith(".gguf"))
+        if not named or converted or only_here(str(named)):
+            what = ("no target (this one is built in-process)" if not named else
+                    f"the folder the GGUF target {str(named)!r} is converted into, which only this machine can find"
+                    if converted else f"the target {str(named)!r}, which only this machine can find")
             raise ConfigError(f"push_to_hub with push_format=speculators would upload a config naming {what}, so "
                               "`vllm serve` of the upload could not load it. Fix: eagle3.export.verifier=<the target's "
                               "Hub id>, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
